@@ -1,0 +1,50 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv first.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.setup-done
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup test test-fast lint format compile demo bench clean
+
+setup: $(STAMP)
+
+# Torch first, from the CPU build, and pinned by constraints.txt so nothing pulls a CUDA build.
+$(STAMP): pyproject.toml setup.py constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt "setuptools>=68" wheel torch==2.13.0
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e '.[dev]'
+	@touch $@
+	@echo "setup: $(VENV) is ready"
+
+test: setup
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+compile: setup
+	$(PY) -m pipelines.compile_all
+
+demo: setup
+	$(PY) -m kfp_components.demo
+
+bench: setup
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .ruff_cache demo-output

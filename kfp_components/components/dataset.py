@@ -1,0 +1,77 @@
+"""The ``dataset_download`` component: stage 1 of every training pipeline.
+
+No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
+"""
+
+from typing import NamedTuple
+
+from kfp import dsl
+
+from kfp_components.components.images import RUNTIME_IMAGE
+
+
+@dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
+def dataset_download(
+    data_uri: str,
+    train_dataset: dsl.Output[dsl.Dataset],
+    eval_dataset: dsl.Output[dsl.Dataset],
+    metrics: dsl.Output[dsl.Metrics],
+    split: str = "train",
+    data_format: str = "auto",
+    on_invalid: str = "fail",
+    train_split_ratio: float = 0.9,
+    seed: int = 42,
+    subset_size: int = 0,
+    subset_mode: str = "first",
+) -> NamedTuple(
+    "DatasetOutputs", [("train_sha256", str), ("data_format", str), ("train_rows", int), ("eval_rows", int)]
+):
+    """Download a dataset, validate every row, and split it into train and eval JSONL files.
+
+    Credentials come from the environment only (HF_TOKEN; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and
+    AWS_S3_ENDPOINT or AWS_ENDPOINT_URL for MinIO/ODF), set from Kubernetes secrets; they are never logged.
+
+    Args:
+        data_uri: hf://org/name[:config][@revision], s3://bucket/key-or-prefix, https://..., pvc://claim/path
+            or a local path. One JSONL, JSON-array or Parquet file, or a folder of shards.
+        split: Split of an hf:// dataset to read (train, validation, test, ...).
+        data_format: auto, messages (SFT/OSFT chat), preference (DPO: prompt/chosen/rejected) or prompt.
+        on_invalid: fail (stop, listing file:line and the problem for the first invalid rows) or drop.
+        train_split_ratio: Share of rows for training, in (0, 1]; 1.0 means no eval split.
+        seed: Seed for the split and for a sampled subset.
+        subset_size: Keep only this many valid rows; 0 keeps all.
+        subset_mode: first (first N rows) or sample (seeded random sample of N rows).
+
+    Returns:
+        train_dataset, eval_dataset: JSONL files, one row per line, in the detected format.
+        metrics: rows read, valid, dropped, train and eval counts; turns and character length statistics.
+        train_sha256: SHA-256 of the training file, for provenance.
+    """
+    from kfp_components.data import DatasetConfig, prepare_dataset
+    from kfp_components.logs import configure_logging
+
+    configure_logging()
+    config = DatasetConfig(
+        data_uri=data_uri,
+        split=split,
+        data_format=data_format,
+        on_invalid=on_invalid,
+        train_split_ratio=train_split_ratio,
+        seed=seed,
+        subset_size=subset_size,
+        subset_mode=subset_mode,
+    )
+    result = prepare_dataset(config, train_dataset.path, eval_dataset.path)
+    for artifact, rows in ((train_dataset, "train_rows"), (eval_dataset, "eval_rows")):
+        artifact.metadata.update(
+            {"format": result.data_format, "rows": int(result.metrics[rows]), "source": result.source}
+        )
+    train_dataset.metadata["sha256"] = result.train_sha256
+    for name, value in result.metrics.items():
+        metrics.log_metric(name, value)
+    return (
+        result.train_sha256,
+        result.data_format,
+        int(result.metrics["train_rows"]),
+        int(result.metrics["eval_rows"]),
+    )

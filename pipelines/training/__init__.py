@@ -1,0 +1,1 @@
+"""Training pipelines: download -> train -> evaluate -> register."""

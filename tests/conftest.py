@@ -1,0 +1,46 @@
+"""Shared fixtures. Nothing here reaches the internet: every server runs on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach the Hugging Face Hub; tests that talk to the local Hub server unset these themselves.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SAMPLES = Path(__file__).resolve().parents[1] / "kfp_components" / "data" / "samples"
+SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def chat(user: str = "Hi?", assistant: str = "Hello.") -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+@pytest.fixture(scope="session")
+def s3():
+    from kfp_components.testing.servers import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """The environment of a pod whose S3 secret points at the local S3 server."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in s3.environ().items():
+        monkeypatch.setenv(name, value)
+    return s3
