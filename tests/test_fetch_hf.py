@@ -464,7 +464,12 @@ def test_prepare_dataset_reads_hf_split_end_to_end(hub: LocalHubServer, hub_root
     def chat_rows(tag: str, n: int) -> str:
         return jsonl(
             *(
-                {"messages": [{"role": "user", "content": f"{tag} q{i}"}, {"role": "assistant", "content": "a"}]}
+                {
+                    "messages": [
+                        {"role": "user", "content": f"{tag} q{i}"},
+                        {"role": "assistant", "content": "a"},
+                    ]
+                }
                 for i in range(n)
             )
         )
