@@ -25,7 +25,8 @@ CHECK = textwrap.dedent(
     import importlib, json, pkgutil, sys
     from importlib import resources
     import kfp_components
-    names = sorted(m.name for m in pkgutil.walk_packages(kfp_components.__path__, "kfp_components."))
+    names = sorted(m.name for m in pkgutil.walk_packages(kfp_components.__path__, "kfp_components.")
+                   if not m.name.endswith(".__main__"))  # entry points run when imported
     failed = {}
     for name in names:
         try:

@@ -1,0 +1,110 @@
+"""Entry points of the training engine.
+
+* ``python -m kfp_components.trainer --config run.yaml [--learning_rate 2e-5 ...]``, also under
+  ``torchrun --nproc_per_node N -m kfp_components.trainer ...``: the image's entry point and what a
+  TrainJob runs.
+* ``fnsft-train --model_name_or_path M --dataset_name_or_path D --output_dir O``: plain SFT from any dataset
+  URI the dataset stage reads (hf://, s3://, https://, pvc://, a path), validated before training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kfp_components.cli_args import add_config_arguments, overrides_from_args
+from kfp_components.logs import configure_logging
+from kfp_components.trainer.config import TrainingConfig
+from kfp_components.typed_config import ConfigError, from_dict
+
+log = logging.getLogger("kfp_components.trainer")
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; a syntax error names the file and line."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("", f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError("", f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping of options at the top level")
+    return data
+
+
+def build_training_config(argv: list[str] | None = None) -> tuple[TrainingConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(
+        prog="python -m kfp_components.trainer",
+        description="Train with SFT (full or LoRA) or OSFT; run under torchrun for several processes.",
+    )
+    parser.add_argument("--config", help="YAML file of TrainingConfig options; flags override it")
+    parser.add_argument("--log_level", default="INFO")
+    add_config_arguments(parser, TrainingConfig)
+    args = parser.parse_args(argv)
+    data = load_config_file(args.config) if args.config else {}
+    data.update(overrides_from_args(args, TrainingConfig))
+    return from_dict(TrainingConfig, data), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config, args = build_training_config(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(args.log_level)
+    from kfp_components.trainer.train import train
+
+    train(config)
+    return 0
+
+
+def fnsft_train_main(argv: list[str] | None = None) -> int:
+    """Plain SFT from a dataset URI: validate and split the data, then train."""
+    parser = argparse.ArgumentParser(prog="fnsft-train", description=fnsft_train_main.__doc__)
+    parser.add_argument(
+        "--dataset_name_or_path",
+        required=True,
+        help="hf://org/name, s3://bucket/key, https://..., pvc://claim/path or a local path",
+    )
+    parser.add_argument("--config", help="YAML file of TrainingConfig options; flags override it")
+    parser.add_argument("--log_level", default="INFO")
+    add_config_arguments(parser, TrainingConfig, skip=("data_path", "algorithm"))
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        data = load_config_file(args.config) if args.config else {}
+        data.update(overrides_from_args(args, TrainingConfig))
+        data.setdefault("data_path", "<prepared below>")
+        data["algorithm"] = "sft"
+        config = from_dict(TrainingConfig, data)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from kfp_components.data import DatasetConfig, DatasetError, prepare_dataset
+    from kfp_components.trainer.train import train
+
+    prepared_dir = Path(config.output_dir) / "data"
+    try:
+        prepared = prepare_dataset(
+            DatasetConfig(args.dataset_name_or_path, train_split_ratio=1.0, data_format="messages"),
+            prepared_dir / "train.jsonl",
+            prepared_dir / "eval.jsonl",
+        )
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    config.data_path = str(prepared.train_path)
+    train(config)
+    return 0

@@ -1,0 +1,502 @@
+"""The training loop: read it top to bottom.
+
+``train(config)`` runs SFT (full or LoRA) or OSFT in one process or under torchrun (DDP or FSDP2):
+
+1. join the process group; load the tokenizer and tokenise the data (chat template, assistant-only labels);
+2. load the model in fp32 (master weights), apply OSFT or LoRA, Liger kernels on GPU, activation
+   checkpointing, then wrap it for DDP or FSDP2;
+3. plan every step: ``effective_batch_size`` samples, packed padding-free into micro-batches of at most
+   ``max_tokens_per_gpu`` tokens per rank (see ``batching``);
+4. for each step: forward/backward every micro-batch with the loss normalised by the label tokens of the
+   whole global batch; project OSFT gradients; clip; AdamW; project OSFT parameters; schedule the LR;
+5. log metrics per step, save resumable checkpoints, and write the final HF checkpoint and a summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kfp_components.trainer import osft
+from kfp_components.trainer.batching import (
+    MicroBatch,
+    TokenBudgetSampler,
+    collate,
+    dummy_micro_batch,
+    shifted_label_count,
+)
+from kfp_components.trainer.checkpoint import (
+    TrainerState,
+    full_model_state_dict,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_hf_model,
+)
+from kfp_components.trainer.config import TrainingConfig
+from kfp_components.trainer.distributed import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_sum,
+    barrier,
+    gradient_sync,
+    init_distributed,
+    unwrap,
+    wrap_model,
+)
+from kfp_components.trainer.progress import MetricsLog, Progress
+from kfp_components.trainer.tokenize import TokenizedDataset, tokenize_jsonl
+from kfp_components.typed_config import ConfigError
+
+log = logging.getLogger("kfp_components.trainer")
+
+FINAL_MODEL_DIR = "final"
+
+
+@dataclass
+class TrainingSummary:
+    """What a run did; written to ``<output_dir>/summary.json``."""
+
+    algorithm: str
+    steps: int
+    epochs: int
+    samples_seen: int
+    tokens_seen: int
+    final_loss: float
+    mean_loss: float
+    tokens_per_second: float
+    duration_seconds: float
+    world_size: int
+    model_path: str
+    data: dict[str, float]
+    peak_memory_mib: float
+    eval_loss: float | None = None
+
+
+def train(config: TrainingConfig) -> TrainingSummary:
+    config.validate()
+    started = time.monotonic()
+    info = init_distributed()
+    if info.distributed and config.lora_r and config.distributed == "fsdp":
+        # FSDP2 shards the base weights that merging LoRA needs whole; DDP keeps a full copy on each rank.
+        raise ConfigError("distributed", "LoRA on several processes runs with distributed: ddp")
+    output_dir = Path(config.output_dir)
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
+    seed_everything(config.seed)
+
+    tokenizer = load_tokenizer(config.model_name_or_path)
+    data = tokenize_jsonl(
+        config.data_path,
+        tokenizer,
+        max_seq_len=config.max_seq_len,
+        overlong=config.overlong,
+        unmask=config.unmask,
+    )
+    if not data.samples:
+        raise ValueError(f"{config.data_path}: no trainable samples after tokenisation ({data.stats})")
+    if info.is_main:
+        log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in data.stats.items()))
+
+    model, save_dtype = load_model(config, info)
+    model = wrap_model(model, info, config.distributed, bf16=False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        weight_decay=config.weight_decay,
+    )
+    sampler = TokenBudgetSampler(
+        data.lengths,
+        [shifted_label_count(s.labels) for s in data.samples],
+        effective_batch_size=config.effective_batch_size,
+        max_tokens_per_gpu=config.max_tokens_per_gpu,
+        world_size=info.world_size,
+        rank=info.rank,
+        seed=config.seed,
+    )
+    total_steps = sampler.steps_per_epoch() * config.num_epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = build_scheduler(optimizer, config, total_steps)
+
+    state = TrainerState()
+    resume_from = latest_checkpoint(output_dir) if config.resume else None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, info)
+    metrics = MetricsLog(
+        output_dir / "metrics.jsonl",
+        info.is_main,
+        truncate_after_step=state.global_step if resume_from else None,
+    )
+    progress = Progress(
+        total_steps, enabled=info.is_main, every=config.log_every_steps, initial=state.global_step
+    )
+    if info.is_main:
+        log.info(
+            "training %s: %d steps (%d per epoch), %d trainable parameters, world size %d",
+            config.algorithm,
+            total_steps,
+            sampler.steps_per_epoch(),
+            sum(p.numel() for p in trainable),
+            info.world_size,
+        )
+
+    losses: list[float] = []
+    compute_tokens = 0
+    compute_seconds = 0.0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    autocast = _autocast(config, info)
+    model.train()
+    while state.global_step < total_steps:
+        plan = sampler.epoch_plan(state.epoch)
+        for step_plan in plan[state.step_in_epoch :]:
+            if state.global_step >= total_steps:
+                break
+            step_started = time.monotonic()
+            totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, dummy micro-batches
+            num_items = torch.tensor(step_plan.global_label_tokens / info.world_size, device=info.device)
+            for i, indices in enumerate(step_plan.micro_batches):
+                batch = collate(data.samples, indices) if indices else dummy_micro_batch(pad_id)
+                totals[1] += 0 if indices else 1
+                with gradient_sync(model, enabled=i == len(step_plan.micro_batches) - 1), autocast:
+                    loss = micro_batch_loss(model, batch, num_items, info.device)
+                    loss.backward()
+                totals[0] += loss.detach().double() * num_items
+            if config.algorithm == "osft":
+                osft.project_osft_gradients(model)
+            grad_norm = _clip(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if config.algorithm == "osft":
+                osft.project_osft_parameters(model)
+
+            loss_sum, dummies = all_reduce_sum(totals).tolist()
+            loss = loss_sum / max(step_plan.global_label_tokens, 1)
+            seconds = all_reduce_max(time.monotonic() - step_started, info.device)
+            state.global_step += 1
+            state.step_in_epoch += 1
+            state.samples_seen += step_plan.global_samples
+            state.tokens_seen += step_plan.global_tokens
+            compute_tokens += step_plan.global_tokens
+            compute_seconds += seconds
+            losses.append(loss)
+            record = {
+                "step": state.global_step,
+                "epoch": state.epoch,
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "tokens": step_plan.global_tokens,
+                "label_tokens": step_plan.global_label_tokens,
+                "samples": step_plan.global_samples,
+                "seconds": round(seconds, 4),
+                "tokens_per_second": step_plan.global_tokens / max(seconds, 1e-9),
+                "micro_batches": len(step_plan.micro_batches),
+                "padding_ratio": dummies / (step_plan.global_tokens + dummies),
+                "memory_mib": peak_memory_mib(info.device),
+            }
+            metrics.write(record)
+            progress.update(state.global_step, record)
+            if (
+                config.checkpoint_every_steps
+                and state.global_step % config.checkpoint_every_steps == 0
+                and state.global_step < total_steps
+            ):
+                save_checkpoint(
+                    output_dir, model, optimizer, scheduler, state, info, keep=config.keep_checkpoints
+                )
+        else:
+            state.epoch += 1
+            state.step_in_epoch = 0
+    progress.close()
+
+    eval_loss = evaluate_loss(model, config, tokenizer, info, autocast) if config.eval_data_path else None
+    if config.checkpoint_every_steps:
+        save_checkpoint(output_dir, model, optimizer, scheduler, state, info, keep=config.keep_checkpoints)
+    model_path = output_dir / FINAL_MODEL_DIR
+    if config.save_final_model:
+        export_final_model(model, config, tokenizer, model_path, info, save_dtype)
+    summary = TrainingSummary(
+        algorithm=config.algorithm,
+        steps=state.global_step,
+        epochs=state.epoch + (1 if state.step_in_epoch else 0),
+        samples_seen=state.samples_seen,
+        tokens_seen=state.tokens_seen,
+        final_loss=losses[-1] if losses else math.nan,
+        mean_loss=sum(losses) / len(losses) if losses else math.nan,
+        tokens_per_second=compute_tokens / compute_seconds if compute_seconds else 0.0,
+        duration_seconds=round(time.monotonic() - started, 3),
+        world_size=info.world_size,
+        model_path=str(model_path) if config.save_final_model else "",
+        data=data.stats,
+        peak_memory_mib=peak_memory_mib(info.device),
+        eval_loss=eval_loss,
+    )
+    if info.is_main:
+        (output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        log.info(
+            "done: %d steps, final loss %.4f, %.0f tokens/s, %.1f s",
+            summary.steps,
+            summary.final_loss,
+            summary.tokens_per_second,
+            summary.duration_seconds,
+        )
+    barrier()
+    return summary
+
+
+def micro_batch_loss(model: nn.Module, batch: MicroBatch, num_items: torch.Tensor, device: torch.device):
+    """Summed token loss of a packed micro-batch divided by ``num_items`` (see ``batching``'s contract).
+
+    The targets are already shifted within each sample, so they go in as ``shift_labels`` (the model's loss
+    function then does not shift again); going through the model's own loss lets Liger's fused linear
+    cross-entropy avoid materialising the logits on a GPU.
+    """
+    targets = batch.targets.to(device)
+    out = model(
+        input_ids=batch.input_ids.to(device),
+        position_ids=batch.position_ids.to(device),
+        labels=targets,
+        shift_labels=targets,
+        num_items_in_batch=num_items,
+        use_cache=False,
+    )
+    return out.loss
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.chat_template is None:
+        raise ValueError(f"{name_or_path}: the tokenizer has no chat template; chat data cannot be rendered")
+    return tokenizer
+
+
+def load_model(config: TrainingConfig, info: DistInfo) -> tuple[nn.Module, torch.dtype]:
+    """The model in fp32 master weights on this rank's device, with OSFT or LoRA, Liger and checkpointing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    save_dtype = _checkpoint_dtype(hf_config)
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": config.attn_implementation}
+    if config.qlora:
+        kwargs.update(_qlora_kwargs(info))
+    model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **kwargs)
+    if not config.qlora:  # a 4-bit model is placed by its device_map
+        model.to(info.device)  # before OSFT, so the SVDs run on the GPU
+    if config.use_liger:
+        apply_liger(model, info)
+    if config.algorithm == "osft":
+        bf16 = config.dtype == "bfloat16" and info.device.type == "cuda"
+        names = osft.apply_osft(
+            model,
+            unfreeze_rank_ratio=config.osft_unfreeze_rank_ratio,
+            target_patterns=config.osft_target_patterns or None,
+            dense_dtype=torch.bfloat16 if bf16 else None,
+        )
+        if info.is_main:
+            log.info(
+                "osft: decomposed %d weights (unfreeze_rank_ratio %g)",
+                len(names),
+                config.osft_unfreeze_rank_ratio,
+            )
+    elif config.lora_r:
+        model = _apply_lora(model, config)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, save_dtype
+
+
+def apply_liger(model: nn.Module, info: DistInfo) -> bool:
+    """Liger's fused kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy) on a GPU; a warning elsewhere."""
+    if info.device.type != "cuda":
+        log.warning("use_liger: Liger kernels need a CUDA GPU; training on %s without them", info.device.type)
+        return False
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError:
+        log.warning(
+            "use_liger: liger-kernel is not installed (pip install 'kfp-components[gpu]'); "
+            "training without it"
+        )
+        return False
+    _apply_liger_kernel_to_instance(model=model)
+    log.info("use_liger: Liger kernels applied to %s", type(model).__name__)
+    return True
+
+
+def _apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if config.qlora:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.activation_checkpointing
+        )
+    targets = config.lora_target_modules
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        task_type="CAUSAL_LM",
+        target_modules=targets[0] if targets == ["all-linear"] else targets,
+    )
+    return get_peft_model(model, lora)
+
+
+def _qlora_kwargs(info: DistInfo) -> dict[str, Any]:
+    if info.device.type != "cuda":
+        raise ValueError(
+            "qlora: 4-bit loading needs a CUDA GPU and bitsandbytes; use lora_r without qlora on CPU"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise ValueError("qlora: bitsandbytes is not installed") from exc
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    return {"quantization_config": quant, "device_map": {"": info.local_rank}}
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, total_steps: int):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    warmup = min(config.warmup_steps, total_steps)
+    if config.lr_scheduler == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    if config.lr_scheduler == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+
+
+def export_final_model(
+    model: nn.Module,
+    config: TrainingConfig,
+    tokenizer: Any,
+    out_dir: Path,
+    info: DistInfo,
+    dtype: torch.dtype,
+) -> None:
+    """Write the final model as a standard HF checkpoint: OSFT factors rebuilt dense, LoRA merged."""
+    if config.lora_r:
+        if info.is_main:
+            inner = unwrap(model)
+            inner.save_pretrained(out_dir / "adapter")
+            merged = inner.merge_and_unload()
+            save_hf_model(merged, merged.state_dict(), tokenizer, out_dir, dtype)
+        barrier()
+        return
+    state_dict = full_model_state_dict(model)
+    if info.is_main:
+        if config.algorithm == "osft":
+            state_dict = osft.dense_state_dict(state_dict)
+        save_hf_model(model, state_dict, tokenizer, out_dir, dtype)
+    barrier()
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module,
+    config: TrainingConfig,
+    tokenizer: Any,
+    info: DistInfo,
+    autocast: contextlib.AbstractContextManager,
+) -> float:
+    """Mean loss per label token on ``eval_data_path``, packed the same way as training."""
+    data: TokenizedDataset = tokenize_jsonl(
+        config.eval_data_path,
+        tokenizer,
+        max_seq_len=config.max_seq_len,
+        overlong=config.overlong,
+        unmask=config.unmask,
+    )
+    sampler = TokenBudgetSampler(
+        data.lengths,
+        [shifted_label_count(s.labels) for s in data.samples],
+        effective_batch_size=max(len(data.samples), 1),
+        max_tokens_per_gpu=config.max_tokens_per_gpu,
+        world_size=info.world_size,
+        rank=info.rank,
+        seed=config.seed,
+        shuffle=False,
+    )
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=info.device)
+    label_tokens = 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for step_plan in sampler.epoch_plan(0):
+        num_items = torch.tensor(1.0, device=info.device)
+        for indices in step_plan.micro_batches:
+            batch = collate(data.samples, indices) if indices else dummy_micro_batch(pad_id)
+            with autocast:
+                total += micro_batch_loss(model, batch, num_items, info.device).double()
+        label_tokens += step_plan.global_label_tokens
+    model.train()
+    eval_loss = float(all_reduce_sum(total).item()) / max(label_tokens, 1)
+    if info.is_main:
+        log.info("eval loss %.4f over %d label tokens", eval_loss, label_tokens)
+    return eval_loss
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _autocast(config: TrainingConfig, info: DistInfo) -> contextlib.AbstractContextManager:
+    """bf16 autocast over fp32 master weights on a GPU; a CPU computes in fp32 (bf16 there is slower)."""
+    if config.dtype == "bfloat16" and info.device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if config.dtype == "bfloat16" and info.is_main:
+        log.info("dtype bfloat16: no GPU, so computing in float32")
+    return contextlib.nullcontext()
+
+
+def _clip(parameters: list[nn.Parameter], max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def _checkpoint_dtype(hf_config: Any) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
