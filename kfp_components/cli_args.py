@@ -17,8 +17,15 @@ from kfp_components.typed_config import parse_cli_value
 
 
 def field_help(cls: type) -> dict[str, str]:
-    """Map field names to the text documented for them under ``Attributes:`` in ``cls.__doc__``."""
-    doc = cls.__doc__ or ""
+    """Map field names to the text documented for them under ``Attributes:`` in the docstrings of ``cls``
+    and its base classes."""
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        helps.update(_documented_fields(klass.__dict__.get("__doc__") or ""))
+    return helps
+
+
+def _documented_fields(doc: str) -> dict[str, str]:
     if "Attributes:" not in doc:
         return {}
     section = doc.split("Attributes:", 1)[1]

@@ -135,9 +135,12 @@ def test_resume_continues_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "algorithm"), [("ddp", "sft"), ("fsdp", "sft"), ("fsdp", "osft")])
+@pytest.mark.parametrize(
+    ("strategy", "algorithm"), [("ddp", "sft"), ("fsdp", "sft"), ("fsdp", "osft"), ("fsdp", "dpo")]
+)
 def test_two_processes_match_one(tmp_path, strategy, algorithm):
-    one = config(tmp_path / "one", num_epochs=1, algorithm=algorithm)
+    data = SAMPLES / ("preference.jsonl" if algorithm == "dpo" else "chat.jsonl")
+    one = config(tmp_path / "one", num_epochs=1, algorithm=algorithm, data_path=str(data))
     train(one)
     run_yaml = tmp_path / "run.yaml"
     two_dir = tmp_path / "two" / "run"
@@ -165,7 +168,7 @@ def test_two_processes_match_one(tmp_path, strategy, algorithm):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     single, double = metrics(tmp_path / "one" / "run"), metrics(two_dir)
-    assert len(single) == len(double) == 5
+    assert len(single) == len(double) == (2 if algorithm == "dpo" else 5)
     for a, b in zip(single, double, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
@@ -173,8 +176,11 @@ def test_two_processes_match_one(tmp_path, strategy, algorithm):
 
     w1 = load_file(tmp_path / "one" / "run" / "final" / "model.safetensors")
     w2 = load_file(two_dir / "final" / "model.safetensors")
+    # Adam divides by the root of the second moment, so an element whose gradient is round-off noise (a rare
+    # token's embedding row under DPO) can move by up to ~lr per step in either run: allow that for DPO.
+    atol = 5e-4 if algorithm == "dpo" else 1e-5
     for name, tensor in w1.items():
-        torch.testing.assert_close(w2[name], tensor, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(w2[name], tensor, rtol=1e-4, atol=atol)
 
 
 def test_config_file_flags_override_and_errors_name_the_key(tmp_path):
@@ -200,7 +206,9 @@ def test_config_file_flags_override_and_errors_name_the_key(tmp_path):
         )
         build_training_config(["--config", str(path)])
     with pytest.raises(ConfigError, match="osft_unfreeze_rank_ratio: must be in \\(0, 1\\]"):
-        TrainingConfig("m", "d", "o", osft_unfreeze_rank_ratio=1.5).validate()
+        TrainingConfig(
+            model_name_or_path="m", data_path="d", output_dir="o", osft_unfreeze_rank_ratio=1.5
+        ).validate()
     path.write_text("model_name_or_path: m\n  bad: [indent\n")
     assert main(["--config", str(path)]) == 2
 

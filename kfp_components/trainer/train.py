@@ -21,20 +21,16 @@ import math
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from kfp_components.trainer import osft
+from kfp_components.trainer import dpo, osft
 from kfp_components.trainer.batching import (
-    MicroBatch,
     TokenBudgetSampler,
-    collate,
-    dummy_micro_batch,
-    shifted_label_count,
 )
 from kfp_components.trainer.checkpoint import (
     TrainerState,
@@ -55,8 +51,9 @@ from kfp_components.trainer.distributed import (
     unwrap,
     wrap_model,
 )
+from kfp_components.trainer.objectives import LanguageModelling, Objective
 from kfp_components.trainer.progress import MetricsLog, Progress
-from kfp_components.trainer.tokenize import TokenizedDataset, tokenize_jsonl
+from kfp_components.trainer.tokenize import tokenize_jsonl
 from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger("kfp_components.trainer")
@@ -82,6 +79,7 @@ class TrainingSummary:
     data: dict[str, float]
     peak_memory_mib: float
     eval_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def train(config: TrainingConfig) -> TrainingSummary:
@@ -98,17 +96,9 @@ def train(config: TrainingConfig) -> TrainingSummary:
     seed_everything(config.seed)
 
     tokenizer = load_tokenizer(config.model_name_or_path)
-    data = tokenize_jsonl(
-        config.data_path,
-        tokenizer,
-        max_seq_len=config.max_seq_len,
-        overlong=config.overlong,
-        unmask=config.unmask,
-    )
-    if not data.samples:
-        raise ValueError(f"{config.data_path}: no trainable samples after tokenisation ({data.stats})")
+    objective = build_objective(config, config.data_path, tokenizer, info)
     if info.is_main:
-        log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in data.stats.items()))
+        log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in objective.stats.items()))
 
     model, save_dtype = load_model(config, info)
     model = wrap_model(model, info, config.distributed, bf16=False)
@@ -121,8 +111,8 @@ def train(config: TrainingConfig) -> TrainingSummary:
         weight_decay=config.weight_decay,
     )
     sampler = TokenBudgetSampler(
-        data.lengths,
-        [shifted_label_count(s.labels) for s in data.samples],
+        objective.lengths,
+        objective.loss_units,
         effective_batch_size=config.effective_batch_size,
         max_tokens_per_gpu=config.max_tokens_per_gpu,
         world_size=info.world_size,
@@ -159,7 +149,7 @@ def train(config: TrainingConfig) -> TrainingSummary:
     losses: list[float] = []
     compute_tokens = 0
     compute_seconds = 0.0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    extra_metrics: dict[str, float] = {}
     autocast = _autocast(config, info)
     model.train()
     while state.global_step < total_steps:
@@ -168,26 +158,30 @@ def train(config: TrainingConfig) -> TrainingSummary:
             if state.global_step >= total_steps:
                 break
             step_started = time.monotonic()
-            totals = torch.zeros(2, dtype=torch.float64, device=info.device)  # loss sum, dummy micro-batches
+            # loss sum, dummy micro-batches, then the sums of the objective's metrics
+            totals = torch.zeros(2 + len(objective.metric_names), dtype=torch.float64, device=info.device)
             num_items = torch.tensor(step_plan.global_label_tokens / info.world_size, device=info.device)
             for i, indices in enumerate(step_plan.micro_batches):
-                batch = collate(data.samples, indices) if indices else dummy_micro_batch(pad_id)
+                batch = objective.batch(indices)
                 totals[1] += 0 if indices else 1
                 with gradient_sync(model, enabled=i == len(step_plan.micro_batches) - 1), autocast:
-                    loss = micro_batch_loss(model, batch, num_items, info.device)
+                    loss, metric_sums = objective.loss(model, batch, num_items, info.device)
                     loss.backward()
                 totals[0] += loss.detach().double() * num_items
-            if config.algorithm == "osft":
+                totals[2:] += metric_sums
+            if config.uses_osft:
                 osft.project_osft_gradients(model)
             grad_norm = _clip(trainable, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            if config.algorithm == "osft":
+            if config.uses_osft:
                 osft.project_osft_parameters(model)
 
-            loss_sum, dummies = all_reduce_sum(totals).tolist()
-            loss = loss_sum / max(step_plan.global_label_tokens, 1)
+            loss_sum, dummies, *metric_sums = all_reduce_sum(totals).tolist()
+            units = max(step_plan.global_label_tokens, 1)
+            loss = loss_sum / units
+            extra_metrics = {n: v / units for n, v in zip(objective.metric_names, metric_sums, strict=True)}
             seconds = all_reduce_max(time.monotonic() - step_started, info.device)
             state.global_step += 1
             state.step_in_epoch += 1
@@ -203,7 +197,8 @@ def train(config: TrainingConfig) -> TrainingSummary:
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": grad_norm,
                 "tokens": step_plan.global_tokens,
-                "label_tokens": step_plan.global_label_tokens,
+                "loss_units": step_plan.global_label_tokens,
+                **extra_metrics,
                 "samples": step_plan.global_samples,
                 "seconds": round(seconds, 4),
                 "tokens_per_second": step_plan.global_tokens / max(seconds, 1e-9),
@@ -244,9 +239,10 @@ def train(config: TrainingConfig) -> TrainingSummary:
         duration_seconds=round(time.monotonic() - started, 3),
         world_size=info.world_size,
         model_path=str(model_path) if config.save_final_model else "",
-        data=data.stats,
+        data=objective.stats,
         peak_memory_mib=peak_memory_mib(info.device),
         eval_loss=eval_loss,
+        metrics=extra_metrics,
     )
     if info.is_main:
         (output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
@@ -261,23 +257,51 @@ def train(config: TrainingConfig) -> TrainingSummary:
     return summary
 
 
-def micro_batch_loss(model: nn.Module, batch: MicroBatch, num_items: torch.Tensor, device: torch.device):
-    """Summed token loss of a packed micro-batch divided by ``num_items`` (see ``batching``'s contract).
-
-    The targets are already shifted within each sample, so they go in as ``shift_labels`` (the model's loss
-    function then does not shift again); going through the model's own loss lets Liger's fused linear
-    cross-entropy avoid materialising the logits on a GPU.
-    """
-    targets = batch.targets.to(device)
-    out = model(
-        input_ids=batch.input_ids.to(device),
-        position_ids=batch.position_ids.to(device),
-        labels=targets,
-        shift_labels=targets,
-        num_items_in_batch=num_items,
-        use_cache=False,
+def build_objective(config: TrainingConfig, data_path: str, tokenizer: Any, info: DistInfo) -> Objective:
+    """Tokenise ``data_path`` for the configured method; for DPO also compute the reference log-probs."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if config.algorithm != "dpo":
+        data = tokenize_jsonl(
+            data_path,
+            tokenizer,
+            max_seq_len=config.max_seq_len,
+            overlong=config.overlong,
+            unmask=config.unmask,
+        )
+        if not data.samples:
+            raise ValueError(f"{data_path}: no trainable samples after tokenisation ({data.stats})")
+        return LanguageModelling(data, pad_id)
+    pairs, stats = dpo.tokenize_preference_jsonl(
+        data_path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong
     )
-    return out.loss
+    if not pairs:
+        raise ValueError(f"{data_path}: no usable preference pairs after tokenisation ({stats})")
+    reference = _load_plain_model(config.ref_model_name_or_path or config.model_name_or_path, config, info)
+    with _autocast(config, info):
+        reference_logps = dpo.compute_reference_logps(
+            reference, pairs, info, max_tokens_per_gpu=config.max_tokens_per_gpu
+        )
+    del reference
+    if info.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return dpo.DirectPreference(
+        pairs,
+        stats,
+        reference_logps,
+        beta=config.beta,
+        loss_type=config.loss_type,
+        label_smoothing=config.label_smoothing,
+        pad_token_id=pad_id,
+    )
+
+
+def _load_plain_model(name_or_path: str, config: TrainingConfig, info: DistInfo) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation
+    )
+    return model.to(info.device)
 
 
 def seed_everything(seed: int) -> None:
@@ -311,7 +335,7 @@ def load_model(config: TrainingConfig, info: DistInfo) -> tuple[nn.Module, torch
         model.to(info.device)  # before OSFT, so the SVDs run on the GPU
     if config.use_liger:
         apply_liger(model, info)
-    if config.algorithm == "osft":
+    if config.uses_osft:
         bf16 = config.dtype == "bfloat16" and info.device.type == "cuda"
         names = osft.apply_osft(
             model,
@@ -423,7 +447,7 @@ def export_final_model(
         return
     state_dict = full_model_state_dict(model)
     if info.is_main:
-        if config.algorithm == "osft":
+        if config.uses_osft:
             state_dict = osft.dense_state_dict(state_dict)
         save_hf_model(model, state_dict, tokenizer, out_dir, dtype)
     barrier()
@@ -437,18 +461,12 @@ def evaluate_loss(
     info: DistInfo,
     autocast: contextlib.AbstractContextManager,
 ) -> float:
-    """Mean loss per label token on ``eval_data_path``, packed the same way as training."""
-    data: TokenizedDataset = tokenize_jsonl(
-        config.eval_data_path,
-        tokenizer,
-        max_seq_len=config.max_seq_len,
-        overlong=config.overlong,
-        unmask=config.unmask,
-    )
+    """Mean loss per loss unit (label token; DPO: pair) on ``eval_data_path``, packed as in training."""
+    objective = build_objective(config, config.eval_data_path, tokenizer, info)
     sampler = TokenBudgetSampler(
-        data.lengths,
-        [shifted_label_count(s.labels) for s in data.samples],
-        effective_batch_size=max(len(data.samples), 1),
+        objective.lengths,
+        objective.loss_units,
+        effective_batch_size=max(len(objective.lengths), 1),
         max_tokens_per_gpu=config.max_tokens_per_gpu,
         world_size=info.world_size,
         rank=info.rank,
@@ -457,19 +475,18 @@ def evaluate_loss(
     )
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=info.device)
-    label_tokens = 0
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    units = 0
+    one = torch.tensor(1.0, device=info.device)
     for step_plan in sampler.epoch_plan(0):
-        num_items = torch.tensor(1.0, device=info.device)
         for indices in step_plan.micro_batches:
-            batch = collate(data.samples, indices) if indices else dummy_micro_batch(pad_id)
             with autocast:
-                total += micro_batch_loss(model, batch, num_items, info.device).double()
-        label_tokens += step_plan.global_label_tokens
+                loss, _ = objective.loss(model, objective.batch(indices), one, info.device)
+            total += loss.double()
+        units += step_plan.global_label_tokens
     model.train()
-    eval_loss = float(all_reduce_sum(total).item()) / max(label_tokens, 1)
+    eval_loss = float(all_reduce_sum(total).item()) / max(units, 1)
     if info.is_main:
-        log.info("eval loss %.4f over %d label tokens", eval_loss, label_tokens)
+        log.info("eval loss %.4f over %d loss units", eval_loss, units)
     return eval_loss
 
 

@@ -1,0 +1,290 @@
+"""What the SFT, OSFT and DPO stages share: prepare the stage's dataset, run the training engine, report.
+
+A training stage's config is :class:`TrainingStageConfig` plus option groups of the training engine
+(:class:`~kfp_components.trainer.config.OptimOptions`, ``LoRAOptions``, ...). Those groups are the very
+dataclasses :class:`~kfp_components.trainer.config.TrainingConfig` is made of, and
+:func:`training_options` copies their fields generically, so an option means the same in a stage's YAML as
+in ``python -m kfp_components.trainer`` and the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, parse_dataset_uri, prepare_dataset
+from kfp_components.stages.base import BaseStage, StageConfig, StageResult
+from kfp_components.trainer.config import ALGORITHMS, TrainingConfig
+from kfp_components.typed_config import ConfigError
+
+#: The option groups :class:`TrainingConfig` is made of (OptimOptions, OSFTOptions, LoRAOptions, DPOOptions).
+TRAINING_OPTION_GROUPS: tuple[type, ...] = tuple(
+    klass for klass in TrainingConfig.__mro__[1:] if dataclasses.is_dataclass(klass)
+)
+
+#: Files that make up a tokenizer; :func:`model_with_tokenizer` takes them from the tokenizer, not the model.
+_TOKENIZER_FILES = frozenset(
+    {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "vocab.txt",
+        "merges.txt",
+        "tokenizer.model",
+        "chat_template.jinja",
+        "chat_template.json",
+    }
+)
+
+
+@dataclass(kw_only=True)
+class TrainingData:
+    """The data a training stage trains on. Each dataset goes through the dataset stage (every row is
+    checked) into ``<output_dir>/data/``.
+
+    Attributes:
+        dataset: Training data: hf://org/name[:config][@revision], s3://bucket/key, https://...,
+            pvc://claim/path or a local file or folder (JSONL, JSON or Parquet).
+        dataset_split: Split of an hf:// dataset to train on.
+        dataset_subset_size: Train on the first N valid rows only (0: all rows).
+        dataset_on_invalid: fail (stop and list the invalid rows) or drop (skip them and count them).
+        eval_dataset: Optional data for an eval loss at the end of the stage (same URI forms).
+        eval_dataset_split: Split of an hf:// eval_dataset.
+    """
+
+    dataset: str
+    dataset_split: str = "train"
+    dataset_subset_size: int = 0
+    dataset_on_invalid: Literal["fail", "drop"] = "fail"
+    eval_dataset: str = ""
+    eval_dataset_split: str = "train"
+
+    def validate(self) -> None:
+        for name in ("dataset", "eval_dataset"):
+            uri = getattr(self, name)
+            if name == "dataset" and not uri:
+                raise ConfigError(name, "required option is empty")
+            if uri:
+                try:
+                    parse_dataset_uri(uri)
+                except DatasetError as exc:
+                    raise ConfigError(name, str(exc)) from None
+        for name in ("dataset_split", "eval_dataset_split"):
+            if not getattr(self, name):
+                raise ConfigError(name, "empty; name a split such as 'train'")
+        if self.dataset_subset_size < 0:
+            raise ConfigError("dataset_subset_size", f"must not be negative, got {self.dataset_subset_size}")
+
+
+@dataclass(kw_only=True)
+class TrainingStageConfig(StageConfig, TrainingData):
+    """Base of the training stages' configs; subclasses add option groups of the training engine."""
+
+    fingerprint_ignore: ClassVar[frozenset[str]] = StageConfig.fingerprint_ignore | {
+        "resume",
+        "log_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    }
+
+    def validate(self) -> None:
+        StageConfig.validate(self)
+        TrainingData.validate(self)
+        for group in option_groups(type(self)):
+            group.validate(self)
+        if not getattr(self, "save_final_model", True):
+            raise ConfigError(
+                "save_final_model",
+                "a stage always saves its model (the next stage starts from it); use save_intermediate: "
+                "false or cleanup_intermediate to delete it once the pipeline has finished",
+            )
+
+
+def option_groups(config_class: type) -> tuple[type, ...]:
+    """The option groups of :class:`TrainingConfig` that ``config_class`` inherits."""
+    return tuple(group for group in TRAINING_OPTION_GROUPS if issubclass(config_class, group))
+
+
+def training_options(config: StageConfig) -> dict[str, Any]:
+    """Every field of the engine's option groups that ``config`` inherits, ready for ``TrainingConfig(**)``."""
+    return {
+        f.name: _copy(getattr(config, f.name))
+        for group in option_groups(type(config))
+        for f in dataclasses.fields(group)
+    }
+
+
+def _copy(value: Any) -> Any:
+    return list(value) if isinstance(value, list) else value
+
+
+class TrainingStage(BaseStage):
+    """Prepare the stage's dataset, then train with the engine (in this process) from the input model.
+
+    Outputs in ``output_dir``: ``data/train.jsonl`` (and ``data/eval.jsonl``), and what the engine writes:
+    ``metrics.jsonl``, ``summary.json``, ``training_config.json``, ``checkpoints/`` and ``final/``, the
+    Hugging Face checkpoint the next stage starts from.
+    """
+
+    config_class: ClassVar[type[TrainingStageConfig]] = TrainingStageConfig
+    #: The engine's ``algorithm``.
+    algorithm: ClassVar[str]
+    #: The row format the dataset must have (``messages`` or ``preference``).
+    data_format: ClassVar[str]
+
+    config: TrainingStageConfig
+
+    def validate_config(self) -> None:
+        """The stage's own checks, then the engine's checks across option groups (through a
+        :class:`TrainingConfig` with placeholder paths), so every rule of the engine applies here too."""
+        self.config.validate()
+        if self.algorithm not in ALGORITHMS:
+            raise TypeError(f"{type(self).__name__}.algorithm {self.algorithm!r} is not one of {ALGORITHMS}")
+        self.training_config("<model>", "<data>").validate()
+
+    def training_config(self, model: str, data_path: str, eval_data_path: str = "") -> TrainingConfig:
+        """The engine's config for this stage: its option groups, the algorithm and the paths."""
+        return TrainingConfig(
+            model_name_or_path=model,
+            data_path=data_path,
+            eval_data_path=eval_data_path,
+            output_dir=self.config.output_dir,
+            algorithm=self.algorithm,
+            **training_options(self.config),
+        )
+
+    def execute(self, model: str, tokenizer: str, previous_result: StageResult | None) -> StageResult:
+        from kfp_components.trainer.checkpoint import CHECKPOINTS
+        from kfp_components.trainer.train import FINAL_MODEL_DIR, train
+
+        out = Path(self.config.output_dir)
+        data_dir = out / "data"
+        train_data = self.prepare("dataset", data_dir / "train.jsonl")
+        eval_data = self.prepare("eval_dataset", data_dir / "eval.jsonl") if self.config.eval_dataset else None
+        start = model_with_tokenizer(model, tokenizer, out / "input_model")
+        config = self.training_config(
+            start, str(train_data.train_path), str(eval_data.train_path) if eval_data else ""
+        )
+        self.log.info(
+            "%s: training %s from %s on %s (%d rows)",
+            self.name,
+            self.algorithm,
+            model,
+            train_data.source,
+            train_data.metrics["train_rows"],
+        )
+        try:
+            train(config)
+        finally:
+            _release_memory()
+        summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        metrics = flatten_numbers(summary)
+        metrics.update(flatten_numbers(train_data.metrics, "dataset"))
+        if eval_data:
+            metrics.update(flatten_numbers(eval_data.metrics, "eval_dataset"))
+        artifacts = {
+            "summary": str(out / "summary.json"),
+            "metrics": str(out / "metrics.jsonl"),
+            "training_config": str(out / "training_config.json"),
+            "train_data": str(train_data.train_path),
+        }
+        if eval_data:
+            artifacts["eval_data"] = str(eval_data.train_path)
+        if (out / CHECKPOINTS).is_dir():
+            artifacts["checkpoints"] = str(out / CHECKPOINTS)
+        return StageResult(
+            stage_name=self.name,
+            model_path=str(out / FINAL_MODEL_DIR),
+            metrics=metrics,
+            artifacts=artifacts,
+            input_model=model,
+        )
+
+    def dry_run(self, model: str, tokenizer: str) -> dict[str, Any]:
+        """Check every dataset of the stage (fetched and validated into a temporary folder)."""
+        plan = super().dry_run(model, tokenizer)
+        plan["algorithm"] = self.algorithm
+        with tempfile.TemporaryDirectory(prefix="kfp-dry-run-") as scratch:
+            for key in ("dataset", "eval_dataset"):
+                if getattr(self.config, key):
+                    data = self.prepare(key, Path(scratch) / f"{key}.jsonl")
+                    plan[key] = f"{data.source} ({data.data_format}, {data.metrics['train_rows']} rows)"
+        plan["final_model"] = str(Path(self.config.output_dir) / "final")
+        return plan
+
+    def prepare(self, key: Literal["dataset", "eval_dataset"], train_path: Path) -> PreparedDataset:
+        """Run the dataset stage on the stage's ``dataset`` or ``eval_dataset`` into ``train_path`` (every
+        valid row; no eval split). A :class:`ConfigError` names the option when the data is missing,
+        invalid or in another format than the stage trains on."""
+        dataset = DatasetConfig(
+            getattr(self.config, key),
+            split=getattr(self.config, f"{key}_split"),
+            data_format=self.data_format,
+            on_invalid=self.config.dataset_on_invalid,
+            train_split_ratio=1.0,
+            subset_size=self.config.dataset_subset_size if key == "dataset" else 0,
+        )
+        with tempfile.TemporaryDirectory(prefix="kfp-stage-data-") as scratch:
+            try:
+                return prepare_dataset(dataset, train_path, Path(scratch) / "unused-eval.jsonl")
+            except DatasetError as exc:
+                raise ConfigError(
+                    key, f"the {self.name} stage trains on {self.data_format!r} rows: {exc}"
+                ) from None
+
+
+def flatten_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The finite numbers in ``data``, nested mappings flattened to dotted keys (``data.tokens``)."""
+    flat: dict[str, float] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            flat.update(flatten_numbers(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            flat[name] = value
+    return flat
+
+
+def model_with_tokenizer(model: str, tokenizer: str, folder: Path) -> str:
+    """A model reference whose tokenizer is ``tokenizer``: ``model`` itself when they are the same,
+    otherwise ``folder`` holding links to the model's files beside a copy of the tokenizer.
+
+    The training engine reads the tokenizer saved with the model; this is how a pipeline's
+    ``tokenizer_name_or_path`` (a base model with the chat template of its instruct sibling, say) reaches it.
+    A hub id is resolved through the local Hugging Face cache (downloading what is missing).
+    """
+    if not tokenizer or tokenizer == model:
+        return model
+    from transformers import AutoTokenizer
+
+    source = Path(model)
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        source = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.py", "*.txt"]))
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    AutoTokenizer.from_pretrained(tokenizer).save_pretrained(folder)
+    for item in source.iterdir():
+        if item.name not in _TOKENIZER_FILES and not (folder / item.name).exists():
+            (folder / item.name).symlink_to(item.resolve())
+    return str(folder)
+
+
+def _release_memory() -> None:
+    """Give back what the engine held before the next stage loads its model."""
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
