@@ -155,6 +155,26 @@ def parse_cli_value(text: str) -> Any:
     return text if isinstance(value, dict) or value is None and text.strip() else value
 
 
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file; a syntax error names the file and line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError("", f"{path}: no such config file") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError("", f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path}: expected a mapping of options at the top level")
+    return data
+
+
 def _join(path: str, key: str) -> str:
     return f"{path}.{key}" if path else key
 

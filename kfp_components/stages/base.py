@@ -26,7 +26,7 @@ class StageConfig:
     """Options every stage has.
 
     Attributes:
-        stage_name: The stage's name in the pipeline; set by the pipeline from the `stage_configs` key.
+        stage_name: The stage's name in the pipeline, set by the pipeline from the `stage_configs` key; leave it out.
         output_dir: Where the stage writes its outputs (default: `<pipeline output_dir>/stages/<NN>_<name>`,
             NN its 1-based position in `stages`).
         enabled: false leaves the stage out of every run: the next stage starts from this stage's input.
@@ -143,6 +143,13 @@ class BaseStage(ABC):
         Write everything under ``self.config.output_dir``. Raise on failure: the pipeline stops, reports the
         stage and keeps earlier stages' outputs.
         """
+
+    def discard_stale_outputs(self) -> None:
+        """Remove what an earlier attempt of this stage, with other options or another input model, left in
+        ``output_dir`` that :meth:`execute` could pick up by mistake. The pipeline calls it before it runs a
+        stage, except when it retries a failed attempt with the same options and input (so a stage that
+        resumes from its own checkpoints can continue). The default removes nothing."""
+        return None
 
     def dry_run(self, model: str, tokenizer: str) -> dict[str, Any]:
         """Describe what :meth:`execute` would read and write, checking what can be checked cheaply (its

@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, parse_dataset_uri, prepare_dataset
+from kfp_components.data import (
+    DatasetConfig,
+    DatasetError,
+    PreparedDataset,
+    parse_dataset_uri,
+    prepare_dataset,
+)
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
 from kfp_components.trainer.config import ALGORITHMS, TrainingConfig
 from kfp_components.typed_config import ConfigError
@@ -59,6 +65,7 @@ class TrainingData:
         dataset_on_invalid: fail (stop and list the invalid rows) or drop (skip them and count them).
         eval_dataset: Optional data for an eval loss at the end of the stage (same URI forms).
         eval_dataset_split: Split of an hf:// eval_dataset.
+        eval_dataset_subset_size: Evaluate on the first N valid rows of eval_dataset only (0: all rows).
     """
 
     dataset: str
@@ -67,6 +74,7 @@ class TrainingData:
     dataset_on_invalid: Literal["fail", "drop"] = "fail"
     eval_dataset: str = ""
     eval_dataset_split: str = "train"
+    eval_dataset_subset_size: int = 0
 
     def validate(self) -> None:
         for name in ("dataset", "eval_dataset"):
@@ -77,28 +85,40 @@ class TrainingData:
                 try:
                     parse_dataset_uri(uri)
                 except DatasetError as exc:
-                    raise ConfigError(name, str(exc)) from None
+                    raise ConfigError(name, str(exc).removeprefix("data_uri ")) from None
         for name in ("dataset_split", "eval_dataset_split"):
             if not getattr(self, name):
                 raise ConfigError(name, "empty; name a split such as 'train'")
-        if self.dataset_subset_size < 0:
-            raise ConfigError("dataset_subset_size", f"must not be negative, got {self.dataset_subset_size}")
+        for name in ("dataset_subset_size", "eval_dataset_subset_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must not be negative (0: all rows), got {getattr(self, name)}")
 
 
 @dataclass(kw_only=True)
 class TrainingStageConfig(StageConfig, TrainingData):
-    """Base of the training stages' configs; subclasses add option groups of the training engine."""
+    """Base of the training stages' configs; subclasses add option groups of the training engine.
+
+    Attributes:
+        nproc_per_node: How the stage trains: 0 in the pipeline's own process (one GPU or the CPU); N >= 1
+            launches the training engine under `torchrun --standalone --nproc_per_node N` (N GPUs of this
+            machine), the command a TrainJob runs, with its output in the pipeline's log.
+    """
 
     fingerprint_ignore: ClassVar[frozenset[str]] = StageConfig.fingerprint_ignore | {
+        "nproc_per_node",
         "resume",
         "log_every_steps",
         "checkpoint_every_steps",
         "keep_checkpoints",
     }
 
+    nproc_per_node: int = 0
+
     def validate(self) -> None:
         StageConfig.validate(self)
         TrainingData.validate(self)
+        if self.nproc_per_node < 0:
+            raise ConfigError("nproc_per_node", f"must not be negative, got {self.nproc_per_node}")
         for group in option_groups(type(self)):
             group.validate(self)
         if not getattr(self, "save_final_model", True):
@@ -128,7 +148,8 @@ def _copy(value: Any) -> Any:
 
 
 class TrainingStage(BaseStage):
-    """Prepare the stage's dataset, then train with the engine (in this process) from the input model.
+    """Prepare the stage's dataset, then train with the engine from the input model: in this process, or
+    under torchrun with ``nproc_per_node`` processes.
 
     Outputs in ``output_dir``: ``data/train.jsonl`` (and ``data/eval.jsonl``), and what the engine writes:
     ``metrics.jsonl``, ``summary.json``, ``training_config.json``, ``checkpoints/`` and ``final/``, the
@@ -149,7 +170,9 @@ class TrainingStage(BaseStage):
         self.config.validate()
         if self.algorithm not in ALGORITHMS:
             raise TypeError(f"{type(self).__name__}.algorithm {self.algorithm!r} is not one of {ALGORITHMS}")
-        self.training_config("<model>", "<data>").validate()
+        config = self.training_config("<model>", "<data>")
+        config.output_dir = config.output_dir or "<output_dir>"  # set by the pipeline
+        config.validate()
 
     def training_config(self, model: str, data_path: str, eval_data_path: str = "") -> TrainingConfig:
         """The engine's config for this stage: its option groups, the algorithm and the paths."""
@@ -169,23 +192,32 @@ class TrainingStage(BaseStage):
         out = Path(self.config.output_dir)
         data_dir = out / "data"
         train_data = self.prepare("dataset", data_dir / "train.jsonl")
-        eval_data = self.prepare("eval_dataset", data_dir / "eval.jsonl") if self.config.eval_dataset else None
+        eval_data = (
+            self.prepare("eval_dataset", data_dir / "eval.jsonl") if self.config.eval_dataset else None
+        )
+        # A final/ folder always belongs to the latest successful attempt, and files that final_model links
+        # to are never rewritten in place.
+        shutil.rmtree(out / FINAL_MODEL_DIR, ignore_errors=True)
         start = model_with_tokenizer(model, tokenizer, out / "input_model")
         config = self.training_config(
             start, str(train_data.train_path), str(eval_data.train_path) if eval_data else ""
         )
         self.log.info(
-            "%s: training %s from %s on %s (%d rows)",
-            self.name,
+            "training %s from %s on %s (%d rows)",
             self.algorithm,
             model,
             train_data.source,
             train_data.metrics["train_rows"],
         )
-        try:
-            train(config)
-        finally:
-            _release_memory()
+        if self.config.nproc_per_node:
+            from kfp_components.launch.local import run_local_training
+
+            run_local_training(config, nproc_per_node=self.config.nproc_per_node)
+        else:
+            try:
+                train(config)
+            finally:
+                _release_memory()
         summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
         metrics = flatten_numbers(summary)
         metrics.update(flatten_numbers(train_data.metrics, "dataset"))
@@ -199,6 +231,8 @@ class TrainingStage(BaseStage):
         }
         if eval_data:
             artifacts["eval_data"] = str(eval_data.train_path)
+        if (out / "run.yaml").is_file():  # written by the torchrun launcher
+            artifacts["run_config"] = str(out / "run.yaml")
         if (out / CHECKPOINTS).is_dir():
             artifacts["checkpoints"] = str(out / CHECKPOINTS)
         return StageResult(
@@ -209,10 +243,22 @@ class TrainingStage(BaseStage):
             input_model=model,
         )
 
+    def discard_stale_outputs(self) -> None:
+        """Delete resumable checkpoints of an earlier attempt, so ``resume: true`` never continues a run of
+        other options or another input model."""
+        from kfp_components.trainer.checkpoint import CHECKPOINTS
+
+        checkpoints = Path(self.config.output_dir) / CHECKPOINTS
+        if checkpoints.is_dir():
+            self.log.info("removing the checkpoints of an earlier attempt: %s", checkpoints)
+            shutil.rmtree(checkpoints)
+
     def dry_run(self, model: str, tokenizer: str) -> dict[str, Any]:
         """Check every dataset of the stage (fetched and validated into a temporary folder)."""
         plan = super().dry_run(model, tokenizer)
         plan["algorithm"] = self.algorithm
+        processes = self.config.nproc_per_node
+        plan["launch"] = f"torchrun, {processes} process(es)" if processes else "in the pipeline's process"
         with tempfile.TemporaryDirectory(prefix="kfp-dry-run-") as scratch:
             for key in ("dataset", "eval_dataset"):
                 if getattr(self.config, key):
@@ -231,7 +277,7 @@ class TrainingStage(BaseStage):
             data_format=self.data_format,
             on_invalid=self.config.dataset_on_invalid,
             train_split_ratio=1.0,
-            subset_size=self.config.dataset_subset_size if key == "dataset" else 0,
+            subset_size=getattr(self.config, f"{key}_subset_size"),
         )
         with tempfile.TemporaryDirectory(prefix="kfp-stage-data-") as scratch:
             try:

@@ -13,34 +13,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from kfp_components.cli_args import add_config_arguments, overrides_from_args
 from kfp_components.logs import configure_logging
 from kfp_components.trainer.config import TrainingConfig
-from kfp_components.typed_config import ConfigError, from_dict
+from kfp_components.typed_config import ConfigError, from_dict, load_config_file
 
 log = logging.getLogger("kfp_components.trainer")
-
-
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file; a syntax error names the file and line."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError("", f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError("", f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError("", f"{path}: expected a mapping of options at the top level")
-    return data
 
 
 def build_training_config(argv: list[str] | None = None) -> tuple[TrainingConfig, argparse.Namespace]:

@@ -1,0 +1,171 @@
+"""The multi-stage pipeline's YAML: one typed :class:`PipelineConfig` whose ``stage_configs`` are each
+stage's own config dataclass.
+
+Loading checks everything that can be checked without a model: YAML syntax (file and line), unknown keys,
+types, required options, stage names, and that ``stages`` and ``stage_configs`` agree. Every error is a
+:class:`~kfp_components.typed_config.ConfigError` naming the key path, for example
+``stage_configs.dpo.beta: expected a float, got 'high'``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kfp_components.stages.base import LOG_LEVELS, StageConfig
+from kfp_components.stages.registry import get_stage_class
+from kfp_components.typed_config import ConfigError, from_dict, load_config_file, parse_cli_value
+
+TorchDtype = Literal["auto", "bfloat16", "float32"]
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    """A multi-stage fine-tuning pipeline: stages run in order, each from the model the previous one saved.
+
+    Attributes:
+        model_name_or_path: Model the first stage starts from: a Hugging Face id or a local folder.
+        tokenizer_name_or_path: Tokenizer of the first stage (default: the model's). Later stages use the
+            tokenizer saved with the previous stage's model.
+        output_dir: Where every stage's outputs, pipeline_state.json, pipeline_training.log and final_model go.
+        torch_dtype: Compute precision of every stage that has a `dtype` option and does not set it: auto
+            (each stage's own default), bfloat16 or float32.
+        log_level: Log level of the run (DEBUG, INFO, WARNING, ERROR); a stage's log_level overrides it.
+        stages: Names of the stages to run, in order (sft, osft, dpo, or registered custom stages).
+        stage_configs: Options of each stage listed in `stages`, keyed by its name.
+    """
+
+    model_name_or_path: str
+    output_dir: str
+    stages: list[str]
+    stage_configs: dict[str, StageConfig] = field(default_factory=dict)
+    tokenizer_name_or_path: str = ""
+    torch_dtype: TorchDtype = "auto"
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        """Check the top-level options and the stage names (``stage_configs`` is checked on its own)."""
+        for name in ("model_name_or_path", "output_dir"):
+            if not getattr(self, name):
+                raise ConfigError(name, "required option is empty")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ConfigError("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not self.stages:
+            raise ConfigError("stages", "list at least one stage, for example [sft]")
+        for i, name in enumerate(self.stages):
+            if name in self.stages[:i]:
+                raise ConfigError(
+                    f"stages[{i}]",
+                    f"stage {name!r} is listed twice; to run a stage type twice, register it under a second "
+                    "name (Pipeline.register_stage('sft_2', SFTStage))",
+                )
+            get_stage_class(name, f"stages[{i}]")
+
+    @property
+    def tokenizer(self) -> str:
+        """The tokenizer reference of the first stage."""
+        return self.tokenizer_name_or_path or self.model_name_or_path
+
+    def default_stage_dir(self, name: str) -> str:
+        """``<output_dir>/stages/<NN>_<name>``, NN the 1-based position of the stage in ``stages``."""
+        return str(Path(self.output_dir) / "stages" / f"{self.stages.index(name) + 1:02d}_{name}")
+
+
+def load_pipeline_config(
+    path: str | Path, overrides: Mapping[str, Any] | Iterable[str] | None = None
+) -> PipelineConfig:
+    """Read a pipeline YAML file, apply ``overrides`` and build the typed config.
+
+    ``overrides`` maps dotted key paths to values (``{"stage_configs.sft.dataset": "/data/chat.jsonl"}``), or
+    is a list of ``KEY=VALUE`` texts whose values are read as YAML scalars (``max_steps=3`` is an int).
+    """
+
+    data = load_config_file(path)
+    if isinstance(overrides, Mapping):
+        items = list(overrides.items())
+    else:
+        items = [parse_override(text) for text in overrides or ()]
+    for key, value in items:
+        apply_override(data, key, value)
+    return pipeline_config_from_dict(data)
+
+
+def pipeline_config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
+    """Build and check a :class:`PipelineConfig` from plain data (what the YAML holds).
+
+    Each stage's options are read with that stage's ``config_class`` at the path ``stage_configs.<name>``;
+    the stage's ``stage_name`` and default ``output_dir`` are filled in, and ``torch_dtype`` becomes the
+    stage's ``dtype`` unless the stage sets one.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError("", "expected a mapping of options at the top level")
+    top = dict(data)
+    raw_stage_configs = top.pop("stage_configs", None)
+    config = from_dict(PipelineConfig, top)
+    if raw_stage_configs is None:
+        raw_stage_configs = {}
+    if not isinstance(raw_stage_configs, Mapping):
+        raise ConfigError("stage_configs", "expected a mapping of stage name to options")
+    for name in raw_stage_configs:
+        if name not in config.stages:
+            raise ConfigError(
+                f"stage_configs.{name}",
+                f"stage {name!r} is not listed in stages ({', '.join(config.stages)}); "
+                "add it to stages or remove its options",
+            )
+    for name in config.stages:
+        path = f"stage_configs.{name}"
+        if name not in raw_stage_configs:
+            raise ConfigError(path, f"stage {name!r} is listed in stages but has no options here")
+        options = raw_stage_configs[name]
+        if options is None:
+            options = {}
+        if not isinstance(options, Mapping):
+            raise ConfigError(path, f"expected a mapping of options for stage {name!r}")
+        options = dict(options)
+        if "stage_name" in options:
+            raise ConfigError(
+                f"{path}.stage_name", "set by the pipeline from the stage_configs key; remove it"
+            )
+        config_class = get_stage_class(name, path).config_class
+        options["stage_name"] = name
+        options.setdefault("output_dir", config.default_stage_dir(name))
+        if config.torch_dtype != "auto" and "dtype" in _field_names(config_class):
+            options.setdefault("dtype", config.torch_dtype)
+        config.stage_configs[name] = from_dict(config_class, options, path)
+    return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"stage_configs.sft.max_steps=3"`` -> ``("stage_configs.sft.max_steps", 3)``: the value is read as a
+    YAML scalar or list (``3`` an int, ``true`` a bool, ``[a, b]`` a list); ``KEY=`` is the empty string."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError("", f"override {text!r}: expected KEY=VALUE, e.g. stage_configs.sft.max_steps=3")
+    return key, parse_cli_value(value) if value.strip() else ""
+
+
+def apply_override(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key`` ``"a.b.c"``, creating mappings on the way."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(key, "override: empty part in the key path")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(key, f"override: {where} is not a mapping, so it has no key {parts[i + 1]!r}")
+        node = child
+    node[parts[-1]] = copy.deepcopy(value)
+
+
+def _field_names(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}

@@ -1,0 +1,28 @@
+"""The DPO stage: Direct Preference Optimization on (prompt, chosen, rejected) pairs, usually after SFT.
+
+The reference model defaults to the stage's input model (the SFT model when it follows an sft stage), as in
+the DPO paper; ``osft_constraint: true`` preference-tunes inside OSFT's frozen subspace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kfp_components.stages.training import TrainingStage, TrainingStageConfig
+from kfp_components.trainer.config import DPOOptions, OptimOptions, OSFTOptions
+
+
+@dataclass(kw_only=True)
+class DPOStageConfig(TrainingStageConfig, OptimOptions, DPOOptions, OSFTOptions):
+    """Options of the dpo stage: the data (`preference` rows), the engine's training options, DPO's, and
+    OSFT's (used with osft_constraint)."""
+
+
+class DPOStage(TrainingStage):
+    """Direct Preference Optimization on `preference` rows."""
+
+    stage_name: ClassVar[str] = "dpo"
+    config_class: ClassVar[type[DPOStageConfig]] = DPOStageConfig
+    algorithm: ClassVar[str] = "dpo"
+    data_format: ClassVar[str] = "preference"
