@@ -1,0 +1,715 @@
+"""Run the training engine on a cluster as a Kubeflow Trainer TrainJob: submit, wait, stream logs, clean up.
+
+Lifecycle of :meth:`TrainJobLauncher.run`
+-----------------------------------------
+1. **Name.** ``config.name``, or :func:`~kfp_components.launch.manifest.trainjob_name` of the pipeline run
+   id and the stage: the same step of the same run always gets the same name.
+2. **Shape.** ``trainer_api_version: auto`` reads the served CRD ``trainjobs.trainer.kubeflow.org`` and
+   picks ``podTemplateOverrides`` (Trainer v2.0-2.1) or ``runtimePatches`` (v2.2+) from its schema (see
+   :mod:`~kfp_components.launch.manifest`); when RBAC forbids reading it, the launcher says so and
+   assumes v2.3. An explicit version skips the read.
+3. **Submit** with ``fieldValidation=Strict``, so a field the served CRD does not know is an error rather
+   than silently dropped. A 409 (the TrainJob exists: the step is being rerun) **adopts** it when it is
+   ours (managed-by label and the same spec hash): a running or suspended one is waited for, a completed one
+   is a success without resubmitting, a failed one is deleted and submitted again
+   (``on_existing_failed: resubmit``, what a retry wants) or reported (``fail``).
+4. **Wait**, polling the TrainJob every ``poll_interval_seconds``: condition ``Complete`` is success;
+   ``Failed`` is a failure with its reason and message; ``Suspended`` (e.g. Kueue has not admitted it yet)
+   is logged and waited out, not a failure. Meanwhile a thread copies the log of worker ``log_node``
+   (container ``node`` of the newest pod with the labels ``jobset.sigs.k8s.io/jobset-name=<name>``,
+   ``jobset.sigs.k8s.io/replicatedjob-name=node`` and ``batch.kubernetes.io/job-completion-index``) into this
+   step's log, following a new pod after a restart, and keeps the last ``tail_lines`` lines.
+5. **Clean up.** On failure, on ``timeout_seconds`` (time spent suspended counts), on SIGTERM (a cancelled
+   step; the handler is installed only while submitting and waiting, from the main thread) and on any other
+   error while waiting, the TrainJob is deleted with ``propagationPolicy=Foreground`` so its pods go and no
+   GPU stays held, and the error quotes the reason and the last log lines. A completed TrainJob is kept
+   unless ``delete_on_success``.
+
+Secrets reach the TrainJob only as ``secretKeyRef`` env entries; the config refuses a literal value for an
+env name that looks secret before any request is made.
+
+``python -m kfp_components.launch.trainjob --config launch.yaml`` runs the same from a shell (exit code 0
+done, 1 failed or timed out, 2 bad config, 143 cancelled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import datetime
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from kfp_components.launch.kube import (
+    KubeCredentialsError,
+    api_client_from_environment,
+    default_namespace,
+    describe_api_error,
+)
+from kfp_components.launch.manifest import (
+    CRD_NAME,
+    DEFAULT_TRAINER_VERSION,
+    GROUP,
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    PLURAL,
+    SPEC_HASH_ANNOTATION,
+    TRAINER_CONTAINER,
+    TRAINER_JOB,
+    VERSION,
+    SecretEnv,
+    Shape,
+    Toleration,
+    TrainJobConfig,
+    build_trainjob,
+    shape_for_version,
+    shape_from_crd,
+    trainjob_name,
+)
+from kfp_components.typed_config import ConfigError, from_dict
+
+__all__ = [
+    "SecretEnv",
+    "Toleration",
+    "TrainJobCancelled",
+    "TrainJobConfig",
+    "TrainJobError",
+    "TrainJobFailed",
+    "TrainJobLauncher",
+    "TrainJobResult",
+    "TrainJobTimeout",
+    "launch_trainjob",
+]
+
+log = logging.getLogger("kfp_components.launch.trainjob")  # also when run as __main__
+
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+DELETE_PROPAGATION = "Foreground"
+
+#: After Complete or Failed, how long the log thread may take to read the last lines of the pod.
+LOG_DRAIN_SECONDS = 10.0
+#: A log stream silent for this long is reopened (it starts from the first line again; those already
+#: copied are skipped).
+LOG_READ_TIMEOUT_SECONDS = 300.0
+#: Consecutive failed status reads (network, 5xx) tolerated while waiting.
+MAX_READ_FAILURES = 5
+#: Create attempts when the name keeps being taken (deleted, failed and resubmitted, ...).
+MAX_SUBMIT_ATTEMPTS = 5
+_TERMINAL_PHASES = ("Succeeded", "Failed")
+_EPOCH = datetime.datetime.fromtimestamp(0, datetime.UTC)
+
+
+class TrainJobError(RuntimeError):
+    """The TrainJob could not be submitted, or did not complete. ``log_tail`` holds its last log lines."""
+
+    def __init__(self, message: str, *, name: str = "", reason: str = "", log_tail: list[str] | None = None):
+        self.name = name
+        self.reason = reason
+        self.log_tail = list(log_tail or [])
+        super().__init__(message)
+
+
+class TrainJobFailed(TrainJobError):
+    """The TrainJob's ``Failed`` condition became true; ``reason`` is the condition's reason."""
+
+
+class TrainJobTimeout(TrainJobError):
+    """The TrainJob did not finish within ``timeout_seconds``."""
+
+
+class TrainJobCancelled(TrainJobError):
+    """The step was cancelled (SIGTERM) while submitting or waiting; the TrainJob was deleted."""
+
+
+@dataclass
+class TrainJobResult:
+    """A completed TrainJob.
+
+    Attributes:
+        name: TrainJob name.
+        namespace: Its namespace.
+        adopted: True when a rerun found it already submitted and did not submit again.
+        reason: Reason of its Complete condition (e.g. AllJobsCompleted).
+        message: Message of its Complete condition.
+        log_tail: The last log lines copied from the trainer (empty when it had completed before).
+        elapsed_seconds: Time spent waiting.
+    """
+
+    name: str
+    namespace: str
+    adopted: bool
+    reason: str
+    message: str
+    log_tail: list[str] = field(default_factory=list)
+    elapsed_seconds: float = 0.0
+
+
+def launch_trainjob(config: TrainJobConfig, *, api_client: client.ApiClient | None = None) -> TrainJobResult:
+    """Submit (or adopt) the TrainJob for ``config`` and wait for it; see :class:`TrainJobLauncher`."""
+    return TrainJobLauncher(config, api_client=api_client).run()
+
+
+class TrainJobLauncher:
+    """Submits one TrainJob and sees it through (see the module docstring for the lifecycle).
+
+    Args:
+        config: What to run and how to wait; validated here, before any request.
+        api_client: Kubernetes client; default: from the environment (see :mod:`kfp_components.launch.kube`).
+    """
+
+    def __init__(self, config: TrainJobConfig, *, api_client: client.ApiClient | None = None):
+        config.validate()
+        self.config = config
+        self.name = config.name or trainjob_name(config.run_id, config.stage)
+        self.api_client = api_client if api_client is not None else api_client_from_environment()
+        self.namespace = config.namespace or default_namespace()
+        self.adopted = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=config.tail_lines)
+        self._objects = client.CustomObjectsApi(self.api_client)
+        self._core = client.CoreV1Api(self.api_client)
+        self._extensions = client.ApiextensionsV1Api(self.api_client)
+        self._shape: Shape | None = None
+        self._ours = False  # created by this launcher, or checked to be ours before adopting it
+        self._read_failures = 0
+        self._sigterm_handled = False
+
+    @property
+    def ref(self) -> str:
+        """``TrainJob <namespace>/<name>``, as messages name it."""
+        return f"TrainJob {self.namespace}/{self.name}"
+
+    # ------------------------------------------------------------------------------------------ submit
+
+    def run(self) -> TrainJobResult:
+        """Submit or adopt the TrainJob, then wait for it (not at all when it had completed already)."""
+        with _sigterm_raises(self):
+            try:
+                trainjob = self.submit()
+            except TrainJobCancelled as exc:  # it may exist by now
+                self._clean_up(exc)
+                raise
+            if not _condition_true(trainjob, "Complete"):
+                return self.wait()
+        complete = _condition(trainjob, "Complete")
+        return TrainJobResult(
+            name=self.name,
+            namespace=self.namespace,
+            adopted=self.adopted,
+            reason=complete.get("reason", ""),
+            message=complete.get("message", ""),
+        )
+
+    def shape(self) -> Shape:
+        """The CRD shape to send: from ``trainer_api_version``, or detected from the served CRD."""
+        if self._shape is None:
+            self._shape = self._detect_shape()
+        return self._shape
+
+    def manifest(self) -> dict[str, Any]:
+        """The TrainJob this launcher submits."""
+        return build_trainjob(self.config, name=self.name, namespace=self.namespace, shape=self.shape())
+
+    def submit(self) -> dict[str, Any]:
+        """Create the TrainJob, or adopt the one an earlier attempt of this step created; return it.
+
+        An existing TrainJob of this name is adopted only when it is ours (see :meth:`_check_ours`); one
+        being deleted is waited for and replaced; a failed one is resubmitted or reported as
+        ``on_existing_failed`` says.
+        """
+        manifest = self.manifest()
+        for _ in range(MAX_SUBMIT_ATTEMPTS):
+            created = self._create(manifest)
+            if created is not None:
+                self._ours = True
+                log.info("submitted %s (runtime %s)", self.ref, self.config.runtime_name)
+                return created
+            existing = self._get()
+            if existing is None:  # deleted since the 409: create it again
+                continue
+            if existing.get("metadata", {}).get("deletionTimestamp"):
+                log.info("%s is being deleted; waiting to submit it again", self.ref)
+                self._wait_gone()
+                continue
+            self._check_ours(existing, manifest)
+            self._ours = True
+            if _condition_true(existing, "Failed"):
+                condition = _condition(existing, "Failed")
+                failure = f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+                if self.config.on_existing_failed == "fail":
+                    raise TrainJobFailed(
+                        f"{self.ref} from an earlier attempt failed ({failure}); it is left for inspection "
+                        "(on_existing_failed: fail)",
+                        name=self.name,
+                        reason=condition.get("reason", ""),
+                    )
+                log.warning(
+                    "%s from an earlier attempt failed (%s): deleting it and submitting again",
+                    self.ref,
+                    failure,
+                )
+                self.delete(wait=True)
+                continue
+            self.adopted = True
+            state = "completed" if _condition_true(existing, "Complete") else "still running"
+            log.info("%s exists from an earlier attempt of this step and is %s: adopting it", self.ref, state)
+            return existing
+        raise TrainJobError(f"{self.ref} kept reappearing while it was being submitted", name=self.name)
+
+    def _create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """POST the TrainJob; None when it already exists (409)."""
+        try:
+            return self._objects.create_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, manifest, field_validation="Strict"
+            )
+        except ApiException as exc:
+            if exc.status == 409:
+                return None
+            hint = ""
+            if exc.status == 400 and "unknown field" in str(exc.body):
+                hint = (
+                    f"\n(the cluster's TrainJob CRD does not have these fields: the shape sent was {self.shape()}; "
+                    "set trainer_api_version to the installed Kubeflow Trainer version, e.g. v2.1 or v2.3)"
+                )
+            raise TrainJobError(
+                f"could not create {self.ref}: {describe_api_error(exc)}{hint}", name=self.name
+            ) from None
+
+    def _check_ours(self, existing: dict[str, Any], manifest: dict[str, Any]) -> None:
+        """Refuse to adopt a TrainJob we did not make (no managed-by label) or made with other options
+        (another spec hash): the same name then means a collision, not a rerun."""
+        metadata = existing.get("metadata", {})
+        if (metadata.get("labels") or {}).get(MANAGED_BY_LABEL) != MANAGED_BY:
+            raise TrainJobError(
+                f"{self.ref} exists and was not created by this launcher (no {MANAGED_BY_LABEL}={MANAGED_BY} "
+                "label); choose another name or delete it",
+                name=self.name,
+            )
+        ours = manifest["metadata"]["annotations"][SPEC_HASH_ANNOTATION]
+        theirs = (metadata.get("annotations") or {}).get(SPEC_HASH_ANNOTATION)
+        if theirs != ours:
+            raise TrainJobError(
+                f"{self.ref} exists with a different spec (spec hash {theirs}, this step's is {ours}): "
+                "the same run and stage were launched with other options; delete it or use another name",
+                name=self.name,
+            )
+
+    def _detect_shape(self) -> Shape:
+        option = self.config.trainer_api_version
+        if option != "auto":
+            return shape_for_version(option)
+        try:
+            response = self._extensions.read_custom_resource_definition(CRD_NAME, _preload_content=False)
+            crd = json.loads(response.data)
+        except ApiException as exc:
+            if exc.status == 401:
+                raise TrainJobError(f"could not read the TrainJob CRD: {describe_api_error(exc)}") from None
+            if exc.status == 404:
+                raise TrainJobError(
+                    f"the CRD {CRD_NAME} is not installed: is Kubeflow Trainer v2 installed on this cluster?"
+                ) from None
+            fallback = shape_for_version(DEFAULT_TRAINER_VERSION)
+            log.warning(
+                "cannot read the CRD %s to detect the Kubeflow Trainer version (%s %s; the step's service "
+                "account needs 'get' on customresourcedefinitions for trainer_api_version: auto); assuming "
+                "%s (%s). Set trainer_api_version to the installed version to choose.",
+                CRD_NAME,
+                exc.status,
+                exc.reason,
+                DEFAULT_TRAINER_VERSION,
+                fallback,
+            )
+            return fallback
+        shape = shape_from_crd(crd)
+        if shape is None:
+            raise TrainJobError(
+                f"the served {CRD_NAME} has neither spec.runtimePatches nor spec.podTemplateOverrides: an "
+                "unsupported Kubeflow Trainer version; set trainer_api_version"
+            )
+        log.info("the cluster's TrainJob CRD uses %s", shape)
+        return shape
+
+    # -------------------------------------------------------------------------------------------- wait
+
+    def wait(self) -> TrainJobResult:
+        """Wait for the submitted TrainJob, copying its log; delete it on failure, timeout or SIGTERM."""
+        config = self.config
+        started = time.monotonic()
+        deadline = started + config.timeout_seconds if config.timeout_seconds else None
+        follower = _PodLogFollower(self, self._core) if config.stream_logs else None
+        with _sigterm_raises(self):
+            try:
+                if follower is not None:
+                    follower.start()
+                complete = self._poll_until_finished(deadline, follower)
+            except BaseException as exc:
+                if follower is not None:
+                    follower.stop()
+                self._clean_up(exc)
+                raise
+        if config.delete_on_success:
+            self.delete()
+        return TrainJobResult(
+            name=self.name,
+            namespace=self.namespace,
+            adopted=self.adopted,
+            reason=complete.get("reason", ""),
+            message=complete.get("message", ""),
+            log_tail=list(self.tail),
+            elapsed_seconds=time.monotonic() - started,
+        )
+
+    def _poll_until_finished(
+        self, deadline: float | None, follower: _PodLogFollower | None
+    ) -> dict[str, Any]:
+        """Poll the TrainJob's conditions; return its Complete condition or raise."""
+        suspended = False
+        while True:
+            trainjob = self._read_status()
+            if _condition_true(trainjob, "Complete"):
+                if follower is not None:
+                    follower.finish(LOG_DRAIN_SECONDS)
+                log.info("%s completed", self.ref)
+                return _condition(trainjob, "Complete")
+            if _condition_true(trainjob, "Failed"):
+                if follower is not None:
+                    follower.finish(LOG_DRAIN_SECONDS)  # the traceback is in the last lines
+                condition = _condition(trainjob, "Failed")
+                reason = condition.get("reason", "Failed")
+                raise TrainJobFailed(
+                    f"{self.ref} failed: {reason}: {condition.get('message', '')}{self._tail_text()}",
+                    name=self.name,
+                    reason=reason,
+                    log_tail=list(self.tail),
+                )
+            if trainjob and _condition_true(trainjob, "Suspended") != suspended:
+                suspended = not suspended
+                condition = _condition(trainjob, "Suspended")
+                if suspended:
+                    log.info(
+                        "%s is suspended (%s: %s): waiting for it to be admitted (e.g. by Kueue), not a failure",
+                        self.ref,
+                        condition.get("reason", ""),
+                        condition.get("message", ""),
+                    )
+                else:
+                    log.info("%s resumed", self.ref)
+            if deadline is not None and time.monotonic() >= deadline:
+                if follower is not None:
+                    follower.stop()
+                raise TrainJobTimeout(
+                    f"{self.ref} did not finish within {self.config.timeout_seconds:g} s"
+                    f"{' (it was suspended)' if suspended else ''}{self._tail_text()}",
+                    name=self.name,
+                    reason="Timeout",
+                    log_tail=list(self.tail),
+                )
+            time.sleep(self.config.poll_interval_seconds)
+
+    def _read_status(self) -> dict[str, Any]:
+        """The TrainJob; ``{}`` after a transient error (network, 5xx), up to MAX_READ_FAILURES in a row."""
+        try:
+            trainjob = self._get()
+        except TrainJobError:
+            raise
+        except Exception as exc:  # the API server may be restarting: try again at the next poll
+            self._read_failures += 1
+            if self._read_failures >= MAX_READ_FAILURES:
+                raise TrainJobError(
+                    f"could not read {self.ref} {self._read_failures} times in a row: {exc}", name=self.name
+                ) from exc
+            log.warning("could not read %s (%s); trying again", self.ref, exc)
+            return {}
+        self._read_failures = 0
+        if trainjob is None:
+            raise TrainJobError(f"{self.ref} was deleted by someone else while running", name=self.name)
+        return trainjob
+
+    def _clean_up(self, exc: BaseException) -> None:
+        """Delete our TrainJob after a failure, a timeout or a cancellation; never raise from here."""
+        if not self._ours:
+            return
+        why = type(exc).__name__
+        try:
+            self.delete()
+            log.info("deleted %s after %s", self.ref, why)
+        except Exception as delete_error:  # the original error matters more; say what is left behind
+            log.error("could not delete %s after %s: %s; delete it by hand", self.ref, why, delete_error)
+
+    def _tail_text(self) -> str:
+        if not self.tail:
+            return ""
+        lines = list(self.tail)
+        return f"\nlast {len(lines)} log lines of worker {self.config.log_node}:\n" + "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------------ delete
+
+    def delete(self, *, wait: bool = False) -> None:
+        """Delete the TrainJob and, through Foreground propagation, its JobSet and pods (404 is fine)."""
+        try:
+            self._objects.delete_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name, propagation_policy=DELETE_PROPAGATION
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise TrainJobError(f"could not delete {self.ref}: {describe_api_error(exc)}") from None
+        if wait:
+            self._wait_gone()
+
+    def _wait_gone(self) -> None:
+        deadline = time.monotonic() + max(60.0, 3 * self.config.poll_interval_seconds)
+        while self._get() is not None:
+            if time.monotonic() > deadline:
+                raise TrainJobError(f"{self.ref} is still being deleted; try again later", name=self.name)
+            time.sleep(min(self.config.poll_interval_seconds, 2.0))
+
+    def _get(self) -> dict[str, Any] | None:
+        try:
+            return self._objects.get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            if exc.status in (401, 403):
+                raise TrainJobError(f"could not read {self.ref}: {describe_api_error(exc)}") from None
+            raise
+
+
+def _condition(trainjob: dict[str, Any], kind: str) -> dict[str, Any]:
+    for condition in (trainjob.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return condition
+    return {}
+
+
+def _condition_true(trainjob: dict[str, Any], kind: str) -> bool:
+    return _condition(trainjob, kind).get("status") == "True"
+
+
+@contextlib.contextmanager
+def _sigterm_raises(launcher: TrainJobLauncher) -> Iterator[None]:
+    """While submitting and waiting, SIGTERM raises :class:`TrainJobCancelled` (once), so the TrainJob
+    gets deleted. Re-entrant; signal handlers can only be set from the main thread, elsewhere it does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or launcher._sigterm_handled:
+        yield
+        return
+    fired = False
+
+    def handler(signum: int, frame: object) -> None:
+        nonlocal fired
+        if fired:  # a second SIGTERM during clean-up: let the clean-up finish
+            return
+        fired = True
+        raise TrainJobCancelled(
+            f"{launcher.ref} cancelled ({signal.Signals(signum).name}); deleting it{launcher._tail_text()}",
+            name=launcher.name,
+            reason="Cancelled",
+            log_tail=list(launcher.tail),
+        )
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    launcher._sigterm_handled = True
+    try:
+        yield
+    finally:
+        launcher._sigterm_handled = False
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _PodLogFollower(threading.Thread):
+    """Copies the log of one worker's newest pod into our log and the launcher's tail, in a thread.
+
+    Each (pod, container restart count) is read once from its first line: when a stream ends early (a
+    dropped connection, a silent read timeout) it is reopened and the lines already seen are skipped; when
+    its pod has finished, the follower waits for a newer pod (a restart) or for :meth:`finish`.
+    """
+
+    def __init__(self, launcher: TrainJobLauncher, core: client.CoreV1Api):
+        super().__init__(name=f"logs-{launcher.name}", daemon=True)
+        self.launcher = launcher
+        self.core = core
+        self.selector = ",".join(
+            (
+                f"{JOBSET_NAME_LABEL}={launcher.name}",
+                f"{REPLICATED_JOB_LABEL}={TRAINER_JOB}",
+                f"{COMPLETION_INDEX_LABEL}={launcher.config.log_node}",
+            )
+        )
+        self.poll = min(launcher.config.poll_interval_seconds, 5.0)
+        self.prefix = f"{TRAINER_JOB}-{launcher.config.log_node}"
+        self._stop_now = threading.Event()
+        self._finishing = threading.Event()
+        self._seen: dict[tuple[str, int], int] = {}
+        self._done: set[tuple[str, int]] = set()
+        self._response: Any = None
+        self._current_pod = ""
+
+    def finish(self, timeout: float) -> None:
+        """Read what is left of the current pod's log (up to ``timeout`` seconds), then stop."""
+        self._finishing.set()
+        self.join(timeout)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop now, closing an open stream."""
+        self._stop_now.set()
+        response = self._response
+        if response is not None:
+            with contextlib.suppress(Exception):
+                getattr(response, "shutdown", response.close)()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(2.0)
+
+    def run(self) -> None:
+        while not self._stop_now.is_set():
+            try:
+                pod = self._newest_pod()
+            except Exception as exc:  # keep following: logs are a courtesy, the status decides
+                log.debug("listing the trainer pods failed: %s", exc)
+                pod = None
+            key = _pod_key(pod) if pod is not None else None
+            if key is None or key in self._done:
+                if self._finishing.is_set():
+                    return
+                self._stop_now.wait(self.poll)
+                continue
+            ended = self._stream(pod.metadata.name, key)
+            if ended and pod.status is not None and pod.status.phase in _TERMINAL_PHASES:
+                self._done.add(key)
+            elif ended:
+                with contextlib.suppress(Exception):  # the container may have stopped since the list
+                    fresh = self.core.read_namespaced_pod(pod.metadata.name, self.launcher.namespace)
+                    if fresh.status is not None and fresh.status.phase in _TERMINAL_PHASES:
+                        self._done.add(key)
+            if not ended or key not in self._done:
+                self._stop_now.wait(self.poll)
+
+    def _newest_pod(self) -> Any:
+        pods = self.core.list_namespaced_pod(self.launcher.namespace, label_selector=self.selector).items
+        if not pods:
+            return None
+
+        def order(pod: Any) -> tuple:
+            running = pod.status is None or pod.status.phase not in _TERMINAL_PHASES
+            return (pod.metadata.creation_timestamp or _EPOCH, running, pod.metadata.name)
+
+        return max(pods, key=order)
+
+    def _stream(self, pod_name: str, key: tuple[str, int]) -> bool:
+        """Copy new lines of the pod's log; True when the stream ended, False when it could not open."""
+        if pod_name != self._current_pod:
+            log.info("following the log of pod %s", pod_name)
+            self._current_pod = pod_name
+        try:
+            self._response = self.core.read_namespaced_pod_log(
+                pod_name,
+                self.launcher.namespace,
+                container=TRAINER_CONTAINER,
+                follow=True,
+                _preload_content=False,
+                _request_timeout=(10.0, LOG_READ_TIMEOUT_SECONDS),
+            )
+        except Exception as exc:  # 400 while the container is starting, or the pod is gone
+            log.debug("log of %s not available yet: %s", pod_name, exc)
+            return False
+        if self._stop_now.is_set():  # stop() came while the stream was opening
+            self._response.release_conn()
+            self._response = None
+            return True
+        skip = self._seen.get(key, 0)
+        count = 0
+        pending = b""
+        try:
+            for chunk in self._response.stream(64 * 1024, decode_content=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for raw in lines:
+                    count += 1
+                    if count > skip:
+                        self._emit(raw)
+            if pending:
+                count += 1
+                if count > skip:
+                    self._emit(pending)
+        except Exception as exc:  # a read timeout or a dropped connection: reopen and skip what was seen
+            log.debug("log stream of %s interrupted: %s", pod_name, exc)
+        finally:
+            self._seen[key] = max(skip, count)
+            with contextlib.suppress(Exception):
+                self._response.release_conn()
+            self._response = None
+        return True
+
+    def _emit(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r")
+        self.launcher.tail.append(line)
+        log.info("[%s] %s", self.prefix, line)
+
+
+def _pod_key(pod: Any) -> tuple[str, int]:
+    """A pod's log identity: its name and how often its trainer container restarted (a restarted
+    container's log starts again from its first line)."""
+    statuses = pod.status.container_statuses if pod.status is not None else None
+    restarts = next((s.restart_count or 0 for s in statuses or [] if s.name == TRAINER_CONTAINER), 0)
+    return pod.metadata.name, restarts
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kfp_components.launch.trainjob --config launch.yaml [--timeout_seconds 3600 ...]``."""
+    from kfp_components.cli_args import add_config_arguments, overrides_from_args
+    from kfp_components.logs import configure_logging
+    from kfp_components.trainer.cli import load_config_file
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kfp_components.launch.trainjob",
+        description="Run the training engine as a Kubeflow Trainer TrainJob and wait for it.",
+    )
+    parser.add_argument("--config", help="YAML file of TrainJobConfig options; flags override it")
+    parser.add_argument("--log_level", default="INFO")
+    add_config_arguments(parser, TrainJobConfig)
+    args = parser.parse_args(argv)
+    configure_logging(args.log_level)
+    try:
+        data = load_config_file(args.config) if args.config else {}
+        data.update(overrides_from_args(args, TrainJobConfig))
+        config = from_dict(TrainJobConfig, data)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = launch_trainjob(config)
+    except TrainJobCancelled as exc:
+        log.error("%s", exc)
+        return 128 + signal.SIGTERM
+    except (TrainJobError, KubeCredentialsError) as exc:
+        log.error("%s", exc)
+        return 1
+    log.info(
+        "%s/%s done in %.0f s%s",
+        result.namespace,
+        result.name,
+        result.elapsed_seconds,
+        " (adopted)" if result.adopted else "",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,942 @@
+"""A small Kubernetes API server for tests: TrainJobs checked against the real CRD, pods, pod logs, and a
+scripted controller.
+
+It speaks the REST calls the TrainJob launcher makes, through the real ``kubernetes`` client:
+
+* ``POST/GET/DELETE /apis/trainer.kubeflow.org/v1alpha1/namespaces/<ns>/trainjobs[/<name>]``;
+* ``GET /apis/apiextensions.k8s.io/v1/customresourcedefinitions/trainjobs.trainer.kubeflow.org`` (or 403,
+  as for a service account without that RBAC);
+* ``GET /api/v1/namespaces/<ns>/pods?labelSelector=a=b,c=d``, ``GET .../pods/<name>`` and
+  ``GET .../pods/<name>/log?container=node&follow=true`` (a chunked stream that ends with the container);
+* discovery: ``/apis``, ``/apis/trainer.kubeflow.org/v1alpha1``.
+
+Like a real API server it wants ``Authorization: Bearer <token>`` (401 and a ``Status`` body otherwise),
+decodes a created TrainJob against the served CRD's ``openAPIV3Schema`` (unknown fields: an error with
+``fieldValidation=Strict``, else dropped with a ``Warning`` header), validates it (422 ``Invalid`` with one
+cause per field error; ``x-kubernetes-validations`` rules of the simple forms ``self.x.matches('re')``,
+``size(self.x) <= n`` and ``self == '' || self.matches('re')`` are evaluated, transition rules with
+``oldSelf`` are skipped on create, other rules are not evaluated), refuses the torchrun variables the way the
+Trainer webhook does (403), and answers 409 ``AlreadyExists`` for a name that exists.
+
+Then it plays the Trainer controller as a :class:`Scenario` says: ``complete`` (pods appear with the
+JobSet labels, their logs stream, then condition ``Complete``), ``fail`` (condition ``Failed`` with a
+reason and message), ``restart`` (the first pod fails and a newer one takes over), ``suspend_seconds``
+(condition ``Suspended`` for a while, as under Kueue, then resumed), ``never`` (runs until deleted).
+
+Every request is recorded (method, path, query, parsed body, raw body) so tests can assert what was sent
+and deleted, and that no secret value was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+import yaml
+
+GROUP = "trainer.kubeflow.org"
+VERSION = "v1alpha1"
+CRD_NAME = "trainjobs.trainer.kubeflow.org"
+TORCHRUN_RESERVED_ENV = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+)
+OBJECT_META_FIELDS = {
+    "name",
+    "generateName",
+    "namespace",
+    "labels",
+    "annotations",
+    "finalizers",
+    "ownerReferences",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "managedFields",
+}
+
+_TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
+_PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?(/log)?$")
+_CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}"
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+# ------------------------------------------------------------------------------- CRD schema validation
+
+
+def load_crd(path: str | Path) -> dict[str, Any]:
+    """A CRD from its YAML file (with libyaml when there is one: CRDs are large)."""
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (a safe loader)
+
+
+def crd_schema(crd: dict[str, Any], version: str = VERSION) -> dict[str, Any]:
+    """The ``openAPIV3Schema`` of one served version of a CRD."""
+    for served in crd["spec"]["versions"]:
+        if served["name"] == version:
+            return served["schema"]["openAPIV3Schema"]
+    raise KeyError(f"{crd['metadata']['name']} does not serve {version}")
+
+
+def unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]:
+    """Paths of fields the schema does not declare, as a strict API server reports them.
+
+    A node's fields are checked where it lists ``properties`` and neither preserves unknown fields nor has
+    ``additionalProperties``; the root ``metadata`` (an ObjectMeta) is checked against ObjectMeta's fields.
+    """
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found: list[str] = []
+    if isinstance(obj, dict):
+        properties = schema.get("properties")
+        additional = schema.get("additionalProperties")
+        if path == "metadata" and not properties:
+            return [f"metadata.{k}" for k in obj if k not in OBJECT_META_FIELDS]
+        if properties is not None and not additional:
+            for key, value in obj.items():
+                where = f"{path}.{key}" if path else key
+                if key not in properties:
+                    found.append(where)
+                else:
+                    found += unknown_fields(value, properties[key], where)
+        elif isinstance(additional, dict):
+            for key, value in obj.items():
+                found += unknown_fields(value, additional, f"{path}.{key}" if path else key)
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(obj):
+            found += unknown_fields(item, schema["items"], f"{path}[{index}]")
+    return found
+
+
+def prune_unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> Any:
+    """``obj`` without the fields :func:`unknown_fields` reports (what a non-strict API server stores)."""
+    unknown = set(unknown_fields(obj, schema, path))
+    if not unknown:
+        return obj
+
+    def prune(value: Any, where: str) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: prune(v, f"{where}.{k}" if where else k)
+                for k, v in value.items()
+                if (f"{where}.{k}" if where else k) not in unknown
+            }
+        if isinstance(value, list):
+            return [prune(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return value
+
+    return prune(obj, path)
+
+
+def schema_errors(obj: Any, schema: dict[str, Any]) -> list[tuple[str, str]]:
+    """``(field path, message)`` for every schema violation: JSON Schema keywords (types, required, enum,
+    patterns, lengths, bounds) and the simple ``x-kubernetes-validations`` rules (see the module docstring)."""
+    import jsonschema
+
+    errors = [
+        (_json_path(error.absolute_path), error.message)
+        for error in jsonschema.Draft4Validator(schema).iter_errors(obj)
+    ]
+    return sorted(errors) + _cel_errors(obj, schema, "")
+
+
+def api_server_errors(obj: Any, crd: dict[str, Any]) -> list[str]:
+    """Everything a strict API server serving ``crd`` would refuse in ``obj``: unknown fields, schema
+    errors and invalid metadata, as ``"<path>: <message>"`` lines (empty: it would be accepted)."""
+    schema = crd_schema(crd)
+    problems = [f'{where}: unknown field "{where}"' for where in unknown_fields(obj, schema)]
+    problems += [f"{where}: {message}" for where, message in schema_errors(obj, schema)]
+    problems += [f"{where}: {message}" for where, message in metadata_errors(obj.get("metadata") or {})]
+    return problems
+
+
+def metadata_errors(metadata: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the API server checks of any object's metadata: the name, label keys and values."""
+    errors: list[tuple[str, str]] = []
+    name = metadata.get("name", "")
+    if not name:
+        errors.append(("metadata.name", "Required value: name or generateName is required"))
+    elif len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
+        errors.append(("metadata.name", f"Invalid value: {name!r}: must be a lowercase RFC 1123 subdomain"))
+    for key, value in (metadata.get("labels") or {}).items():
+        prefix, _, label = key.rpartition("/")
+        if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))) or not (
+            _LABEL_NAME.match(label) and len(label) <= 63
+        ):
+            errors.append(("metadata.labels", f"Invalid value: {key!r}: not a valid label key"))
+        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
+            errors.append(("metadata.labels", f"Invalid value: {value!r}: not a valid label value"))
+    return errors
+
+
+_CEL_MATCHES = re.compile(r"^self((?:\.\w+)*)\.matches\('(.*)'\)$")
+_CEL_SIZE = re.compile(r"^size\(self((?:\.\w+)*)\)\s*<=\s*(\d+)$")
+_CEL_EMPTY_OR_MATCHES = re.compile(r"^self\s*==\s*''\s*\|\|\s*self\.matches\('(.*)'\)$")
+
+
+def _cel_errors(obj: Any, schema: dict[str, Any], path: str) -> list[tuple[str, str]]:
+    errors: list[tuple[str, str]] = []
+    for rule in schema.get("x-kubernetes-validations") or []:
+        if not _cel_rule_holds(rule.get("rule", ""), obj):
+            errors.append((path or "<root>", rule.get("message") or f"failed rule: {rule.get('rule')}"))
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            child = (schema.get("properties") or {}).get(key)
+            if child is None and isinstance(schema.get("additionalProperties"), dict):
+                child = schema["additionalProperties"]
+            if child is not None:
+                errors += _cel_errors(value, child, f"{path}.{key}" if path else key)
+    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
+        for index, item in enumerate(obj):
+            errors += _cel_errors(item, schema["items"], f"{path}[{index}]")
+    return errors
+
+
+def _cel_rule_holds(rule: str, value: Any) -> bool:
+    """Evaluate the rule forms this server knows; others (and transition rules) count as holding."""
+    rule = rule.strip()
+    if "oldSelf" in rule:
+        return True
+    if match := _CEL_MATCHES.match(rule):
+        target = _select(value, match.group(1))
+        return not isinstance(target, str) or re.search(_cel_regex(match.group(2)), target) is not None
+    if match := _CEL_SIZE.match(rule):
+        target = _select(value, match.group(1))
+        return target is None or len(target) <= int(match.group(2))
+    if match := _CEL_EMPTY_OR_MATCHES.match(rule):
+        return value == "" or re.search(_cel_regex(match.group(1)), str(value)) is not None
+    return True
+
+
+def _cel_regex(literal: str) -> str:
+    return literal.replace("\\\\", "\\")
+
+
+def _select(value: Any, dotted: str) -> Any:
+    for part in filter(None, dotted.split(".")):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def _json_path(parts: Any) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<root>"
+
+
+# ------------------------------------------------------------------------------------------- scenario
+
+
+@dataclass
+class Scenario:
+    """What the fake Trainer controller does with a TrainJob after it is created.
+
+    Attributes:
+        outcome: complete (condition Complete), fail (condition Failed) or never (runs until deleted).
+        log_lines: What each worker's container prints (``never`` keeps printing after them).
+        line_interval: Seconds between two log lines.
+        start_delay: Seconds before the pods are created.
+        pending_seconds: Seconds a new pod stays Pending (its log answers 400 meanwhile).
+        restart: The first pods print ``restart_lines`` and fail; newer pods then run the scenario.
+        restart_lines: What the first pods print before failing.
+        suspend_seconds: Condition Suspended (as when Kueue holds the job) for this long, then resumed.
+        fail_reason: Reason of the Failed condition.
+        fail_message: Message of the Failed condition.
+    """
+
+    outcome: Literal["complete", "fail", "never"] = "complete"
+    log_lines: list[str] = field(
+        default_factory=lambda: [
+            "loading model",
+            "step 1/2 loss=2.10",
+            "step 2/2 loss=1.70",
+            "saved final model",
+        ]
+    )
+    line_interval: float = 0.01
+    start_delay: float = 0.02
+    pending_seconds: float = 0.02
+    restart: bool = False
+    restart_lines: list[str] = field(
+        default_factory=lambda: ["attempt 1 starting", "RuntimeError: NCCL timeout"]
+    )
+    suspend_seconds: float = 0.0
+    fail_reason: str = "FailedJobs"
+    fail_message: str = "jobset failed: ReplicatedJob node failed (BackoffLimitExceeded)"
+
+
+@dataclass
+class RecordedRequest:
+    """One request the server received (the Authorization header is not kept)."""
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    body: Any
+    raw_body: str
+    status: int = 0
+
+
+@dataclass
+class _Pod:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    image: str
+    created: datetime.datetime
+    phase: str = "Pending"
+    lines: list[str] = field(default_factory=list)
+    done: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        running = self.phase == "Running"
+        if self.phase == "Pending":
+            state: dict[str, Any] = {"waiting": {"reason": "ContainerCreating"}}
+        elif running:
+            state = {"running": {"startedAt": _timestamp(self.created)}}
+        else:
+            exit_code = 0 if self.phase == "Succeeded" else 1
+            state = {
+                "terminated": {"exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error"}
+            }
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, self.name)),
+                "labels": self.labels,
+                "creationTimestamp": _timestamp(self.created),
+            },
+            "spec": {"containers": [{"name": "node", "image": self.image}]},
+            "status": {
+                "phase": self.phase,
+                "containerStatuses": [
+                    {
+                        "name": "node",
+                        "image": self.image,
+                        "imageID": "",
+                        "ready": running,
+                        "restartCount": 0,
+                        "started": running,
+                        "state": state,
+                    }
+                ],
+            },
+        }
+
+
+@dataclass
+class _Job:
+    obj: dict[str, Any]
+    scenario: Scenario
+    stopped: threading.Event = field(default_factory=threading.Event)
+    pods: list[_Pod] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------- server
+
+
+class KubeApiServer:
+    """The server's state; start it with :func:`kube_api_server`.
+
+    Attributes:
+        url: ``http://127.0.0.1:<port>``.
+        token: The bearer token it accepts.
+        requests: Every request received, in order.
+        created: Names of the TrainJobs created (one entry per successful POST).
+    """
+
+    def __init__(
+        self,
+        trainjob_crd: dict[str, Any],
+        *,
+        token: str,
+        scenarios: list[Scenario] | None = None,
+        crd_readable: bool = True,
+        foreground_delete_seconds: float = 0.05,
+    ):
+        self.crd = trainjob_crd
+        self.schema = crd_schema(trainjob_crd)
+        self.token = token
+        self.scenarios = scenarios or [Scenario()]
+        self.crd_readable = crd_readable
+        self.foreground_delete_seconds = foreground_delete_seconds
+        self.url = ""
+        self.requests: list[RecordedRequest] = []
+        self.created: list[str] = []
+        self._jobs: dict[tuple[str, str], _Job] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._clock = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        self._random = random.Random(0)
+
+    # ---- what tests look at
+
+    def trainjob(self, name: str, namespace: str = "default") -> dict[str, Any] | None:
+        """The stored TrainJob (with its status), or None."""
+        with self._cond:
+            job = self._jobs.get((namespace, name))
+            return json.loads(json.dumps(job.obj)) if job else None
+
+    def requests_for(self, method: str, path_part: str = "") -> list[RecordedRequest]:
+        """Recorded requests with this method whose path contains ``path_part``."""
+        with self._cond:
+            return [r for r in self.requests if r.method == method and path_part in r.path]
+
+    def wait_until(self, predicate: Any, timeout: float = 10.0) -> bool:
+        """Wait until ``predicate()`` is true (checked whenever the state changes); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))
+        return True
+
+    # ---- the API
+
+    def handle(self, handler: _Handler, method: str) -> None:
+        """Record the request, check the token, and answer it."""
+        parts = urlsplit(handler.path)
+        query = parse_qs(parts.query)
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length).decode("utf-8") if length else ""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None
+        record = RecordedRequest(method, parts.path, query, body, raw)
+        with self._cond:
+            self.requests.append(record)
+            self._cond.notify_all()
+        if handler.headers.get("Authorization", "") != f"Bearer {self.token}":
+            return self._send(handler, record, 401, _status(401, "Unauthorized", "Unauthorized"))
+        path = parts.path.rstrip("/")
+        if method == "GET" and path == "/apis":
+            return self._send(handler, record, 200, _api_groups())
+        if method == "GET" and path == f"/apis/{GROUP}/{VERSION}":
+            return self._send(handler, record, 200, _api_resources())
+        if method == "GET" and path == _CRD_PATH:
+            return self._read_crd(handler, record)
+        if match := _TRAINJOBS.match(path):
+            return self._trainjobs(handler, record, method, match.group(1), match.group(2), body, query)
+        if match := _PODS.match(path):
+            return self._pods(
+                handler, record, method, match.group(1), match.group(2), bool(match.group(3)), query
+            )
+        return self._send(handler, record, 404, _status(404, "NotFound", f"the server could not find {path}"))
+
+    def _read_crd(self, handler: _Handler, record: RecordedRequest) -> None:
+        if not self.crd_readable:
+            message = (
+                f'customresourcedefinitions.apiextensions.k8s.io "{CRD_NAME}" is forbidden: User '
+                '"system:serviceaccount:kubeflow:pipeline-runner" cannot get resource '
+                '"customresourcedefinitions" in API group "apiextensions.k8s.io" at the cluster scope'
+            )
+            return self._send(handler, record, 403, _status(403, "Forbidden", message))
+        return self._send(handler, record, 200, self.crd)
+
+    def _trainjobs(
+        self,
+        handler: _Handler,
+        record: RecordedRequest,
+        method: str,
+        namespace: str,
+        name: str | None,
+        body: Any,
+        query: dict[str, list[str]],
+    ) -> None:
+        if method == "POST" and name is None:
+            return self._create(handler, record, namespace, body, query)
+        if method == "DELETE" and name is not None:
+            return self._delete(handler, record, namespace, name, query)
+        if method != "GET":
+            return self._send(
+                handler, record, 405, _status(405, "MethodNotAllowed", f"{method} is not served")
+            )
+        with self._cond:
+            if name is None:
+                items = [job.obj for (ns, _), job in self._jobs.items() if ns == namespace]
+                listing = {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "TrainJobList",
+                    "metadata": {},
+                    "items": items,
+                }
+                return self._send(handler, record, 200, listing)
+            job = self._jobs.get((namespace, name))
+            if job is not None:
+                return self._send(handler, record, 200, job.obj)
+        return self._send(handler, record, 404, _not_found("trainjobs", name))
+
+    def _pods(
+        self,
+        handler: _Handler,
+        record: RecordedRequest,
+        method: str,
+        namespace: str,
+        name: str | None,
+        is_log: bool,
+        query: dict[str, list[str]],
+    ) -> None:
+        if method != "GET":
+            return self._send(
+                handler, record, 405, _status(405, "MethodNotAllowed", f"{method} is not served")
+            )
+        if name is None:
+            selector = _parse_selector(query.get("labelSelector", [""])[0])
+            with self._cond:
+                pods = [
+                    pod.to_json()
+                    for job in self._jobs.values()
+                    for pod in job.pods
+                    if pod.namespace == namespace and all(pod.labels.get(k) == v for k, v in selector.items())
+                ]
+            return self._send(
+                handler, record, 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": pods}
+            )
+        pod = self._pod(namespace, name)
+        if pod is None:
+            return self._send(handler, record, 404, _not_found("pods", name))
+        if is_log:
+            return self._stream_log(handler, record, pod, query)
+        with self._cond:
+            return self._send(handler, record, 200, pod.to_json())
+
+    def _create(
+        self, handler: _Handler, record: RecordedRequest, namespace: str, body: Any, query: dict
+    ) -> None:
+        if not isinstance(body, dict):
+            return self._send(
+                handler, record, 400, _status(400, "BadRequest", "the body is not a JSON object")
+            )
+        if body.get("apiVersion") != f"{GROUP}/{VERSION}" or body.get("kind") != "TrainJob":
+            message = f"expected {GROUP}/{VERSION} TrainJob, got {body.get('apiVersion')} {body.get('kind')}"
+            return self._send(handler, record, 400, _status(400, "BadRequest", message))
+        metadata = body.setdefault("metadata", {})
+        if metadata.get("namespace", namespace) != namespace:
+            message = "the namespace of the provided object does not match the namespace sent on the request"
+            return self._send(handler, record, 400, _status(400, "BadRequest", message))
+        name = metadata.get("name", "")
+        unknown = unknown_fields(body, self.schema)
+        warnings = []
+        if unknown:
+            mode = query.get("fieldValidation", ["Warn"])[0]
+            if mode == "Strict":
+                message = "strict decoding error: " + ", ".join(f'unknown field "{u}"' for u in unknown)
+                return self._send(handler, record, 400, _status(400, "BadRequest", message))
+            body = prune_unknown_fields(body, self.schema)
+            metadata = body["metadata"]
+            if mode != "Ignore":
+                warnings = [f'unknown field "{u}"' for u in unknown]
+        errors = schema_errors(body, self.schema) + metadata_errors(metadata)
+        if errors:
+            causes = [{"reason": "FieldValueInvalid", "message": f"{p}: {m}", "field": p} for p, m in errors]
+            message = (
+                f'TrainJob.{GROUP} "{name}" is invalid: [' + ", ".join(f"{p}: {m}" for p, m in errors) + "]"
+            )
+            status = _status(422, "Invalid", message)
+            status["details"] = {"name": name, "group": GROUP, "kind": "TrainJob", "causes": causes}
+            return self._send(handler, record, 422, status)
+        reserved = sorted(
+            e.get("name")
+            for e in body["spec"].get("trainer", {}).get("env", [])
+            if e.get("name") in TORCHRUN_RESERVED_ENV
+        )
+        if reserved:
+            message = (
+                'admission webhook "validator.trainjob.trainer.kubeflow.org" denied the request: spec.trainer.env: '
+                f"Invalid value: must not have reserved envs, invalid envs configured: [{' '.join(reserved)}]"
+            )
+            return self._send(handler, record, 403, _status(403, "Forbidden", message))
+        with self._cond:
+            if (namespace, name) in self._jobs:
+                status = _status(409, "AlreadyExists", f'trainjobs.{GROUP} "{name}" already exists')
+                status["details"] = {"name": name, "group": GROUP, "kind": "trainjobs"}
+                return self._send(handler, record, 409, status)
+            metadata.update(
+                namespace=namespace,
+                uid=str(uuid.uuid4()),
+                resourceVersion="1",
+                generation=1,
+                creationTimestamp=_timestamp(self._tick()),
+            )
+            body["status"] = {}
+            scenario = self.scenarios[min(len(self.created), len(self.scenarios) - 1)]
+            job = _Job(obj=body, scenario=scenario)
+            self._jobs[(namespace, name)] = job
+            self.created.append(name)
+            self._cond.notify_all()
+        threading.Thread(target=self._play, args=(job,), name=f"controller-{name}", daemon=True).start()
+        self._send(handler, record, 201, body, warnings=warnings)
+
+    def _delete(
+        self, handler: _Handler, record: RecordedRequest, namespace: str, name: str, query: dict
+    ) -> None:
+        policy = query.get("propagationPolicy", [""])[0]
+        with self._cond:
+            job = self._jobs.get((namespace, name))
+            if job is None:
+                return self._send(handler, record, 404, _not_found("trainjobs", name))
+            job.stopped.set()
+            for pod in job.pods:
+                pod.done = True
+            if policy == "Foreground":
+                job.obj["metadata"]["deletionTimestamp"] = _timestamp(self._tick())
+                job.obj["metadata"]["finalizers"] = ["foregroundDeletion"]
+                timer = threading.Timer(
+                    self.foreground_delete_seconds, self._remove, args=(namespace, name, job)
+                )
+                timer.daemon = True
+                timer.start()
+            else:
+                self._jobs.pop((namespace, name), None)
+            self._cond.notify_all()
+            self._send(handler, record, 200, job.obj)
+
+    def _remove(self, namespace: str, name: str, job: _Job) -> None:
+        with self._cond:
+            if self._jobs.get((namespace, name)) is job:
+                del self._jobs[(namespace, name)]
+            self._cond.notify_all()
+
+    def _stream_log(self, handler: _Handler, record: RecordedRequest, pod: _Pod, query: dict) -> None:
+        container = query.get("container", ["node"])[0]
+        if container != "node":
+            message = f"container {container} is not valid for pod {pod.name}"
+            return self._send(handler, record, 400, _status(400, "BadRequest", message))
+        with self._cond:
+            if pod.phase == "Pending":
+                message = f'container "node" in pod "{pod.name}" is waiting to start: ContainerCreating'
+                return self._send(handler, record, 400, _status(400, "BadRequest", message))
+            follow = query.get("follow", ["false"])[0].lower() in ("true", "1", "t")  # Go's ParseBool
+            if not follow:
+                text = "".join(line + "\n" for line in pod.lines)
+                return self._send(handler, record, 200, text)
+        record.status = 200
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/plain")
+        handler.send_header("Transfer-Encoding", "chunked")
+        handler.end_headers()
+        sent = 0
+        try:
+            while True:
+                with self._cond:
+                    while sent >= len(pod.lines) and not pod.done and not self._stopping:
+                        self._cond.wait(0.5)
+                    new, sent = pod.lines[sent:], len(pod.lines)
+                    finished = pod.done or self._stopping
+                for line in new:
+                    data = (line + "\n").encode()
+                    handler.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+                    handler.wfile.flush()
+                if finished and not new:
+                    break
+            handler.wfile.write(b"0\r\n\r\n")
+            handler.wfile.flush()
+        except OSError:  # the client went away
+            handler.close_connection = True
+
+    def _send(
+        self,
+        handler: _Handler,
+        record: RecordedRequest,
+        code: int,
+        body: Any,
+        *,
+        warnings: Sequence[str] = (),
+    ) -> None:
+        record.status = code
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        handler.send_response(code)
+        handler.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
+        handler.send_header("Content-Length", str(len(data)))
+        for warning in warnings:
+            handler.send_header("Warning", f'299 - "{warning}"')
+        handler.end_headers()
+        handler.wfile.write(data)
+
+    def _pod(self, namespace: str, name: str) -> _Pod | None:
+        with self._cond:
+            for job in self._jobs.values():
+                for pod in job.pods:
+                    if pod.namespace == namespace and pod.name == name:
+                        return pod
+        return None
+
+    # ---- the fake controller
+
+    def _play(self, job: _Job) -> None:
+        scenario = job.scenario
+        if scenario.suspend_seconds:
+            self._set_condition(job, "Suspended", "True", "Suspended", "TrainJob is suspended")
+            if job.stopped.wait(scenario.suspend_seconds):
+                return
+            self._set_condition(job, "Suspended", "False", "Resumed", "TrainJob is resumed")
+        if job.stopped.wait(scenario.start_delay):
+            return
+        if scenario.restart:
+            pods = self._start_pods(job)
+            if pods is None or not self._print(job, pods, scenario.restart_lines):
+                return
+            self._finish_pods(job, pods, "Failed")
+        pods = self._start_pods(job)
+        if pods is None or not self._print(job, pods, scenario.log_lines):
+            return
+        if scenario.outcome == "never":
+            step = 0
+            while self._print(job, pods, [f"still training (tick {step})"]):
+                step += 1
+            return
+        if scenario.outcome == "complete":
+            self._finish_pods(job, pods, "Succeeded")
+            self._set_condition(job, "Complete", "True", "AllJobsCompleted", "jobset completed")
+        else:
+            self._finish_pods(job, pods, "Failed")
+            self._set_condition(job, "Failed", "True", scenario.fail_reason, scenario.fail_message)
+
+    def _start_pods(self, job: _Job) -> list[_Pod] | None:
+        spec = job.obj["spec"]
+        name = job.obj["metadata"]["name"]
+        trainer = spec.get("trainer", {})
+        extra_labels = _pod_template_labels(spec)
+        pods = []
+        with self._cond:
+            for index in range(int(trainer.get("numNodes", 1))):
+                suffix = "".join(self._random.choice("bcdfghjklmnpqrstvwxz2456789") for _ in range(5))
+                labels = {
+                    **extra_labels,
+                    "jobset.sigs.k8s.io/jobset-name": name,
+                    "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                    "jobset.sigs.k8s.io/job-index": "0",
+                    "batch.kubernetes.io/job-completion-index": str(index),
+                    "trainer.kubeflow.org/trainjob-ancestor-step": "trainer",
+                }
+                pod = _Pod(
+                    name=f"{name}-node-0-{index}-{suffix}",
+                    namespace=job.obj["metadata"]["namespace"],
+                    labels=labels,
+                    image=trainer.get("image", ""),
+                    created=self._tick(),
+                )
+                pods.append(pod)
+                job.pods.append(pod)
+            self._cond.notify_all()
+        if job.stopped.wait(job.scenario.pending_seconds):
+            return None
+        with self._cond:
+            for pod in pods:
+                pod.phase = "Running"
+            self._cond.notify_all()
+        return pods
+
+    def _print(self, job: _Job, pods: list[_Pod], lines: list[str]) -> bool:
+        for line in lines:
+            if job.stopped.wait(job.scenario.line_interval):
+                return False
+            with self._cond:
+                for pod in pods:
+                    pod.lines.append(line)
+                self._cond.notify_all()
+        return not job.stopped.is_set()
+
+    def _finish_pods(self, job: _Job, pods: list[_Pod], phase: str) -> None:
+        with self._cond:
+            for pod in pods:
+                pod.phase = phase
+                pod.done = True
+            self._cond.notify_all()
+
+    def _set_condition(self, job: _Job, kind: str, status: str, reason: str, message: str) -> None:
+        with self._cond:
+            conditions = job.obj.setdefault("status", {}).setdefault("conditions", [])
+            conditions[:] = [c for c in conditions if c["type"] != kind]
+            conditions.append(
+                {
+                    "type": kind,
+                    "status": status,
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": _timestamp(datetime.datetime.now(datetime.UTC)),
+                }
+            )
+            self._cond.notify_all()
+
+    def _tick(self) -> datetime.datetime:
+        """A creation time one second after the previous one (Kubernetes timestamps have 1 s resolution)."""
+        self._clock += datetime.timedelta(seconds=1)
+        return self._clock
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in self._jobs.values():
+                job.stopped.set()
+            self._cond.notify_all()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    state: KubeApiServer
+
+    def setup(self) -> None:
+        super().setup()
+        # headers and body go out in separate writes: without this, Nagle's algorithm and delayed ACKs
+        # add 40 ms to every response on a kept-alive connection
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        self.state.handle(self, "GET")
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.state.handle(self, "POST")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self.state.handle(self, "DELETE")
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+
+@contextlib.contextmanager
+def kube_api_server(
+    trainjob_crd: dict[str, Any],
+    *,
+    token: str = "test-token",
+    scenarios: list[Scenario] | None = None,
+    crd_readable: bool = True,
+    foreground_delete_seconds: float = 0.05,
+) -> Iterator[KubeApiServer]:
+    """Serve the Kubernetes API for TrainJobs of ``trainjob_crd`` on a free port of 127.0.0.1.
+
+    ``scenarios[i]`` scripts the i-th TrainJob created (the last one repeats).
+    """
+    state = KubeApiServer(
+        trainjob_crd,
+        token=token,
+        scenarios=scenarios,
+        crd_readable=crd_readable,
+        foreground_delete_seconds=foreground_delete_seconds,
+    )
+    handler = type("Handler", (_Handler,), {"state": state})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="kube-api-server", daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        yield state
+    finally:
+        state.stop()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def _pod_template_labels(spec: dict[str, Any]) -> dict[str, str]:
+    """Pod labels a TrainJob adds through podTemplateOverrides (v2.0-2.1) or runtimePatches (v2.2+)."""
+    labels: dict[str, str] = {}
+    for override in spec.get("podTemplateOverrides") or []:
+        if any(t.get("name") == "node" for t in override.get("targetJobs", [])):
+            labels.update((override.get("metadata") or {}).get("labels") or {})
+    for patch in spec.get("runtimePatches") or []:
+        template = (patch.get("trainingRuntimeSpec") or {}).get("template") or {}
+        for job in (template.get("spec") or {}).get("replicatedJobs") or []:
+            if job.get("name") == "node":
+                pod = ((job.get("template") or {}).get("spec") or {}).get("template") or {}
+                labels.update((pod.get("metadata") or {}).get("labels") or {})
+    return labels
+
+
+def _parse_selector(text: str) -> dict[str, str]:
+    selector = {}
+    for term in filter(None, text.split(",")):
+        key, _, value = term.partition("=")
+        selector[key.strip()] = value.lstrip("=").strip()
+    return selector
+
+
+def _status(code: int, reason: str, message: str) -> dict[str, Any]:
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+def _not_found(resource: str, name: str) -> dict[str, Any]:
+    group = f".{GROUP}" if resource == "trainjobs" else ""
+    status = _status(404, "NotFound", f'{resource}{group} "{name}" not found')
+    status["details"] = {"name": name, "kind": resource}
+    return status
+
+
+def _timestamp(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _api_groups() -> dict[str, Any]:
+    def group(name: str, version: str) -> dict[str, Any]:
+        gv = {"groupVersion": f"{name}/{version}", "version": version}
+        return {"name": name, "versions": [gv], "preferredVersion": gv}
+
+    return {
+        "kind": "APIGroupList",
+        "apiVersion": "v1",
+        "groups": [group("apiextensions.k8s.io", "v1"), group(GROUP, VERSION)],
+    }
+
+
+def _api_resources() -> dict[str, Any]:
+    return {
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": f"{GROUP}/{VERSION}",
+        "resources": [
+            {
+                "name": "trainjobs",
+                "singularName": "trainjob",
+                "namespaced": True,
+                "kind": "TrainJob",
+                "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            },
+            {
+                "name": "trainjobs/status",
+                "singularName": "",
+                "namespaced": True,
+                "kind": "TrainJob",
+                "verbs": ["get", "patch", "update"],
+            },
+        ],
+    }
