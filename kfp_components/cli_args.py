@@ -13,7 +13,7 @@ import re
 import typing
 from typing import Any, get_origin
 
-from kfp_components.typed_config import parse_cli_value
+from kfp_components.typed_config import from_dict, load_config_file, parse_cli_value
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -78,3 +78,11 @@ def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
             [parse_cli_value(v) for v in value] if isinstance(value, list) else parse_cli_value(value)
         )
     return given
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
+    """``cls`` built from the ``--config`` YAML file (if given), then the flags, then ``fixed`` values."""
+    data = load_config_file(args.config) if getattr(args, "config", None) else {}
+    data.update(overrides_from_args(args, cls))
+    data.update(fixed)
+    return from_dict(cls, data)

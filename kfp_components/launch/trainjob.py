@@ -77,7 +77,7 @@ from kfp_components.launch.manifest import (
     shape_from_crd,
     trainjob_name,
 )
-from kfp_components.typed_config import ConfigError, from_dict
+from kfp_components.typed_config import ConfigError
 
 __all__ = [
     "SecretEnv",
@@ -673,9 +673,8 @@ def _pod_key(pod: Any) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m kfp_components.launch.trainjob --config launch.yaml [--timeout_seconds 3600 ...]``."""
-    from kfp_components.cli_args import add_config_arguments, overrides_from_args
+    from kfp_components.cli_args import add_config_arguments, config_from_args
     from kfp_components.logs import configure_logging
-    from kfp_components.trainer.cli import load_config_file
 
     parser = argparse.ArgumentParser(
         prog="python -m kfp_components.launch.trainjob",
@@ -687,9 +686,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
-        data = load_config_file(args.config) if args.config else {}
-        data.update(overrides_from_args(args, TrainJobConfig))
-        config = from_dict(TrainJobConfig, data)
+        config = config_from_args(TrainJobConfig, args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,10 +14,10 @@ import logging
 import sys
 from pathlib import Path
 
-from kfp_components.cli_args import add_config_arguments, overrides_from_args
+from kfp_components.cli_args import add_config_arguments, config_from_args
 from kfp_components.logs import configure_logging
 from kfp_components.trainer.config import TrainingConfig
-from kfp_components.typed_config import ConfigError, from_dict, load_config_file
+from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger("kfp_components.trainer")
 
@@ -31,9 +31,7 @@ def build_training_config(argv: list[str] | None = None) -> tuple[TrainingConfig
     parser.add_argument("--log_level", default="INFO")
     add_config_arguments(parser, TrainingConfig)
     args = parser.parse_args(argv)
-    data = load_config_file(args.config) if args.config else {}
-    data.update(overrides_from_args(args, TrainingConfig))
-    return from_dict(TrainingConfig, data), args
+    return config_from_args(TrainingConfig, args), args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,11 +61,8 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
     try:
-        data = load_config_file(args.config) if args.config else {}
-        data.update(overrides_from_args(args, TrainingConfig))
-        data.setdefault("data_path", "<prepared below>")
-        data["algorithm"] = "sft"
-        config = from_dict(TrainingConfig, data)
+        # data_path is the prepared file, known once the dataset stage has run below
+        config = config_from_args(TrainingConfig, args, algorithm="sft", data_path="<prepared dataset>")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
