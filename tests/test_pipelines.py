@@ -1,0 +1,151 @@
+"""The compiled training pipelines: up to date, consistent parameters, kfp-kubernetes settings in the YAML
+(kfp.local ignores them), images and imports of every component, and real runs under kfp.local."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import local
+
+from kfp_components.components.images import RUNTIME_IMAGE
+from kfp_components.testing.tiny_model import tiny_model_path
+
+from conftest import SAMPLES
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("osft", "sft", "dpo")
+NAME_RULE = re.compile(r"^phase_(\d\d)_(dataset|train|eval|registry)_(man|opt)_[a-z0-9_]+$")
+
+
+def module(name: str):
+    return importlib.import_module(f"kfp_components.pipelines.training.{name}.pipeline")
+
+
+def compiled(name: str) -> dict:
+    """The pipeline spec, with the platform spec (the second YAML document) under ``platforms``."""
+    spec, platform = yaml.safe_load_all(
+        (ROOT / "pipelines" / "training" / name / "pipeline.yaml").read_text()
+    )
+    return {**spec, **platform}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_yaml_is_up_to_date(tmp_path, monkeypatch, name):
+    for variable in ("KFP_COMPONENTS_RUNTIME_IMAGE", "KFP_COMPONENTS_TRAINER_IMAGE"):
+        monkeypatch.delenv(variable, raising=False)
+    fresh = module(name).compile_pipeline(tmp_path / "pipeline.yaml")
+    committed = ROOT / "pipelines" / "training" / name / "pipeline.yaml"
+    assert fresh.read_text() == committed.read_text(), f"{committed} is stale: run `make compile`"
+
+
+def test_python_dash_m_compiles_from_the_repository_root():
+    target = ROOT / "pipelines" / "training" / "osft" / "pipeline.yaml"
+    before = target.read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "pipelines.training.osft.pipeline"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == str(target) and target.read_text() == before
+
+
+def test_parameters_follow_the_convention_and_mean_the_same_everywhere():
+    specs = {name: compiled(name)["root"]["inputDefinitions"]["parameters"] for name in NAMES}
+    for name, parameters in specs.items():
+        for parameter in parameters:
+            assert NAME_RULE.match(parameter), f"{name}: {parameter} breaks phase_NN_<stage>_(man|opt)_<name>"
+    shared = set.intersection(*(set(p) for p in specs.values()))
+    for parameter in shared:
+        kinds = {str(specs[name][parameter].get("parameterType")) for name in NAMES}
+        assert len(kinds) == 1, f"{parameter} has different types: {kinds}"
+    osft = specs["osft"]
+    assert "defaultValue" not in osft["phase_01_dataset_man_data_uri"]
+    expected = {
+        "phase_02_train_man_train_model": "Qwen/Qwen2.5-1.5B-Instruct",
+        "phase_02_train_man_train_batch": 128,
+        "phase_02_train_man_train_epochs": 1,
+        "phase_02_train_man_train_unfreeze": 0.25,
+        "phase_02_train_man_train_tokens": 64000,
+        "phase_02_train_man_train_workers": 1,
+        "phase_02_train_man_train_gpu": 1,
+        "phase_02_train_opt_use_liger": True,
+    }
+    for parameter, value in expected.items():
+        assert osft[parameter]["defaultValue"] == value, parameter
+    assert "phase_02_train_man_train_unfreeze" not in specs["sft"]
+    assert {"phase_02_train_opt_beta", "phase_02_train_opt_loss_type"} <= set(specs["dpo"])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_kubernetes_settings_are_in_the_compiled_yaml(name):
+    executors = compiled(name)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    download = {s["secretName"]: s for s in executors["exec-dataset-download"]["secretAsEnv"]}
+    assert download["hf-token"]["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "token"}]
+    assert {e["envVar"] for e in download["s3-credentials"]["keyToEnv"]} == {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_S3_ENDPOINT",
+    }
+    assert all(s["optional"] for s in download.values())
+    train = executors["exec-train-model"]
+    (mount,) = train["pvcMount"]
+    assert mount["mountPath"] == "/workspace"
+    assert mount["pvcNameParameter"]["componentInputParameter"] == "phase_02_train_opt_workspace_pvc"
+    (kube,) = train["secretAsEnv"]
+    assert kube["secretName"] == "kubernetes-credentials" and kube["optional"] is True
+    text = (ROOT / "pipelines" / "training" / name / "pipeline.yaml").read_text()
+    assert "AWS_SECRET_ACCESS_KEY: " not in text.replace("secretKey: AWS_SECRET_ACCESS_KEY", "")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_component_runs_in_our_image_and_imports_only_what_it_has(name):
+    allowed = set(sys.stdlib_module_names) | {"kfp", "kfp_components", "typing_extensions"}
+    for executor, spec in compiled(name)["deploymentSpec"]["executors"].items():
+        container = spec["container"]
+        assert container["image"] == RUNTIME_IMAGE, executor
+        command = " ".join(container["command"])
+        assert "pip install" not in command, f"{executor} installs packages at run time"
+        source = container["command"][-1]
+        imported = set()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported.add(node.module.split(".")[0])
+        assert imported <= allowed, f"{executor} imports {imported - allowed}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    pipeline = getattr(
+        importlib.import_module(f"kfp_components.pipelines.training.{name}"), f"{name}_pipeline"
+    )
+    data = SAMPLES / ("preference.jsonl" if name == "dpo" else "chat.jsonl")
+    pipeline(
+        phase_01_dataset_man_data_uri=str(data),
+        phase_02_train_man_train_model=str(tiny_model_path("qwen2", 0)),
+        phase_02_train_man_train_batch=8,
+        phase_02_train_man_train_tokens=512,
+        phase_02_train_opt_max_seq_len=256,
+        phase_02_train_opt_dtype="float32",
+        phase_02_train_opt_backend="local",
+        phase_02_train_opt_use_liger=False,
+        phase_02_train_opt_learning_rate=1e-3,
+    )
+    (run_dir,) = (tmp_path / "root").iterdir()
+    model_dir = run_dir / "train-model" / "model"
+    assert (model_dir / "model.safetensors").exists() and (model_dir / "tokenizer.json").exists()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "qwen2"
