@@ -39,6 +39,7 @@ format: setup
 
 compile: setup
 	$(PY) -m pipelines.compile_all
+	$(PY) -m pipelines.docs
 
 demo: setup
 	$(PY) -m kfp_components.demo

@@ -149,3 +149,12 @@ def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "qwen2"
+
+
+def test_parameter_docs_are_generated_from_the_pipelines(monkeypatch):
+    from kfp_components.pipelines import docs
+
+    monkeypatch.delenv("KFP_COMPONENTS_TRAINER_IMAGE", raising=False)
+    text = (ROOT / "docs" / "pipelines.md").read_text()
+    assert docs.updated(text) == text, "docs/pipelines.md is stale: run `make compile`"
+    assert "| `phase_02_train_man_train_unfreeze` | float | `0.25` |" in text
