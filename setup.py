@@ -17,6 +17,7 @@ setup(
     package_data={
         "kfp_components": ["py.typed"],
         "kfp_components.data.samples": ["*.jsonl"],
+        "kfp_components.evaluation.tasks": ["*.yaml", "*.jsonl"],
         **{name: ["*.yaml", "*.md"] for name in pipelines},
     },
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import yaml
 from kfp import local
 
-from kfp_components.components.images import RUNTIME_IMAGE
+from kfp_components.components.images import RUNTIME_IMAGE, TRAINER_IMAGE
 from kfp_components.testing.tiny_model import tiny_model_path
 
 from conftest import SAMPLES
@@ -111,7 +112,9 @@ def test_every_component_runs_in_our_image_and_imports_only_what_it_has(name):
     allowed = set(sys.stdlib_module_names) | {"kfp", "kfp_components", "typing_extensions"}
     for executor, spec in compiled(name)["deploymentSpec"]["executors"].items():
         container = spec["container"]
-        assert container["image"] == RUNTIME_IMAGE, executor
+        # evaluation may use GPUs, so it runs in the trainer image (CUDA torch and lm-eval); the rest need no GPU
+        expected = TRAINER_IMAGE if executor == "exec-evaluate-model" else RUNTIME_IMAGE
+        assert container["image"] == expected, executor
         command = " ".join(container["command"])
         assert "pip install" not in command, f"{executor} installs packages at run time"
         source = container["command"][-1]
@@ -142,6 +145,9 @@ def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
         phase_02_train_opt_backend="local",
         phase_02_train_opt_use_liger=False,
         phase_02_train_opt_learning_rate=1e-3,
+        phase_03_eval_man_eval_tasks=["kfp_capitals"],
+        phase_03_eval_opt_limit=4.0,
+        phase_03_eval_opt_batch_size="4",
     )
     (run_dir,) = (tmp_path / "root").iterdir()
     model_dir = run_dir / "train-model" / "model"
@@ -149,6 +155,13 @@ def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "qwen2"
+    outputs = json.loads((run_dir / "evaluate-model" / "executor_output.json").read_text())["artifacts"]
+    eval_metrics = outputs["metrics"]["artifacts"][0]["metadata"]
+    assert {"kfp_capitals_acc", "kfp_capitals_acc_retention", "mean_retention"} <= set(eval_metrics)
+    assert (run_dir / "evaluate-model" / "results" / "summary.html").exists()
+    provenance = json.loads((run_dir / "register-model" / "provenance" / "provenance.json").read_text())
+    assert provenance["training"]["algorithm"] == name and len(provenance["dataset"]["sha256"]) == 64
+    assert provenance["metrics"]["eval"]["mean_retention"] == eval_metrics["mean_retention"]
 
 
 def test_parameter_docs_are_generated_from_the_pipelines(monkeypatch):

@@ -15,6 +15,8 @@ from pathlib import Path
 from kfp import compiler, dsl, kubernetes
 
 from kfp_components.components.dataset import dataset_download
+from kfp_components.components.evaluation import evaluate_model
+from kfp_components.components.registry import register_model
 from kfp_components.components.training import train_model
 
 WORKSPACE_MOUNT = "/workspace"
@@ -61,17 +63,38 @@ PARAMETERS = {
     "phase_02_train_opt_node_selector": ("train", "node_selector"),
     "phase_02_train_opt_tolerations": ("train", "tolerations"),
     "phase_02_train_opt_workspace_pvc": ("train", "workspace_pvc"),
+    "phase_03_eval_man_eval_tasks": ("eval", "tasks"),
+    "phase_03_eval_opt_num_fewshot": ("eval", "num_fewshot"),
+    "phase_03_eval_opt_limit": ("eval", "limit"),
+    "phase_03_eval_opt_batch_size": ("eval", "batch_size"),
+    "phase_03_eval_opt_apply_chat_template": ("eval", "apply_chat_template"),
+    "phase_03_eval_opt_include_path": ("eval", "include_path"),
+    "phase_03_eval_opt_compare_base": ("eval_step", "compare_base"),
+    "phase_03_eval_opt_gpu": ("eval_step", "gpu"),
+    "phase_03_eval_opt_memory": ("eval_step", "memory"),
+    "phase_03_eval_opt_node_selector": ("eval_step", "node_selector"),
+    "phase_03_eval_opt_tolerations": ("eval_step", "tolerations"),
+    "phase_04_registry_man_address": ("registry", "registry_address"),
+    "phase_04_registry_man_model_name": ("registry", "model_name"),
+    "phase_04_registry_opt_port": ("registry", "registry_port"),
+    "phase_04_registry_opt_is_secure": ("registry", "registry_is_secure"),
+    "phase_04_registry_opt_author": ("registry", "author"),
+    "phase_04_registry_opt_version_name": ("registry", "version_name"),
+    "phase_04_registry_opt_on_existing_version": ("registry", "on_existing_version"),
+    "phase_04_registry_opt_storage_uri": ("registry", "storage_uri"),
 }
+REGISTRY_SECRET = "model-registry-token"
 #: The format each algorithm's data must be in.
 DATA_FORMATS = {"osft": "messages", "sft": "messages", "dpo": "preference"}
 
 
 def add_stages(algorithm: str, parameters: dict) -> dict:
-    """Add download and training to the pipeline being defined, from its ``parameters`` (``locals()``)."""
+    """Add download, training, evaluation and registration to the pipeline being defined, from its
+    ``parameters`` (``locals()``)."""
     unknown = sorted(set(parameters) - set(PARAMETERS))
     if unknown:
         raise ValueError(f"pipeline parameters without a stage argument: {', '.join(unknown)}")
-    args: dict[str, dict] = {"dataset": {}, "train": {}}
+    args: dict[str, dict] = {"dataset": {}, "train": {}, "eval": {}, "eval_step": {}, "registry": {}}
     for name, value in parameters.items():
         stage, argument = PARAMETERS[name]
         args[stage][argument] = value
@@ -102,7 +125,44 @@ def add_stages(algorithm: str, parameters: dict) -> dict:
         secret_key_to_env={"server_url": "KUBERNETES_SERVER_URL", "auth_token": "KUBERNETES_AUTH_TOKEN"},
     )
     kubernetes.mount_pvc(trained, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
-    return {"dataset": data, "train": trained}
+
+    step = args["eval_step"]
+    evaluated = evaluate_model(
+        model=trained.outputs["model"],
+        base_model_path=args["train"]["base_model"],
+        compare_base=step["compare_base"],
+        **args["eval"],
+    )
+    evaluated.set_display_name("3. evaluate")
+    evaluated.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(step["gpu"])
+    evaluated.set_memory_limit(step["memory"])
+    kubernetes.add_node_selector_json(evaluated, node_selector_json=step["node_selector"])
+    kubernetes.add_toleration_json(evaluated, toleration_json=step["tolerations"])
+    kubernetes.use_secret_as_env(
+        evaluated, secret_name=HF_SECRET, secret_key_to_env={"token": "HF_TOKEN"}, optional=True
+    )
+    eval_metrics = evaluated.outputs["metrics"]
+
+    registered = register_model(
+        model=trained.outputs["model"],
+        training_metrics=trained.outputs["metrics"],
+        eval_metrics=eval_metrics,
+        base_model=args["train"]["base_model"],
+        dataset_uri=args["dataset"]["data_uri"],
+        dataset_sha256=data.outputs["train_sha256"],
+        algorithm=algorithm,
+        hyperparameters={k: v for k, v in args["train"].items() if k not in ("tolerations", "node_selector")},
+        registry_token_env="MODEL_REGISTRY_TOKEN",
+        **args["registry"],
+    )
+    registered.set_display_name("4. register")
+    kubernetes.use_secret_as_env(
+        registered,
+        secret_name=REGISTRY_SECRET,
+        optional=True,
+        secret_key_to_env={"token": "MODEL_REGISTRY_TOKEN"},
+    )
+    return {"dataset": data, "train": trained, "register": registered}
 
 
 def compile_to(pipeline_func, module_file: str, output_path: str | Path | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""DPO pipeline: download -> train (Direct Preference Optimization).
+"""DPO pipeline: download -> train -> evaluate -> register (Direct Preference Optimization).
 
 Compile: ``python -m pipelines.training.dpo.pipeline`` (writes ``pipeline.yaml`` beside this file).
 """
@@ -49,6 +49,25 @@ def dpo_pipeline(
     phase_02_train_opt_node_selector: dict = {},  # noqa: B006 (KFP needs a literal default)
     phase_02_train_opt_tolerations: list = [],  # noqa: B006
     phase_02_train_opt_workspace_pvc: str = DEFAULT_WORKSPACE,
+    phase_03_eval_man_eval_tasks: list = ["arc_easy"],  # noqa: B006
+    phase_03_eval_opt_num_fewshot: int = -1,
+    phase_03_eval_opt_limit: float = 0.0,
+    phase_03_eval_opt_batch_size: str = "auto",
+    phase_03_eval_opt_apply_chat_template: str = "auto",
+    phase_03_eval_opt_include_path: str = "",
+    phase_03_eval_opt_compare_base: bool = True,
+    phase_03_eval_opt_gpu: int = 1,
+    phase_03_eval_opt_memory: str = "32Gi",
+    phase_03_eval_opt_node_selector: dict = {},  # noqa: B006
+    phase_03_eval_opt_tolerations: list = [],  # noqa: B006
+    phase_04_registry_man_address: str = "",
+    phase_04_registry_man_model_name: str = "dpo-fine-tuned-model",
+    phase_04_registry_opt_port: int = 0,
+    phase_04_registry_opt_is_secure: bool = True,
+    phase_04_registry_opt_author: str = "kfp-components",
+    phase_04_registry_opt_version_name: str = "",
+    phase_04_registry_opt_on_existing_version: str = "fail",
+    phase_04_registry_opt_storage_uri: str = "",
 ):
     add_stages("dpo", locals())
 

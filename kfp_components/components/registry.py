@@ -1,0 +1,119 @@
+"""The ``register_model`` component: record provenance and register the model in the Model Registry.
+
+No ``from __future__ import annotations`` here: KFP reads the real annotation objects.
+"""
+
+from kfp import dsl
+
+from kfp_components.components.images import RUNTIME_IMAGE
+
+
+@dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
+def register_model(
+    model: dsl.Input[dsl.Model],
+    provenance: dsl.Output[dsl.Artifact],
+    base_model: str,
+    dataset_uri: str,
+    dataset_sha256: str,
+    algorithm: str,
+    model_name: str,
+    storage_uri: str = "",
+    hyperparameters: dict = {},  # noqa: B006 (KFP reads the default; it is never mutated)
+    training_metrics: dsl.Input[dsl.Metrics] = None,
+    eval_metrics: dsl.Input[dsl.Metrics] = None,
+    registry_address: str = "",
+    registry_port: int = 0,
+    registry_is_secure: bool = True,
+    registry_custom_ca: str = "",
+    registry_token_env: str = "MODEL_REGISTRY_TOKEN",
+    author: str = "kfp-components",
+    version_name: str = "",
+    description: str = "",
+    model_format: str = "safetensors",
+    on_existing_version: str = "fail",
+    max_attempts: int = 5,
+    backoff_seconds: float = 1.0,
+    pipeline_name: str = dsl.PIPELINE_JOB_NAME_PLACEHOLDER,
+    run_id: str = dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+    image: str = "",
+) -> str:
+    """Write provenance.json and model_card.md, then register the model version (when an address is set).
+
+    The token comes from the environment variable named by ``registry_token_env`` (set it from a Kubernetes
+    secret) or the pod's service-account token; it is never logged or written.
+
+    Args:
+        model: The trained model (its metadata is copied into the provenance record).
+        base_model: The model that was fine-tuned.
+        dataset_uri, dataset_sha256: Training data location and the SHA-256 of the file trained on.
+        algorithm: sft, osft, dpo, lora, ...
+        model_name: Registered model name.
+        storage_uri: Where the model is stored for serving (s3://, pvc://, oci://); required to register.
+        hyperparameters: Every training option.
+        training_metrics, eval_metrics: Optional metrics artifacts from training and evaluation.
+        registry_address: Model Registry REST address; empty skips registration (and logs it).
+        registry_port, registry_is_secure, registry_custom_ca: Connection options (0 infers the port).
+        author: Version author and owner of a new registered model.
+        version_name: Version name; empty derives ``run-<run id>``.
+        description: Version description.
+        model_format: Model format name on the artifact.
+        on_existing_version: fail, skip (keep the existing version) or next (register ``<version>-2``, ...).
+        max_attempts, backoff_seconds: Retries when the registry is unreachable.
+        pipeline_name, run_id: Filled in by KFP; recorded in the provenance.
+        image: Image recorded in the provenance; empty records this package's runtime image name.
+
+    Returns:
+        provenance: A folder with provenance.json and model_card.md.
+        The registered (or, with ``skip``, existing) version id; "" when registration was skipped.
+    """
+    from kfp_components.components.images import RUNTIME_IMAGE
+    from kfp_components.logs import configure_logging
+    from kfp_components.registry import RegistryConfig, build_provenance, register_model, write_provenance
+    from kfp_components.typed_config import from_dict
+
+    configure_logging()
+    config = from_dict(
+        RegistryConfig,
+        {
+            "address": registry_address,
+            "port": registry_port,
+            "is_secure": registry_is_secure,
+            "custom_ca": registry_custom_ca,
+            "token_env": registry_token_env,
+            "author": author,
+            "model_name": model_name,
+            "version_name": version_name,
+            "description": description,
+            "model_format": model_format,
+            "on_existing_version": on_existing_version,
+            "storage_uri": storage_uri,
+            "max_attempts": max_attempts,
+            "backoff_seconds": backoff_seconds,
+        },
+    )
+    metrics = {}
+    for key, artifact in (("train", training_metrics), ("eval", eval_metrics)):
+        if artifact is not None:
+            metrics[key] = dict(artifact.metadata)
+    record = build_provenance(
+        base_model=base_model,
+        dataset_uri=dataset_uri,
+        dataset_sha256=dataset_sha256,
+        algorithm=algorithm,
+        hyperparameters=hyperparameters,
+        metrics=metrics,
+        pipeline_name=pipeline_name,
+        run_id=run_id,
+        image=image or RUNTIME_IMAGE,
+        model_name=model_name,
+        storage_uri=storage_uri or model.uri,
+        model_format=model_format,
+        extra={"model_artifact": {"uri": model.uri, "metadata": dict(model.metadata)}},
+    )
+    write_provenance(record, provenance.path)  # before registering: a failed registration keeps the record
+    result = register_model(config, record)
+    if result.status != "skipped":
+        record["registry"] = {"address": config.display_url(), **result.as_dict()}
+        write_provenance(record, provenance.path)
+    provenance.metadata.update({"registry_status": result.status, "version_id": result.version_id})
+    return result.version_id

@@ -1,0 +1,348 @@
+"""A small in-memory Kubeflow Model Registry REST server for tests, checked against the real OpenAPI spec.
+
+It serves the registered-model, model-version and model-artifact endpoints the ``model_registry`` client
+calls, on 127.0.0.1 and a free port. Routes, path and query parameters and request bodies all come from the
+spec file: every request body is validated against the operation's request schema (``$ref``s resolved in
+the spec, OpenAPI discriminators honoured, via ``openapi-schema-validator``), and every path and query
+parameter against its schema, so a malformed request is answered ``400`` with the reason instead of
+being accepted. With ``token`` set, a request without ``Authorization: Bearer <token>`` gets ``401``.
+
+The spec documents ``/api/model_registry/v1alpha3``; the Python client (0.3.x) calls
+``/api/model_registry/v1``. Both prefixes are served from the same route table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlparse
+
+import yaml
+
+SPEC_PREFIX = "/api/model_registry/v1alpha3"
+SERVED_PREFIXES = ("v1alpha3", "v1")
+KINDS = ("registered_model", "model_version", "model_artifact")
+
+
+@dataclasses.dataclass
+class RecordedRequest:
+    """One request as the server saw it (the Authorization header is reduced to whether it matched)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+    operation: str
+    status: int
+    authorized: bool
+
+
+@dataclasses.dataclass
+class _Route:
+    method: str
+    pattern: re.Pattern[str]
+    operation: str
+    body_schema: str | None
+    parameters: list[dict[str, Any]]
+
+
+class OpenApiSpec:
+    """The parts of the Model Registry OpenAPI document the server needs: routes and validators."""
+
+    def __init__(self, path: str | Path):
+        from openapi_schema_validator import OAS30Validator
+
+        self.path = Path(path)
+        self.document: dict[str, Any] = yaml.safe_load(self.path.read_text(encoding="utf-8"))
+        self.version = str(self.document.get("info", {}).get("version", ""))
+        self._validator_cls = OAS30Validator
+        self._validators: dict[str, Any] = {}
+        self.routes: list[_Route] = []
+        prefixes = "|".join(SERVED_PREFIXES)
+        for template, item in self.document["paths"].items():
+            if not template.startswith(SPEC_PREFIX):
+                continue
+            tail = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", template[len(SPEC_PREFIX) :])
+            pattern = re.compile(rf"^/api/model_registry/(?:{prefixes}){tail}$")
+            shared = item.get("parameters", [])
+            for method in ("get", "post", "patch", "put", "delete"):
+                if method not in item:
+                    continue
+                op = item[method]
+                schema = (
+                    op.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+                )
+                params = [self._deref(p) for p in [*shared, *op.get("parameters", [])]]
+                self.routes.append(
+                    _Route(method.upper(), pattern, op["operationId"], schema and schema.get("$ref"), params)
+                )
+
+    def _deref(self, node: dict[str, Any]) -> dict[str, Any]:
+        while "$ref" in node:
+            target: Any = self.document
+            for part in node["$ref"].removeprefix("#/").split("/"):
+                target = target[part]
+            node = target
+        return node
+
+    def match(self, method: str, path: str) -> tuple[_Route, dict[str, str]] | None:
+        """The route for ``method`` and ``path`` and its path parameters, or None."""
+        for route in self.routes:
+            if route.method == method and (m := route.pattern.match(path)):
+                return route, m.groupdict()
+        return None
+
+    def errors(self, ref: str | dict[str, Any], instance: Any) -> list[str]:
+        """Validation errors of ``instance`` against a schema ``$ref`` (or inline schema) in the spec."""
+        key = ref if isinstance(ref, str) else json.dumps(ref, sort_keys=True)
+        if key not in self._validators:
+            schema = {"$ref": ref} if isinstance(ref, str) else dict(ref)
+            root = {**schema, "components": self.document["components"]}
+            self._validators[key] = self._validator_cls(root)
+        found = sorted(self._validators[key].iter_errors(instance), key=lambda e: list(e.absolute_path))
+        return [f"{'/'.join(map(str, e.absolute_path)) or '<body>'}: {e.message}" for e in found]
+
+    def parameter_errors(
+        self, route: _Route, path_params: dict[str, str], query: dict[str, str]
+    ) -> list[str]:
+        """Errors in path and query parameters (unknown query parameters included)."""
+        problems = []
+        known = {p["name"] for p in route.parameters if p.get("in") == "query"}
+        for name in sorted(set(query) - known):
+            problems.append(f"query parameter {name!r} is not defined for {route.operation}")
+        for param in route.parameters:
+            source = (
+                path_params if param.get("in") == "path" else query if param.get("in") == "query" else None
+            )
+            if source is None or param["name"] not in source:
+                if param.get("required") and source is not None:
+                    problems.append(f"{param['in']} parameter {param['name']!r} is required")
+                continue
+            schema = self._deref(param.get("schema", {}))
+            problems += [
+                f"{param['name']}: {e.split(': ', 1)[1]}" for e in self.errors(schema, source[param["name"]])
+            ]
+        return problems
+
+
+class RegistryServer:
+    """The running server: ``url``, ``port``, the in-memory ``store`` and the ``requests`` it saw."""
+
+    def __init__(self, spec: OpenApiSpec, token: str | None = None):
+        self.spec = spec
+        self.token = token
+        self.requests: list[RecordedRequest] = []
+        self.store: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
+        self._next_id = 1
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.port: int = self._httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="registry-server",
+            daemon=True,
+        )
+
+    def start(self) -> RegistryServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(timeout=5)
+
+    def operations(self) -> list[str]:
+        """The operationIds called so far, in order."""
+        return [r.operation for r in self.requests]
+
+    # --- store ---------------------------------------------------------------------------------------
+
+    def _new(self, kind: str, body: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        now = str(int(time.time() * 1000))
+        entity = {**body, **extra, "id": str(self._next_id), "createTimeSinceEpoch": now}
+        entity["lastUpdateTimeSinceEpoch"] = now
+        entity.setdefault("customProperties", {})
+        if kind == "model_artifact":
+            entity["artifactType"] = "model-artifact"
+            entity.setdefault("state", "UNKNOWN")
+        else:
+            entity.setdefault("state", "LIVE")
+        self._next_id += 1
+        self.store[kind][entity["id"]] = entity
+        return entity
+
+    def _find(self, kind: str, name: str | None, external_id: str | None, parent: str | None) -> Any:
+        for entity in self.store[kind].values():
+            if name is not None and entity.get("name") != name:
+                continue
+            if external_id is not None and entity.get("externalId") != external_id:
+                continue
+            if parent is not None and entity.get("_parent") != parent:
+                continue
+            return entity
+        return None
+
+    @staticmethod
+    def _public(entity: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in entity.items() if not k.startswith("_")}
+
+    def _page(self, items: list[dict[str, Any]], query: dict[str, str]) -> dict[str, Any]:
+        size = int(query.get("pageSize", "100"))
+        start = int(query.get("nextPageToken") or 0)
+        page = items[start : start + size]
+        token = str(start + size) if start + size < len(items) else ""
+        return {
+            "items": [self._public(e) for e in page],
+            "nextPageToken": token,
+            "pageSize": size,
+            "size": len(page),
+        }
+
+    def _dispatch(self, op: str, params: dict[str, str], query: dict[str, str], body: Any) -> tuple[int, Any]:
+        """(status, response body) for one validated request. Runs under the store lock."""
+        name, external_id, parent = query.get("name"), query.get("externalId"), query.get("parentResourceId")
+        kind_of = {"RegisteredModel": "registered_model", "ModelVersion": "model_version"}
+        kind_of["ModelArtifact"] = "model_artifact"
+        if op in ("findRegisteredModel", "findModelVersion", "findModelArtifact"):
+            kind = kind_of[op[4:]]
+            if name is None and external_id is None:
+                return 400, _error("400", "name or externalId is required")
+            found = self._find(kind, name, external_id, parent)
+            return (200, self._public(found)) if found else (404, _error("404", f"no {kind} matches"))
+        if op in ("getRegisteredModels", "getModelVersions", "getModelArtifacts"):
+            kind = kind_of[op[3:-1]]
+            return 200, self._page(list(self.store[kind].values()), query)
+        if op in ("getRegisteredModel", "getModelVersion", "getModelArtifact"):
+            kind = kind_of[op[3:]]
+            found = self.store[kind].get(next(iter(params.values())))
+            return (200, self._public(found)) if found else (404, _error("404", f"{kind} not found"))
+        if op in ("updateRegisteredModel", "updateModelVersion", "updateModelArtifact"):
+            kind = kind_of[op[6:]]
+            found = self.store[kind].get(next(iter(params.values())))
+            if not found:
+                return 404, _error("404", f"{kind} not found")
+            found.update({k: v for k, v in body.items() if k not in ("name", "id")})
+            found["lastUpdateTimeSinceEpoch"] = str(int(time.time() * 1000))
+            return 200, self._public(found)
+        if op == "createRegisteredModel":
+            if self._find("registered_model", body["name"], None, None):
+                return 409, _error("409", f"registered model {body['name']!r} already exists")
+            return 201, self._public(self._new("registered_model", body))
+        if op in ("createModelVersion", "createRegisteredModelVersion"):
+            model_id = params.get("registeredmodelId") or body.get("registeredModelId")
+            if model_id not in self.store["registered_model"]:
+                return 404, _error("404", f"registered model {model_id} not found")
+            if self._find("model_version", body["name"], None, model_id):
+                return 409, _error("409", f"version {body['name']!r} already exists for model {model_id}")
+            return 201, self._public(
+                self._new("model_version", body, registeredModelId=model_id, _parent=model_id)
+            )
+        if op == "getRegisteredModelVersions":
+            model_id = params["registeredmodelId"]
+            items = [v for v in self.store["model_version"].values() if v["_parent"] == model_id]
+            return 200, self._page(items, query)
+        if op == "createModelArtifact":
+            return 201, self._public(self._new("model_artifact", body))
+        if op == "getModelVersionArtifacts":
+            version_id = params["modelversionId"]
+            items = [a for a in self.store["model_artifact"].values() if a.get("_parent") == version_id]
+            return 200, self._page(items, query)
+        if op == "upsertModelVersionArtifact":
+            version_id = params["modelversionId"]
+            if version_id not in self.store["model_version"]:
+                return 404, _error("404", f"model version {version_id} not found")
+            if body.get("artifactType") != "model-artifact":
+                return 400, _error(
+                    "400", f"this test server stores model artifacts only, got {body.get('artifactType')!r}"
+                )
+            if body.get("id") and body["id"] in self.store["model_artifact"]:
+                found = self.store["model_artifact"][body["id"]]
+                found.update(body, _parent=version_id)
+                return 200, self._public(found)
+            return 201, self._public(self._new("model_artifact", body, _parent=version_id))
+        return 501, _error("501", f"{op} is not implemented by the test server")
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _serve(self) -> None:
+                parsed = urlparse(self.path)
+                query = {k: v[-1] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()}
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                authorized = (
+                    server.token is None or self.headers.get("Authorization") == f"Bearer {server.token}"
+                )
+                body: Any = None
+                status, payload, operation = 500, _error("500", "unhandled"), ""
+                try:
+                    if not authorized:
+                        status, payload = 401, _error("401", "missing or invalid bearer token")
+                    elif not (matched := server.spec.match(self.command, parsed.path)):
+                        status, payload = 404, _error("404", f"no route for {self.command} {parsed.path}")
+                    else:
+                        route, params = matched
+                        operation = route.operation
+                        problems = server.spec.parameter_errors(route, params, query)
+                        if raw:
+                            try:
+                                body = json.loads(raw)
+                            except ValueError as exc:
+                                problems.append(f"request body is not JSON: {exc}")
+                        if route.body_schema:
+                            if body is None and not problems:
+                                problems.append("request body is required")
+                            elif body is not None:
+                                problems += server.spec.errors(route.body_schema, body)
+                        if problems:
+                            where = route.body_schema or "parameters"
+                            status, payload = (
+                                400,
+                                _error("400", f"{operation} ({where}): " + "; ".join(problems)),
+                            )
+                        else:
+                            with server._lock:
+                                status, payload = server._dispatch(operation, params, query, body)
+                finally:
+                    server.requests.append(
+                        RecordedRequest(self.command, parsed.path, query, body, operation, status, authorized)
+                    )
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _serve  # noqa: N815 (http.server naming)
+
+            def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+                pass
+
+        return Handler
+
+
+def _error(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+@contextlib.contextmanager
+def registry_server(spec_path: str | Path, *, token: str | None = None) -> Iterator[RegistryServer]:
+    """Run a :class:`RegistryServer` for the duration of the ``with`` block."""
+    server = RegistryServer(OpenApiSpec(spec_path), token=token).start()
+    try:
+        yield server
+    finally:
+        server.stop()

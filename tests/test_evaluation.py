@@ -1,0 +1,230 @@
+"""Evaluation with lm-eval: the bundled offline tasks on tiny models, flat metrics, files, errors, component."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kfp_components.evaluation import (
+    EvalConfig,
+    TaskDataError,
+    UnknownTaskError,
+    flatten_results,
+    run_evaluation,
+    runner,
+    to_jsonable,
+)
+from kfp_components.testing.tiny_model import tiny_model_path
+from kfp_components.typed_config import ConfigError, from_dict
+
+TASKS = ["kfp_capitals", "kfp_arithmetic"]
+
+
+def config(tmp_path: Path, **overrides: Any) -> EvalConfig:
+    data = {
+        "model_path": str(tiny_model_path("qwen2", 0)),
+        "tasks": TASKS,
+        "limit": 3,
+        "batch_size": 4,
+        "device": "cpu",
+        "dtype": "float32",
+        "bootstrap_iters": 100,
+        "output_dir": str(tmp_path / "out"),
+    }
+    return from_dict(EvalConfig, {**data, **overrides})
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Replace lm_eval.simple_evaluate and the data check; record the call and return canned results."""
+    import lm_eval
+
+    calls: list[dict[str, Any]] = []
+
+    def fake(**kwargs: Any) -> dict[str, Any]:
+        calls.append(kwargs)
+        task = kwargs["tasks"][0]
+        return {
+            "results": {
+                task: {"alias": task, "acc,none": 0.5, "acc_stderr,none": 0.1, "acc_norm,none": 0.25}
+            },
+            "higher_is_better": {task: {"acc": True, "acc_norm": True}},
+        }
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", fake)
+    monkeypatch.setattr(runner, "check_task_data", lambda manager, tasks: None)
+    return calls
+
+
+def test_bundled_tasks_end_to_end(tmp_path):
+    result = run_evaluation(config(tmp_path, log_samples=True))
+
+    expected = {
+        "kfp_capitals_acc",
+        "kfp_capitals_acc_stderr",
+        "kfp_capitals_acc_norm",
+        "kfp_capitals_acc_norm_stderr",
+        "kfp_arithmetic_exact_match_strip",
+        "kfp_arithmetic_exact_match_strip_stderr",
+        "chat_template_applied",
+    }
+    assert set(result.metrics) == expected
+    assert all(0.0 <= v <= 1.0 for v in result.metrics.values())
+    # The tiny qwen2 tokenizer has a chat template, so the automatic choice applies it, and says so.
+    assert result.apply_chat_template is True and result.metrics["chat_template_applied"] == 1.0
+    out = tmp_path / "out"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["evaluation"]["apply_chat_template"] is True
+    assert saved["evaluation"]["chat_template_choice"] == "automatic"
+    assert saved["results"]["kfp_capitals"]["acc,none"] == result.metrics["kfp_capitals_acc"]
+    assert "samples" not in saved
+    samples = (out / "samples_kfp_capitals.jsonl").read_text().splitlines()
+    assert len(samples) == 3 and "doc" in json.loads(samples[0])
+    assert (out / "samples_kfp_arithmetic.jsonl").exists()
+    markdown = (out / "summary.md").read_text()
+    assert "| kfp_capitals | acc_norm |" in markdown and "exact_match (strip)" in markdown
+    html = (out / "summary.html").read_text()
+    assert "<table>" in html and '<td class="t">kfp_arithmetic</td>' in html
+
+
+def test_base_model_deltas_and_retention(tmp_path):
+    result = run_evaluation(
+        config(
+            tmp_path,
+            tasks=["kfp_capitals"],
+            limit=4,
+            base_model_path=str(tiny_model_path("qwen2", 1)),
+            apply_chat_template=False,
+        )
+    )
+    m = result.metrics
+    assert result.apply_chat_template is False and m["chat_template_applied"] == 0.0
+    for name in ("kfp_capitals_acc", "kfp_capitals_acc_norm"):
+        assert m[f"{name}_delta"] == pytest.approx(m[name] - m[f"base_{name}"])
+        if m[f"base_{name}"]:
+            assert m[f"{name}_retention"] == pytest.approx(m[name] / m[f"base_{name}"])
+    assert "| Base | Delta | Retention |" in result.summary_markdown
+    assert (tmp_path / "out" / "summary.html").read_text().count("<th>") == 7
+    assert json.loads(result.results_path.read_text())["base_results"]["results"]["kfp_capitals"]
+
+
+def test_retention_on_canned_results():
+    from kfp_components.evaluation import compare
+
+    tuned = {"results": {"t": {"acc,none": 0.6, "ppl,none": 12.0}}, "higher_is_better": {"t": {"ppl": False}}}
+    base = {"results": {"t": {"acc,none": 0.8, "ppl,none": 10.0}}, "higher_is_better": {"t": {"ppl": False}}}
+    flat = compare(tuned, base)
+    assert flat["t_acc_delta"] == pytest.approx(-0.2)
+    assert flat["t_acc_retention"] == pytest.approx(0.75)
+    assert flat["t_ppl_retention"] == pytest.approx(10 / 12)  # lower is better: inverted
+    assert flat["mean_retention"] == pytest.approx((0.75 + 10 / 12) / 2)
+
+
+def test_flatten_names_and_json_safety():
+    import numpy as np
+
+    results = {
+        "results": {
+            "gsm8k": {
+                "alias": "gsm8k",
+                "exact_match,strict-match": np.float64(0.5),
+                "exact_match_stderr,strict-match": 0.01,
+                "exact_match,flexible-extract": 0.6,
+                "exact_match_stderr,flexible-extract": "N/A",
+                "sample_len": 10,
+            }
+        },
+        "groups": {"mmlu": {"acc,none": 0.3, "acc_stderr,none": 0.02}},
+    }
+    assert flatten_results(results) == {
+        "gsm8k_exact_match_strict_match": 0.5,
+        "gsm8k_exact_match_strict_match_stderr": 0.01,
+        "gsm8k_exact_match_flexible_extract": 0.6,
+        "mmlu_acc": 0.3,
+        "mmlu_acc_stderr": 0.02,
+    }
+    odd = {"a": np.int64(3), "b": np.array([1.5]), "c": {1, 2}, "d": np.float32, "e": float("nan"), "f": len}
+    assert json.loads(json.dumps(to_jsonable(odd)))["a"] == 3
+
+
+def test_task_names_and_gen_kwargs_reach_simple_evaluate(tmp_path, spy):
+    result = run_evaluation(
+        config(
+            tmp_path, tasks=["arc_easy"], gen_kwargs={"max_gen_toks": 7, "temperature": 0.0}, num_fewshot=2
+        )
+    )
+    (call,) = spy
+    assert call["tasks"] == ["arc_easy"]
+    assert call["gen_kwargs"] == {"max_gen_toks": 7, "temperature": 0.0}
+    assert call["num_fewshot"] == 2 and call["limit"] == 3 and call["model"] == "hf"
+    assert call["model_args"] == f"pretrained={tiny_model_path('qwen2', 0)},dtype=float32"
+    assert call["apply_chat_template"] is True and call["fewshot_as_multiturn"] is True
+    assert result.metrics == {
+        "arc_easy_acc": 0.5,
+        "arc_easy_acc_stderr": 0.1,
+        "arc_easy_acc_norm": 0.25,
+        "chat_template_applied": 1.0,
+    }
+
+
+def test_unknown_task_fails_before_the_model_loads(tmp_path, spy):
+    with pytest.raises(UnknownTaskError, match=r"'arc_easyy': did you mean: arc_easy"):
+        run_evaluation(config(tmp_path, tasks=["kfp_capitals", "arc_easyy"]))
+    assert spy == []
+
+
+def test_offline_hub_task_names_the_task(tmp_path, monkeypatch):
+    import lm_eval
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", pytest.fail)
+    with pytest.raises(TaskDataError, match=r"task 'arc_easy': its data could not be downloaded"):
+        run_evaluation(config(tmp_path, tasks=["arc_easy"]))
+
+
+def test_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size"):
+        config(tmp_path, batch_size="big")
+    with pytest.raises(ConfigError, match="backend"):
+        config(tmp_path, backend="tgi")
+    with pytest.raises(ConfigError, match="tasks"):
+        config(tmp_path, tasks=[])
+    try:
+        import importlib.util
+
+        import torch
+
+        usable = importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        usable = False
+    if not usable:
+        with pytest.raises(ConfigError, match="vllm"):
+            run_evaluation(config(tmp_path, backend="vllm"))
+
+
+def test_component_under_kfp_local(tmp_path):
+    from kfp import dsl, local
+
+    from kfp_components.components.evaluation import evaluate_model
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    model_dir = str(tiny_model_path("qwen2", 0))
+
+    @dsl.pipeline
+    def eval_pipeline() -> dsl.Metrics:
+        imported = dsl.importer(artifact_uri=model_dir, artifact_class=dsl.Model, reimport=False)
+        task = evaluate_model(
+            model=imported.output,
+            tasks=["kfp_smoke"],
+            limit=2.0,
+            batch_size="2",
+            device="cpu",
+            dtype="float32",
+        )
+        return task.outputs["metrics"]
+
+    run = eval_pipeline()
+    metrics = run.output.metadata
+    assert {"kfp_capitals_acc", "kfp_arithmetic_exact_match_strip", "chat_template_applied"} <= set(metrics)
+    assert list((tmp_path / "root").rglob("results.json"))
+    assert list((tmp_path / "root").rglob("summary.html"))

@@ -1,0 +1,349 @@
+"""Model Registry registration with the real ``model_registry`` client against a local spec-checked server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kfp_components.registry import (
+    RegistryAuthError,
+    RegistryConfig,
+    RegistryUnavailableError,
+    VersionExistsError,
+    build_provenance,
+    register_model,
+    to_custom_properties,
+    write_provenance,
+)
+from kfp_components.typed_config import ConfigError, from_dict
+
+SPEC = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "reference"
+    / "model-registry"
+    / "model-registry.openapi.yaml"
+)
+needs_spec = pytest.mark.skipif(not SPEC.is_file(), reason=f"Model Registry OpenAPI spec not found at {SPEC}")
+TOKEN = "s3cr3t-registry-token-value"
+SHA = "ab" * 32
+
+
+def provenance(**overrides) -> dict:
+    values = dict(
+        base_model="hf://Qwen/Qwen2.5-0.5B",
+        dataset_uri="s3://data/sft/train.jsonl",
+        dataset_sha256=SHA,
+        algorithm="sft",
+        hyperparameters={"learning_rate": 2e-5, "epochs": 3, "lora": {"r": 8}, "max_tokens": 10**12},
+        metrics={"eval": {"loss": 0.42, "perplexity": 1.52}, "train": {"loss": 0.3}},
+        pipeline_name="sft-pipeline",
+        run_id="run-1234",
+        namespace="team-a",
+        image="quay.io/kfp-components/runtime:test",
+    )
+    values.update(overrides)
+    return build_provenance(**values)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    if not SPEC.is_file():
+        pytest.skip(f"Model Registry OpenAPI spec not found at {SPEC}")
+    from kfp_components.testing.registry_server import registry_server
+
+    monkeypatch.setenv("MODEL_REGISTRY_TOKEN", TOKEN)
+    with registry_server(SPEC, token=TOKEN) as running:
+        yield running
+
+
+def config(server, **overrides) -> RegistryConfig:
+    values = dict(
+        address=server.url,
+        is_secure=False,
+        model_name="granite-sft",
+        storage_uri="s3://models/granite-sft/run-1234",
+        max_attempts=2,
+        backoff_seconds=0.01,
+    )
+    values.update(overrides)
+    return from_dict(RegistryConfig, values)
+
+
+def assert_all_requests_valid(server) -> None:
+    bad = [(r.method, r.path, r.status) for r in server.requests if r.status in (400, 401, 500, 501)]
+    assert not bad, bad
+
+
+def test_new_model_registers_version_with_provenance_properties(server):
+    result = register_model(config(server, version_name="v1", description="first"), provenance())
+    assert result.status == "registered" and result.created_model
+    assert (result.model_name, result.version_name) == ("granite-sft", "v1")
+    version = server.store["model_version"][result.version_id]
+    props = version["customProperties"]
+    assert props["dataset_sha256"] == {"metadataType": "MetadataStringValue", "string_value": SHA}
+    assert props["training_hyperparameters_epochs"] == {"metadataType": "MetadataIntValue", "int_value": "3"}
+    assert props["metrics_eval_loss"]["double_value"] == 0.42
+    # int64 hyperparameters do not fit MetadataIntValue (int32): stored as strings, not rejected
+    assert props["training_hyperparameters_max_tokens"]["string_value"] == str(10**12)
+    artifact = server.store["model_artifact"][result.artifact_id]
+    assert artifact["uri"] == "s3://models/granite-sft/run-1234"
+    assert artifact["modelFormatName"] == "safetensors"
+    assert artifact["customProperties"]["base_model"]["string_value"] == "hf://Qwen/Qwen2.5-0.5B"
+    assert "createRegisteredModel" in server.operations()
+    assert_all_requests_valid(server)
+    # every body went through the spec's request schemas
+    assert {
+        "createRegisteredModel",
+        "createModelVersion",
+        "upsertModelVersionArtifact",
+        "updateModelArtifact",
+    } <= set(server.operations())
+
+
+def test_new_version_of_existing_model(server):
+    first = register_model(config(server, version_name="v1"), provenance())
+    second = register_model(config(server, version_name="v2"), provenance())
+    assert second.status == "registered" and not second.created_model
+    assert second.model_id == first.model_id and second.version_id != first.version_id
+    assert server.operations().count("createRegisteredModel") == 1
+    assert_all_requests_valid(server)
+
+
+def test_derived_version_name_comes_from_run_id(server):
+    result = register_model(config(server), provenance(run_id="abc/123"))
+    assert result.version_name == "run-abc-123"
+
+
+def test_existing_version_fail_policy(server):
+    register_model(config(server, version_name="v1"), provenance())
+    with pytest.raises(
+        VersionExistsError, match="'v1' of model 'granite-sft' already exists.*on_existing_version"
+    ):
+        register_model(config(server, version_name="v1", on_existing_version="fail"), provenance())
+
+
+def test_existing_version_skip_policy_returns_existing(server):
+    first = register_model(config(server, version_name="v1"), provenance())
+    again = register_model(config(server, version_name="v1", on_existing_version="skip"), provenance())
+    assert again.status == "existing"
+    assert (again.version_id, again.artifact_id) == (first.version_id, first.artifact_id)
+    assert len(server.store["model_version"]) == 1
+
+
+def test_existing_version_next_policy_takes_next_free_name(server):
+    register_model(config(server, version_name="v1"), provenance())
+    second = register_model(config(server, version_name="v1", on_existing_version="next"), provenance())
+    third = register_model(config(server, version_name="v1", on_existing_version="next"), provenance())
+    assert (second.version_name, third.version_name) == ("v1-2", "v1-3")
+    assert sorted(v["name"] for v in server.store["model_version"].values()) == ["v1", "v1-2", "v1-3"]
+    assert_all_requests_valid(server)
+
+
+def test_server_down_fails_quickly_after_bounded_retries(caplog):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    sleeps: list[float] = []
+    cfg = from_dict(
+        RegistryConfig,
+        {
+            "address": f"http://127.0.0.1:{port}",
+            "is_secure": False,
+            "model_name": "m",
+            "storage_uri": "s3://b/m",
+            "max_attempts": 3,
+            "backoff_seconds": 0.01,
+        },
+    )
+    start = time.monotonic()
+    with pytest.raises(RegistryUnavailableError, match=rf"127.0.0.1:{port} is unreachable.*3 time"):
+        register_model(cfg, provenance(), sleep=lambda s: sleeps.append(s) or time.sleep(s))
+    assert time.monotonic() - start < 10
+    assert sleeps == [0.01, 0.02]
+
+
+def test_bad_token_is_a_clear_401(server, monkeypatch):
+    monkeypatch.setenv("MODEL_REGISTRY_TOKEN", "wrong-token")
+    with pytest.raises(RegistryAuthError, match="401 Unauthorized.*MODEL_REGISTRY_TOKEN"):
+        register_model(config(server), provenance())
+    assert [r.status for r in server.requests] == [401]  # not retried
+
+
+def test_secure_without_token_is_refused_before_connecting(monkeypatch, tmp_path):
+    monkeypatch.delenv("MODEL_REGISTRY_TOKEN", raising=False)
+    cfg = from_dict(
+        RegistryConfig,
+        {
+            "address": "registry.example",
+            "model_name": "m",
+            "storage_uri": "s3://b/m",
+            "token_path": str(tmp_path / "x"),
+        },
+    )
+    with pytest.raises(RegistryAuthError, match=r"no token.*\$MODEL_REGISTRY_TOKEN"):
+        register_model(cfg, provenance())
+
+
+def test_token_file_is_read_when_env_is_unset(monkeypatch, tmp_path):
+    monkeypatch.delenv("MODEL_REGISTRY_TOKEN", raising=False)
+    (tmp_path / "token").write_text("from-file\n")
+    assert RegistryConfig(token_path=str(tmp_path / "token")).resolve_token() == "from-file"
+
+
+def test_empty_address_skips_with_log_line(caplog):
+    caplog.set_level(logging.INFO)
+    result = register_model(RegistryConfig(), provenance())
+    assert result.status == "skipped" and result.version_id == ""
+    assert "registration skipped" in caplog.text
+
+
+@pytest.mark.parametrize("uri", ["/tmp/model", "file:///mnt/model", "model"])
+def test_container_local_storage_uri_is_refused(uri):
+    with pytest.raises(ConfigError, match="storage_uri: .*inside the container"):
+        from_dict(RegistryConfig, {"address": "http://registry", "model_name": "m", "storage_uri": uri})
+
+
+def test_bad_policy_and_unknown_option_are_config_errors():
+    with pytest.raises(ConfigError, match="on_existing_version"):
+        from_dict(RegistryConfig, {"on_existing_version": "overwrite"})
+    with pytest.raises(ConfigError, match="adress: unknown option"):
+        from_dict(RegistryConfig, {"adress": "x"})
+
+
+def test_token_never_logged_or_recorded(server, caplog, tmp_path):
+    caplog.set_level(logging.DEBUG)
+    record = provenance(hyperparameters={"lr": 1e-4, "hf_token": TOKEN})
+    result = register_model(config(server, version_name="v1"), record)
+    json_path, card_path = write_provenance(record, tmp_path)
+    assert TOKEN not in caplog.text
+    assert TOKEN not in json_path.read_text() and TOKEN not in card_path.read_text()
+    assert TOKEN not in json.dumps(server.store)
+    assert TOKEN not in repr(result)
+
+
+def test_provenance_files_content(tmp_path):
+    record = provenance()
+    json_path, card_path = write_provenance(record, tmp_path / "model")
+    data = json.loads(json_path.read_text())
+    assert data["dataset"] == {"uri": "s3://data/sft/train.jsonl", "sha256": SHA}
+    assert data["training"]["hyperparameters"]["lora"] == {"r": 8}
+    assert data["pipeline"] == {
+        "name": "sft-pipeline",
+        "run_id": "run-1234",
+        "namespace": "team-a",
+        "image": "quay.io/kfp-components/runtime:test",
+    }
+    assert set(data["packages"]) >= {"kfp_components", "torch", "transformers", "kfp"}
+    assert data["timestamps"]["created_at"].endswith("Z")
+    card = card_path.read_text()
+    assert "Fine-tuned from `hf://Qwen/Qwen2.5-0.5B` with **sft**" in card
+    assert SHA in card and "| learning_rate | 2e-05 |" in card and "| eval.loss | 0.42 |" in card
+
+
+def test_custom_properties_are_flat_safe_scalars():
+    props = to_custom_properties(
+        provenance(
+            hyperparameters={
+                "big": 2**31 - 1,
+                "ok": 999_999_999,
+                "LR-max": 1.0,
+                "layers": [1, 2],
+                "nan": float("nan"),
+            }
+        )
+    )
+    assert props["training_hyperparameters_lr_max"] == 1.0
+    assert (props["training_hyperparameters_big"], props["training_hyperparameters_ok"]) == (
+        "2147483647",
+        999_999_999,
+    )
+    assert props["training_hyperparameters_layers"] == "[1, 2]"
+    assert props["training_hyperparameters_nan"] == "nan"
+    assert all(k.replace("_", "").isalnum() and k == k.lower() for k in props)
+    assert all(isinstance(v, str | int | float | bool) for v in props.values())
+
+
+@needs_spec
+def test_server_rejects_bodies_that_break_the_spec(server):
+    def post(path: str, body: dict) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            f"{server.url}/api/model_registry/v1alpha3/{path}",
+            data=json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    status, body = post("registered_models", {"description": "no name"})
+    assert status == 400 and "'name' is a required property" in body["message"]
+    big_int = {"metadataType": "MetadataIntValue", "int_value": str(10**12)}
+    status, body = post("registered_models", {"name": "m", "customProperties": {"n": big_int}})
+    assert status == 400 and "customProperties/n" in body["message"]
+    assert post("registered_models", {"name": "m"})[0] == 201
+
+
+@pytest.fixture
+def kfp_local(tmp_path):
+    from kfp import local
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "pipeline_root"))
+    return tmp_path / "pipeline_root"
+
+
+@pytest.mark.parametrize("with_server", [False, True], ids=["skip", "register"])
+def test_component_under_kfp_local(kfp_local, tmp_path, request, with_server):
+    from kfp import dsl
+
+    from kfp_components.components.registry import register_model as register_component
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    address = ""
+    if with_server:
+        address = request.getfixturevalue("server").url
+
+    @dsl.pipeline(name="register-test")
+    def pipeline():
+        model = dsl.importer(artifact_uri=str(model_dir), artifact_class=dsl.Model, reimport=False)
+        task = register_component(
+            model=model.output,
+            base_model="hf://tiny/model",
+            dataset_uri="s3://data/train.jsonl",
+            dataset_sha256=SHA,
+            algorithm="sft",
+            model_name="tiny-sft",
+            storage_uri="s3://models/tiny-sft",
+            hyperparameters={"learning_rate": 0.001, "epochs": 1},
+            registry_address=address,
+            registry_is_secure=False,
+            version_name="v1",
+            max_attempts=1,
+        )
+        task.set_env_variable("MODEL_REGISTRY_TOKEN", TOKEN)
+
+    pipeline()
+    provenance_dirs = list(kfp_local.rglob("provenance.json"))
+    assert len(provenance_dirs) == 1
+    data = json.loads(provenance_dirs[0].read_text())
+    assert data["dataset"]["sha256"] == SHA and data["training"]["hyperparameters"]["epochs"] == 1
+    assert (provenance_dirs[0].parent / "model_card.md").is_file()
+    if with_server:
+        server = request.getfixturevalue("server")
+        version_id = data["registry"]["version_id"]
+        assert server.store["model_version"][version_id]["name"] == "v1"
+        assert TOKEN not in provenance_dirs[0].read_text()
+    else:
+        assert "registry" not in data
