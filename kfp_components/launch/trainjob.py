@@ -203,14 +203,7 @@ class TrainJobLauncher:
                 raise
             if not _condition_true(trainjob, "Complete"):
                 return self.wait()
-        complete = _condition(trainjob, "Complete")
-        return TrainJobResult(
-            name=self.name,
-            namespace=self.namespace,
-            adopted=self.adopted,
-            reason=complete.get("reason", ""),
-            message=complete.get("message", ""),
-        )
+        return self._result(_condition(trainjob, "Complete"))
 
     def shape(self) -> Shape:
         """The CRD shape to send: from ``trainer_api_version``, or detected from the served CRD."""
@@ -361,14 +354,17 @@ class TrainJobLauncher:
                 raise
         if config.delete_on_success:
             self.delete()
+        return self._result(complete, log_tail=list(self.tail), elapsed_seconds=time.monotonic() - started)
+
+    def _result(self, complete: dict[str, Any], **extra: Any) -> TrainJobResult:
+        """The result of this TrainJob from its ``Complete`` condition."""
         return TrainJobResult(
             name=self.name,
             namespace=self.namespace,
             adopted=self.adopted,
             reason=complete.get("reason", ""),
             message=complete.get("message", ""),
-            log_tail=list(self.tail),
-            elapsed_seconds=time.monotonic() - started,
+            **extra,
         )
 
     def _poll_until_finished(
