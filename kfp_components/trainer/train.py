@@ -151,6 +151,8 @@ def train(config: TrainingConfig) -> TrainingSummary:
     compute_seconds = 0.0
     extra_metrics: dict[str, float] = {}
     autocast = _autocast(config, info)
+    if config.dtype == "bfloat16" and info.device.type != "cuda" and info.is_main:
+        log.info("dtype bfloat16: no GPU, so computing in float32")
     model.train()
     while state.global_step < total_steps:
         plan = sampler.epoch_plan(state.epoch)
@@ -500,8 +502,6 @@ def _autocast(config: TrainingConfig, info: DistInfo) -> contextlib.AbstractCont
     """bf16 autocast over fp32 master weights on a GPU; a CPU computes in fp32 (bf16 there is slower)."""
     if config.dtype == "bfloat16" and info.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if config.dtype == "bfloat16" and info.is_main:
-        log.info("dtype bfloat16: no GPU, so computing in float32")
     return contextlib.nullcontext()
 
 
