@@ -40,6 +40,7 @@ format: setup
 compile: setup
 	$(PY) -m pipelines.compile_all
 	$(PY) -m pipelines.docs
+	$(PY) -m kfp_components.components.reference
 
 demo: setup
 	$(PY) -m kfp_components.demo

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import re
 from pathlib import Path
 
 from kfp_components.components.dataset import dataset_download
 from kfp_components.components.evaluation import evaluate_model
+from kfp_components.components.reference import arg_docs
 from kfp_components.components.registry import register_model
 from kfp_components.components.training import train_model
 
@@ -32,30 +32,13 @@ EVAL_STEP = {
 DOC = Path(__file__).resolve().parents[1] / "docs" / "pipelines.md"
 
 
-def _arg_docs(component) -> dict[str, str]:
-    doc = inspect.getdoc(component.python_func) or ""
-    section = doc.split("Args:", 1)[1].split("Returns:", 1)[0] if "Args:" in doc else ""
-    docs: dict[str, str] = {}
-    names: list[str] = []
-    for line in section.splitlines():
-        match = re.match(r"^    ([\w, ]+): (.*)$", line)
-        if match:
-            names = [n.strip() for n in match.group(1).split(",")]
-            for name in names:
-                docs[name] = match.group(2).strip()
-        elif names and line.strip():
-            for name in names:
-                docs[name] += " " + line.strip()
-    return docs
-
-
 def render() -> str:
     described = {
-        "dataset": _arg_docs(dataset_download),
-        "train": _arg_docs(train_model),
-        "eval": _arg_docs(evaluate_model),
+        "dataset": arg_docs(dataset_download),
+        "train": arg_docs(train_model),
+        "eval": arg_docs(evaluate_model),
         "eval_step": EVAL_STEP,
-        "registry": _arg_docs(register_model),
+        "registry": arg_docs(register_model),
     }
     parts = [START, ""]
     for name in PIPELINES:

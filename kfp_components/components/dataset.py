@@ -46,6 +46,8 @@ def dataset_download(
         train_dataset, eval_dataset: JSONL files, one row per line, in the detected format.
         metrics: rows read, valid, dropped, train and eval counts; turns and character length statistics.
         train_sha256: SHA-256 of the training file, for provenance.
+        data_format: The format of the rows (messages, preference or prompt), detected or as forced.
+        train_rows, eval_rows: Rows written to train_dataset and eval_dataset.
     """
     from kfp_components.data import DatasetConfig, prepare_dataset
     from kfp_components.logs import configure_logging

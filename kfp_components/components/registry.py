@@ -45,26 +45,35 @@ def register_model(
     Args:
         model: The trained model (its metadata is copied into the provenance record).
         base_model: The model that was fine-tuned.
-        dataset_uri, dataset_sha256: Training data location and the SHA-256 of the file trained on.
+        dataset_uri: Where the training data came from (the URI given to dataset_download).
+        dataset_sha256: SHA-256 of the file trained on.
         algorithm: sft, osft, dpo, lora, ...
         model_name: Registered model name.
         storage_uri: Where the model is stored for serving (s3://, pvc://, oci://); required to register.
         hyperparameters: Every training option.
-        training_metrics, eval_metrics: Optional metrics artifacts from training and evaluation.
+        training_metrics: The metrics artifact of train_model (optional).
+        eval_metrics: The metrics artifact of evaluate_model (optional).
         registry_address: Model Registry REST address; empty skips registration (and logs it).
-        registry_port, registry_is_secure, registry_custom_ca: Connection options (0 infers the port).
+        registry_port: Model Registry REST port; 0 infers it (443 when secure, else 8080); a port in the
+            address wins.
+        registry_is_secure: Use TLS.
+        registry_custom_ca: Path of a PEM bundle to verify the server with (e.g. the cluster's service CA); empty
+            uses the system trust store.
+        registry_token_env: Environment variable holding the bearer token (empty or unset: the pod's
+            service-account token, when there is one).
         author: Version author and owner of a new registered model.
         version_name: Version name; empty derives ``run-<run id>``.
         description: Version description.
         model_format: Model format name on the artifact.
         on_existing_version: fail, skip (keep the existing version) or next (register ``<version>-2``, ...).
-        max_attempts, backoff_seconds: Retries when the registry is unreachable.
+        max_attempts: Attempts when the registry is unreachable or answers 5xx.
+        backoff_seconds: First wait between attempts; it doubles each time.
         pipeline_name, run_id: Filled in by KFP; recorded in the provenance.
         image: Image recorded in the provenance; empty records this package's runtime image name.
 
     Returns:
         provenance: A folder with provenance.json and model_card.md.
-        The registered (or, with ``skip``, existing) version id; "" when registration was skipped.
+        Output: The registered (or, with ``skip``, existing) version id; "" when registration was skipped.
     """
     from kfp_components.components.images import RUNTIME_IMAGE
     from kfp_components.logs import configure_logging

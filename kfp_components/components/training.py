@@ -81,8 +81,9 @@ def train_model(
         run_id: Pipeline run id, for the TrainJob's name.
 
     Returns:
-        model: the trained model, a standard Hugging Face checkpoint. metrics: final and mean loss,
-        tokens/s, steps, duration (and DPO rewards). The output string is the TrainJob's name (empty locally).
+        model: The trained model, a standard Hugging Face checkpoint folder (safetensors, tokenizer).
+        metrics: Final and mean loss, tokens/s, steps, duration (and DPO rewards).
+        Output: The TrainJob's name; empty with the local backend.
     """
     import tempfile
     from pathlib import Path
