@@ -25,6 +25,7 @@ log = logging.getLogger("kfp_components.demo")
 def run_demo(output_dir: Path) -> dict:
     from kfp import local
 
+    from kfp_components.local_console import condensed_console
     from kfp_components.pipelines.training.osft import osft_pipeline
     from kfp_components.testing.servers import http_file_server
     from kfp_components.testing.tiny_model import tiny_model_path
@@ -37,21 +38,22 @@ def run_demo(output_dir: Path) -> dict:
     samples = resources.files("kfp_components.data.samples")
     with resources.as_file(samples) as folder, http_file_server(folder) as server:
         uri = f"{server.url}/chat.jsonl"
-        log.info("demo: running osft_pipeline on %s", uri)
-        osft_pipeline(
-            phase_01_dataset_man_data_uri=uri,
-            phase_02_train_man_train_model=str(model),
-            phase_02_train_man_train_batch=8,
-            phase_02_train_man_train_epochs=3,
-            phase_02_train_man_train_tokens=512,
-            phase_02_train_opt_max_seq_len=256,
-            phase_02_train_opt_learning_rate=3e-3,
-            phase_02_train_opt_dtype="float32",
-            phase_02_train_opt_use_liger=False,
-            phase_02_train_opt_backend="local",
-            phase_03_eval_man_eval_tasks=["kfp_capitals"],
-            phase_03_eval_opt_batch_size="8",
-        )
+        log.info("demo: running osft_pipeline on %s (full log: %s)", uri, output_dir / "pipeline.log")
+        with condensed_console(output_dir / "pipeline.log", total_tasks=4):
+            osft_pipeline(
+                phase_01_dataset_man_data_uri=uri,
+                phase_02_train_man_train_model=str(model),
+                phase_02_train_man_train_batch=8,
+                phase_02_train_man_train_epochs=3,
+                phase_02_train_man_train_tokens=512,
+                phase_02_train_opt_max_seq_len=256,
+                phase_02_train_opt_learning_rate=3e-3,
+                phase_02_train_opt_dtype="float32",
+                phase_02_train_opt_use_liger=False,
+                phase_02_train_opt_backend="local",
+                phase_03_eval_man_eval_tasks=["kfp_capitals"],
+                phase_03_eval_opt_batch_size="8",
+            )
     run_dir = max(root.iterdir(), key=lambda p: p.stat().st_mtime)
     return summarise(run_dir, uri)
 
@@ -76,6 +78,7 @@ def summarise(run_dir: Path, uri: str) -> dict:
         "evaluation results": str(run_dir / "evaluate-model" / "results"),
         "provenance": str(run_dir / "register-model" / "provenance" / "provenance.json"),
         "registry": "skipped (no address given)",
+        "full log": str(run_dir.parents[1] / "pipeline.log"),
     }
 
 
@@ -90,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"demo: a prerequisite is missing ({exc.name}); run `make setup` first", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # kfp.local: a task failed; the console showed the end of its log
+        print(f"demo: {exc}; full log: {args.output_dir.resolve() / 'pipeline.log'}", file=sys.stderr)
+        return 1
     width = max(map(len, summary))
     print("\nDemo summary: osft_pipeline under kfp.local (download -> train -> evaluate -> provenance)")
     print("-" * 96)

@@ -15,7 +15,17 @@ def test_demo_runs_the_osft_pipeline_end_to_end(tmp_path, capsys):
     assert main(["--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "Demo summary: osft_pipeline under kfp.local" in printed
-    for key in ("dataset", "training", "evaluation", "model", "provenance", "registry"):
+    # The console shows the stages and the training steps; kfp.local's raw output went to the log file.
+    for stage in (
+        "[1/4] dataset-download",
+        "[2/4] train-model",
+        "[3/4] evaluate-model",
+        "[4/4] register-model",
+    ):
+        assert stage in printed
+    assert "      step 15/15  loss " in printed and "executor_input" not in printed
+    assert "Got executor_input" in (tmp_path / "pipeline.log").read_text()
+    for key in ("dataset", "training", "evaluation", "model", "provenance", "registry", "full log"):
         assert f"\n{key} " in printed
     model_line = next(line for line in printed.splitlines() if line.startswith("model "))
     assert (Path(model_line.split(None, 1)[1]) / "model.safetensors").exists()
