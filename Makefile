@@ -10,7 +10,7 @@ export HF_DATASETS_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-fast lint format compile demo bench clean
+.PHONY: setup test test-fast lint format compile demo continual-demo bench clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,10 @@ compile: setup
 
 demo: setup
 	$(PY) -m kfp_components.demo
+
+# Task A, then task B with full fine-tuning vs OSFT; writes docs/continual-learning.md and docs/continual.png.
+continual-demo: setup
+	$(PY) -m benchmarks.continual
 
 bench: setup
 	$(PY) -m benchmarks.run

@@ -42,6 +42,9 @@ def main() -> None:
                 "date": datetime.date.today().isoformat(),
             }
             (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+            module = importlib.import_module(f"benchmarks.{name}")
+            if hasattr(module, "write_report"):  # a benchmark with its own page and plot in docs/
+                module.write_report()
             print(f"bench: {name}: {json.dumps(result)}")
     render()
     print(f"bench: wrote {REPORT.relative_to(ROOT)}")
