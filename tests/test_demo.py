@@ -34,3 +34,26 @@ def test_demo_runs_the_osft_pipeline_end_to_end(tmp_path, capsys):
     assert provenance["training"]["algorithm"] == "osft" and provenance["dataset"]["uri"].startswith(
         "http://"
     )
+
+
+def test_a_missing_prerequisite_is_named_with_the_fix(monkeypatch, capsys, tmp_path):
+    from kfp_components import demo
+
+    def missing(_output_dir):
+        raise ModuleNotFoundError("No module named 'lm_eval'", name="lm_eval")
+
+    monkeypatch.setattr(demo, "run_demo", missing)
+    assert main(["--output-dir", str(tmp_path)]) == 2
+    assert "a prerequisite is missing (lm_eval); run `make setup` first" in capsys.readouterr().err
+
+
+def test_a_failed_task_points_at_the_full_log(monkeypatch, capsys, tmp_path):
+    from kfp_components import demo
+
+    def failing(_output_dir):
+        raise RuntimeError("Pipeline 'osft-fine-tuning' finished with status FAILURE")
+
+    monkeypatch.setattr(demo, "run_demo", failing)
+    assert main(["--output-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "finished with status FAILURE" in err and str(tmp_path / "pipeline.log") in err
