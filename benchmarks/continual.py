@@ -654,13 +654,13 @@ def report(record: dict[str, Any], sweep_record: dict[str, Any] | None) -> str:
         "page tests that claim on a model small enough to train here, and explains what it shows.",
         "",
         "```bash",
-        "make continual-demo                         # this experiment: about 5 minutes on 2 CPU cores",
-        ".venv/bin/python -m benchmarks.continual --sweep   # and the sweep below: about 10 more",
+        "make continual-demo                                # this experiment: about 1 minute on 2 CPU cores",
+        ".venv/bin/python -m benchmarks.continual --sweep   # and the sweep below: about 5 more",
         "```",
         "",
         "## The experiment",
         "",
-        f"A tiny {MAIN.describe()} (random weights, a tokenizer trained locally) learns **task A**: "
+        f"A tiny model ({MAIN.describe()}; random weights, a tokenizer trained locally) learns **task A**: "
         f'{task["facts_per_task"]} synthetic facts, "What is the code of <word>?" -> a 3-digit code, with full '
         f"SFT ({task['steps_a']} steps, lr {task['lr_a']}). From that model **task B** ({task['facts_per_task']} "
         'other words, "What is the number of <word>?" -> a 3-digit number) is trained twice on the same budget: '
@@ -745,7 +745,7 @@ def _store(name: str, result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also run the sweep of settings (about 10 min)")
+    parser.add_argument("--sweep", action="store_true", help="also run the sweep of settings (about 5 min)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the report and plot from results")
     args = parser.parse_args(argv)
     if not args.render_only:
