@@ -756,7 +756,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.sweep:
             _store(f"{NAME}_sweep", run_sweep())
     write_report()
-    print(f"continual: wrote {REPORT.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
+    from benchmarks.run import render as render_performance  # its continual section reads the same results
+
+    render_performance()
+    print(f"continual: wrote {REPORT.relative_to(ROOT)}, {PLOT.relative_to(ROOT)} and docs/performance.md")
 
 
 if __name__ == "__main__":
