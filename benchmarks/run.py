@@ -51,6 +51,11 @@ def main() -> None:
 
 
 def render() -> None:
+    REPORT.write_text(report())
+
+
+def report() -> str:
+    """docs/performance.md from every stored result."""
     sections = [
         "# Performance",
         "",
@@ -77,7 +82,7 @@ def render() -> None:
             "recorded on a CUDA GPU.",
             "",
         ]
-    REPORT.write_text("\n".join(sections))
+    return "\n".join(sections)
 
 
 if __name__ == "__main__":

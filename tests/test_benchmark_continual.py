@@ -142,3 +142,11 @@ def test_experiment_runs_both_methods_and_reports(tmp_path, monkeypatch):
     assert "| tiny (4 steps at lr 0.001, ratio 0.25) |" in text and "### What this shows" in text
     continual.plot(record["result"], tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
+def test_performance_page_is_generated_from_the_stored_results():
+    from benchmarks import run
+
+    assert run.report() == run.REPORT.read_text(), (
+        "docs/performance.md is stale: run `make bench` or --render-only"
+    )
