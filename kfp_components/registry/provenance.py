@@ -18,6 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from kfp_components.mappings import flatten
+
 PROVENANCE_FILE = "provenance.json"
 MODEL_CARD_FILE = "model_card.md"
 SCHEMA_VERSION = 1
@@ -182,7 +184,7 @@ def model_card(provenance: Mapping[str, Any]) -> str:
         "",
         "## Metrics",
         "",
-        *_table(_flatten(provenance.get("metrics", {}))),
+        *_table(flatten(provenance.get("metrics", {}))),
         "",
         "## Run",
         "",
@@ -219,17 +221,6 @@ def _table(values: Mapping[str, Any]) -> list[str]:
     return rows
 
 
-def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, name))
-        else:
-            flat[name] = value
-    return flat
-
-
 def safe_key(key: str) -> str:
     """A registry- and KFP-safe property name: letters, digits and underscores, lower case."""
     return _UNSAFE_KEY_CHARS.sub("_", key).strip("_").lower() or "_"
@@ -245,7 +236,7 @@ def to_custom_properties(
     strings; None is dropped. Secret-looking keys are redacted again, in case the record was built by hand.
     """
     props: dict[str, str | int | float | bool] = {}
-    for key, value in _flatten(redact(dict(provenance))).items():
+    for key, value in flatten(redact(dict(provenance))).items():
         name = safe_key(f"{prefix}_{key}" if prefix else key)
         if value is None:
             continue

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import math
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from kfp_components.data import (
     parse_dataset_uri,
     prepare_dataset,
 )
+from kfp_components.mappings import flatten_numbers
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
 from kfp_components.trainer.config import ALGORITHMS, TrainingConfig
 from kfp_components.typed_config import ConfigError
@@ -286,18 +286,6 @@ class TrainingStage(BaseStage):
                 raise ConfigError(
                     key, f"the {self.name} stage trains on {self.data_format!r} rows: {exc}"
                 ) from None
-
-
-def flatten_numbers(data: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """The finite numbers in ``data``, nested mappings flattened to dotted keys (``data.tokens``)."""
-    flat: dict[str, float] = {}
-    for key, value in data.items():
-        name = f"{prefix}.{key}" if prefix else str(key)
-        if isinstance(value, dict):
-            flat.update(flatten_numbers(value, name))
-        elif isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            flat[name] = value
-    return flat
 
 
 def model_with_tokenizer(model: str, tokenizer: str, folder: Path) -> str:
