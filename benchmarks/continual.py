@@ -149,8 +149,8 @@ def _frozen(kind: str) -> Iterator[None]:
         return
     load_model = train_module.load_model
 
-    def load_and_freeze(config: TrainingConfig, info: Any) -> Any:
-        model, save_dtype = load_model(config, info)
+    def load_and_freeze(config: TrainingConfig, info: Any, **kwargs: Any) -> Any:
+        model, save_dtype = load_model(config, info, **kwargs)
         if kind == "embeddings":
             frozen = [*model.get_input_embeddings().parameters(), *model.get_output_embeddings().parameters()]
         else:  # non_decomposed: only the target projections train (the decomposed factors, or the dense weights)

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from kfp_components.testing.tiny_model import tiny_model_path
+from kfp_components.trainer import osft
 from kfp_components.trainer.cli import build_training_config, main
 from kfp_components.trainer.config import TrainingConfig
 from kfp_components.trainer.train import apply_liger, train
@@ -107,8 +108,10 @@ def test_lora_trains_saves_adapter_and_merged_model(tmp_path):
     assert not any("lora" in name for name in merged.state_dict())
 
 
-def test_resume_continues_exactly(tmp_path):
+@pytest.mark.parametrize("algorithm", ["sft", "osft"])
+def test_resume_continues_exactly(tmp_path, monkeypatch, algorithm):
     options = {
+        "algorithm": algorithm,
         "num_epochs": 2,
         "checkpoint_every_steps": 3,
         "keep_checkpoints": 5,
@@ -126,12 +129,50 @@ def test_resume_continues_exactly(tmp_path):
         import shutil
 
         shutil.rmtree(run / "checkpoints" / name)
+    svds = []
+    monkeypatch.setattr(osft, "_svd", lambda *args: svds.append(args) or pytest.fail("SVD on resume"))
     train(config(tmp_path, resume=True, **options))
+    assert svds == []  # OSFT's factors, frozen and trainable, come from the checkpoint
     resumed = metrics(run)
     assert [r["step"] for r in resumed] == list(range(1, 11))
     for before, after in zip(uninterrupted[6:], resumed[6:], strict=True):
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-6)
         assert after["lr"] == pytest.approx(before["lr"])
+
+
+def torchrun_two_processes(run_yaml: Path) -> None:
+    """``torchrun --nproc_per_node 2 -m kfp_components.trainer --config run_yaml`` (gloo on the CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "kfp_components.trainer", "--config", str(run_yaml)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_fsdp_osft_resume_continues_exactly(tmp_path):
+    """Under FSDP2 the sharded trainable factors and the replicated frozen ones all come back from the
+    checkpoint (resume builds the OSFT modules without SVDs)."""
+    options = config(
+        tmp_path, algorithm="osft", distributed="fsdp", checkpoint_every_steps=3, keep_checkpoints=5
+    )
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(dict(options.__dict__)))
+    torchrun_two_processes(run_yaml)
+    run = tmp_path / "run"
+    uninterrupted = metrics(run)
+    assert len(uninterrupted) == 10
+    import shutil
+
+    for name in ("step-00000009", "step-00000010"):
+        shutil.rmtree(run / "checkpoints" / name)
+    run_yaml.write_text(yaml.safe_dump({**options.__dict__, "resume": True}))
+    torchrun_two_processes(run_yaml)
+    resumed = metrics(run)
+    assert [r["step"] for r in resumed] == list(range(1, 11))
+    for before, after in zip(uninterrupted[6:], resumed[6:], strict=True):
+        assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-6)
+        assert after["grad_norm"] == pytest.approx(before["grad_norm"], rel=1e-4)
 
 
 @pytest.mark.slow
@@ -147,26 +188,7 @@ def test_two_processes_match_one(tmp_path, strategy, algorithm):
     options = {k: v for k, v in one.__dict__.items()}
     options.update(output_dir=str(two_dir), distributed=strategy)
     run_yaml.write_text(yaml.safe_dump(options))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "kfp_components.trainer",
-            "--config",
-            str(run_yaml),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    torchrun_two_processes(run_yaml)
     single, double = metrics(tmp_path / "one" / "run"), metrics(two_dir)
     assert len(single) == len(double) == (2 if algorithm == "dpo" else 5)
     for a, b in zip(single, double, strict=True):

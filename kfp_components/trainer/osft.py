@@ -101,6 +101,7 @@ In the training loop::
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import re
@@ -559,6 +560,14 @@ def _decompositions(modules: Sequence[nn.Module]) -> Iterator[tuple[Tensor, Tens
         yield u.view(rows, r), s, vh.view(r, cols)
 
 
+def _placeholder_factors(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero ``(U, S, Vh)`` shaped like the thin SVD of ``module.weight``, to be overwritten by a load."""
+    rows, cols = module.weight.shape
+    rank = min(rows, cols)
+    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=module.weight.device)
+    return zeros(rows, rank), zeros(rank), zeros(rank, cols)
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -571,6 +580,7 @@ def apply_osft(
     unfreeze_rank_ratio: float,
     target_patterns: Sequence[str] | None = None,
     dense_dtype: torch.dtype | None = None,
+    decompose: bool = True,
 ) -> list[str]:
     """Replace each target of :func:`find_osft_targets` by an :class:`OSFTLinear`; return their names.
 
@@ -578,6 +588,9 @@ def apply_osft(
     ``torch.distributed`` is initialised the SVDs are spread over the ranks and broadcast (a collective:
     every rank must call it). ``dense_dtype`` is the dtype of the cached frozen weight ``W_h`` (default:
     the weight's dtype; ``torch.bfloat16`` halves its memory under bf16 autocast).
+
+    ``decompose=False`` skips the SVDs and builds every module with zero factors of the right shapes: for
+    a model whose OSFT state (frozen and trainable factors) is loaded from a checkpoint next, as on resume.
 
     Raises:
         ValueError: ``unfreeze_rank_ratio`` outside ``(0, 1]``, OSFT already applied, or no target found.
@@ -587,7 +600,8 @@ def apply_osft(
         raise ValueError("OSFT is already applied to this model")
     names = find_osft_targets(model, target_patterns)
     modules = [model.get_submodule(name) for name in names]
-    for name, module, factors in zip(names, modules, _decompositions(modules), strict=True):
+    decompositions = _decompositions(modules) if decompose else map(_placeholder_factors, modules)
+    for name, module, factors in zip(names, modules, decompositions, strict=True):
         replacement = OSFTLinear.from_module(
             module, unfreeze_rank_ratio, factors=factors, dense_dtype=dense_dtype
         )

@@ -100,7 +100,8 @@ def train(config: TrainingConfig) -> TrainingSummary:
     if info.is_main:
         log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in objective.stats.items()))
 
-    model, save_dtype = load_model(config, info)
+    resume_from = latest_checkpoint(output_dir) if config.resume else None
+    model, save_dtype = load_model(config, info, from_checkpoint=resume_from is not None)
     model = wrap_model(model, info, config.distributed, bf16=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -125,7 +126,6 @@ def train(config: TrainingConfig) -> TrainingSummary:
     scheduler = build_scheduler(optimizer, config, total_steps)
 
     state = TrainerState()
-    resume_from = latest_checkpoint(output_dir) if config.resume else None
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, info)
     metrics = MetricsLog(
@@ -323,8 +323,14 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def load_model(config: TrainingConfig, info: DistInfo) -> tuple[nn.Module, torch.dtype]:
-    """The model in fp32 master weights on this rank's device, with OSFT or LoRA, Liger and checkpointing."""
+def load_model(
+    config: TrainingConfig, info: DistInfo, *, from_checkpoint: bool = False
+) -> tuple[nn.Module, torch.dtype]:
+    """The model in fp32 master weights on this rank's device, with OSFT or LoRA, Liger and checkpointing.
+
+    ``from_checkpoint``: a training checkpoint is loaded into the model next (resume), so OSFT skips the SVDs
+    (the checkpoint holds the frozen and trainable factors).
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
@@ -344,10 +350,12 @@ def load_model(config: TrainingConfig, info: DistInfo) -> tuple[nn.Module, torch
             unfreeze_rank_ratio=config.osft_unfreeze_rank_ratio,
             target_patterns=config.osft_target_patterns or None,
             dense_dtype=torch.bfloat16 if bf16 else None,
+            decompose=not from_checkpoint,
         )
         if info.is_main:
             log.info(
-                "osft: decomposed %d weights (unfreeze_rank_ratio %g)",
+                "osft: %s %d weights (unfreeze_rank_ratio %g)",
+                "restoring the factors of" if from_checkpoint else "decomposed",
                 len(names),
                 config.osft_unfreeze_rank_ratio,
             )
