@@ -20,6 +20,8 @@ from pathlib import Path
 from kfp_components.logs import configure_logging
 
 log = logging.getLogger("kfp_components.demo")
+#: kfp.local's full output, in the output folder.
+LOG_NAME = "pipeline.log"
 
 
 def run_demo(output_dir: Path) -> dict:
@@ -38,8 +40,8 @@ def run_demo(output_dir: Path) -> dict:
     samples = resources.files("kfp_components.data.samples")
     with resources.as_file(samples) as folder, http_file_server(folder) as server:
         uri = f"{server.url}/chat.jsonl"
-        log.info("demo: running osft_pipeline on %s (full log: %s)", uri, output_dir / "pipeline.log")
-        with condensed_console(output_dir / "pipeline.log", total_tasks=4):
+        log.info("demo: running osft_pipeline on %s (full log: %s)", uri, output_dir / LOG_NAME)
+        with condensed_console(output_dir / LOG_NAME, total_tasks=4):
             osft_pipeline(
                 phase_01_dataset_man_data_uri=uri,
                 phase_02_train_man_train_model=str(model),
@@ -55,7 +57,7 @@ def run_demo(output_dir: Path) -> dict:
                 phase_03_eval_opt_batch_size="8",
             )
     run_dir = max(root.iterdir(), key=lambda p: p.stat().st_mtime)
-    return summarise(run_dir, uri)
+    return summarise(run_dir, uri, output_dir / LOG_NAME)
 
 
 def _artifact_metadata(step_dir: Path, name: str) -> dict:
@@ -63,7 +65,7 @@ def _artifact_metadata(step_dir: Path, name: str) -> dict:
     return outputs["artifacts"][name]["artifacts"][0].get("metadata", {})
 
 
-def summarise(run_dir: Path, uri: str) -> dict:
+def summarise(run_dir: Path, uri: str, log_path: Path) -> dict:
     data = _artifact_metadata(run_dir / "dataset-download", "metrics")
     train = _artifact_metadata(run_dir / "train-model", "metrics")
     evaluation = _artifact_metadata(run_dir / "evaluate-model", "metrics")
@@ -78,7 +80,7 @@ def summarise(run_dir: Path, uri: str) -> dict:
         "evaluation results": str(run_dir / "evaluate-model" / "results"),
         "provenance": str(run_dir / "register-model" / "provenance" / "provenance.json"),
         "registry": "skipped (no address given)",
-        "full log": str(run_dir.parents[1] / "pipeline.log"),
+        "full log": str(log_path),
     }
 
 
@@ -94,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: a prerequisite is missing ({exc.name}); run `make setup` first", file=sys.stderr)
         return 2
     except RuntimeError as exc:  # kfp.local: a task failed; the console showed the end of its log
-        print(f"demo: {exc}; full log: {args.output_dir.resolve() / 'pipeline.log'}", file=sys.stderr)
+        print(f"demo: {exc}; full log: {args.output_dir.resolve() / LOG_NAME}", file=sys.stderr)
         return 1
     width = max(map(len, summary))
     print("\nDemo summary: osft_pipeline under kfp.local (download -> train -> evaluate -> provenance)")
