@@ -232,11 +232,6 @@ def scores(model_path: str, task_a: list[Fact], task_b: list[Fact]) -> dict[str,
     return {"a": a, "b": b, "nll_a": round(nll_a, 3)}
 
 
-def accuracy(model_path: str, facts: list[Fact]) -> float:
-    """Share of facts whose every answer token is the argmax after the chat-formatted question."""
-    return _answer_scores(*_load(model_path), facts)[0]
-
-
 # ---------------------------------------------------------------------------------------- diagnostics
 @torch.no_grad()
 def weight_change_outside_trainable(base_path: str, model_a_path: str, ratio: float) -> float:
