@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kfp_components.components.dataset import dataset_download
 from kfp_components.components.evaluation import evaluate_model
-from kfp_components.components.reference import arg_docs
+from kfp_components.components.reference import arg_docs, default_cell, replace_generated, table_cell
 from kfp_components.components.registry import register_model
 from kfp_components.components.training import train_model
 
@@ -54,21 +54,16 @@ def render() -> str:
         ]
         for parameter in signature.parameters.values():
             stage, argument = PARAMETERS[parameter.name]
-            default = (
-                "required" if parameter.default is inspect.Parameter.empty else f"`{parameter.default!r}`"
-            )
             kind = getattr(parameter.annotation, "__name__", str(parameter.annotation))
-            meaning = described[stage].get(argument, "").replace("|", "\\|")
-            parts.append(f"| `{parameter.name}` | {kind} | {default} | {meaning} |")
+            meaning = table_cell(described[stage].get(argument, ""))
+            parts.append(f"| `{parameter.name}` | {kind} | {default_cell(parameter)} | {meaning} |")
         parts.append("")
     parts.append(END)
     return "\n".join(parts)
 
 
 def updated(text: str) -> str:
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    return before + render() + after
+    return replace_generated(text, START, END, render())
 
 
 def main() -> None:

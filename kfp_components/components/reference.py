@@ -77,7 +77,8 @@ def _is_output(annotation: Any) -> bool:
     return type_annotations.is_artifact_wrapped_in_Output(annotation)
 
 
-def _default(parameter: inspect.Parameter) -> str:
+def default_cell(parameter: inspect.Parameter) -> str:
+    """A parameter's default for a Markdown table: ``required``, ``optional``, ``set by KFP`` or the literal."""
     if parameter.default is inspect.Parameter.empty:
         return "required"
     if parameter.default is None:
@@ -87,7 +88,8 @@ def _default(parameter: inspect.Parameter) -> str:
     return f"`{parameter.default!r}`"
 
 
-def _cell(text: str) -> str:
+def table_cell(text: str) -> str:
+    """``text`` safe inside a Markdown table cell."""
     return text.replace("|", "\\|")
 
 
@@ -124,12 +126,14 @@ def render_component(component: Any) -> list[str]:
         "| --- | --- | --- | --- |",
     ]
     for name, kind, parameter in inputs:
-        lines.append(f"| `{name}` | {kind} | {_default(parameter)} | {_cell(described.get(name, ''))} |")
+        lines.append(
+            f"| `{name}` | {kind} | {default_cell(parameter)} | {table_cell(described.get(name, ''))} |"
+        )
     lines += ["", "| output | type | meaning |", "| --- | --- | --- |"]
     for name, kind, _ in outputs:
-        lines.append(f"| `{name}` | {kind} | {_cell(produced.get(name, ''))} |")
+        lines.append(f"| `{name}` | {kind} | {table_cell(produced.get(name, ''))} |")
     for name, kind in _returns(component):
-        lines.append(f"| `{name}` | {kind} | {_cell(produced.get(name, ''))} |")
+        lines.append(f"| `{name}` | {kind} | {table_cell(produced.get(name, ''))} |")
     return [*lines, ""]
 
 
@@ -141,11 +145,17 @@ def render() -> str:
     return "\n".join(parts)
 
 
+def replace_generated(text: str, start: str, end: str, generated: str) -> str:
+    """``text`` with everything from the ``start`` marker to the ``end`` marker replaced by ``generated``
+    (which carries both markers)."""
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    return before + generated + after
+
+
 def updated(text: str) -> str:
     """``text`` with the generated part replaced by the current reference."""
-    before, rest = text.split(START, 1)
-    _, after = rest.split(END, 1)
-    return before + render() + after
+    return replace_generated(text, START, END, render())
 
 
 def main() -> None:
