@@ -201,9 +201,12 @@ def _train(
 
 
 # ------------------------------------------------------------------------------------------- scoring
+def _model(model_path: str) -> Any:
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+
+
 def _load(model_path: str) -> tuple[Any, Any]:
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    return tokenizer, AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    return AutoTokenizer.from_pretrained(model_path), _model(model_path)
 
 
 @torch.no_grad()
@@ -241,7 +244,7 @@ def weight_change_outside_trainable(base_path: str, model_a_path: str, ratio: fl
     top singular directions on both sides); a share near 1 means task A was written into the directions
     OSFT then freezes.
     """
-    base, tuned = _load(base_path)[1], _load(model_a_path)[1]
+    base, tuned = _model(base_path), _model(model_a_path)
     total = outside = 0.0
     for name in osft.find_osft_targets(tuned):
         weight = tuned.get_submodule(name).weight.detach()
@@ -405,10 +408,17 @@ FINDINGS = [
 
 # ------------------------------------------------------------------------------------------------- run
 def _curve(
-    start: str, data_b: str, work: Path, setting: Setting, algorithm: str, tasks: tuple
+    start: str,
+    start_scores: dict[str, float],
+    data_b: str,
+    work: Path,
+    setting: Setting,
+    algorithm: str,
+    tasks: tuple,
 ) -> dict[str, Any]:
-    """Train task B in chunks from ``start`` and score after each; returns the curves and the final model."""
-    curve: dict[str, Any] = {"step": [0], **{key: [value] for key, value in scores(start, *tasks).items()}}
+    """Train task B in chunks from ``start`` (scored ``start_scores``) and score after each chunk; returns
+    the curves and the final model."""
+    curve: dict[str, Any] = {"step": [0], **{key: [value] for key, value in start_scores.items()}}
     model = start
     with _frozen(setting.freeze):
         for chunk in range(setting.steps_b // setting.eval_every):
@@ -462,8 +472,9 @@ def experiment(
     base, model_a = models.get(setting)
     ratio = setting.unfreeze_rank_ratio
     measured, isotropic = activation_share(model_a, tasks[0], ratio)
+    start_scores = scores(model_a, *tasks)  # both methods start from the same model
     curves = {
-        label: _curve(model_a, data_b, work / label, setting, algorithm, tasks)
+        label: _curve(model_a, start_scores, data_b, work / label, setting, algorithm, tasks)
         for label, algorithm in (("full", "sft"), ("osft", "osft"))
     }
     return {

@@ -25,7 +25,7 @@ log = logging.getLogger("kfp_components.trainer")
 def build_training_config(argv: list[str] | None = None) -> tuple[TrainingConfig, argparse.Namespace]:
     parser = argparse.ArgumentParser(
         prog="python -m kfp_components.trainer",
-        description="Train with SFT (full or LoRA) or OSFT; run under torchrun for several processes.",
+        description="Train with SFT (full or LoRA), OSFT or DPO; run under torchrun for several processes.",
     )
     parser.add_argument("--config", help="YAML file of TrainingConfig options; flags override it")
     parser.add_argument("--log_level", default="INFO")
