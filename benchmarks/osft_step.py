@@ -187,7 +187,7 @@ def run() -> dict:
         "model": MODEL,
         "seq_len": SEQ_LEN,
         "unfreeze_rank_ratio": RATIO,
-        "dtype": "float32",
+        "torch_dtype": "float32",
         "torch_threads": torch.get_num_threads(),
         "measured_steps": MEASURED_STEPS,
         "rows": rows,

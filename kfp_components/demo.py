@@ -50,7 +50,7 @@ def run_demo(output_dir: Path) -> dict:
                 phase_02_train_man_train_tokens=512,
                 phase_02_train_opt_max_seq_len=256,
                 phase_02_train_opt_learning_rate=3e-3,
-                phase_02_train_opt_dtype="float32",
+                phase_02_train_opt_torch_dtype="float32",
                 phase_02_train_opt_use_liger=False,
                 phase_02_train_opt_backend="local",
                 phase_03_eval_man_eval_tasks=["kfp_capitals"],

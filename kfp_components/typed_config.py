@@ -3,60 +3,159 @@
 One set of dataclasses describes every option; the component parameters, the stage YAML, the trainer's
 ``--config`` file and its command-line flags are all read through :func:`from_dict`, so an option has one
 name, one type and one meaning everywhere. Errors look like
-``stage_configs.dpo.beta: expected a float, got 'high'`` and are raised before any model loads.
+``stage_configs.dpo.beta: expected a float, got 'high'`` and are raised before any model loads; every problem
+of a mapping is reported at once, not only the first.
+
+Enumerated options are ``Literal`` types: :func:`from_dict` checks them, and :class:`Options` (the base of
+every option group) checks them again when a config is built directly in Python, so an unknown value is an
+error naming the key and the allowed values wherever it comes from.
+
+An option may have documented *aliases* (the names other tools use for it, e.g. a stage's
+``preference_dataset_path`` for its ``dataset_name_or_path``): a class lists them in ``option_aliases``
+(alias -> option name); :func:`from_dict` maps each to exactly one option and refuses both at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import re
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 T = TypeVar("T")
 _FLOAT_TEXT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class ConfigError(ValueError):
-    """A config value is missing, unknown or of the wrong type. ``path`` is the dotted key path."""
+    """One or more config values are missing, unknown or wrong.
 
-    def __init__(self, path: str, message: str):
+    ``path`` is the dotted key path of the first problem; ``problems`` lists every problem as
+    ``(key path, message)``.
+    """
+
+    def __init__(self, path: str, message: str, *, problems: list[tuple[str, str]] | None = None):
         self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
+        self.problems = problems or [(path, message)]
+        super().__init__(f"{path}: {message}" if path and len(self.problems) == 1 else message)
+
+    @classmethod
+    def of(cls, problems: Iterable[tuple[str, str]]) -> ConfigError:
+        """One error for several problems: its text lists them all, one per line."""
+        problems = list(problems)
+        if len(problems) == 1:
+            return cls(*problems[0])
+        lines = [f"{path}: {message}" if path else message for path, message in problems]
+        return cls(problems[0][0], f"{len(problems)} problems:\n  " + "\n  ".join(lines), problems=problems)
+
+    def under(self, prefix: str) -> ConfigError:
+        """The same problems with their key paths under ``prefix`` (``beta`` -> ``stage_configs.dpo.beta``)."""
+        if not prefix:
+            return self
+        return ConfigError.of(
+            (path if path.startswith(prefix) else _join(prefix, path) if path else prefix, message)
+            for path, message in self.problems
+        )
+
+
+class Options:
+    """Base of the option dataclasses: enumerated (``Literal``) options are checked when the config is built,
+    in Python as from YAML or flags, so an unknown value is never carried to where it is used."""
+
+    #: Other names accepted for an option in YAML, flags and overrides: alias -> option name.
+    option_aliases: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name, choices in literal_choices(type(self)).items():
+            value = getattr(self, name)
+            if value not in choices:
+                problems.append((name, _choice_message(choices, value)))
+        if problems:
+            raise ConfigError.of(problems)
+
+
+def aliases_of(cls: type) -> dict[str, str]:
+    """Every alias of ``cls`` and its bases: alias -> option name."""
+    merged: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        merged.update(klass.__dict__.get("option_aliases", {}))
+    return merged
+
+
+@functools.cache
+def literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
+    """The allowed values of each enumerated (``Literal`` or ``Literal | None``) field of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    choices = {}
+    for field in dataclasses.fields(cls):
+        annotation = hints[field.name]
+        options = get_args(annotation) if get_origin(annotation) in (typing.Union, types.UnionType) else ()
+        literal = next((o for o in options if get_origin(o) is Literal), annotation)
+        if get_origin(literal) is Literal:
+            allowed = get_args(literal)
+            choices[field.name] = (*allowed, None) if type(None) in options else allowed
+    return choices
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
-    """Build dataclass ``cls`` from ``data``, checking every key and type; nested dataclasses recurse."""
+    """Build dataclass ``cls`` from ``data``, checking every key and type; nested dataclasses recurse.
+
+    Every problem of ``data`` (unknown keys, wrong types, missing options) is reported in one
+    :class:`ConfigError`; the class's own ``validate`` runs once the types are right.
+    """
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(path, f"expected a mapping of options, got {_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        where = _join(path, str(unknown[0]))
-        raise ConfigError(where, f"unknown option; {cls.__name__} accepts: {', '.join(sorted(fields))}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
+    aliases = aliases_of(cls)
+    problems: list[tuple[str, str]] = []
+    given: dict[str, Any] = {}
+    for key, value in data.items():
+        name = aliases.get(key, key)
+        if name not in fields:
+            problems.append((_join(path, str(key)), unknown_option_message(str(key), cls)))
+        elif name in given:
+            other = next(k for k in data if aliases.get(k, k) == name and k != key)
+            problems.append(
+                (_join(path, str(key)), f"{key} and {other} are the same option ({name}); set only one")
+            )
+        else:
+            given[name] = (key, value)
     hints = typing.get_type_hints(cls)
     values = {}
     for name, field in fields.items():
-        key_path = _join(path, name)
-        if name in data:
-            values[name] = coerce(data[name], hints[name], key_path)
+        if name in given:
+            key, value = given[name]
+            try:
+                values[name] = coerce(value, hints[name], _join(path, key))
+            except ConfigError as exc:
+                problems.extend(exc.problems)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ConfigError(key_path, "required option is missing")
-    instance = cls(**values)
-    validate = getattr(instance, "validate", None)
-    if callable(validate):
-        try:
+            problems.append((_join(path, name), "required option is missing"))
+    if problems:
+        raise ConfigError.of(problems)
+    try:
+        instance = cls(**values)
+        validate = getattr(instance, "validate", None)
+        if callable(validate):
             validate()
-        except ConfigError as exc:
-            if path and not exc.path.startswith(path):
-                raise ConfigError(_join(path, exc.path), str(exc).split(": ", 1)[-1]) from None
-            raise
+    except ConfigError as exc:
+        raise exc.under(path) from None
     return instance
+
+
+def unknown_option_message(key: str, cls: type) -> str:
+    """``unknown option; did you mean num_train_epochs? (SFTStageConfig accepts: ...)``."""
+    names = sorted({f.name for f in dataclasses.fields(cls) if f.init} | set(aliases_of(cls)))  # type: ignore[arg-type]
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return f"unknown option; {hint}{cls.__name__} accepts: {', '.join(names)}"
 
 
 def to_dict(instance: Any) -> dict[str, Any]:
@@ -101,7 +200,7 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
     if origin is Literal:
         choices = get_args(annotation)
         if value not in choices:
-            raise ConfigError(path, f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(path, _choice_message(choices, value))
         return value
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
@@ -173,6 +272,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("", f"{path}: expected a mapping of options at the top level")
     return data
+
+
+def _choice_message(choices: tuple[Any, ...], value: Any) -> str:
+    shown = ", ".join("null" if c is None else str(c) for c in choices)
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices if c is not None], n=1)
+    hint = f" (did you mean {close[0]}?)" if close and close[0] != str(value) else ""
+    return f"expected one of {shown}, got {value!r}{hint}"
 
 
 def _join(path: str, key: str) -> str:

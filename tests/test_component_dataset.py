@@ -27,7 +27,9 @@ def test_component_reads_s3_and_writes_artifacts(kfp_local, s3_env, capfd):
     body = "".join(json.dumps(chat(f"q{i}", f"a{i}")) + "\n" for i in range(20))
     client.put_object(Bucket="component-data", Key="sft/train.jsonl", Body=body.encode())
 
-    task = dataset_download(data_uri="s3://component-data/sft/train.jsonl", train_split_ratio=0.75, seed=1)
+    task = dataset_download(
+        dataset_name_or_path="s3://component-data/sft/train.jsonl", train_split_ratio=0.75, seed=1
+    )
 
     assert task.outputs["data_format"] == "messages"
     assert (task.outputs["train_rows"], task.outputs["eval_rows"]) == (15, 5)
@@ -44,7 +46,9 @@ def test_component_reads_http_and_drops_invalid_rows(kfp_local, tmp_path):
     rows = [chat(f"q{i}") for i in range(9)] + [{"messages": [{"role": "user", "content": "unanswered"}]}]
     write_jsonl(tmp_path / "www" / "chat.jsonl", rows)
     with http_file_server(tmp_path / "www") as server:
-        task = dataset_download(data_uri=f"{server.url}/chat.jsonl", on_invalid="drop", train_split_ratio=1.0)
+        task = dataset_download(
+            dataset_name_or_path=f"{server.url}/chat.jsonl", dataset_on_invalid="drop", train_split_ratio=1.0
+        )
     assert task.outputs["train_rows"] == 9 and task.outputs["eval_rows"] == 0
     assert task.outputs["metrics"].metadata["rows_dropped"] == 1
 
@@ -52,5 +56,5 @@ def test_component_reads_http_and_drops_invalid_rows(kfp_local, tmp_path):
 def test_component_failure_names_the_line(kfp_local, tmp_path, capfd):
     bad = write_jsonl(tmp_path / "bad.jsonl", [chat(), {"messages": [{"role": "wizard", "content": "x"}]}])
     with pytest.raises(RuntimeError, match="dataset-download"):
-        dataset_download(data_uri=str(bad))
+        dataset_download(dataset_name_or_path=str(bad))
     assert "bad.jsonl:2: messages[0].role: 'wizard' is not one of" in capfd.readouterr().out

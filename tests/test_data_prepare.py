@@ -9,6 +9,7 @@ import pytest
 
 from kfp_components.data import DatasetConfig, DatasetError, prepare_dataset
 from kfp_components.data.prepare import split_rows
+from kfp_components.typed_config import ConfigError, from_dict
 
 from conftest import SAMPLES, chat, write_jsonl
 
@@ -27,18 +28,35 @@ def users(path) -> list[str]:
         ({"train_split_ratio": 0.0}, "train_split_ratio: 0.0 is not in (0, 1]"),
         ({"train_split_ratio": 1.5}, "train_split_ratio: 1.5 is not in (0, 1]"),
         ({"train_split_ratio": "half"}, "train_split_ratio: expected a number"),
-        ({"subset_size": -1}, "subset_size: -1 is negative"),
-        ({"subset_mode": "random"}, "subset_mode: 'random' is not one of first, sample"),
-        ({"on_invalid": "ignore"}, "on_invalid: 'ignore' is not one of fail, drop"),
-        ({"data_format": "sharegpt"}, "data_format: 'sharegpt' is not one of auto"),
+        ({"dataset_subset_size": -1}, "dataset_subset_size: -1 is negative"),
+        (
+            {"dataset_subset_mode": "random"},
+            "dataset_subset_mode: expected one of first, sample, got 'random'",
+        ),
+        ({"dataset_on_invalid": "ignore"}, "dataset_on_invalid: expected one of fail, drop, got 'ignore'"),
+        ({"data_format": "sharegpt"}, "data_format: expected one of auto, messages, preference, prompt"),
     ],
 )
 def test_bad_options_fail_before_any_download(tmp_path, options, message):
     # 127.0.0.1:9 (discard) refuses connections: reaching it would fail differently and slowly.
-    config = DatasetConfig("http://127.0.0.1:9/never-fetched.jsonl", **options)
-    with pytest.raises(DatasetError) as raised:
+    with pytest.raises(ConfigError) as raised:
+        config = DatasetConfig("http://127.0.0.1:9/never-fetched.jsonl", **options)
         prepare_dataset(config, tmp_path / "t", tmp_path / "e")
     assert message in str(raised.value)
+    assert not (tmp_path / "t").exists()
+
+
+def test_every_bad_option_is_reported_at_once():
+    with pytest.raises(ConfigError) as raised:
+        from_dict(
+            DatasetConfig,
+            {"dataset_name_or_path": "ftp://x/y", "train_split_ratio": 2.0, "dataset_subset_size": -3},
+        )
+    assert [path for path, _ in raised.value.problems] == [
+        "dataset_name_or_path",
+        "train_split_ratio",
+        "dataset_subset_size",
+    ]
 
 
 def test_split_is_deterministic_disjoint_and_complete(tmp_path):
@@ -78,13 +96,21 @@ def test_small_ratio_still_keeps_a_training_row_and_an_eval_row():
 def test_subset_first_and_sample(tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", numbered(50))
     prepare_dataset(
-        DatasetConfig(str(source), train_split_ratio=1.0, subset_size=5), tmp_path / "t", tmp_path / "e"
+        DatasetConfig(str(source), train_split_ratio=1.0, dataset_subset_size=5),
+        tmp_path / "t",
+        tmp_path / "e",
     )
     assert users(tmp_path / "t") == [f"question {i}" for i in range(5)]
     picks = []
     for seed in (1, 1, 2):
         prepare_dataset(
-            DatasetConfig(str(source), train_split_ratio=1.0, subset_size=5, subset_mode="sample", seed=seed),
+            DatasetConfig(
+                str(source),
+                train_split_ratio=1.0,
+                dataset_subset_size=5,
+                dataset_subset_mode="sample",
+                seed=seed,
+            ),
             tmp_path / "t",
             tmp_path / "e",
         )
@@ -99,7 +125,9 @@ def test_drop_reports_counts(tmp_path):
     ]
     source = write_jsonl(tmp_path / "d.jsonl", rows)
     result = prepare_dataset(
-        DatasetConfig(str(source), on_invalid="drop", train_split_ratio=0.75), tmp_path / "t", tmp_path / "e"
+        DatasetConfig(str(source), dataset_on_invalid="drop", train_split_ratio=0.75),
+        tmp_path / "t",
+        tmp_path / "e",
     )
     assert result.metrics["rows_read"] == 10 and result.metrics["rows_dropped"] == 2
     assert (
@@ -110,7 +138,7 @@ def test_drop_reports_counts(tmp_path):
 def test_all_rows_invalid_under_drop_is_an_error(tmp_path):
     source = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
     with pytest.raises(DatasetError, match="no valid rows: 1 row"):
-        prepare_dataset(DatasetConfig(str(source), on_invalid="drop"), tmp_path / "t", tmp_path / "e")
+        prepare_dataset(DatasetConfig(str(source), dataset_on_invalid="drop"), tmp_path / "t", tmp_path / "e")
 
 
 def test_sha256_is_of_the_written_train_file(tmp_path):
@@ -145,3 +173,25 @@ def test_pvc_uri_reads_the_mounted_claim(tmp_path, monkeypatch):
 def test_missing_local_path(tmp_path):
     with pytest.raises(DatasetError, match="no such file or folder"):
         prepare_dataset(DatasetConfig(str(tmp_path / "nope.jsonl")), tmp_path / "t", tmp_path / "e")
+
+
+def test_dataset_split_picks_a_folders_split_and_is_refused_for_a_single_file(tmp_path):
+    folder = tmp_path / "folder"
+    write_jsonl(folder / "train.jsonl", numbered(6))
+    write_jsonl(folder / "test.jsonl", [chat("held-out question", "answer")])
+    out = tmp_path / "out"
+    every = prepare_dataset(DatasetConfig(str(folder), train_split_ratio=1.0), out / "a", out / "b")
+    assert every.metrics["train_rows"] == 7
+    test = prepare_dataset(
+        DatasetConfig(str(folder), dataset_split="test", train_split_ratio=1.0), out / "t", out / "e"
+    )
+    assert users(out / "t") == ["held-out question"] and test.files == ["test.jsonl"]
+    with pytest.raises(DatasetError, match="no files for split 'validation'"):
+        prepare_dataset(DatasetConfig(str(folder), dataset_split="validation"), out / "v", out / "w")
+    with pytest.raises(
+        DatasetError, match=r"is a single file, which has no splits, but dataset_split is 'test'"
+    ):
+        prepare_dataset(
+            DatasetConfig(str(folder / "train.jsonl"), dataset_split="test"), out / "x", out / "y"
+        )
+    assert not (out / "x").exists()

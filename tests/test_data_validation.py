@@ -149,7 +149,7 @@ def test_one_very_long_line(tmp_path):
     assert "long.jsonl:3: not valid JSON" in text and "(300014 characters)" in text
     assert len(text) < 1000, "an error message must not echo a huge line"
     result = prepare_dataset(
-        DatasetConfig(str(source), on_invalid="drop", train_split_ratio=1.0),
+        DatasetConfig(str(source), dataset_on_invalid="drop", train_split_ratio=1.0),
         tmp_path / "t.jsonl",
         tmp_path / "e.jsonl",
     )

@@ -28,7 +28,7 @@ def config(tmp_path: Path, **overrides: Any) -> EvalConfig:
         "limit": 3,
         "batch_size": 4,
         "device": "cpu",
-        "dtype": "float32",
+        "torch_dtype": "float32",
         "bootstrap_iters": 100,
         "output_dir": str(tmp_path / "out"),
     }
@@ -94,7 +94,7 @@ def test_base_model_deltas_and_retention(tmp_path):
             tmp_path,
             tasks=["kfp_capitals"],
             limit=4,
-            base_model_path=str(tiny_model_path("qwen2", 1)),
+            base_model_name_or_path=str(tiny_model_path("qwen2", 1)),
             apply_chat_template=False,
         )
     )
@@ -219,7 +219,7 @@ def test_component_under_kfp_local(tmp_path):
             limit=2.0,
             batch_size="2",
             device="cpu",
-            dtype="float32",
+            torch_dtype="float32",
         )
         return task.outputs["metrics"]
 

@@ -250,7 +250,7 @@ def test_unknown_split_lists_the_splits_found(hub: LocalHubServer, hub_root: Pat
         fetch("hf://org/splits", "test", tmp_path / "test")
     assert (
         str(caught.value)
-        == "data_uri 'hf://org/splits': no files for split 'test'; splits found: train, validation"
+        == "dataset_name_or_path 'hf://org/splits': no files for split 'test'; splits found: train, validation"
     )
 
 
@@ -401,7 +401,7 @@ def test_parse_card_configs(front_matter: str, expected: list[CardConfig]):
 )
 def test_parse_card_configs_rejects_malformed_cards(front_matter: str, message: str):
     with pytest.raises(DatasetError, match=message):
-        parse_card_configs(card(front_matter), source="data_uri 'hf://org/x'")
+        parse_card_configs(card(front_matter), source="dataset_name_or_path 'hf://org/x'")
 
 
 def test_glob_patterns_follow_the_hub():
@@ -481,7 +481,7 @@ def test_prepare_dataset_reads_hf_split_end_to_end(hub: LocalHubServer, hub_root
     )
     out = tmp_path / "prepared"
     result = prepare_dataset(
-        DatasetConfig("hf://org/chat", split="test", train_split_ratio=1.0), out / "t", out / "e"
+        DatasetConfig("hf://org/chat", dataset_split="test", train_split_ratio=1.0), out / "t", out / "e"
     )
     assert result.files == ["data/test.jsonl"] and result.metrics["train_rows"] == 2
     assert all("test q" in line for line in (out / "t").read_text().splitlines())

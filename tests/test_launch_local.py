@@ -19,7 +19,7 @@ def config(tmp_path, **overrides) -> TrainingConfig:
         model_name_or_path=str(tiny_model_path("qwen2", 0)),
         data_path=str(SAMPLES / "chat.jsonl"),
         output_dir=str(tmp_path / "run"),
-        dtype="float32",
+        torch_dtype="float32",
         max_seq_len=256,
         effective_batch_size=8,
         max_tokens_per_gpu=512,

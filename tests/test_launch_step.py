@@ -23,7 +23,7 @@ def config(output_dir) -> TrainingConfig:
         data_path=str(SAMPLES / "chat.jsonl"),
         output_dir=str(output_dir),
         algorithm="osft",
-        dtype="float32",
+        torch_dtype="float32",
         max_seq_len=256,
         effective_batch_size=8,
         max_tokens_per_gpu=512,
@@ -64,12 +64,12 @@ def test_trainjob_backend_runs_the_config_from_the_workspace(tmp_path, monkeypat
         }
         (output_dir / "summary.json").write_text(json.dumps(summary))
         trainjob = TrainJobConfig(
-            image="quay.io/example/trainer:1",
+            trainer_image="quay.io/example/trainer:1",
             run_id="r1",
             stage="train",
             namespace="ml",
-            pvc_claim="workspace",
-            mount_path=str(workspace),
+            workspace_pvc="workspace",
+            workspace_path=str(workspace),
             trainer_api_version="v2.3",
             poll_interval_seconds=0.05,
         )

@@ -74,13 +74,13 @@ def trainjob_crd(version: str) -> dict:
 
 def launch_config(**overrides) -> TrainJobConfig:
     options = dict(
-        image="quay.io/kfp-components/trainer:0.1.0",
+        trainer_image="quay.io/kfp-components/trainer:0.1.0",
         config_path="/workspace/sft/run.yaml",
         run_id=RUN_ID,
         stage="sft",
         namespace="ml",
         gpus_per_node=1,
-        pvc_claim="workspace-pvc",
+        workspace_pvc="workspace-pvc",
         poll_interval_seconds=0.02,
         timeout_seconds=20,
     )
@@ -170,7 +170,7 @@ def test_every_manifest_shape_passes_the_crd_schema(version):
     configs = [
         full_config(),
         launch_config(),
-        launch_config(gpus_per_node=0, pvc_claim="", cpu="2", memory="8Gi"),  # CPU-only, no volume
+        launch_config(gpus_per_node=0, workspace_pvc="", cpu="2", memory="8Gi"),  # CPU-only, no volume
         launch_config(
             runtime_kind="TrainingRuntime", runtime_name="my-torch", trainer_flags={"max_steps": 5}
         ),
@@ -315,7 +315,9 @@ def test_a_literal_secret_is_refused_and_never_quoted():
         env={"TOKENIZERS_PARALLELISM": "false", "CACHE_KEY": "v1"}, allow_literal_env=["CACHE_KEY"]
     ).validate()
     with pytest.raises(ConfigError, match=r"env\.HF_TOKEN"):  # the YAML / component path too
-        from_dict(TrainJobConfig, {"image": "i", "config_path": "c", "name": "n", "env": {"HF_TOKEN": "v"}})
+        from_dict(
+            TrainJobConfig, {"trainer_image": "i", "config_path": "c", "name": "n", "env": {"HF_TOKEN": "v"}}
+        )
 
 
 @needs_crds
@@ -415,7 +417,7 @@ def test_sigterm_deletes_the_trainjob_and_exits_non_zero(tmp_path):
         config_file.write_text(
             yaml.safe_dump(
                 {
-                    "image": "trainer:1",
+                    "trainer_image": "trainer:1",
                     "config_path": "/workspace/run.yaml",
                     "run_id": RUN_ID,
                     "stage": "sft",

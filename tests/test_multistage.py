@@ -42,6 +42,8 @@ SMALL = {
     "use_liger": False,
     "dataset_subset_size": 0,
     "eval_dataset_subset_size": 0,
+    "dataset_split": "",  # the bundled samples are single files: no splits
+    "eval_dataset_split": "",
 }
 
 
@@ -67,9 +69,9 @@ def example_overrides(name: str, tiny: str, output_dir: Path, **extra: object) -
     }
     for stage in data["stages"]:
         sample = PREFERENCE if stage == "dpo" else CHAT
-        overrides[f"stage_configs.{stage}.dataset"] = sample
-        if "eval_dataset" in data["stage_configs"][stage]:
-            overrides[f"stage_configs.{stage}.eval_dataset"] = sample
+        overrides[f"stage_configs.{stage}.dataset_name_or_path"] = sample
+        if "eval_dataset_name_or_path" in data["stage_configs"][stage]:
+            overrides[f"stage_configs.{stage}.eval_dataset_name_or_path"] = sample
         for key, value in SMALL.items():
             overrides[f"stage_configs.{stage}.{key}"] = value
     overrides.update(extra)
@@ -149,7 +151,8 @@ def test_sft_only_end_to_end_with_a_separate_tokenizer(tiny, tmp_path, capsys):
     log = log_text(out)
     assert "stage 'sft' (1 of 1)" in log and "kfp_components.trainer" in log
     assert (
-        json.loads((out / "pipeline_config.json").read_text())["stage_configs"]["sft"]["dtype"] == "float32"
+        json.loads((out / "pipeline_config.json").read_text())["stage_configs"]["sft"]["torch_dtype"]
+        == "float32"
     )
 
 
@@ -214,7 +217,11 @@ def sft_and(stage: str, tiny: str, out: Path, options: dict | None = None, **sft
         "torch_dtype": "float32",
         "stages": ["sft", stage],
         "stage_configs": {
-            "sft": {"dataset": CHAT, **{k: v for k, v in SMALL.items() if "subset" not in k}, **sft},
+            "sft": {
+                "dataset_name_or_path": CHAT,
+                **{k: v for k, v in SMALL.items() if "subset" not in k},
+                **sft,
+            },
             stage: options or {},
         },
     }
@@ -262,7 +269,7 @@ def test_failed_stage_keeps_earlier_outputs_and_a_rerun_skips_them(wise_ft, tiny
 
 def test_dpo_on_messages_data_fails_and_names_the_stage(tiny, tmp_path):
     out = tmp_path / "run"
-    config = pipeline_config_from_dict(sft_and("dpo", tiny, out, {"dataset": CHAT, **SMALL}))
+    config = pipeline_config_from_dict(sft_and("dpo", tiny, out, {"dataset_name_or_path": CHAT, **SMALL}))
     with pytest.raises(StageFailedError, match=r"stage 'dpo' \(2 of 2\) failed: .*'preference' rows") as info:
         Pipeline(config).run()
     assert info.value.stage_name == "dpo"
@@ -275,7 +282,9 @@ def test_dpo_on_messages_data_fails_and_names_the_stage(tiny, tmp_path):
 
 def test_a_subset_runs_in_config_order_from_the_latest_finished_stage(tiny, tmp_path):
     out = tmp_path / "run"
-    config = pipeline_config_from_dict(sft_and("dpo", tiny, out, {"dataset": PREFERENCE, **SMALL}))
+    config = pipeline_config_from_dict(
+        sft_and("dpo", tiny, out, {"dataset_name_or_path": PREFERENCE, **SMALL})
+    )
     pipeline = Pipeline(config)
 
     (dpo,) = pipeline.run(["dpo"])  # nothing finished before dpo: it starts from model_name_or_path
@@ -294,7 +303,7 @@ def test_a_subset_runs_in_config_order_from_the_latest_finished_stage(tiny, tmp_
 
 def test_a_disabled_stage_is_left_out(tiny, tmp_path):
     out = tmp_path / "run"
-    data = sft_and("dpo", tiny, out, {"dataset": PREFERENCE, **SMALL})
+    data = sft_and("dpo", tiny, out, {"dataset_name_or_path": PREFERENCE, **SMALL})
     data["stage_configs"]["sft"]["enabled"] = False
     (dpo,) = Pipeline(pipeline_config_from_dict(data)).run()
     assert dpo.stage_name == "dpo" and dpo.input_model == tiny
@@ -311,7 +320,7 @@ def valid_config(tiny: str, tmp_path: Path) -> dict:
         "model_name_or_path": tiny,
         "output_dir": str(tmp_path / "run"),
         "stages": ["sft", "dpo"],
-        "stage_configs": {"sft": {"dataset": CHAT}, "dpo": {"dataset": PREFERENCE}},
+        "stage_configs": {"sft": {"dataset_name_or_path": CHAT}, "dpo": {"dataset_name_or_path": PREFERENCE}},
     }
 
 
@@ -328,12 +337,18 @@ def _set(data: dict, path: str, value: object) -> None:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"modle_name": "x"}, "modle_name: unknown option; PipelineConfig accepts: "),
+        (
+            {"modle_name": "x"},
+            "modle_name: unknown option; did you mean model_name_or_path? PipelineConfig accepts: ",
+        ),
         ({"stage_configs.sft.learnin_rate": 1e-5}, "stage_configs.sft.learnin_rate: unknown option"),
         ({"stage_configs.dpo.beta": "high"}, "stage_configs.dpo.beta: expected a float, got 'high'"),
         ({"stage_configs.sft.max_steps": 2.5}, "stage_configs.sft.max_steps: expected an integer, got 2.5"),
         ({"model_name_or_path": KeyError}, "model_name_or_path: required option is missing"),
-        ({"stage_configs.sft.dataset": KeyError}, "stage_configs.sft.dataset: required option is missing"),
+        (
+            {"stage_configs.sft.dataset_name_or_path": KeyError},
+            "stage_configs.sft.dataset_name_or_path: required option is missing",
+        ),
         ({"stages": ["sft", "foo"]}, "stages[1]: no stage named 'foo'; available stages: "),
         (
             {"stages": ["sft", "rlaif"]},
@@ -347,7 +362,7 @@ def _set(data: dict, path: str, value: object) -> None:
             "stage_configs.dpo: stage 'dpo' is listed in stages but has no options",
         ),
         (
-            {"stage_configs.osft": {"dataset": CHAT}},
+            {"stage_configs.osft": {"dataset_name_or_path": CHAT}},
             "stage_configs.osft: stage 'osft' is not listed in stages",
         ),
         ({"stage_configs.sft.stage_name": "x"}, "stage_configs.sft.stage_name: set by the pipeline"),
@@ -365,11 +380,11 @@ def _set(data: dict, path: str, value: object) -> None:
             "stage_configs.sft.save_final_model: a stage always saves",
         ),
         (
-            {"stage_configs.sft.dataset": "ftp://host/data"},
-            "stage_configs.sft.dataset: 'ftp://host/data': unsupported scheme",
+            {"stage_configs.sft.dataset_name_or_path": "ftp://host/data"},
+            "stage_configs.sft.dataset_name_or_path: 'ftp://host/data': unsupported scheme",
         ),
         ({"stage_configs.sft.log_level": "loud"}, "stage_configs.sft.log_level: expected one of DEBUG"),
-        ({"torch_dtype": "fp8"}, "torch_dtype: expected one of auto, bfloat16, float32, got 'fp8'"),
+        ({"torch_dtype": "fp8"}, "torch_dtype: expected one of auto, bfloat16, float16, float32, got 'fp8'"),
     ],
 )
 def test_config_errors_name_the_key_path(change, message, tiny, tmp_path):
@@ -393,24 +408,25 @@ def test_yaml_syntax_errors_and_overrides(tiny, tmp_path):
         config_file, ["stage_configs.sft.max_steps=3", "stage_configs.dpo.beta=2e-1", "torch_dtype=float32"]
     )
     assert config.stage_configs["sft"].max_steps == 3 and config.stage_configs["dpo"].beta == 0.2
-    assert config.stage_configs["dpo"].dtype == "float32", "torch_dtype applies where a stage sets no dtype"
+    assert config.stage_configs["dpo"].torch_dtype == "float32", "torch_dtype applies where a stage sets none"
     assert config.stage_configs["dpo"].output_dir == str(tmp_path / "run" / "stages" / "02_dpo")
     with pytest.raises(
-        ConfigError, match="stage_configs.sft.dataset.x: override: stage_configs.sft.dataset is not"
+        ConfigError,
+        match="stage_configs.sft.dataset_name_or_path.x: override: stage_configs.sft.dataset_name_or_path is not",
     ):
-        load_pipeline_config(config_file, ["stage_configs.sft.dataset.x=1"])
+        load_pipeline_config(config_file, ["stage_configs.sft.dataset_name_or_path.x=1"])
 
 
 def test_dry_run_catches_missing_and_wrongly_formatted_data_and_models(tiny, tmp_path, capsys):
     data = valid_config(tiny, tmp_path)
-    data["stage_configs"]["sft"]["dataset"] = str(tmp_path / "missing.jsonl")
-    data["stage_configs"]["dpo"]["dataset"] = CHAT
+    data["stage_configs"]["sft"]["dataset_name_or_path"] = str(tmp_path / "missing.jsonl")
+    data["stage_configs"]["dpo"]["dataset_name_or_path"] = CHAT
     pipeline = Pipeline(pipeline_config_from_dict(data))
     with pytest.raises(DryRunError) as info:
         pipeline.dry_run()
     assert [path for path, _ in info.value.problems] == [
-        "stage_configs.sft.dataset",
-        "stage_configs.dpo.dataset",
+        "stage_configs.sft.dataset_name_or_path",
+        "stage_configs.dpo.dataset_name_or_path",
     ]
     assert "missing.jsonl" in info.value.problems[0][1]
     assert "the dpo stage trains on 'preference' rows" in info.value.problems[1][1]
@@ -418,17 +434,19 @@ def test_dry_run_catches_missing_and_wrongly_formatted_data_and_models(tiny, tmp
     config_file = tmp_path / "pipeline.yaml"
     data["stages"] = ["sft"]
     del data["stage_configs"]["dpo"]
-    data["stage_configs"]["sft"]["dataset"] = PREFERENCE
+    data["stage_configs"]["sft"]["dataset_name_or_path"] = PREFERENCE
     config_file.write_text(yaml.safe_dump(data))
     assert main(["--config", str(config_file), "--dry_run"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: stage_configs.sft.dataset: the sft stage trains on 'messages' rows")
+    assert err.startswith(
+        "error: stage_configs.sft.dataset_name_or_path: the sft stage trains on 'messages' rows"
+    )
 
     missing_model = [
         "--model_name_or_path",
         str(tmp_path / "no-model"),
         "--set",
-        f"stage_configs.sft.dataset={CHAT}",
+        f"stage_configs.sft.dataset_name_or_path={CHAT}",
     ]
     assert main(["--config", str(config_file), "--dry_run", *missing_model]) == 2
     assert "model_name_or_path: cannot load the model config" in capsys.readouterr().err

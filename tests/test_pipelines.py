@@ -141,7 +141,7 @@ def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
         phase_02_train_man_train_batch=8,
         phase_02_train_man_train_tokens=512,
         phase_02_train_opt_max_seq_len=256,
-        phase_02_train_opt_dtype="float32",
+        phase_02_train_opt_torch_dtype="float32",
         phase_02_train_opt_backend="local",
         phase_02_train_opt_use_liger=False,
         phase_02_train_opt_learning_rate=1e-3,

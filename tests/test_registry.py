@@ -320,8 +320,8 @@ def test_component_under_kfp_local(kfp_local, tmp_path, request, with_server):
         model = dsl.importer(artifact_uri=str(model_dir), artifact_class=dsl.Model, reimport=False)
         task = register_component(
             model=model.output,
-            base_model="hf://tiny/model",
-            dataset_uri="s3://data/train.jsonl",
+            base_model_name_or_path="hf://tiny/model",
+            dataset_name_or_path="s3://data/train.jsonl",
             dataset_sha256=SHA,
             algorithm="sft",
             model_name="tiny-sft",

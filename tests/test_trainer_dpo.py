@@ -104,13 +104,13 @@ def test_dpo_raises_reward_margin_and_accuracy_on_held_out_pairs(tmp_path):
             output_dir=str(tmp_path / "run"),
             algorithm="dpo",
             beta=0.1,
-            dtype="float32",
+            torch_dtype="float32",
             max_seq_len=128,
             effective_batch_size=8,
             max_tokens_per_gpu=512,
             learning_rate=5e-3,
             lr_scheduler="constant",
-            num_epochs=3,
+            num_train_epochs=3,
             seed=0,
         )
     )
@@ -147,13 +147,13 @@ def test_dpo_inside_the_osft_constraint_keeps_the_frozen_subspace(tmp_path):
             output_dir=str(tmp_path / "run"),
             algorithm="dpo",
             osft_constraint=True,
-            osft_unfreeze_rank_ratio=0.25,
-            dtype="float32",
+            unfreeze_rank_ratio=0.25,
+            torch_dtype="float32",
             max_seq_len=128,
             effective_batch_size=8,
             max_tokens_per_gpu=512,
             learning_rate=5e-3,
-            num_epochs=2,
+            num_train_epochs=2,
             seed=0,
         )
     )
@@ -176,7 +176,7 @@ def test_a_separate_reference_model_is_used(tmp_path):
     common = dict(
         data_path=str(train_path),
         algorithm="dpo",
-        dtype="float32",
+        torch_dtype="float32",
         max_seq_len=128,
         effective_batch_size=8,
         max_tokens_per_gpu=512,

@@ -32,13 +32,13 @@ def config(tmp_path: Path, **overrides) -> TrainingConfig:
         "model_name_or_path": str(tiny_model_path("qwen2", 0)),
         "data_path": str(SAMPLES / "chat.jsonl"),
         "output_dir": str(tmp_path / "run"),
-        "dtype": "float32",
+        "torch_dtype": "float32",
         "max_seq_len": 256,
         "effective_batch_size": 8,
         "max_tokens_per_gpu": 256,
         "learning_rate": 3e-3,
         "lr_scheduler": "constant",
-        "num_epochs": 2,
+        "num_train_epochs": 2,
         "seed": 0,
     }
     options.update(overrides)
@@ -52,7 +52,7 @@ def metrics(run_dir: Path) -> list[dict]:
 def test_sft_loss_goes_down_and_model_loads_in_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    summary = train(config(tmp_path, num_epochs=4))
+    summary = train(config(tmp_path, num_train_epochs=4))
     run = tmp_path / "run"
     records = metrics(run)
     assert len(records) == summary.steps == 20  # 40 samples / 8 per step * 4 epochs
@@ -82,8 +82,8 @@ def test_osft_trains_and_exports_a_dense_checkpoint(tmp_path):
         config(
             tmp_path,
             algorithm="osft",
-            osft_unfreeze_rank_ratio=0.5,
-            num_epochs=3,
+            unfreeze_rank_ratio=0.5,
+            num_train_epochs=3,
             activation_checkpointing=True,
         )
     )
@@ -99,7 +99,7 @@ def test_osft_trains_and_exports_a_dense_checkpoint(tmp_path):
 def test_lora_trains_saves_adapter_and_merged_model(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    train(config(tmp_path, lora_r=4, lora_alpha=8, learning_rate=1e-2, num_epochs=3))
+    train(config(tmp_path, lora_r=4, lora_alpha=8, learning_rate=1e-2, num_train_epochs=3))
     run = tmp_path / "run"
     records = metrics(run)
     assert records[-1]["loss"] < records[0]["loss"]
@@ -112,7 +112,7 @@ def test_lora_trains_saves_adapter_and_merged_model(tmp_path):
 def test_resume_continues_exactly(tmp_path, monkeypatch, algorithm):
     options = {
         "algorithm": algorithm,
-        "num_epochs": 2,
+        "num_train_epochs": 2,
         "checkpoint_every_steps": 3,
         "keep_checkpoints": 5,
         "lr_scheduler": "cosine",
@@ -181,7 +181,7 @@ def test_fsdp_osft_resume_continues_exactly(tmp_path):
 )
 def test_two_processes_match_one(tmp_path, strategy, algorithm):
     data = SAMPLES / ("preference.jsonl" if algorithm == "dpo" else "chat.jsonl")
-    one = config(tmp_path / "one", num_epochs=1, algorithm=algorithm, data_path=str(data))
+    one = config(tmp_path / "one", num_train_epochs=1, algorithm=algorithm, data_path=str(data))
     train(one)
     run_yaml = tmp_path / "run.yaml"
     two_dir = tmp_path / "two" / "run"
@@ -214,12 +214,12 @@ def test_config_file_flags_override_and_errors_name_the_key(tmp_path):
                 "data_path": "d.jsonl",
                 "output_dir": "o",
                 "learning_rate": "1e-5",
-                "osft_target_patterns": ["q_proj"],
+                "target_patterns": ["q_proj"],
             }
         )
     )
     cfg, _ = build_training_config(["--config", str(path), "--learning_rate", "3e-4", "--algorithm", "osft"])
-    assert cfg.learning_rate == 3e-4 and cfg.algorithm == "osft" and cfg.osft_target_patterns == ["q_proj"]
+    assert cfg.learning_rate == 3e-4 and cfg.algorithm == "osft" and cfg.target_patterns == ["q_proj"]
     with pytest.raises(ConfigError, match="learnin_rate: unknown option"):
         path.write_text(
             yaml.safe_dump(
@@ -227,9 +227,9 @@ def test_config_file_flags_override_and_errors_name_the_key(tmp_path):
             )
         )
         build_training_config(["--config", str(path)])
-    with pytest.raises(ConfigError, match="osft_unfreeze_rank_ratio: must be in \\(0, 1\\]"):
+    with pytest.raises(ConfigError, match="unfreeze_rank_ratio: must be in \\(0, 1\\]"):
         TrainingConfig(
-            model_name_or_path="m", data_path="d", output_dir="o", osft_unfreeze_rank_ratio=1.5
+            model_name_or_path="m", data_path="d", output_dir="o", unfreeze_rank_ratio=1.5
         ).validate()
     path.write_text("model_name_or_path: m\n  bad: [indent\n")
     assert main(["--config", str(path)]) == 2
@@ -276,7 +276,7 @@ def test_fnsft_train_validates_then_trains(tmp_path):
             "512",
             "--max_seq_len",
             "256",
-            "--dtype",
+            "--torch_dtype",
             "float32",
         ]
     )

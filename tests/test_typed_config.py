@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from kfp_components.typed_config import ConfigError, coerce, from_dict, parse_cli_value, to_dict
+from kfp_components.typed_config import ConfigError, Options, coerce, from_dict, parse_cli_value, to_dict
 
 
 @dataclass
@@ -36,7 +36,7 @@ class Outer:
         ({}, "name: required option is missing"),
         (
             {"name": "x", "stpes": 1},
-            "stpes: unknown option; Outer accepts: inner, name, per_stage, ratio, steps, tags",
+            "stpes: unknown option; did you mean steps? Outer accepts: inner, name, per_stage, ratio, steps, tags",
         ),
         ({"name": 3}, "name: expected a string, got 3"),
         ({"name": "x", "steps": 1.5}, "steps: expected an integer, got 1.5"),
@@ -75,3 +75,48 @@ def test_round_trip_and_cli_values():
     assert (
         parse_cli_value("[a, b]") == ["a", "b"] and parse_cli_value("text: with colon") == "text: with colon"
     )
+
+
+@dataclass(kw_only=True)
+class Aliased(Options):
+    option_aliases = {"num_epochs_alias": "epochs", "kind_alias": "kind"}
+
+    epochs: int = 1
+    kind: Literal["a", "b"] = "a"
+    maybe: Literal["x", "y"] | None = None
+
+
+def test_every_problem_of_a_mapping_is_reported_at_once():
+    with pytest.raises(ConfigError) as raised:
+        from_dict(Outer, {"stpes": 1, "tags": "a", "inner": {"beta": "high", "loss": "l2"}})
+    assert [path for path, _ in raised.value.problems] == [
+        "stpes",
+        "name",
+        "tags",
+        "inner.beta",
+        "inner.loss",
+    ]
+    assert str(raised.value).startswith("5 problems:\n  stpes: unknown option")
+
+
+def test_aliases_map_to_exactly_one_option():
+    assert from_dict(Aliased, {"num_epochs_alias": 3}).epochs == 3
+    with pytest.raises(
+        ConfigError, match=r"^num_epochs_alias: num_epochs_alias and epochs are the same option"
+    ):
+        from_dict(Aliased, {"epochs": 2, "num_epochs_alias": 3})
+    with pytest.raises(ConfigError, match=r"kind_alias: expected one of a, b, got 'c'"):
+        from_dict(Aliased, {"kind_alias": "c"})
+
+
+def test_enumerated_options_are_checked_when_built_in_python_too():
+    with pytest.raises(ConfigError, match=r"^kind: expected one of a, b, got 'c'"):
+        Aliased(kind="c")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"^maybe: expected one of x, y, null, got 'z'"):
+        Aliased(maybe="z")  # type: ignore[arg-type]
+    assert Aliased(maybe=None).maybe is None
+
+
+def test_a_near_miss_is_named():
+    with pytest.raises(ConfigError, match=r"expected one of a, b, got 'bb' \(did you mean b\?\)"):
+        from_dict(Aliased, {"kind": "bb"})

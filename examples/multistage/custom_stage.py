@@ -12,7 +12,7 @@ Use it after a training stage::
     output_dir: ./runs/sft-wise
     stages: [sft, wise_ft]
     stage_configs:
-      sft: {dataset: hf://HuggingFaceH4/no_robots}
+      sft: {dataset_name_or_path: hf://HuggingFaceH4/no_robots}
       wise_ft: {alpha: 0.7}
 
     fnsft-pipeline --config wise.yaml --plugin examples/multistage/custom_stage.py

@@ -12,17 +12,17 @@ from kfp_components.components.images import RUNTIME_IMAGE
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
 def dataset_download(
-    data_uri: str,
+    dataset_name_or_path: str,
     train_dataset: dsl.Output[dsl.Dataset],
     eval_dataset: dsl.Output[dsl.Dataset],
     metrics: dsl.Output[dsl.Metrics],
-    split: str = "train",
+    dataset_split: str = "",
     data_format: str = "auto",
-    on_invalid: str = "fail",
+    dataset_on_invalid: str = "fail",
     train_split_ratio: float = 0.9,
     seed: int = 42,
-    subset_size: int = 0,
-    subset_mode: str = "first",
+    dataset_subset_size: int = 0,
+    dataset_subset_mode: str = "first",
 ) -> NamedTuple(
     "DatasetOutputs", [("train_sha256", str), ("data_format", str), ("train_rows", int), ("eval_rows", int)]
 ):
@@ -32,15 +32,16 @@ def dataset_download(
     AWS_S3_ENDPOINT or AWS_ENDPOINT_URL for MinIO/ODF), set from Kubernetes secrets; they are never logged.
 
     Args:
-        data_uri: hf://org/name[:config][@revision], s3://bucket/key-or-prefix, https://..., pvc://claim/path
-            or a local path. One JSONL, JSON-array or Parquet file, or a folder of shards.
-        split: Split of an hf:// dataset to read (train, validation, test, ...).
+        dataset_name_or_path: hf://org/name[:config][@revision], s3://bucket/key-or-prefix, https://...,
+            pvc://claim/path or a local path. One JSONL, JSON-array or Parquet file, or a folder of shards.
+        dataset_split: Split to read (train, validation, test, ...) of an hf:// dataset or of a folder whose
+            file names name their split; empty: an hf:// dataset's train split, every file of a folder.
         data_format: auto, messages (SFT/OSFT chat), preference (DPO: prompt/chosen/rejected) or prompt.
-        on_invalid: fail (stop, listing file:line and the problem for the first invalid rows) or drop.
+        dataset_on_invalid: fail (stop, listing file:line and the problem for the first invalid rows) or drop.
         train_split_ratio: Share of rows for training, in (0, 1]; 1.0 means no eval split.
         seed: Seed for the split and for a sampled subset.
-        subset_size: Keep only this many valid rows; 0 keeps all.
-        subset_mode: first (first N rows) or sample (seeded random sample of N rows).
+        dataset_subset_size: Keep only this many valid rows; 0 keeps all.
+        dataset_subset_mode: first (first N rows) or sample (seeded random sample of N rows).
 
     Returns:
         train_dataset, eval_dataset: JSONL files, one row per line, in the detected format.
@@ -51,17 +52,21 @@ def dataset_download(
     """
     from kfp_components.data import DatasetConfig, prepare_dataset
     from kfp_components.logs import configure_logging
+    from kfp_components.typed_config import from_dict
 
     configure_logging()
-    config = DatasetConfig(
-        data_uri=data_uri,
-        split=split,
-        data_format=data_format,
-        on_invalid=on_invalid,
-        train_split_ratio=train_split_ratio,
-        seed=seed,
-        subset_size=subset_size,
-        subset_mode=subset_mode,
+    config = from_dict(
+        DatasetConfig,
+        {
+            "dataset_name_or_path": dataset_name_or_path,
+            "dataset_split": dataset_split,
+            "data_format": data_format,
+            "dataset_on_invalid": dataset_on_invalid,
+            "train_split_ratio": train_split_ratio,
+            "seed": seed,
+            "dataset_subset_size": dataset_subset_size,
+            "dataset_subset_mode": dataset_subset_mode,
+        },
     )
     result = prepare_dataset(config, train_dataset.path, eval_dataset.path)
     for artifact, rows in ((train_dataset, "train_rows"), (eval_dataset, "eval_rows")):

@@ -24,10 +24,10 @@ def evaluate_model(
     system_instruction: str = "",
     backend: str = "hf",
     device: str = "auto",
-    dtype: str = "auto",
+    torch_dtype: str = "auto",
     include_path: str = "",
     log_samples: bool = False,
-    base_model_path: str = "",
+    base_model_name_or_path: str = "",
     compare_base: bool = True,
 ) -> float:
     """Evaluate a model on lm-eval tasks; log flat metrics and a summary table.
@@ -46,11 +46,11 @@ def evaluate_model(
         system_instruction: System prompt for every request; empty for none.
         backend: hf or vllm (vllm needs a CUDA GPU and vllm in the image).
         device: auto, cpu, cuda or cuda:N.
-        dtype: auto (the checkpoint's), bfloat16, float16 or float32.
+        torch_dtype: auto (the checkpoint's), bfloat16, float16 or float32.
         include_path: Folder of custom task YAMLs (e.g. on a mounted volume); empty for none.
         log_samples: Also write per-sample logs (samples_<task>.jsonl) into results.
-        base_model_path: The model before fine-tuning, scored too for a forgetting check; empty to skip.
-        compare_base: Score base_model_path too (per-task deltas and retention); false skips it.
+        base_model_name_or_path: The model before fine-tuning, scored too for a forgetting check; empty to skip.
+        compare_base: Score base_model_name_or_path too (per-task deltas and retention); false skips it.
 
     Returns:
         metrics: <task>_<metric>[_<filter>] and ..._stderr; with a base model also base_<name>,
@@ -86,10 +86,10 @@ def evaluate_model(
             "system_instruction": system_instruction,
             "backend": backend,
             "device": device,
-            "dtype": dtype,
+            "torch_dtype": torch_dtype,
             "include_path": include_path,
             "log_samples": log_samples,
-            "base_model_path": base_model_path if compare_base else "",
+            "base_model_name_or_path": base_model_name_or_path if compare_base else "",
         },
     )
     result = run_evaluation(config)
@@ -100,7 +100,7 @@ def evaluate_model(
         {
             "tasks": list(tasks),
             "apply_chat_template": result.apply_chat_template,
-            "base_model_path": base_model_path if compare_base else "",
+            "base_model_name_or_path": base_model_name_or_path if compare_base else "",
             "files": sorted(os.listdir(results.path)),
         }
     )

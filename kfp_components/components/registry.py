@@ -12,8 +12,8 @@ from kfp_components.components.images import RUNTIME_IMAGE
 def register_model(
     model: dsl.Input[dsl.Model],
     provenance: dsl.Output[dsl.Artifact],
-    base_model: str,
-    dataset_uri: str,
+    base_model_name_or_path: str,
+    dataset_name_or_path: str,
     dataset_sha256: str,
     algorithm: str,
     model_name: str,
@@ -44,8 +44,8 @@ def register_model(
 
     Args:
         model: The trained model (its metadata is copied into the provenance record).
-        base_model: The model that was fine-tuned.
-        dataset_uri: Where the training data came from (the URI given to dataset_download).
+        base_model_name_or_path: The model that was fine-tuned (Hugging Face id or path).
+        dataset_name_or_path: Where the training data came from (the URI given to dataset_download).
         dataset_sha256: SHA-256 of the file trained on.
         algorithm: sft, osft, dpo, lora, ...
         model_name: Registered model name.
@@ -105,8 +105,8 @@ def register_model(
         if artifact is not None:
             metrics[key] = dict(artifact.metadata)
     record = build_provenance(
-        base_model=base_model,
-        dataset_uri=dataset_uri,
+        base_model=base_model_name_or_path,
+        dataset_uri=dataset_name_or_path,
         dataset_sha256=dataset_sha256,
         algorithm=algorithm,
         hyperparameters=hyperparameters,

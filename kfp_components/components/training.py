@@ -13,18 +13,18 @@ def train_model(
     train_dataset: dsl.Input[dsl.Dataset],
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
-    base_model: str,
+    model_name_or_path: str,
     algorithm: str = "osft",
     backend: str = "trainjob",
     effective_batch_size: int = 128,
-    num_epochs: int = 1,
+    num_train_epochs: int = 1,
     learning_rate: float = 5e-6,
     lr_scheduler: str = "cosine",
     warmup_steps: int = 0,
     max_seq_len: int = 4096,
     max_tokens_per_gpu: int = 64000,
     seed: int = 42,
-    dtype: str = "bfloat16",
+    torch_dtype: str = "bfloat16",
     use_liger: bool = True,
     unfreeze_rank_ratio: float = 0.25,
     beta: float = 0.1,
@@ -33,7 +33,7 @@ def train_model(
     gpus_per_node: int = 1,
     cpu: str = "",
     memory: str = "",
-    timeout_minutes: int = 0,
+    timeout_seconds: int = 0,
     trainer_image: str = "",
     runtime_name: str = "torch-distributed",
     trainer_api_version: str = "auto",
@@ -48,19 +48,19 @@ def train_model(
 
     Args:
         train_dataset: JSONL from dataset_download (messages rows; preference rows for dpo).
-        base_model: Hugging Face model id or path to start from.
+        model_name_or_path: Hugging Face model id or path to start from.
         algorithm: osft, sft or dpo.
         backend: trainjob (a TrainJob on the cluster; data and model go through the workspace volume) or
             local (a torchrun subprocess of this step: kfp.local runs and single machines).
         effective_batch_size: Samples (dpo: pairs) per optimizer step.
-        num_epochs: Passes over the data.
+        num_train_epochs: Passes over the data.
         learning_rate: Peak AdamW learning rate.
         lr_scheduler: constant, linear or cosine.
         warmup_steps: Linear warmup steps.
         max_seq_len: Longest sample in tokens; longer samples are dropped.
         max_tokens_per_gpu: Token budget of one micro-batch on one GPU.
         seed: Seed of data order and initialisation.
-        dtype: bfloat16 (GPU) or float32.
+        torch_dtype: bfloat16 (GPU), float16 (GPU, with loss scaling) or float32.
         use_liger: Liger kernels (GPU only).
         unfreeze_rank_ratio: OSFT: share of singular directions that train, in (0, 1].
         beta: DPO: KL strength.
@@ -69,7 +69,7 @@ def train_model(
         gpus_per_node: GPUs (torchrun processes) per worker.
         cpu: CPU request per worker (e.g. "16"); empty: the runtime's.
         memory: Memory request per worker (e.g. "128Gi"); empty: the runtime's.
-        timeout_minutes: Give up (and delete the TrainJob) after this long; 0: no limit.
+        timeout_seconds: Give up (and delete the TrainJob) after this long; 0: no limit.
         trainer_image: The training image (empty: the one this package names for its version).
         runtime_name: ClusterTrainingRuntime to use.
         trainer_api_version: auto (read the served CRD), v2.1 or v2.3.
@@ -104,28 +104,28 @@ def train_model(
         work = Path(tempfile.mkdtemp(prefix="train-"))
         data_path = Path(train_dataset.path)
     options = {
-        "osft": {"osft_unfreeze_rank_ratio": unfreeze_rank_ratio},
+        "osft": {"unfreeze_rank_ratio": unfreeze_rank_ratio},
         "dpo": {"beta": beta, "loss_type": loss_type},
     }.get(algorithm, {})
     config = TrainingConfig(
-        model_name_or_path=base_model,
+        model_name_or_path=model_name_or_path,
         data_path=str(data_path),
         output_dir=str(work),
         algorithm=algorithm,
         effective_batch_size=effective_batch_size,
-        num_epochs=num_epochs,
+        num_train_epochs=num_train_epochs,
         learning_rate=learning_rate,
         lr_scheduler=lr_scheduler,
         warmup_steps=warmup_steps,
         max_seq_len=max_seq_len,
         max_tokens_per_gpu=max_tokens_per_gpu,
         seed=seed,
-        dtype=dtype,
+        torch_dtype=torch_dtype,
         use_liger=use_liger,
         **options,
     )
     trainjob = TrainJobConfig(
-        image=trainer_image,
+        trainer_image=trainer_image,
         run_id=run_id or "run",
         stage=stage,
         runtime_name=runtime_name,
@@ -136,8 +136,8 @@ def train_model(
         memory=memory,
         node_selector=dict(node_selector),
         tolerations=[Toleration(**t) for t in tolerations],
-        pvc_claim=workspace_pvc,
-        mount_path=workspace_path,
+        workspace_pvc=workspace_pvc,
+        workspace_path=workspace_path,
         secret_env=[SecretEnv("HF_TOKEN", hf_token_secret, "token")] if hf_token_secret else [],
     )
     result = run_training_step(
@@ -145,13 +145,13 @@ def train_model(
         model.path,
         backend=backend,
         nproc_per_node=gpus_per_node if backend == "local" else 1,
-        timeout_seconds=timeout_minutes * 60,
+        timeout_seconds=timeout_seconds,
         trainjob=trainjob,
     )
     model.metadata.update(
         {
             "algorithm": algorithm,
-            "base_model": base_model,
+            "base_model": model_name_or_path,
             "framework": "transformers",
             "format": "safetensors",
         }

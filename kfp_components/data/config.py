@@ -1,60 +1,79 @@
-"""The dataset stage's options: one typed config shared by the component, the CLIs and the stage YAML."""
+"""The dataset stage's options: one typed config shared by the component, the CLIs and the stage YAML.
+
+The names are those of the multi-stage YAML (``dataset_name_or_path``, ``dataset_split``, ...), so a hint such
+as ``set dataset_on_invalid: drop`` means the same option in a stage, a component argument and a flag.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from kfp_components.data.errors import DatasetError
-from kfp_components.data.formats import FORMATS
 from kfp_components.data.uris import parse_dataset_uri
+from kfp_components.typed_config import ConfigError, Options
 
-ON_INVALID = ("fail", "drop")
-SUBSET_MODES = ("first", "sample")
+DataFormat = Literal["auto", "messages", "preference", "prompt"]
+OnInvalid = Literal["fail", "drop"]
+SubsetMode = Literal["first", "sample"]
+ON_INVALID: tuple[str, ...] = get_args(OnInvalid)
+SUBSET_MODES: tuple[str, ...] = get_args(SubsetMode)
 
 
 @dataclass
-class DatasetConfig:
+class DatasetConfig(Options):
     """Where the data is, what it should look like, and how to cut it.
 
     Attributes:
-        data_uri: hf://org/name[:config][@revision], s3://bucket/key-or-prefix, http(s)://..., pvc://claim/path
-            or a local path. One file or a folder of JSONL, JSON-array or Parquet shards.
-        split: Which split of an hf:// dataset to read (train, validation, test, ...).
+        dataset_name_or_path: hf://org/name[:config][@revision], s3://bucket/key-or-prefix, http(s)://...,
+            pvc://claim/path or a local path. One file or a folder of JSONL, JSON-array or Parquet shards.
+        dataset_split: Which split to read: of an hf:// dataset, or of a folder whose file names follow the
+            Hub's split conventions (train.jsonl, data/test-00000.parquet, ...). Empty: the train split of an
+            hf:// dataset, every file of a folder. A single file has no splits.
         data_format: auto (detect from the rows), messages, preference or prompt.
-        on_invalid: fail (stop and list the problems) or drop (skip invalid rows and count them).
+        dataset_on_invalid: fail (stop and list the problems) or drop (skip invalid rows and count them).
         train_split_ratio: Share of rows for training, in (0, 1]; the rest is the eval split. 1.0: no eval split.
         seed: Seed of the shuffle behind the split and of a sampled subset.
-        subset_size: Keep only this many valid rows (0: keep all).
-        subset_mode: first (the first N valid rows) or sample (a seeded random sample of N).
+        dataset_subset_size: Keep only this many valid rows (0: keep all).
+        dataset_subset_mode: first (the first N valid rows) or sample (a seeded random sample of N).
     """
 
-    data_uri: str
-    split: str = "train"
-    data_format: str = "auto"
-    on_invalid: str = "fail"
+    dataset_name_or_path: str
+    dataset_split: str = ""
+    data_format: DataFormat = "auto"
+    dataset_on_invalid: OnInvalid = "fail"
     train_split_ratio: float = 0.9
     seed: int = 42
-    subset_size: int = 0
-    subset_mode: str = "first"
+    dataset_subset_size: int = 0
+    dataset_subset_mode: SubsetMode = "first"
 
     def validate(self) -> None:
-        """Raise :class:`DatasetError` naming the first bad option. Cheap: call it before any download."""
-        parse_dataset_uri(self.data_uri)
-        if self.data_format not in ("auto", *FORMATS):
-            raise DatasetError(f"data_format: {self.data_format!r} is not one of auto, {', '.join(FORMATS)}")
-        if self.on_invalid not in ON_INVALID:
-            raise DatasetError(f"on_invalid: {self.on_invalid!r} is not one of {', '.join(ON_INVALID)}")
+        """Raise :class:`ConfigError` naming the bad options. Cheap: call it before any download."""
+        problems = []
+        try:
+            parse_dataset_uri(self.dataset_name_or_path)
+        except DatasetError as exc:
+            problems.append(("dataset_name_or_path", str(exc).removeprefix("dataset_name_or_path ")))
         if isinstance(self.train_split_ratio, bool) or not isinstance(self.train_split_ratio, int | float):
-            raise DatasetError(f"train_split_ratio: expected a number, got {self.train_split_ratio!r}")
-        if not 0 < self.train_split_ratio <= 1:
-            raise DatasetError(
-                f"train_split_ratio: {self.train_split_ratio} is not in (0, 1] (1.0 keeps every row for training)"
+            problems.append(("train_split_ratio", f"expected a number, got {self.train_split_ratio!r}"))
+        elif not 0 < self.train_split_ratio <= 1:
+            problems.append(
+                (
+                    "train_split_ratio",
+                    f"{self.train_split_ratio} is not in (0, 1] (1.0 keeps every row for training)",
+                )
             )
-        if isinstance(self.subset_size, bool) or not isinstance(self.subset_size, int):
-            raise DatasetError(f"subset_size: expected a whole number, got {self.subset_size!r}")
-        if self.subset_size < 0:
-            raise DatasetError(f"subset_size: {self.subset_size} is negative (0 keeps every row)")
-        if self.subset_mode not in SUBSET_MODES:
-            raise DatasetError(f"subset_mode: {self.subset_mode!r} is not one of {', '.join(SUBSET_MODES)}")
-        if not self.split or not isinstance(self.split, str):
-            raise DatasetError("split: empty; name a split such as 'train'")
+        if isinstance(self.dataset_subset_size, bool) or not isinstance(self.dataset_subset_size, int):
+            problems.append(
+                ("dataset_subset_size", f"expected a whole number, got {self.dataset_subset_size!r}")
+            )
+        elif self.dataset_subset_size < 0:
+            problems.append(
+                ("dataset_subset_size", f"{self.dataset_subset_size} is negative (0 keeps every row)")
+            )
+        if not isinstance(self.dataset_split, str) or self.dataset_split != self.dataset_split.strip():
+            problems.append(
+                ("dataset_split", f"expected a split name such as 'train', got {self.dataset_split!r}")
+            )
+        if problems:
+            raise ConfigError.of(problems)

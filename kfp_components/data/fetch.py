@@ -29,25 +29,48 @@ HTTP_ATTEMPTS = 3
 _CHUNK = 1 << 20
 
 
-def fetch(uri: DatasetURI, scratch: Path, *, split: str = "train") -> list[DataFile]:
-    """The data files behind ``uri``, in a stable order. Remote files are downloaded under ``scratch``."""
+def fetch(uri: DatasetURI, scratch: Path, *, split: str = "") -> list[DataFile]:
+    """The data files behind ``uri``, in a stable order. Remote files are downloaded under ``scratch``.
+
+    ``split`` picks one split: of an hf:// dataset (default ``train``), or of a folder (local, pvc:// or an
+    s3:// prefix) by the Hub's file-name conventions; empty reads every file of a folder. A single file has
+    no splits, so naming one for it is an error rather than ignored.
+    """
     if uri.scheme in ("local", "pvc"):
-        files = _local_files(uri)
+        files = _in_split(_local_files(uri), split, uri, single_file=uri.local_path().is_file())
     elif uri.scheme == "s3":
-        files = _fetch_s3(uri, scratch)
+        files = _fetch_s3(uri, scratch, split)
     elif uri.scheme in ("http", "https"):
+        _in_split([], split, uri, single_file=True)
         files = [_fetch_http(uri, scratch)]
     elif uri.scheme == "hf":
         from kfp_components.data.fetch_hf import fetch_hf
 
         files = [
-            DataFile(path, path.relative_to(scratch).as_posix()) for path in fetch_hf(uri, split, scratch)
+            DataFile(path, path.relative_to(scratch).as_posix())
+            for path in fetch_hf(uri, split or "train", scratch)
         ]
     else:  # parse_dataset_uri rejects anything else
         raise DatasetError(f"unsupported scheme {uri.scheme!r}")
     if not files:
         raise DatasetError(f"{uri.redacted()}: no data files (.jsonl, .json or .parquet) found")
     return files
+
+
+def _in_split(files: list[DataFile], split: str, uri: DatasetURI, *, single_file: bool) -> list[DataFile]:
+    """The files of ``split`` among a folder's ``files`` (all of them when ``split`` is empty)."""
+    if not split:
+        return files
+    source = f"dataset_name_or_path {uri.redacted()!r}"
+    if single_file:
+        raise DatasetError(
+            f"{source} is a single file, which has no splits, but dataset_split is {split!r}; leave "
+            "dataset_split empty, or point at a folder whose files name their split (train.jsonl, test.jsonl)"
+        )
+    from kfp_components.data.fetch_hf import select_data_files
+
+    chosen = set(select_data_files([f.name for f in files], split, source=source))
+    return [f for f in files if f.name in chosen]
 
 
 def _local_files(uri: DatasetURI) -> list[DataFile]:
@@ -80,19 +103,25 @@ def s3_client():
     )
 
 
-def _fetch_s3(uri: DatasetURI, scratch: Path) -> list[DataFile]:
+def _fetch_s3(uri: DatasetURI, scratch: Path, split: str = "") -> list[DataFile]:
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     client = s3_client()
     try:
         keys = _s3_keys(client, uri)
+        names = {
+            key: PurePosixPath(key).relative_to(uri.key).as_posix()
+            if key != uri.key
+            else PurePosixPath(key).name
+            for key in keys
+        }
+        # choose the split's objects by name before downloading any
+        listed = [DataFile(scratch / name, name) for name in names.values()]
+        wanted = {f.name for f in _in_split(listed, split, uri, single_file=keys == [uri.key])}
         files = []
-        for key in keys:
-            name = (
-                PurePosixPath(key).relative_to(uri.key).as_posix()
-                if key != uri.key
-                else PurePosixPath(key).name
-            )
+        for key, name in names.items():
+            if name not in wanted:
+                continue
             target = scratch / name
             target.parent.mkdir(parents=True, exist_ok=True)
             client.download_file(uri.bucket, key, str(target))

@@ -110,7 +110,7 @@ def fetch_hf(uri: DatasetURI, split: str, dest: Path) -> list[Path]:
     """
     if uri.scheme != "hf":
         raise ValueError(f"fetch_hf needs an hf:// URI, got {uri.scheme}://")
-    source = f"data_uri {uri.redacted()!r}"
+    source = f"dataset_name_or_path {uri.redacted()!r}"
     split = split.strip()
     if not split:
         raise DatasetError(f"{source}: the split name is empty")
@@ -166,7 +166,7 @@ def select_data_files(
     """The repo paths of the data files of ``split`` (and ``config``), sorted.
 
     ``card_configs`` (from :func:`parse_card_configs`) take priority over the folder conventions.
-    ``source`` starts every error message (e.g. ``"data_uri 'hf://org/name'"``).
+    ``source`` starts every error message (e.g. ``"dataset_name_or_path 'hf://org/name'"``).
     Raises :class:`DatasetError` for an unknown config or split, or when nothing is left.
     """
     files = sorted({path.lstrip("/") for path in repo_files if not _is_hidden(path)})
@@ -498,7 +498,7 @@ def _describe_endpoint(endpoint: str | None) -> str:
 @contextmanager
 def _hub_errors(uri: DatasetURI, revision: str, endpoint: str | None) -> Iterator[None]:
     """Turn the client's exceptions into :class:`DatasetError` messages that name no credentials."""
-    source = f"data_uri {uri.redacted()!r}"
+    source = f"dataset_name_or_path {uri.redacted()!r}"
     hub = _describe_endpoint(endpoint)
     try:
         yield

@@ -44,7 +44,7 @@ class DatasetValidationError(DatasetError):
         tail = f"\n  ... and {more} more" if more > 0 else ""
         super().__init__(
             f"{len(problems)} invalid row(s) of {rows_read} in {data_format!r} format; "
-            f"nothing was written (set on_invalid=drop to skip invalid rows):\n{shown}{tail}"
+            f"nothing was written (set dataset_on_invalid: drop to skip invalid rows):\n{shown}{tail}"
         )
 
 
@@ -68,21 +68,22 @@ def prepare_dataset(
     *,
     scratch_dir: str | Path | None = None,
 ) -> PreparedDataset:
-    """Fetch ``config.data_uri``, validate every row and write the train and eval splits as JSONL.
+    """Fetch ``config.dataset_name_or_path``, validate every row and write the train and eval splits as JSONL.
 
-    Raises :class:`DatasetError` (before any download for bad options or a bad URI) and
-    :class:`DatasetValidationError` when rows are invalid and ``on_invalid`` is ``fail``. On any error
+    Raises :class:`~kfp_components.typed_config.ConfigError` for bad options (before any download),
+    :class:`DatasetError` for a bad URI or unreachable data, and :class:`DatasetValidationError` when rows
+    are invalid and ``dataset_on_invalid`` is ``fail``. On any error
     neither output file is created.
     """
     config.validate()
-    uri = parse_dataset_uri(config.data_uri)
+    uri = parse_dataset_uri(config.dataset_name_or_path)
     train_path, eval_path = Path(train_path), Path(eval_path)
     started = time.monotonic()
     log.info("dataset: reading %s", uri.redacted())
     with tempfile.TemporaryDirectory(prefix="kfp-dataset-", dir=scratch_dir) as scratch:
-        files = fetch(uri, Path(scratch), split=config.split)
+        files = fetch(uri, Path(scratch), split=config.dataset_split)
         log.info("dataset: %d file(s): %s", len(files), ", ".join(f.name for f in files[:10]))
-        scan = _scan(files, config.data_format, config.on_invalid)
+        scan = _scan(files, config.data_format, config.dataset_on_invalid)
     rows = _subset(scan.rows, config)
     train_rows, eval_rows = split_rows(rows, config.train_split_ratio, config.seed)
     _write_outputs({train_path: train_rows, eval_path: eval_rows})
@@ -217,17 +218,16 @@ def _chars(value: Any) -> int:
 
 
 def _subset(rows: list[str], config: DatasetConfig) -> list[str]:
-    if not config.subset_size or config.subset_size >= len(rows):
-        if config.subset_size > len(rows):
+    size = config.dataset_subset_size
+    if not size or size >= len(rows):
+        if size > len(rows):
             log.warning(
-                "dataset: subset_size %d is more than the %d valid rows; keeping all",
-                config.subset_size,
-                len(rows),
+                "dataset: dataset_subset_size %d is more than the %d valid rows; keeping all", size, len(rows)
             )
         return rows
-    if config.subset_mode == "first":
-        return rows[: config.subset_size]
-    picked = sorted(random.Random(config.seed).sample(range(len(rows)), config.subset_size))
+    if config.dataset_subset_mode == "first":
+        return rows[:size]
+    picked = sorted(random.Random(config.seed).sample(range(len(rows)), size))
     return [rows[i] for i in picked]
 
 

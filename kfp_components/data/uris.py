@@ -82,7 +82,9 @@ def redact_uri(uri: str) -> str:
 def parse_dataset_uri(uri: str) -> DatasetURI:
     """Parse ``uri`` or raise :class:`DatasetError` saying what is wrong with it."""
     if not isinstance(uri, str) or not uri.strip():
-        raise DatasetError("data_uri is empty: give hf://, s3://, https://, pvc:// or a local path")
+        raise DatasetError(
+            "dataset_name_or_path is empty: give hf://, s3://, https://, pvc:// or a local path"
+        )
     uri = uri.strip()
     if "://" not in uri:
         return DatasetURI(scheme="local", raw=uri, path=uri)
@@ -93,30 +95,32 @@ def parse_dataset_uri(uri: str) -> DatasetURI:
     if scheme == "s3":
         bucket, _, key = rest.partition("/")
         if not _S3_BUCKET.match(bucket):
-            raise DatasetError(f"data_uri {redact_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name")
+            raise DatasetError(
+                f"dataset_name_or_path {redact_uri(uri)!r}: {bucket!r} is not a valid S3 bucket name"
+            )
         return DatasetURI(scheme="s3", raw=uri, bucket=bucket, key=key.strip("/"))
     if scheme in ("http", "https"):
         parts = urlsplit(uri)
         if not parts.hostname:
-            raise DatasetError(f"data_uri {redact_uri(uri)!r}: no host name")
+            raise DatasetError(f"dataset_name_or_path {redact_uri(uri)!r}: no host name")
         return DatasetURI(scheme=scheme, raw=uri, url=uri)
     if scheme == "pvc":
         claim, _, path = rest.partition("/")
         if not _DNS1123.match(claim) or len(claim) > 253:
             raise DatasetError(
-                f"data_uri {uri!r}: {claim!r} is not a valid PersistentVolumeClaim name "
+                f"dataset_name_or_path {uri!r}: {claim!r} is not a valid PersistentVolumeClaim name "
                 "(lower-case letters, digits and '-')"
             )
         if ".." in Path(path).parts:
-            raise DatasetError(f"data_uri {uri!r}: '..' is not allowed in a pvc:// path")
+            raise DatasetError(f"dataset_name_or_path {uri!r}: '..' is not allowed in a pvc:// path")
         return DatasetURI(scheme="pvc", raw=uri, claim=claim, path=path.strip("/"))
     if scheme == "file":
         path = urlsplit(uri).path
         if not path:
-            raise DatasetError(f"data_uri {uri!r}: no path")
+            raise DatasetError(f"dataset_name_or_path {uri!r}: no path")
         return DatasetURI(scheme="local", raw=uri, path=path)
     raise DatasetError(
-        f"data_uri {redact_uri(uri)!r}: unsupported scheme {scheme + '://'!r}; "
+        f"dataset_name_or_path {redact_uri(uri)!r}: unsupported scheme {scheme + '://'!r}; "
         "use hf://, s3://, http(s)://, pvc://, file:// or a plain path"
     )
 
@@ -127,10 +131,10 @@ def _parse_hf(uri: str, rest: str) -> DatasetURI:
     repo_id = repo_id.strip("/")
     if not _HF_REPO.match(repo_id):
         raise DatasetError(
-            f"data_uri {uri!r}: {repo_id!r} is not a Hugging Face dataset id (expected 'org/name' or 'name')"
+            f"dataset_name_or_path {uri!r}: {repo_id!r} is not a Hugging Face dataset id (expected 'org/name' or 'name')"
         )
     if "@" in rest and not revision:
-        raise DatasetError(f"data_uri {uri!r}: empty revision after '@'")
+        raise DatasetError(f"dataset_name_or_path {uri!r}: empty revision after '@'")
     if ":" in repo_and_config and not config:
-        raise DatasetError(f"data_uri {uri!r}: empty config name after ':'")
+        raise DatasetError(f"dataset_name_or_path {uri!r}: empty config name after ':'")
     return DatasetURI(scheme="hf", raw=uri, repo_id=repo_id, config=config, revision=revision)

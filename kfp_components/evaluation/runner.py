@@ -62,10 +62,11 @@ class EvalConfig:
         system_instruction: System prompt prepended to every request; empty for none.
         backend: ``hf`` (transformers) or ``vllm`` (needs vllm installed and a CUDA GPU).
         device: ``auto`` (cuda when available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``.
-        dtype: Weights dtype for loading: ``auto`` (the checkpoint's), ``bfloat16``, ``float32``, ...
+        torch_dtype: Weights dtype for loading: ``auto`` (the checkpoint's), ``bfloat16``, ``float16`` or
+            ``float32``.
         include_path: Extra folder of custom task YAMLs; empty for none.
         log_samples: Also write every prompt, response and score to samples_<task>.jsonl.
-        base_model_path: The model before fine-tuning, scored too to measure forgetting; empty to skip.
+        base_model_name_or_path: The model before fine-tuning, scored too to measure forgetting; empty to skip.
         bootstrap_iters: Bootstrap iterations for stderrs of non-mean metrics; 0 skips them.
         seed: Seed of lm-eval's Python, NumPy, torch and few-shot random generators.
     """
@@ -81,10 +82,10 @@ class EvalConfig:
     system_instruction: str = ""
     backend: Literal["hf", "vllm"] = "hf"
     device: str = "auto"
-    dtype: str = "auto"
+    torch_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     include_path: str = ""
     log_samples: bool = False
-    base_model_path: str = ""
+    base_model_name_or_path: str = ""
     bootstrap_iters: int = 100000
     seed: int = 1234
 
@@ -92,7 +93,7 @@ class EvalConfig:
         """Check values that their types alone do not; raises :class:`ConfigError`."""
         if not self.model_path:
             raise ConfigError("model_path", "must not be empty")
-        for name in ("model_path", "base_model_path", "dtype"):
+        for name in ("model_path", "base_model_name_or_path"):
             if any(c in getattr(self, name) for c in ",="):
                 raise ConfigError(name, "must not contain ',' or '=' (lm-eval model_args syntax)")
         if not self.tasks or not all(isinstance(t, str) and t.strip() for t in self.tasks):
@@ -286,7 +287,7 @@ def evaluate_one(
 
     kwargs: dict[str, Any] = {
         "model": config.backend,
-        "model_args": f"pretrained={model_path},dtype={config.dtype}",
+        "model_args": f"pretrained={model_path},dtype={config.torch_dtype}",
         "tasks": list(config.tasks),
         "num_fewshot": config.num_fewshot,
         "limit": _limit(config.limit),
@@ -333,7 +334,7 @@ def _write_samples(samples: dict[str, Any], output_dir: Path, prefix: str) -> li
 
 # ----------------------------------------------------------------------------------------------- run
 def run_evaluation(config: EvalConfig) -> EvalResult:
-    """Evaluate ``config.model_path`` (and ``config.base_model_path``) and write the outputs.
+    """Evaluate ``config.model_path`` (and ``config.base_model_name_or_path``) and write the outputs.
 
     Raises:
         ConfigError: a bad option, or the vllm backend without vllm or a GPU.
@@ -362,16 +363,16 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
     metrics["chat_template_applied"] = float(apply_chat)
 
     base_results = base_chat = None
-    if config.base_model_path:
-        base_chat = chat_choice(config.base_model_path)
-        base_raw = evaluate_one(config, config.base_model_path, manager, base_chat)
+    if config.base_model_name_or_path:
+        base_chat = chat_choice(config.base_model_name_or_path)
+        base_raw = evaluate_one(config, config.base_model_name_or_path, manager, base_chat)
         sample_paths += _write_samples(base_raw.pop("samples", None) or {}, output_dir, "base_")
         base_results = to_jsonable(base_raw)
         metrics.update(compare(results, base_results))
 
     settings = {
         "model": config.model_path,
-        "base model": config.base_model_path or None,
+        "base model": config.base_model_name_or_path or None,
         "tasks": ", ".join(config.tasks),
         "backend": config.backend,
         "chat template applied": apply_chat

@@ -52,7 +52,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kfp_components.typed_config import ConfigError
+from kfp_components.typed_config import ConfigError, Options
 
 GROUP = "trainer.kubeflow.org"
 VERSION = "v1alpha1"
@@ -134,7 +134,7 @@ class SecretEnv:
 
 
 @dataclass
-class Toleration:
+class Toleration(Options):
     """A toleration of the trainer pods (e.g. for tainted GPU nodes).
 
     Attributes:
@@ -165,11 +165,11 @@ class Toleration:
 
 
 @dataclass(kw_only=True)
-class TrainJobConfig:
+class TrainJobConfig(Options):
     """How to run the training engine as a Kubeflow Trainer TrainJob, and how to wait for it.
 
     Attributes:
-        image: Trainer image (CUDA PyTorch with this package installed).
+        trainer_image: Trainer image (CUDA PyTorch with this package installed).
         config_path: The trainer's YAML config (a TrainingConfig) as a path inside the pod, usually on the
             mounted volume; passed as ``--config``.
         trainer_flags: Trainer options given as flags after the config file, e.g. {learning_rate: 2e-5}.
@@ -189,9 +189,9 @@ class TrainJobConfig:
         memory: Memory request and limit per worker, e.g. "64Gi" (empty: none).
         node_selector: Node labels the workers must run on.
         tolerations: Tolerations of the worker pods.
-        pvc_claim: PersistentVolumeClaim with the data and the model (the pipeline's workspace PVC or a
+        workspace_pvc: PersistentVolumeClaim with the data and the model (the pipeline's workspace PVC or a
             named claim); empty: no volume.
-        mount_path: Where the claim is mounted in the trainer container.
+        workspace_path: Where the claim is mounted in the trainer container.
         env: Plain environment variables of the trainer; names that look secret are refused (use
             secret_env).
         secret_env: Variables filled from Secrets (HF token, S3 keys): only references reach the TrainJob.
@@ -210,7 +210,7 @@ class TrainJobConfig:
             (report its reason and leave it for inspection).
     """
 
-    image: str
+    trainer_image: str
     config_path: str = ""
     trainer_flags: dict[str, Any] = field(default_factory=dict)
     name: str = ""
@@ -227,8 +227,8 @@ class TrainJobConfig:
     memory: str = ""
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: list[Toleration] = field(default_factory=list)
-    pvc_claim: str = ""
-    mount_path: str = "/workspace"
+    workspace_pvc: str = ""
+    workspace_path: str = "/workspace"
     env: dict[str, str] = field(default_factory=dict)
     secret_env: list[SecretEnv] = field(default_factory=list)
     allow_literal_env: list[str] = field(default_factory=list)
@@ -245,8 +245,8 @@ class TrainJobConfig:
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first bad option, before anything reaches the cluster."""
-        if not self.image:
-            raise ConfigError("image", "required option is empty")
+        if not self.trainer_image:
+            raise ConfigError("trainer_image", "required option is empty")
         if not self.config_path and not self.trainer_flags:
             raise ConfigError("config_path", "give the trainer's config file, trainer_flags, or both")
         for key, value in self.trainer_flags.items():
@@ -276,8 +276,8 @@ class TrainJobConfig:
             value = getattr(self, name)
             if value and not _QUANTITY.match(value):
                 raise ConfigError(name, f"{value!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
-        if self.pvc_claim and not self.mount_path.startswith("/"):
-            raise ConfigError("mount_path", f"must be an absolute path, got {self.mount_path!r}")
+        if self.workspace_pvc and not self.workspace_path.startswith("/"):
+            raise ConfigError("workspace_path", f"must be an absolute path, got {self.workspace_path!r}")
         if self.timeout_seconds < 0:
             raise ConfigError("timeout_seconds", f"must not be negative, got {self.timeout_seconds}")
         if self.poll_interval_seconds <= 0:
@@ -441,7 +441,7 @@ def build_trainjob(config: TrainJobConfig, *, name: str, namespace: str, shape: 
     if "PYTHONUNBUFFERED" not in env_names:  # the trainer's lines reach the pod log (and ours) at once
         env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
     trainer: dict[str, Any] = {
-        "image": config.image,
+        "image": config.trainer_image,
         "command": command,
         "args": args,
         "env": env,
@@ -548,14 +548,14 @@ def _pod_spec(config: TrainJobConfig) -> dict[str, Any]:
         spec["nodeSelector"] = dict(config.node_selector)
     if config.tolerations:
         spec["tolerations"] = [t.to_dict() for t in config.tolerations]
-    if config.pvc_claim:
+    if config.workspace_pvc:
         spec["volumes"] = [
-            {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": config.pvc_claim}}
+            {"name": WORKSPACE_VOLUME, "persistentVolumeClaim": {"claimName": config.workspace_pvc}}
         ]
         spec["containers"] = [
             {
                 "name": TRAINER_CONTAINER,
-                "volumeMounts": [{"name": WORKSPACE_VOLUME, "mountPath": config.mount_path}],
+                "volumeMounts": [{"name": WORKSPACE_VOLUME, "mountPath": config.workspace_path}],
             }
         ]
     return spec

@@ -27,7 +27,7 @@ examples:
   fnsft-pipeline --config examples/multistage/sft_dpo.yaml
   fnsft-pipeline --config sft_dpo.yaml --dry_run
   fnsft-pipeline --config sft_dpo.yaml --stages dpo --set stage_configs.dpo.beta=0.2
-  fnsft-pipeline --config sft.yaml --model_name_or_path ./my-model --set stage_configs.sft.dataset=data.jsonl
+  fnsft-pipeline --config sft.yaml --model_name_or_path ./my-model --set stage_configs.sft.dataset_name_or_path=data.jsonl
   fnsft-pipeline --config wise.yaml --plugin examples/multistage/custom_stage.py
 """
 
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="override any option by its dotted key path, e.g. stage_configs.sft.dataset=/data/chat.jsonl or "
+        help="override any option by its dotted key path, e.g. stage_configs.sft.dataset_name_or_path=/data/chat.jsonl or "
         "stage_configs.dpo.beta=0.2 (values are YAML scalars or [lists])",
     )
     parser.add_argument(

@@ -20,7 +20,7 @@ from kfp_components.stages.base import LOG_LEVELS, StageConfig
 from kfp_components.stages.registry import get_stage_class
 from kfp_components.typed_config import ConfigError, from_dict, load_config_file, parse_cli_value
 
-TorchDtype = Literal["auto", "bfloat16", "float32"]
+TorchDtype = Literal["auto", "bfloat16", "float16", "float32"]
 
 
 @dataclass(kw_only=True)
@@ -32,8 +32,9 @@ class PipelineConfig:
         tokenizer_name_or_path: Tokenizer of the first stage (default: the model's). Later stages use the
             tokenizer saved with the previous stage's model.
         output_dir: Where every stage's outputs, pipeline_state.json, pipeline_training.log and final_model go.
-        torch_dtype: Compute precision of every stage that has a `dtype` option and does not set it: auto
-            (each stage's own default), bfloat16 or float32.
+        torch_dtype: Compute precision of every stage that has a `torch_dtype` option and does not set it:
+            auto (each stage's own default), bfloat16, float16 (autocast with loss scaling, for GPUs without
+            bf16) or float32.
         log_level: Log level of the run (DEBUG, INFO, WARNING, ERROR); a stage's log_level overrides it.
         stages: Names of the stages to run, in order (sft, osft, dpo, or registered custom stages).
         stage_configs: Options of each stage listed in `stages`, keyed by its name.
@@ -80,7 +81,7 @@ def load_pipeline_config(
 ) -> PipelineConfig:
     """Read a pipeline YAML file, apply ``overrides`` and build the typed config.
 
-    ``overrides`` maps dotted key paths to values (``{"stage_configs.sft.dataset": "/data/chat.jsonl"}``), or
+    ``overrides`` maps dotted key paths to values (``{"stage_configs.sft.dataset_name_or_path": "/data/chat.jsonl"}``), or
     is a list of ``KEY=VALUE`` texts whose values are read as YAML scalars (``max_steps=3`` is an int).
     """
 
@@ -99,7 +100,7 @@ def pipeline_config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
 
     Each stage's options are read with that stage's ``config_class`` at the path ``stage_configs.<name>``;
     the stage's ``stage_name`` and default ``output_dir`` are filled in, and ``torch_dtype`` becomes the
-    stage's ``dtype`` unless the stage sets one.
+    stage's ``torch_dtype`` unless the stage sets one.
     """
     if not isinstance(data, Mapping):
         raise ConfigError("", "expected a mapping of options at the top level")
@@ -134,8 +135,8 @@ def pipeline_config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
         config_class = get_stage_class(name, path).config_class
         options["stage_name"] = name
         options.setdefault("output_dir", config.default_stage_dir(name))
-        if config.torch_dtype != "auto" and "dtype" in _field_names(config_class):
-            options.setdefault("dtype", config.torch_dtype)
+        if config.torch_dtype != "auto" and "torch_dtype" in _field_names(config_class):
+            options.setdefault("torch_dtype", config.torch_dtype)
         config.stage_configs[name] = from_dict(config_class, options, path)
     return config
 

@@ -60,11 +60,9 @@ class DryRunError(ConfigError):
     """A dry run found problems; ``problems`` lists each as ``(key path, message)``."""
 
     def __init__(self, problems: list[tuple[str, str]]):
-        self.problems = problems
-        lines = [f"{path}: {message}" if path else message for path, message in problems]
-        text = lines[0] if len(lines) == 1 else f"{len(lines)} problems:\n  " + "\n  ".join(lines)
-        super().__init__("", text)
-        self.path = problems[0][0]
+        combined = ConfigError.of(problems)
+        message = problems[0][1] if len(problems) == 1 else str(combined)
+        super().__init__(combined.path, message, problems=list(problems))
 
 
 @dataclass

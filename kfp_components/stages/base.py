@@ -16,13 +16,13 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kfp_components.typed_config import ConfigError, to_dict
+from kfp_components.typed_config import ConfigError, Options, to_dict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(kw_only=True)
-class StageConfig:
+class StageConfig(Options):
     """Options every stage has.
 
     Attributes:

@@ -16,7 +16,9 @@ from kfp_components.trainer.config import DPOOptions, OptimOptions, OSFTOptions
 @dataclass(kw_only=True)
 class DPOStageConfig(TrainingStageConfig, OptimOptions, DPOOptions, OSFTOptions):
     """Options of the dpo stage: the data (`preference` rows), the engine's training options, DPO's, and
-    OSFT's (used with osft_constraint)."""
+    OSFT's (used with osft_constraint). The data may also be given as `preference_dataset_path`."""
+
+    option_aliases: ClassVar[dict[str, str]] = {"preference_dataset_path": "dataset_name_or_path"}
 
 
 class DPOStage(TrainingStage):

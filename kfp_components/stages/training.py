@@ -18,17 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from kfp_components.data import (
-    DatasetConfig,
-    DatasetError,
-    PreparedDataset,
-    parse_dataset_uri,
-    prepare_dataset,
-)
+from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, prepare_dataset
+from kfp_components.data.config import OnInvalid
 from kfp_components.mappings import flatten_numbers
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
 from kfp_components.trainer.config import ALGORITHMS, TrainingConfig
-from kfp_components.typed_config import ConfigError
+from kfp_components.typed_config import ConfigError, Options
 
 #: The option groups :class:`TrainingConfig` is made of (OptimOptions, OSFTOptions, LoRAOptions, DPOOptions).
 TRAINING_OPTION_GROUPS: tuple[type, ...] = tuple(
@@ -53,45 +48,61 @@ _TOKENIZER_FILES = frozenset(
 
 
 @dataclass(kw_only=True)
-class TrainingData:
+class TrainingData(Options):
     """The data a training stage trains on. Each dataset goes through the dataset stage (every row is
     checked) into ``<output_dir>/data/``.
 
     Attributes:
-        dataset: Training data: hf://org/name[:config][@revision], s3://bucket/key, https://...,
-            pvc://claim/path or a local file or folder (JSONL, JSON or Parquet).
-        dataset_split: Split of an hf:// dataset to train on.
+        dataset_name_or_path: Training data: hf://org/name[:config][@revision], s3://bucket/key,
+            https://..., pvc://claim/path or a local file or folder (JSONL, JSON or Parquet).
+        dataset_split: Split to train on, of an hf:// dataset (empty: train) or of a folder whose file names
+            name their split (empty: every file).
         dataset_subset_size: Train on the first N valid rows only (0: all rows).
         dataset_on_invalid: fail (stop and list the invalid rows) or drop (skip them and count them).
-        eval_dataset: Optional data for an eval loss at the end of the stage (same URI forms).
-        eval_dataset_split: Split of an hf:// eval_dataset.
-        eval_dataset_subset_size: Evaluate on the first N valid rows of eval_dataset only (0: all rows).
+        eval_dataset_name_or_path: Optional eval data (same URI forms): its loss is computed at the end of
+            every epoch (and every eval_steps) and reported as eval_loss.
+        eval_dataset_split: Split of eval_dataset_name_or_path (as dataset_split).
+        eval_dataset_subset_size: Evaluate on the first N valid rows of the eval data only (0: all rows).
     """
 
-    dataset: str
-    dataset_split: str = "train"
+    dataset_name_or_path: str
+    dataset_split: str = ""
     dataset_subset_size: int = 0
-    dataset_on_invalid: Literal["fail", "drop"] = "fail"
-    eval_dataset: str = ""
-    eval_dataset_split: str = "train"
+    dataset_on_invalid: OnInvalid = "fail"
+    eval_dataset_name_or_path: str = ""
+    eval_dataset_split: str = ""
     eval_dataset_subset_size: int = 0
 
     def validate(self) -> None:
-        for name in ("dataset", "eval_dataset"):
-            uri = getattr(self, name)
-            if name == "dataset" and not uri:
-                raise ConfigError(name, "required option is empty")
-            if uri:
-                try:
-                    parse_dataset_uri(uri)
-                except DatasetError as exc:
-                    raise ConfigError(name, str(exc).removeprefix("data_uri ")) from None
-        for name in ("dataset_split", "eval_dataset_split"):
-            if not getattr(self, name):
-                raise ConfigError(name, "empty; name a split such as 'train'")
-        for name in ("dataset_subset_size", "eval_dataset_subset_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(name, f"must not be negative (0: all rows), got {getattr(self, name)}")
+        problems = []
+        for prefix in ("", "eval_"):
+            uri = getattr(self, f"{prefix}dataset_name_or_path")
+            if not prefix and not uri:
+                problems.append(("dataset_name_or_path", "required option is empty"))
+            if not uri:
+                continue
+            try:
+                DatasetConfig(
+                    uri,
+                    dataset_split=getattr(self, f"{prefix}dataset_split"),
+                    dataset_subset_size=getattr(self, f"{prefix}dataset_subset_size"),
+                ).validate()
+            except ConfigError as exc:
+                problems.extend((f"{prefix}{path}", message) for path, message in exc.problems)
+        if problems:
+            raise ConfigError.of(problems)
+
+    def dataset_config(self, prefix: Literal["", "eval_"], data_format: str) -> DatasetConfig:
+        """The dataset stage's config of the training data (``prefix`` ``""``) or the eval data (``eval_``):
+        every valid row, no eval split."""
+        return DatasetConfig(
+            getattr(self, f"{prefix}dataset_name_or_path"),
+            dataset_split=getattr(self, f"{prefix}dataset_split"),
+            data_format=data_format,  # type: ignore[arg-type]
+            dataset_on_invalid=self.dataset_on_invalid,
+            train_split_ratio=1.0,
+            dataset_subset_size=getattr(self, f"{prefix}dataset_subset_size"),
+        )
 
 
 @dataclass(kw_only=True)
@@ -191,9 +202,9 @@ class TrainingStage(BaseStage):
 
         out = Path(self.config.output_dir)
         data_dir = out / "data"
-        train_data = self.prepare("dataset", data_dir / "train.jsonl")
+        train_data = self.prepare("", data_dir / "train.jsonl")
         eval_data = (
-            self.prepare("eval_dataset", data_dir / "eval.jsonl") if self.config.eval_dataset else None
+            self.prepare("eval_", data_dir / "eval.jsonl") if self.config.eval_dataset_name_or_path else None
         )
         # A final/ folder always belongs to the latest successful attempt, and files that final_model links
         # to are never rewritten in place.
@@ -260,25 +271,21 @@ class TrainingStage(BaseStage):
         processes = self.config.nproc_per_node
         plan["launch"] = f"torchrun, {processes} process(es)" if processes else "in the pipeline's process"
         with tempfile.TemporaryDirectory(prefix="kfp-dry-run-") as scratch:
-            for key in ("dataset", "eval_dataset"):
-                if getattr(self.config, key):
-                    data = self.prepare(key, Path(scratch) / f"{key}.jsonl")
-                    plan[key] = f"{data.source} ({data.data_format}, {data.metrics['train_rows']} rows)"
+            for prefix in ("", "eval_"):
+                if getattr(self.config, f"{prefix}dataset_name_or_path"):
+                    data = self.prepare(prefix, Path(scratch) / f"{prefix}dataset.jsonl")
+                    plan[f"{prefix}dataset"] = (
+                        f"{data.source} ({data.data_format}, {data.metrics['train_rows']} rows)"
+                    )
         plan["final_model"] = str(Path(self.config.output_dir) / "final")
         return plan
 
-    def prepare(self, key: Literal["dataset", "eval_dataset"], train_path: Path) -> PreparedDataset:
-        """Run the dataset stage on the stage's ``dataset`` or ``eval_dataset`` into ``train_path`` (every
-        valid row; no eval split). A :class:`ConfigError` names the option when the data is missing,
-        invalid or in another format than the stage trains on."""
-        dataset = DatasetConfig(
-            getattr(self.config, key),
-            split=getattr(self.config, f"{key}_split"),
-            data_format=self.data_format,
-            on_invalid=self.config.dataset_on_invalid,
-            train_split_ratio=1.0,
-            subset_size=getattr(self.config, f"{key}_subset_size"),
-        )
+    def prepare(self, prefix: Literal["", "eval_"], train_path: Path) -> PreparedDataset:
+        """Run the dataset stage on the stage's training data (``prefix`` ``""``) or eval data (``eval_``)
+        into ``train_path`` (every valid row; no eval split). A :class:`ConfigError` names the option when
+        the data is missing, invalid or in another format than the stage trains on."""
+        dataset = self.config.dataset_config(prefix, self.data_format)
+        key = f"{prefix}dataset_name_or_path"
         with tempfile.TemporaryDirectory(prefix="kfp-stage-data-") as scratch:
             try:
                 return prepare_dataset(dataset, train_path, Path(scratch) / "unused-eval.jsonl")

@@ -237,7 +237,7 @@ class TokenBudgetSampler:
         sampler = TokenBudgetSampler.from_samples(samples, effective_batch_size=128,
                                                   max_tokens_per_gpu=16384, world_size=world, rank=rank)
         sampler.load_state_dict(checkpoint["sampler"])  # when resuming
-        while sampler.epoch < num_epochs:
+        while sampler.epoch < num_train_epochs:
             for step in sampler:  # the rest of the current epoch
                 for indices in step.micro_batches:
                     mb = collate(samples, indices) if indices else dummy_micro_batch(pad_token_id)

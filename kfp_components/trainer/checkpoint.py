@@ -156,7 +156,7 @@ def save_hf_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     hf_model = unwrap(model)
-    hf_model.config.dtype = dtype
+    hf_model.config.torch_dtype = dtype
     hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     log.info("saved the model to %s", out_dir)

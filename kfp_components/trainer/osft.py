@@ -233,7 +233,7 @@ def find_osft_targets(model: nn.Module, target_patterns: Sequence[str] | None = 
         examples = ", ".join(candidates[:6]) or "none"
         raise ValueError(
             f"OSFT found no target modules in {type(model).__name__} (model_type {model_type!r}) with "
-            f"patterns {patterns}; pass osft_target_patterns: regexes searched in the names of its linear "
+            f"patterns {patterns}; pass target_patterns: regexes searched in the names of its linear "
             f"layers (for example: {examples})"
         )
     return names

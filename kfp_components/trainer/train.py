@@ -120,7 +120,7 @@ def train(config: TrainingConfig) -> TrainingSummary:
         rank=info.rank,
         seed=config.seed,
     )
-    total_steps = sampler.steps_per_epoch() * config.num_epochs
+    total_steps = sampler.steps_per_epoch() * config.num_train_epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     scheduler = build_scheduler(optimizer, config, total_steps)
@@ -151,7 +151,7 @@ def train(config: TrainingConfig) -> TrainingSummary:
     compute_seconds = 0.0
     extra_metrics: dict[str, float] = {}
     autocast = _autocast(config, info)
-    if config.dtype == "bfloat16" and info.device.type != "cuda" and info.is_main:
+    if config.torch_dtype == "bfloat16" and info.device.type != "cuda" and info.is_main:
         log.info("dtype bfloat16: no GPU, so computing in float32")
     model.train()
     while state.global_step < total_steps:
@@ -344,11 +344,11 @@ def load_model(
     if config.use_liger:
         apply_liger(model, info)
     if config.uses_osft:
-        bf16 = config.dtype == "bfloat16" and info.device.type == "cuda"
+        bf16 = config.torch_dtype == "bfloat16" and info.device.type == "cuda"
         names = osft.apply_osft(
             model,
-            unfreeze_rank_ratio=config.osft_unfreeze_rank_ratio,
-            target_patterns=config.osft_target_patterns or None,
+            unfreeze_rank_ratio=config.unfreeze_rank_ratio,
+            target_patterns=config.target_patterns or None,
             dense_dtype=torch.bfloat16 if bf16 else None,
             decompose=not from_checkpoint,
         )
@@ -357,7 +357,7 @@ def load_model(
                 "osft: %s %d weights (unfreeze_rank_ratio %g)",
                 "restoring the factors of" if from_checkpoint else "decomposed",
                 len(names),
-                config.osft_unfreeze_rank_ratio,
+                config.unfreeze_rank_ratio,
             )
     elif config.lora_r:
         model = _apply_lora(model, config)
@@ -508,7 +508,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 def _autocast(config: TrainingConfig, info: DistInfo) -> contextlib.AbstractContextManager:
     """bf16 autocast over fp32 master weights on a GPU; a CPU computes in fp32 (bf16 there is slower)."""
-    if config.dtype == "bfloat16" and info.device.type == "cuda":
+    if config.torch_dtype == "bfloat16" and info.device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

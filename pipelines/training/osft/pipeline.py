@@ -20,7 +20,7 @@ DEFAULT_WORKSPACE = "fine-tuning-workspace"
 )
 def osft_pipeline(
     phase_01_dataset_man_data_uri: str,
-    phase_01_dataset_opt_split: str = "train",
+    phase_01_dataset_opt_split: str = "",
     phase_01_dataset_opt_on_invalid: str = "fail",
     phase_01_dataset_opt_train_split_ratio: float = 0.9,
     phase_01_dataset_opt_subset_size: int = 0,
@@ -37,9 +37,9 @@ def osft_pipeline(
     phase_02_train_opt_warmup_steps: int = 0,
     phase_02_train_opt_max_seq_len: int = 4096,
     phase_02_train_opt_seed: int = 42,
-    phase_02_train_opt_dtype: str = "bfloat16",
+    phase_02_train_opt_torch_dtype: str = "bfloat16",
     phase_02_train_opt_backend: str = "trainjob",
-    phase_02_train_opt_timeout_minutes: int = 0,
+    phase_02_train_opt_timeout_seconds: int = 0,
     phase_02_train_opt_image: str = TRAINER_IMAGE,
     phase_02_train_opt_runtime: str = "torch-distributed",
     phase_02_train_opt_trainer_api_version: str = "auto",
