@@ -22,7 +22,7 @@ from typing import Any
 from kfp_components.data.config import DatasetConfig
 from kfp_components.data.errors import DatasetError
 from kfp_components.data.fetch import fetch
-from kfp_components.data.formats import FORMATS, MESSAGES, check_row, detect_row_format
+from kfp_components.data.formats import FORMATS, MESSAGES, REQUIRED_KEYS, check_row, detect_row_format
 from kfp_components.data.readers import DataFile, Location, RowError, read_rows
 from kfp_components.data.uris import parse_dataset_uri
 
@@ -144,6 +144,16 @@ def _scan(files: list[DataFile], data_format: str, on_invalid: str) -> _Scan:
             scan.problems.append((location, row.message))
             continue
         row_format = detect_row_format(row)
+        if (
+            data_format != "auto"
+            and row_format not in (None, data_format)
+            and not scan.rows
+            and not scan.problems
+        ):
+            raise DatasetError(
+                f"{location}: the rows are in {row_format!r} format, not {data_format!r} "
+                f"(keys {', '.join(REQUIRED_KEYS[data_format])}); nothing was written"
+            )
         if not scan.data_format:
             if row_format is None:
                 scan.problems.append((location, _undetectable(row)))

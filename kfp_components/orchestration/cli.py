@@ -1,7 +1,9 @@
 """``fnsft-pipeline`` (also ``python -m kfp_components.orchestration``): run a multi-stage pipeline YAML.
 
 Exit status: 0 when the pipeline (or dry run) succeeded, 1 when a stage failed, 2 for a bad config, a bad
-flag or, in a dry run, a missing or wrongly formatted dataset; errors are printed as ``error: <message>``.
+flag, or a problem found before the first stage starts (by a dry run or the run's own up-front checks: a
+missing or wrongly formatted dataset, an unwritable output folder, a model that does not load, ...); errors
+are printed as ``error: <message>``, every problem on its own line.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kfp_components.data import DatasetError
 from kfp_components.logs import configure_logging
 from kfp_components.orchestration.config import load_pipeline_config, parse_override
 from kfp_components.orchestration.pipeline import FINAL_MODEL_DIR, Pipeline
@@ -67,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--save_final_model",
+        nargs="?",
+        const="true",
         default="true",
         metavar="true|false",
-        help="link the last stage's model to <output_dir>/final_model (default: true)",
+        help="link the last stage's model to <output_dir>/final_model (the default; --save_final_model false "
+        "leaves it out)",
     )
     parser.add_argument(
         "--cleanup_intermediate",
@@ -110,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         results = pipeline.run(
             args.stages, save_final_model=save_final_model, cleanup_intermediate=args.cleanup_intermediate
         )
-    except ConfigError as exc:
+    except (ConfigError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except PipelineError as exc:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kfp_components.stages.base import LOG_LEVELS, StageConfig
+from kfp_components.stages.base import LOG_LEVELS, StageConfig, config_class_of
 from kfp_components.stages.registry import get_stage_class
 from kfp_components.typed_config import ConfigError, from_dict, load_config_file, parse_cli_value
 
@@ -36,7 +36,8 @@ class PipelineConfig:
             auto (each stage's own default), bfloat16, float16 (autocast with loss scaling, for GPUs without
             bf16) or float32.
         log_level: Log level of the run (DEBUG, INFO, WARNING, ERROR); a stage's log_level overrides it.
-        stages: Names of the stages to run, in order (sft, osft, dpo, or registered custom stages).
+        stages: Names of the stages to run, in order: sft, osft, dpo, a registered custom stage, or any name
+            whose entry in `stage_configs` names its type (`type: sft`), so a stage type can run twice.
         stage_configs: Options of each stage listed in `stages`, keyed by its name.
     """
 
@@ -49,22 +50,28 @@ class PipelineConfig:
     log_level: str = "INFO"
 
     def validate(self) -> None:
-        """Check the top-level options and the stage names (``stage_configs`` is checked on its own)."""
-        for name in ("model_name_or_path", "output_dir"):
-            if not getattr(self, name):
-                raise ConfigError(name, "required option is empty")
+        """Check the top-level options and the list of stages (each stage's options are checked on their own)."""
+        problems = [
+            (name, "required option is empty")
+            for name in ("model_name_or_path", "output_dir")
+            if not getattr(self, name)
+        ]
         if self.log_level.upper() not in LOG_LEVELS:
-            raise ConfigError("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+            problems.append(("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"))
         if not self.stages:
-            raise ConfigError("stages", "list at least one stage, for example [sft]")
+            problems.append(("stages", "list at least one stage, for example [sft]"))
         for i, name in enumerate(self.stages):
             if name in self.stages[:i]:
-                raise ConfigError(
-                    f"stages[{i}]",
-                    f"stage {name!r} is listed twice; to run a stage type twice, register it under a second "
-                    "name (Pipeline.register_stage('sft_2', SFTStage))",
+                problems.append(
+                    (
+                        f"stages[{i}]",
+                        f"stage {name!r} is listed twice; to run a stage type twice, give the second entry its "
+                        f"own name and its type (stages: [{name}, {name}_2] with stage_configs.{name}_2.type: "
+                        f"{name})",
+                    )
                 )
-            get_stage_class(name, f"stages[{i}]")
+        if problems:
+            raise ConfigError.of(problems)
 
     @property
     def tokenizer(self) -> str:
@@ -98,47 +105,76 @@ def load_pipeline_config(
 def pipeline_config_from_dict(data: Mapping[str, Any]) -> PipelineConfig:
     """Build and check a :class:`PipelineConfig` from plain data (what the YAML holds).
 
-    Each stage's options are read with that stage's ``config_class`` at the path ``stage_configs.<name>``;
-    the stage's ``stage_name`` and default ``output_dir`` are filled in, and ``torch_dtype`` becomes the
-    stage's ``torch_dtype`` unless the stage sets one.
+    Each stage's options are read with the ``config_class`` of its type (the entry's ``type``, else its name)
+    at the path ``stage_configs.<name>``; the stage's ``stage_name`` and default ``output_dir`` are filled in,
+    and ``torch_dtype`` becomes the stage's ``torch_dtype`` unless the stage sets one. Every problem found,
+    at the top and in every stage, is reported in one :class:`ConfigError`.
     """
     if not isinstance(data, Mapping):
         raise ConfigError("", "expected a mapping of options at the top level")
     top = dict(data)
     raw_stage_configs = top.pop("stage_configs", None)
-    config = from_dict(PipelineConfig, top)
+    problems: list[tuple[str, str]] = []
+    config: PipelineConfig | None = None
+    try:
+        config = from_dict(PipelineConfig, top)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     if raw_stage_configs is None:
         raw_stage_configs = {}
     if not isinstance(raw_stage_configs, Mapping):
-        raise ConfigError("stage_configs", "expected a mapping of stage name to options")
+        problems.append(("stage_configs", "expected a mapping of stage name to options"))
+        raw_stage_configs = {}
+    stages = config.stages if config else [s for s in top.get("stages") or [] if isinstance(s, str)]
     for name in raw_stage_configs:
-        if name not in config.stages:
-            raise ConfigError(
-                f"stage_configs.{name}",
-                f"stage {name!r} is not listed in stages ({', '.join(config.stages)}); "
-                "add it to stages or remove its options",
+        if name not in stages:
+            problems.append(
+                (
+                    f"stage_configs.{name}",
+                    f"stage {name!r} is not listed in stages ({', '.join(stages)}); "
+                    "add it to stages or remove its options",
+                )
             )
-    for name in config.stages:
-        path = f"stage_configs.{name}"
-        if name not in raw_stage_configs:
-            raise ConfigError(path, f"stage {name!r} is listed in stages but has no options here")
-        options = raw_stage_configs[name]
-        if options is None:
-            options = {}
-        if not isinstance(options, Mapping):
-            raise ConfigError(path, f"expected a mapping of options for stage {name!r}")
-        options = dict(options)
-        if "stage_name" in options:
-            raise ConfigError(
-                f"{path}.stage_name", "set by the pipeline from the stage_configs key; remove it"
-            )
-        config_class = get_stage_class(name, path).config_class
-        options["stage_name"] = name
+    parsed: dict[str, StageConfig] = {}
+    for position, name in enumerate(stages):
+        try:
+            parsed[name] = _stage_config(name, position, raw_stage_configs, config, top)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems or config is None:
+        raise ConfigError.of(problems)
+    config.stage_configs = parsed
+    return config
+
+
+def _stage_config(
+    name: str, position: int, raw: Mapping[str, Any], config: PipelineConfig | None, top: Mapping[str, Any]
+) -> StageConfig:
+    """One stage's options, read with its type's config class."""
+    path = f"stage_configs.{name}"
+    if name not in raw:
+        get_stage_class(name, f"stages[{position}]")  # an unknown name says so first
+        raise ConfigError(path, f"stage {name!r} is listed in stages but has no options here")
+    options = raw[name]
+    if options is None:
+        options = {}
+    if not isinstance(options, Mapping):
+        raise ConfigError(path, f"expected a mapping of options for stage {name!r}")
+    options = dict(options)
+    if "stage_name" in options:
+        raise ConfigError(f"{path}.stage_name", "set by the pipeline from the stage_configs key; remove it")
+    type_key = next((k for k in ("stage_type", "type") if k in options), None)
+    stage_type = options[type_key] if type_key else name
+    if not isinstance(stage_type, str):
+        raise ConfigError(f"{path}.{type_key}", f"expected a stage name, got {stage_type!r}")
+    stage_class = get_stage_class(stage_type, f"{path}.{type_key}" if type_key else f"stages[{position}]")
+    config_class = config_class_of(stage_class)
+    options["stage_name"] = name
+    if config is not None:
         options.setdefault("output_dir", config.default_stage_dir(name))
         if config.torch_dtype != "auto" and "torch_dtype" in _field_names(config_class):
             options.setdefault("torch_dtype", config.torch_dtype)
-        config.stage_configs[name] = from_dict(config_class, options, path)
-    return config
+    return from_dict(config_class, options, path)
 
 
 def parse_override(text: str) -> tuple[str, Any]:

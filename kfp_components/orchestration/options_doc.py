@@ -17,13 +17,14 @@ from typing import Any, Literal, get_args, get_origin
 from kfp_components.cli_args import field_help
 from kfp_components.orchestration.config import PipelineConfig
 from kfp_components.stages.base import StageConfig
-from kfp_components.stages.registry import BUILTIN_STAGES
+from kfp_components.stages.registry import BUILTIN_STAGES, RESERVED_STAGES
 from kfp_components.stages.training import (
     TRAINING_OPTION_GROUPS,
     TrainingData,
     TrainingStageConfig,
     option_groups,
 )
+from kfp_components.typed_config import aliases_of
 
 BEGIN = "<!-- BEGIN GENERATED OPTIONS: python -m kfp_components.orchestration.options_doc --write docs/multistage.md -->"
 END = "<!-- END GENERATED OPTIONS -->"
@@ -52,6 +53,28 @@ def options_markdown() -> str:
         summary = (group.__doc__ or "").strip().splitlines()[0]
         parts.append(f"#### `{group.__name__}`: {summary} (stages: {', '.join(users)})\n")
         parts.append(_table(group))
+    parts.append("### Aliases\n")
+    parts.append(
+        "Other names accepted for an option (the names of the modular fine-tuning guide and of Hugging Face "
+        "`TrainingArguments`); each maps to exactly one option, and giving both is an error.\n"
+    )
+    parts.append("| alias | option | where |\n| --- | --- | --- |")
+    where: dict[tuple[str, str], list[str]] = {}
+    for name, stage in BUILTIN_STAGES.items():
+        for alias, option in aliases_of(stage.config_class).items():
+            where.setdefault((alias, option), []).append(name)
+    for (alias, option), names in sorted(where.items()):
+        shown = "every stage" if len(names) == len(BUILTIN_STAGES) else ", ".join(names)
+        parts.append(f"| `{alias}` | `{option}` | {shown} |")
+    parts.append("\n### Stages recognised but not available in this version\n")
+    parts.append(
+        "Their options are checked (a dry run reports unknown keys as for any stage) and a run stops before "
+        "the first stage starts, saying the stage is not available.\n"
+    )
+    for name, stage in RESERVED_STAGES.items():
+        parts.append(f"#### `{name}`: {stage.description}\n")
+        declared = _table(stage.config_class)
+        parts.append(declared if declared.count("\n") > 2 else "Only the options every stage has.\n")
     return "\n".join(parts).rstrip() + "\n"
 
 
@@ -69,7 +92,7 @@ def _table(*classes: type) -> str:
         }
         for f in dataclasses.fields(cls):
             if f.name not in inherited:
-                text = helps.get(f.name, "").replace("|", "\\|")
+                text = (helps.get(f.name) or f.metadata.get("help", "")).replace("|", "\\|")
                 rows.append(f"| `{f.name}` | {_type_text(hints[f.name])} | {_default_text(f)} | {text} |")
     return "\n".join(rows) + "\n"
 

@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from kfp_components.logs import FORMAT
 from kfp_components.orchestration.config import PipelineConfig, load_pipeline_config
 from kfp_components.orchestration.state import PipelineError, PipelineState
 from kfp_components.stages import registry
-from kfp_components.stages.base import BaseStage, StageResult
+from kfp_components.stages.base import BaseStage, StageResult, config_class_of
 from kfp_components.stages.training import TrainingStage
 from kfp_components.typed_config import ConfigError, to_dict
 
@@ -243,12 +244,45 @@ class Pipeline:
     # ---------------------------------------------------------------------------------------------------
 
     def dry_run(self, stages: list[str] | None = None) -> RunPlan:
-        """Check what a run needs without training: the starting model's config and tokenizer load, and
-        each stage that would run checks its inputs (its datasets exist and have the right format).
+        """Check what a run needs without training: the output folder can be written, the starting model's
+        config and tokenizer load, and each stage that would run checks its inputs (its datasets exist and
+        have the format its algorithm needs; the training engine's preflight on them).
 
         Returns the plan; raises :class:`DryRunError` listing every problem found. Writes nothing.
         """
         plan = self.plan(stages)
+        problems = output_dir_problems(self.output_dir)
+        problems += self._model_problems(plan)
+        for item in plan.stages:
+            if item.action != "run":
+                continue
+            try:
+                item.details = self.stages[item.name].dry_run(plan.start_model, plan.start_tokenizer)
+            except ConfigError as exc:
+                problems.extend(exc.under(f"stage_configs.{item.name}").problems)
+            except (ValueError, OSError) as exc:
+                problems.append((f"stage_configs.{item.name}", f"{type(exc).__name__}: {exc}"))
+        if problems:
+            raise DryRunError(_unique(problems))
+        return plan
+
+    def check_inputs(self, plan: RunPlan) -> None:
+        """Before the first stage of a run starts: every stage that will run checks its inputs (datasets,
+        their format, the engine's preflight), so a chain does not fail at a late stage after hours of
+        training. Raises :class:`ConfigError` listing every problem."""
+        problems = self._model_problems(plan)
+        for item in plan.stages:
+            if item.action != "run":
+                continue
+            try:
+                self.stages[item.name].check_inputs(plan.start_model, plan.start_tokenizer)
+            except ConfigError as exc:
+                problems.extend(exc.under(f"stage_configs.{item.name}").problems)
+        if problems:
+            raise ConfigError.of(_unique(problems))
+
+    def _model_problems(self, plan: RunPlan) -> list[tuple[str, str]]:
+        """The starting model's config and tokenizer load (no weights); training stages need a chat template."""
         problems: list[tuple[str, str]] = []
         if plan.previous is None:
             model_key = "model_name_or_path"
@@ -268,20 +302,7 @@ class Pipeline:
                 problems,
             )
         )
-        model, tokenizer = plan.start_model, plan.start_tokenizer
-        for item in plan.stages:
-            stage = self.stages[item.name]
-            if item.action == "run":
-                try:
-                    item.details = stage.dry_run(model, tokenizer)
-                except ConfigError as exc:
-                    problems.append(_relocate(exc, f"stage_configs.{item.name}"))
-                except (ValueError, OSError) as exc:
-                    problems.append((f"stage_configs.{item.name}", f"{type(exc).__name__}: {exc}"))
-            model = tokenizer = f"<model of stage {item.name!r}>"
-        if problems:
-            raise DryRunError(problems)
-        return plan
+        return problems
 
     # ---------------------------------------------------------------------------------------------------
     # Run
@@ -316,6 +337,7 @@ class Pipeline:
         with self._log_to_file():
             state = PipelineState.load(self.output_dir)
             plan = self.plan(stages, state)
+            self.check_inputs(plan)
             (self.output_dir / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
             log.info(
                 "pipeline: %s (%d of %d stages) from %s; outputs in %s",
@@ -456,33 +478,71 @@ def stage_fingerprint(stage: BaseStage, upstream: str) -> str:
 
 
 def _build_stages(config: PipelineConfig) -> dict[str, BaseStage]:
-    """Instantiate and validate each stage; fill in ``stage_name`` and ``output_dir`` where empty."""
-    for name in config.stage_configs:
-        if name not in config.stages:
-            raise ConfigError(f"stage_configs.{name}", f"stage {name!r} is not listed in stages")
-    config.validate()
+    """Instantiate and validate each stage; fill in ``stage_name`` and ``output_dir`` where empty. Every
+    problem of every stage is reported in one :class:`ConfigError`."""
+    problems = [
+        (f"stage_configs.{name}", f"stage {name!r} is not listed in stages")
+        for name in config.stage_configs
+        if name not in config.stages
+    ]
+    try:
+        config.validate()
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     stages = {}
-    for name in config.stages:
+    for position, name in enumerate(config.stages):
         path = f"stage_configs.{name}"
-        stage_class = registry.get_stage_class(name, path)
         stage_config = config.stage_configs.get(name)
         if stage_config is None:
-            raise ConfigError(path, f"stage {name!r} is listed in stages but has no options")
-        if not isinstance(stage_config, stage_class.config_class):
-            raise ConfigError(
-                path,
-                f"expected a {stage_class.config_class.__name__} for stage {name!r}, "
-                f"got a {type(stage_config).__name__}",
+            problems.append((path, f"stage {name!r} is listed in stages but has no options"))
+            continue
+        try:
+            stage_type = stage_config.stage_type or name
+            stage_class = registry.get_stage_class(
+                stage_type, f"{path}.stage_type" if stage_config.stage_type else f"stages[{position}]"
             )
+            config_class = config_class_of(stage_class)
+            if not isinstance(stage_config, config_class):
+                raise ConfigError(
+                    path,
+                    f"expected a {config_class.__name__} for stage {name!r}, got a {type(stage_config).__name__}",
+                )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
         stage_config.stage_name = stage_config.stage_name or name
         stage_config.output_dir = stage_config.output_dir or config.default_stage_dir(name)
         stage = stage_class(stage_config)
-        try:
-            stage.validate_config()
-        except ConfigError as exc:
-            raise ConfigError(*_relocate(exc, path)) from None
+        for check in (stage_config.validate, stage.validate_config):
+            try:
+                check()
+            except ConfigError as exc:
+                problems.extend(exc.under(path).problems)
         stages[name] = stage
+    if problems:
+        raise ConfigError.of(_unique(problems))
     return stages
+
+
+def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``problems`` without repeats (a config's own checks may run again in its stage's checks)."""
+    return list(dict.fromkeys(problems))
+
+
+def output_dir_problems(output_dir: Path) -> list[tuple[str, str]]:
+    """Whether the run can create and write ``output_dir``: its nearest existing folder must be a folder
+    this process can create files in (checked by creating and removing a temporary file there)."""
+    existing = output_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return [("output_dir", f"{output_dir}: {existing} is a file, not a folder")]
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        return [("output_dir", f"{output_dir}: cannot write in {existing}: {exc.strerror or exc}")]
+    return []
 
 
 def _check_model(

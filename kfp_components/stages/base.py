@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -27,6 +28,8 @@ class StageConfig(Options):
 
     Attributes:
         stage_name: The stage's name in the pipeline, set by the pipeline from the `stage_configs` key; leave it out.
+        stage_type: The registered stage this entry runs (default: the entry's own name), so one stage type
+            can run twice: entries `sft_general` and `sft_domain`, each with `type: sft` (alias: type).
         output_dir: Where the stage writes its outputs (default: `<pipeline output_dir>/stages/<NN>_<name>`,
             NN its 1-based position in `stages`).
         enabled: false leaves the stage out of every run: the next stage starts from this stage's input.
@@ -42,7 +45,10 @@ class StageConfig(Options):
         {"stage_name", "enabled", "save_intermediate", "log_level"}
     )
 
+    option_aliases: ClassVar[dict[str, str]] = {"type": "stage_type"}
+
     stage_name: str = ""
+    stage_type: str = ""
     output_dir: str = ""
     enabled: bool = True
     save_intermediate: bool = True
@@ -94,9 +100,11 @@ class StageResult:
 class BaseStage(ABC):
     """One step of a multi-stage pipeline.
 
-    Subclasses set two class attributes, ``stage_name`` (the default name to register under) and
-    ``config_class`` (a :class:`StageConfig` dataclass: the stage's options in the YAML), and implement
-    :meth:`execute`. They may extend :meth:`validate_config` and :meth:`dry_run`.
+    Subclasses implement :meth:`execute` and say which options they take: a ``config_class`` attribute (a
+    :class:`StageConfig` dataclass), or a config dataclass named after the stage class with ``Config``
+    appended, in the same module (``MyStage`` -> ``MyStageConfig``). ``stage_name`` (a class attribute or a
+    property) is the name to register under when none is given. They may extend :meth:`validate_config`,
+    :meth:`check_inputs` and :meth:`dry_run`.
 
     Models and tokenizers are passed as *references* (a local folder or a Hugging Face hub id), never as
     loaded objects: a stage decides how to load them (``AutoModelForCausalLM.from_pretrained(model)``) or
@@ -108,9 +116,10 @@ class BaseStage(ABC):
     config_class: ClassVar[type[StageConfig]] = StageConfig
 
     def __init__(self, config: StageConfig):
-        if not isinstance(config, self.config_class):
+        config_class = config_class_of(type(self))
+        if not isinstance(config, config_class):
             raise TypeError(
-                f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}"
+                f"{type(self).__name__} needs a {config_class.__name__}, got {type(config).__name__}"
             )
         self.config = config
 
@@ -125,10 +134,18 @@ class BaseStage(ABC):
         return logging.getLogger(f"kfp_components.stages.{self.name}")
 
     def validate_config(self) -> None:
-        """Check the options without touching models or data; raise :class:`ConfigError` with key paths
-        relative to the stage (``beta``, not ``stage_configs.dpo.beta``). The pipeline calls it for every
-        stage before the first stage starts. The default runs the config's own ``validate``."""
-        self.config.validate()
+        """Checks of the options beyond the config's own ``validate`` (which the pipeline always runs first),
+        without touching models or data; raise :class:`ConfigError` with key paths relative to the stage
+        (``beta``, not ``stage_configs.dpo.beta``). The pipeline calls it for every stage before the first
+        stage starts. The default checks nothing more."""
+        return None
+
+    def check_inputs(self, model: str, tokenizer: str) -> None:
+        """Check what :meth:`execute` will read (datasets, their format) before the pipeline's first stage
+        starts, so a chain does not fail at its third stage after hours of training; raise
+        :class:`ConfigError` naming the option. ``model`` may be a stand-in with the same architecture when
+        an earlier stage has not run yet. The default checks nothing."""
+        return None
 
     @abstractmethod
     def execute(self, model: str, tokenizer: str, previous_result: StageResult | None) -> StageResult:
@@ -156,3 +173,26 @@ class BaseStage(ABC):
         datasets exist and have the right format); raise :class:`ConfigError` (or a ``ValueError``) naming
         the option at fault. ``model`` may not exist yet when an earlier stage has not run. Trains nothing."""
         return {"input_model": model, "tokenizer": tokenizer, "output_dir": self.config.output_dir}
+
+
+def config_class_of(stage_class: type[BaseStage]) -> type[StageConfig]:
+    """The options dataclass of ``stage_class``: walking from the class up to :class:`BaseStage`, the first
+    ``config_class`` a class sets, or a ``<ClassName>Config`` dataclass in that class's module. A
+    :class:`TypeError` says how to declare it when there is neither."""
+    for klass in stage_class.__mro__:
+        if klass is BaseStage or not issubclass(klass, BaseStage):
+            break
+        declared = klass.__dict__.get("config_class")
+        if declared is None:
+            declared = getattr(sys.modules.get(klass.__module__), f"{klass.__name__}Config", None)
+        if declared is None:
+            continue
+        if not (isinstance(declared, type) and dataclasses.is_dataclass(declared)):
+            raise TypeError(f"{klass.__name__}: the options {declared!r} are not a dataclass")
+        if not issubclass(declared, StageConfig):
+            raise TypeError(f"{klass.__name__}: the options {declared.__name__} are not a StageConfig")
+        return declared
+    raise TypeError(
+        f"{stage_class.__name__}: no options dataclass; set config_class = <a StageConfig dataclass> on the "
+        f"class, or name it {stage_class.__name__}Config in the same module"
+    )

@@ -1,44 +1,43 @@
 """Which stage names a pipeline can use: the built-in stages, custom ones registered at run time, and names
-reserved for techniques that are planned but not available yet."""
+reserved for techniques this version cannot run yet (their options are recognised; see ``stages.planned``)."""
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import re
 
-from kfp_components.stages.base import BaseStage, StageConfig
+from kfp_components.stages.base import BaseStage, config_class_of
 from kfp_components.stages.dpo import DPOStage
 from kfp_components.stages.osft import OSFTStage
+from kfp_components.stages.planned import CoTDistillationStage, RLAIFStage, RLStage, UnavailableStage
 from kfp_components.stages.sft import SFTStage
 from kfp_components.typed_config import ConfigError
 
-#: Names kept for techniques that are planned: naming one is an error that says so, not an unknown name.
-RESERVED_STAGES: dict[str, str] = {
-    "rl": "reinforcement learning with reward functions",
-    "rlaif": "reinforcement learning from AI feedback",
-    "cot_distillation": "chain-of-thought distillation from a teacher model",
+#: Stages whose options are recognised but which this version cannot run (see ``stages.planned``).
+RESERVED_STAGES: dict[str, type[UnavailableStage]] = {
+    "rl": RLStage,
+    "rlaif": RLAIFStage,
+    "cot_distillation": CoTDistillationStage,
 }
 BUILTIN_STAGES: dict[str, type[BaseStage]] = {"sft": SFTStage, "osft": OSFTStage, "dpo": DPOStage}
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_registry: dict[str, type[BaseStage]] = dict(BUILTIN_STAGES)
+_registry: dict[str, type[BaseStage]] = {**BUILTIN_STAGES, **RESERVED_STAGES}
 
 
 def register_stage(name: str, stage_class: type[BaseStage], *, replace: bool = False) -> None:
     """Make ``stage_class`` available as ``name`` in ``stages:``.
 
     Registering the same class again under the same name does nothing; another class under a taken name
-    needs ``replace=True``. Reserved names (:data:`RESERVED_STAGES`) cannot be taken.
+    needs ``replace=True`` (so does a reserved name, :data:`RESERVED_STAGES`). The stage's options dataclass
+    is found now (see :func:`~kfp_components.stages.base.config_class_of`), so a stage without one is refused
+    here rather than when a pipeline loads.
     """
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(f"stage name {name!r}: use letters, digits, '_' and '-', starting with a letter")
-    if name in RESERVED_STAGES:
-        raise ValueError(f"stage name {name!r} is reserved for {RESERVED_STAGES[name]}")
     if not (isinstance(stage_class, type) and issubclass(stage_class, BaseStage)):
         raise TypeError(f"stage {name!r}: {stage_class!r} is not a subclass of BaseStage")
-    config_class = stage_class.config_class
-    if not (dataclasses.is_dataclass(config_class) and issubclass(config_class, StageConfig)):
-        raise TypeError(f"stage {name!r}: config_class {config_class!r} is not a StageConfig dataclass")
+    config_class_of(stage_class)
     current = _registry.get(name)
     if current is not None and current is not stage_class and not replace:
         raise ValueError(
@@ -54,22 +53,19 @@ def unregister_stage(name: str) -> None:
 
 
 def available_stages() -> list[str]:
-    """The names a pipeline can use now, sorted."""
-    return sorted(_registry)
+    """The names of the stages a pipeline can run now, sorted (the reserved, unavailable ones left out)."""
+    return sorted(name for name, stage in _registry.items() if not issubclass(stage, UnavailableStage))
 
 
 def get_stage_class(name: str, path: str = "") -> type[BaseStage]:
     """The class registered as ``name``; a :class:`ConfigError` at ``path`` otherwise."""
     if name in _registry:
         return _registry[name]
-    available = ", ".join(available_stages()) or "none"
-    if name in RESERVED_STAGES:
-        raise ConfigError(
-            path,
-            f"stage {name!r} ({RESERVED_STAGES[name]}) is not available yet; available stages: {available}",
-        )
+    close = difflib.get_close_matches(name, available_stages(), n=1)
+    hint = f"did you mean {close[0]}? " if close else ""
     raise ConfigError(
         path,
-        f"no stage named {name!r}; available stages: {available} "
-        "(custom stages are added with Pipeline.register_stage)",
+        f"no stage named {name!r}; {hint}available stages: {', '.join(available_stages()) or 'none'}. To run a "
+        "stage type under another name (sft twice, say), give the entry a type: "
+        "stage_configs.<name>.type: sft; custom stages are added with Pipeline.register_stage",
     )

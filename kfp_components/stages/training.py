@@ -175,15 +175,41 @@ class TrainingStage(BaseStage):
 
     config: TrainingStageConfig
 
+    def __init__(self, config: StageConfig):
+        super().__init__(config)
+        #: datasets prepared by :meth:`check_inputs` for the coming :meth:`execute`
+        self._prepared: dict[str, PreparedDataset] = {}
+
     def validate_config(self) -> None:
-        """The stage's own checks, then the engine's checks across option groups (through a
-        :class:`TrainingConfig` with placeholder paths), so every rule of the engine applies here too."""
-        self.config.validate()
+        """The engine's checks across option groups (through a :class:`TrainingConfig` with placeholder
+        paths), so every rule of the engine applies here too."""
         if self.algorithm not in ALGORITHMS:
             raise TypeError(f"{type(self).__name__}.algorithm {self.algorithm!r} is not one of {ALGORITHMS}")
-        config = self.training_config("<model>", "<data>")
+        config = self.training_config(
+            "<model>", "<data>", "<eval data>" if self.config.eval_dataset_name_or_path else ""
+        )
         config.output_dir = config.output_dir or "<output_dir>"  # set by the pipeline
         config.validate()
+
+    def check_inputs(self, model: str, tokenizer: str) -> None:
+        """Prepare the stage's datasets now (every row checked, the format its algorithm needs) into
+        ``<output_dir>/data/``, where :meth:`execute` then trains on them."""
+        self._prepared = self._prepare_all(Path(self.config.output_dir) / "data")
+
+    def _prepare_all(self, data_dir: Path) -> dict[str, PreparedDataset]:
+        """The training data and, when set, the eval data, prepared into ``data_dir``; a :class:`ConfigError`
+        lists the problems of both."""
+        prepared, problems = {}, []
+        for prefix, name in (("", "train.jsonl"), ("eval_", "eval.jsonl")):
+            if not getattr(self.config, f"{prefix}dataset_name_or_path"):
+                continue
+            try:
+                prepared[prefix] = self.prepare(prefix, data_dir / name)  # type: ignore[arg-type]
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise ConfigError.of(problems)
+        return prepared
 
     def training_config(self, model: str, data_path: str, eval_data_path: str = "") -> TrainingConfig:
         """The engine's config for this stage: its option groups, the algorithm and the paths."""
@@ -201,11 +227,9 @@ class TrainingStage(BaseStage):
         from kfp_components.trainer.train import FINAL_MODEL_DIR, train
 
         out = Path(self.config.output_dir)
-        data_dir = out / "data"
-        train_data = self.prepare("", data_dir / "train.jsonl")
-        eval_data = (
-            self.prepare("eval_", data_dir / "eval.jsonl") if self.config.eval_dataset_name_or_path else None
-        )
+        prepared = self._prepared or self._prepare_all(out / "data")
+        self._prepared = {}  # prepared for this run only: a later run prepares its data again
+        train_data, eval_data = prepared[""], prepared.get("eval_")
         # A final/ folder always belongs to the latest successful attempt, and files that final_model links
         # to are never rewritten in place.
         shutil.rmtree(out / FINAL_MODEL_DIR, ignore_errors=True)
@@ -271,12 +295,10 @@ class TrainingStage(BaseStage):
         processes = self.config.nproc_per_node
         plan["launch"] = f"torchrun, {processes} process(es)" if processes else "in the pipeline's process"
         with tempfile.TemporaryDirectory(prefix="kfp-dry-run-") as scratch:
-            for prefix in ("", "eval_"):
-                if getattr(self.config, f"{prefix}dataset_name_or_path"):
-                    data = self.prepare(prefix, Path(scratch) / f"{prefix}dataset.jsonl")
-                    plan[f"{prefix}dataset"] = (
-                        f"{data.source} ({data.data_format}, {data.metrics['train_rows']} rows)"
-                    )
+            for prefix, data in self._prepare_all(Path(scratch)).items():
+                plan[f"{prefix}dataset"] = (
+                    f"{data.source} ({data.data_format}, {data.metrics['train_rows']} rows)"
+                )
         plan["final_model"] = str(Path(self.config.output_dir) / "final")
         return plan
 
