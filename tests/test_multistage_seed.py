@@ -335,3 +335,27 @@ def test_runtime_input_errors_are_one_line(tiny, tmp_path, capsys):
         assert err.startswith("error: stage_configs.sft.dataset_name_or_path: ")
         assert "missing.jsonl: no such file or folder" in err and "Traceback" not in err
     assert not (tmp_path / "run" / "stages").exists(), "nothing trained"
+
+
+def test_lora_and_osft_targets_that_match_no_module_are_found_before_training(tiny, tmp_path):
+    data = {
+        "model_name_or_path": tiny,
+        "output_dir": str(tmp_path / "run"),
+        "stages": ["sft", "osft"],
+        "stage_configs": {
+            "sft": {"dataset_name_or_path": CHAT, "lora_r": 4, "lora_target_modules": ["q_proj", "qkv_proj"]},
+            "osft": {"dataset_name_or_path": CHAT, "target_patterns": [r"\.attention\.wqkv$"]},
+        },
+    }
+    pipeline = Pipeline(pipeline_config_from_dict(data))
+    with pytest.raises(DryRunError) as info:
+        pipeline.dry_run()
+    assert [path for path, _ in info.value.problems] == [
+        "stage_configs.sft.lora_target_modules[1]",
+        "stage_configs.osft.target_patterns[0]",
+    ]
+    assert "'qkv_proj' matches no module of Qwen2ForCausalLM" in info.value.problems[0][1]
+    with pytest.raises(ConfigError) as info:
+        pipeline.run()  # the run's own up-front check: nothing trains
+    assert len(info.value.problems) == 2
+    assert not (tmp_path / "run" / "pipeline_state.json").exists()

@@ -193,8 +193,30 @@ class TrainingStage(BaseStage):
 
     def check_inputs(self, model: str, tokenizer: str) -> None:
         """Prepare the stage's datasets now (every row checked, the format its algorithm needs) into
-        ``<output_dir>/data/``, where :meth:`execute` then trains on them."""
+        ``<output_dir>/data/``, where :meth:`execute` then trains on them, and run the engine's preflight
+        on them (``model`` stands in for the input model: LoRA and OSFT targets, flash attention)."""
         self._prepared = self._prepare_all(Path(self.config.output_dir) / "data")
+        problems = self.engine_problems(model, self._prepared)
+        if problems:
+            raise ConfigError.of(problems)
+
+    def engine_problems(self, model: str, prepared: dict[str, PreparedDataset]) -> list[tuple[str, str]]:
+        """The training engine's preflight (:mod:`kfp_components.trainer.preflight`) on the prepared data,
+        with its key paths in the stage's terms. The model reference and its tokenizer are checked by the
+        pipeline, once, under the key that names them."""
+        from kfp_components.trainer import preflight
+
+        config = self.training_config(
+            model,
+            str(prepared[""].train_path),
+            str(prepared["eval_"].train_path) if "eval_" in prepared else "",
+        )
+        found = preflight.preflight_problems(config, check_model=False)
+        hf_config, problem = preflight.load_model_config(model)
+        if problem is None:
+            found += preflight.target_problems(config, hf_config)
+        keys = {"data_path": "dataset_name_or_path", "eval_data_path": "eval_dataset_name_or_path"}
+        return [(keys.get(key, key), message) for key, message in found if key != "model_name_or_path"]
 
     def _prepare_all(self, data_dir: Path) -> dict[str, PreparedDataset]:
         """The training data and, when set, the eval data, prepared into ``data_dir``; a :class:`ConfigError`
@@ -289,16 +311,21 @@ class TrainingStage(BaseStage):
             shutil.rmtree(checkpoints)
 
     def dry_run(self, model: str, tokenizer: str) -> dict[str, Any]:
-        """Check every dataset of the stage (fetched and validated into a temporary folder)."""
+        """Check every dataset of the stage (fetched and validated into a temporary folder) and run the
+        engine's preflight on them."""
         plan = super().dry_run(model, tokenizer)
         plan["algorithm"] = self.algorithm
         processes = self.config.nproc_per_node
         plan["launch"] = f"torchrun, {processes} process(es)" if processes else "in the pipeline's process"
         with tempfile.TemporaryDirectory(prefix="kfp-dry-run-") as scratch:
-            for prefix, data in self._prepare_all(Path(scratch)).items():
+            prepared = self._prepare_all(Path(scratch))
+            for prefix, data in prepared.items():
                 plan[f"{prefix}dataset"] = (
                     f"{data.source} ({data.data_format}, {data.metrics['train_rows']} rows)"
                 )
+            problems = self.engine_problems(model, prepared)
+        if problems:
+            raise ConfigError.of(problems)
         plan["final_model"] = str(Path(self.config.output_dir) / "final")
         return plan
 
