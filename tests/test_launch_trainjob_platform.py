@@ -1,5 +1,5 @@
 """What a platform team needs from the TrainJob launcher: the Kueue queue, image pull secrets, /dev/shm,
-labels, annotations and env on every object.
+labels, annotations and env on every object, and TrainJobs that are preempted and restarted.
 
 Each option is checked before any request, and then sent to the local API server serving the real Trainer
 CRDs (v2.1.0 and v2.3.0) with strict field validation; the server plays the Trainer controller, so the
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import time
 from decimal import Decimal
 
 import pytest
@@ -19,6 +21,7 @@ from test_launch_trainjob import (
     VERSIONS,
     cluster,
     created_bodies,
+    deletes,
     launch_config,
     needs_crds,
     trainjob_crd,
@@ -35,8 +38,9 @@ from kfp_components.launch.trainjob import (
     TrainJobConfig,
     TrainJobError,
     TrainJobLauncher,
+    TrainJobTimeout,
 )
-from kfp_components.testing.kube_server import api_server_errors
+from kfp_components.testing.kube_server import Scenario, api_server_errors
 from kfp_components.typed_config import ConfigError, from_dict
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
@@ -294,3 +298,70 @@ def test_v2_3_has_one_patch_of_ours_with_every_pod_option():
         "template"
     ]["spec"]
     assert set(pod_spec) == {"imagePullSecrets", "volumes", "containers"}
+
+
+# -------------------------------------------------------------------------- preemption and restarts
+
+
+RESUMED_LINES = ["resumed from checkpoint-1 (step 1)", "step 2/4", "step 4/4", "saved final model"]
+
+
+@needs_crds
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_preempted_trainjob_is_waited_out_and_completes(version, caplog):
+    """Kueue suspends the running TrainJob (its pods are deleted), later resumes it; new pods run the same
+    command and the trainer resumes from its checkpoint. The launcher waits it out and succeeds."""
+    caplog.set_level(logging.INFO)
+    scenario = Scenario(preempt_seconds=0.5, log_lines=RESUMED_LINES, line_interval=0.08)
+    config = launch_config(trainer_flags={"resume": True})
+    with run(version, config, scenarios=[scenario]) as (server, _, _, result):
+        assert result.reason == "AllJobsCompleted" and not result.adopted
+        assert result.preemptions == 1 and result.suspended_seconds >= 0.3
+        assert result.log_tail == scenario.preempt_lines + RESUMED_LINES, "both pods' logs, in order"
+        followed = [r.path.split("/")[-2] for r in server.requests_for("GET", "/log") if r.status == 200]
+        assert len(set(followed)) == 2, "the first pod's log, then the new pod's"
+        assert len(server.created) == 1 and deletes(server) == [], "waited for, not resubmitted or deleted"
+        (body,) = created_bodies(server)
+        assert body["spec"]["trainer"]["args"][-2:] == ["--resume", "true"]
+    assert (
+        "was suspended while running (Suspended: TrainJob is suspended), e.g. preempted by Kueue"
+        in caplog.text
+    )
+    assert "resumed after" in caplog.text and "worker 0 has a new pod" in caplog.text
+    assert "completed (suspended" in caplog.text and "preempted 1 time)" in caplog.text
+
+
+@needs_crds
+def test_queued_then_preempted_then_restarted_completes_within_the_timeout(caplog):
+    """Held by Kueue at first (not a preemption), preempted once, then a pod fails and the JobSet starts a
+    new one: all within timeout_seconds, and it completes."""
+    caplog.set_level(logging.INFO)
+    scenario = Scenario(
+        suspend_seconds=0.3, preempt_seconds=0.3, restart=True, log_lines=RESUMED_LINES, line_interval=0.08
+    )
+    started = time.monotonic()
+    with run("v2.3.0", launch_config(timeout_seconds=30), scenarios=[scenario]) as (_, _, _, result):
+        assert result.reason == "AllJobsCompleted"
+        assert result.preemptions == 1, "the first suspension was the wait for admission"
+        assert result.suspended_seconds >= 0.4
+        assert result.log_tail == scenario.preempt_lines + scenario.restart_lines + RESUMED_LINES
+    assert time.monotonic() - started < 30
+    assert "is suspended (Suspended: TrainJob is suspended): waiting for it to be admitted" in caplog.text
+
+
+@needs_crds
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_preemption_that_outlasts_the_timeout_deletes_the_trainjob(version):
+    scenario = Scenario(preempt_seconds=60, line_interval=0.05)
+    with cluster(version, scenarios=[scenario]) as (server, api):
+        launcher = TrainJobLauncher(launch_config(timeout_seconds=1.5), api_client=api)
+        started = time.monotonic()
+        with pytest.raises(TrainJobTimeout) as error:
+            launcher.run()
+        assert time.monotonic() - started < 10
+        assert "did not finish within 1.5 s" in str(error.value)
+        assert "preempted 1 time, suspended now" in str(error.value)
+        assert error.value.log_tail == scenario.preempt_lines, "the lines before the preemption are quoted"
+        (delete,) = deletes(server)
+        assert delete.query["propagationPolicy"] == ["Foreground"]
+        assert server.wait_until(lambda: server.trainjob(launcher.name, "ml") is None, 5)

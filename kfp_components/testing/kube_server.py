@@ -22,8 +22,9 @@ Trainer webhook does (403), and answers 409 ``AlreadyExists`` for a name that ex
 Then it plays the Trainer controller as a :class:`Scenario` says: ``complete`` (pods appear with the
 JobSet labels, their logs stream, then condition ``Complete``), ``fail`` (condition ``Failed`` with a
 reason and message), ``restart`` (the first pod fails and a newer one takes over), ``suspend_seconds``
-(``spec.suspend`` and condition ``Suspended`` for a while, as under Kueue, then resumed), ``never``
-(runs until deleted). The JobSet and the pods carry what
+(``spec.suspend`` and condition ``Suspended`` for a while, as under Kueue, then resumed),
+``preempt_seconds`` (the first pods run, then the TrainJob is suspended and its pods deleted, as when Kueue
+preempts it, then resumed with new pods), ``never`` (runs until deleted). The JobSet and the pods carry what
 the TrainJob adds to the runtime's template in either CRD shape (labels, annotations, the trainer's env and
 command, volumes and mounts, image pull secrets, node selector, tolerations), merged the way the Trainer
 controller merges it.
@@ -270,6 +271,9 @@ class Scenario:
         restart: The first pods print ``restart_lines`` and fail; newer pods then run the scenario.
         restart_lines: What the first pods print before failing.
         suspend_seconds: Suspended (as when Kueue holds the job) for this long before it starts, then resumed.
+        preempt_seconds: The first pods print ``preempt_lines``, then the TrainJob is suspended for this long
+            and its pods are deleted (as when Kueue preempts it), then resumed with new pods.
+        preempt_lines: What the first pods print before the preemption.
         fail_reason: Reason of the Failed condition.
         fail_message: Message of the Failed condition.
     """
@@ -291,6 +295,10 @@ class Scenario:
         default_factory=lambda: ["attempt 1 starting", "RuntimeError: NCCL timeout"]
     )
     suspend_seconds: float = 0.0
+    preempt_seconds: float = 0.0
+    preempt_lines: list[str] = field(
+        default_factory=lambda: ["attempt 1 starting", "step 1/4", "saved checkpoint-1"]
+    )
     fail_reason: str = "FailedJobs"
     fail_message: str = "jobset failed: ReplicatedJob node failed (BackoffLimitExceeded)"
 
@@ -716,6 +724,16 @@ class KubeApiServer:
             return
         if job.stopped.wait(scenario.start_delay):
             return
+        if scenario.preempt_seconds:
+            pods = self._start_pods(job)
+            if pods is None or not self._print(job, pods, scenario.preempt_lines):
+                return
+            with self._cond:  # the JobSet is suspended: its Jobs' pods are deleted
+                for pod in pods:
+                    pod.done = True
+                    job.pods.remove(pod)
+            if not self._suspend_for(job, scenario.preempt_seconds):
+                return
         if scenario.restart:
             pods = self._start_pods(job)
             if pods is None or not self._print(job, pods, scenario.restart_lines):
