@@ -106,8 +106,11 @@ def full_config(**overrides) -> TrainJobConfig:
             SecretEnv("HF_TOKEN", "hf-token", "token"),
             SecretEnv("AWS_SECRET_ACCESS_KEY", "s3", "key"),
         ],
-        labels={"team": "llm", "kueue.x-k8s.io/queue-name": "gpu-queue"},
+        labels={"team": "llm"},
         annotations={"example.com/owner": "fine-tuning"},
+        queue_name="gpu-queue",
+        image_pull_secrets=["registry-pull"],
+        shm_size="32Gi",
     )
     options.update(overrides)
     return launch_config(**options)
@@ -193,20 +196,30 @@ def test_v2_3_has_no_spec_labels_and_patches_the_pods_instead():
     assert not {"labels", "annotations", "podTemplateOverrides"} & set(spec)
     assert spec["activeDeadlineSeconds"] == 20, "the controller enforces timeout_seconds too"
     assert manifest["metadata"]["labels"]["team"] == "llm", "labels go on the TrainJob itself"
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     (patch,) = spec["runtimePatches"]
     template = patch["trainingRuntimeSpec"]["template"]
-    assert template["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue", "JobSet labels"
+    assert template["metadata"]["labels"]["team"] == "llm", "JobSet labels"
+    assert "kueue.x-k8s.io/queue-name" not in str(spec), "the queue labels the TrainJob only"
     (job,) = template["spec"]["replicatedJobs"]
     assert job["name"] == "node" and job["template"]["metadata"]["labels"]["team"] == "llm", "Job labels"
     pod = job["template"]["spec"]["template"]
     assert pod["metadata"]["labels"]["team"] == "llm"
     assert pod["metadata"]["annotations"] == {"example.com/owner": "fine-tuning"}
     assert pod["spec"]["volumes"] == [
-        {"name": "workspace", "persistentVolumeClaim": {"claimName": "workspace-pvc"}}
+        {"name": "workspace", "persistentVolumeClaim": {"claimName": "workspace-pvc"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi"}},
     ]
     assert pod["spec"]["containers"] == [
-        {"name": "node", "volumeMounts": [{"name": "workspace", "mountPath": "/workspace"}]}
+        {
+            "name": "node",
+            "volumeMounts": [
+                {"name": "workspace", "mountPath": "/workspace"},
+                {"name": "dshm", "mountPath": "/dev/shm"},
+            ],
+        }
     ]
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry-pull"}]
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["spec"]["tolerations"][1] == {
         "operator": "Equal",
@@ -226,8 +239,11 @@ def test_v2_1_uses_spec_labels_and_pod_template_overrides():
     assert spec["annotations"] == {"example.com/owner": "fine-tuning"}
     (override,) = spec["podTemplateOverrides"]
     assert override["targetJobs"] == [{"name": "node"}]
-    assert override["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert override["metadata"]["labels"]["team"] == "llm"
+    assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "kueue.x-k8s.io/queue-name" not in str(spec), "the queue labels the TrainJob only"
     assert override["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/workspace"
+    assert override["spec"]["imagePullSecrets"] == [{"name": "registry-pull"}]
 
 
 @needs_crds

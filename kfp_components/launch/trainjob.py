@@ -14,16 +14,21 @@ Lifecycle of :meth:`TrainJobLauncher.run`
    is a success without resubmitting, a failed one is deleted and submitted again
    (``on_existing_failed: resubmit``, what a retry wants) or reported (``fail``).
 4. **Wait**, polling the TrainJob every ``poll_interval_seconds``: condition ``Complete`` is success;
-   ``Failed`` is a failure with its reason and message; ``Suspended`` (e.g. Kueue has not admitted it yet)
-   is logged and waited out, not a failure. Meanwhile a thread copies the log of worker ``log_node``
+   ``Failed`` is a failure with its reason and message. A suspended TrainJob (``spec.suspend`` or condition
+   ``Suspended``) is logged and waited out, not a failure: before it first runs, Kueue has not admitted it
+   yet; after, it was preempted (Kueue suspends it, its pods stop; when it is readmitted new pods run the
+   same command, and a trainer whose config says ``resume: true`` continues from its newest checkpoint on
+   the workspace volume). A pod restart (the JobSet or Job replaces a failed pod, or the container restarts)
+   likewise runs the same command again. Meanwhile a thread copies the log of worker ``log_node``
    (container ``node`` of the newest pod with the labels ``jobset.sigs.k8s.io/jobset-name=<name>``,
    ``jobset.sigs.k8s.io/replicatedjob-name=node`` and ``batch.kubernetes.io/job-completion-index``) into this
-   step's log, following a new pod after a restart, and keeps the last ``tail_lines`` lines.
-5. **Clean up.** On failure, on ``timeout_seconds`` (time spent suspended counts), on SIGTERM (a cancelled
-   step; the handler is installed only while submitting and waiting, from the main thread) and on any other
-   error while waiting, the TrainJob is deleted with ``propagationPolicy=Foreground`` so its pods go and no
-   GPU stays held, and the error quotes the reason and the last log lines. A completed TrainJob is kept
-   unless ``delete_on_success``.
+   step's log, following the new pod after a restart or a preemption, and keeps the last ``tail_lines``
+   lines. The result says how long the TrainJob was suspended and how often it was preempted.
+5. **Clean up.** On failure, on ``timeout_seconds`` (time spent suspended, queued or preempted, counts), on
+   SIGTERM (a cancelled step; the handler is installed only while submitting and waiting, from the main
+   thread) and on any other error while waiting, the TrainJob is deleted with ``propagationPolicy=Foreground``
+   so its pods go and no GPU stays held, and the error quotes the reason and the last log lines. A completed
+   TrainJob is kept unless ``delete_on_success``.
 
 Secrets reach the TrainJob only as ``secretKeyRef`` env entries; the config refuses a literal value for an
 env name that looks secret before any request is made.
@@ -146,6 +151,8 @@ class TrainJobResult:
         message: Message of its Complete condition.
         log_tail: The last log lines copied from the trainer (empty when it had completed before).
         elapsed_seconds: Time spent waiting.
+        suspended_seconds: Of that, time the TrainJob was suspended (waiting for admission or preempted).
+        preemptions: How often it was suspended after it had started to run.
     """
 
     name: str
@@ -155,6 +162,8 @@ class TrainJobResult:
     message: str
     log_tail: list[str] = field(default_factory=list)
     elapsed_seconds: float = 0.0
+    suspended_seconds: float = 0.0
+    preemptions: int = 0
 
 
 def launch_trainjob(config: TrainJobConfig, *, api_client: client.ApiClient | None = None) -> TrainJobResult:
@@ -185,6 +194,7 @@ class TrainJobLauncher:
         self._ours = False  # created by this launcher, or checked to be ours before adopting it
         self._read_failures = 0
         self._sigterm_handled = False
+        self._suspensions = _SuspensionClock()
 
     @property
     def ref(self) -> str:
@@ -354,7 +364,14 @@ class TrainJobLauncher:
                 raise
         if config.delete_on_success:
             self.delete()
-        return self._result(complete, log_tail=list(self.tail), elapsed_seconds=time.monotonic() - started)
+        clock = self._suspensions
+        return self._result(
+            complete,
+            log_tail=list(self.tail),
+            elapsed_seconds=time.monotonic() - started,
+            suspended_seconds=clock.total(),
+            preemptions=clock.preemptions,
+        )
 
     def _result(self, complete: dict[str, Any], **extra: Any) -> TrainJobResult:
         """The result of this TrainJob from its ``Complete`` condition."""
@@ -371,13 +388,14 @@ class TrainJobLauncher:
         self, deadline: float | None, follower: _PodLogFollower | None
     ) -> dict[str, Any]:
         """Poll the TrainJob's conditions; return its Complete condition or raise."""
-        suspended = False
+        clock = self._suspensions
         while True:
             trainjob = self._read_status()
             if _condition_true(trainjob, "Complete"):
                 if follower is not None:
                     follower.finish(LOG_DRAIN_SECONDS)
-                log.info("%s completed", self.ref)
+                clock.update(False)
+                log.info("%s completed%s", self.ref, clock.summary())
                 return _condition(trainjob, "Complete")
             if _condition_true(trainjob, "Failed"):
                 if follower is not None:
@@ -390,29 +408,40 @@ class TrainJobLauncher:
                     reason=reason,
                     log_tail=list(self.tail),
                 )
-            if trainjob and _condition_true(trainjob, "Suspended") != suspended:
-                suspended = not suspended
-                condition = _condition(trainjob, "Suspended")
-                if suspended:
-                    log.info(
-                        "%s is suspended (%s: %s): waiting for it to be admitted (e.g. by Kueue), not a failure",
-                        self.ref,
-                        condition.get("reason", ""),
-                        condition.get("message", ""),
-                    )
-                else:
-                    log.info("%s resumed", self.ref)
+            if trainjob:
+                self._note_suspension(trainjob)
             if deadline is not None and time.monotonic() >= deadline:
                 if follower is not None:
                     follower.stop()
                 raise TrainJobTimeout(
                     f"{self.ref} did not finish within {self.config.timeout_seconds:g} s"
-                    f"{' (it was suspended)' if suspended else ''}{self._tail_text()}",
+                    f"{clock.summary(now=True)}{self._tail_text()}",
                     name=self.name,
                     reason="Timeout",
                     log_tail=list(self.tail),
                 )
             time.sleep(self.config.poll_interval_seconds)
+
+    def _note_suspension(self, trainjob: dict[str, Any]) -> None:
+        """Log when the TrainJob is suspended (not admitted yet, or preempted) or resumed, and time it."""
+        clock = self._suspensions
+        change = clock.update(_is_suspended(trainjob))
+        if change == "held":
+            log.info(
+                "%s is suspended (%s): waiting for it to be admitted (e.g. by Kueue), not a failure",
+                self.ref,
+                _suspension_reason(trainjob),
+            )
+        elif change == "preempted":
+            log.warning(
+                "%s was suspended while running (%s), e.g. preempted by Kueue: its pods stop, and when it is "
+                "admitted again new pods run the same command (the trainer continues from its newest "
+                "checkpoint when its config says resume: true); waiting, not a failure",
+                self.ref,
+                _suspension_reason(trainjob),
+            )
+        elif change == "resumed":
+            log.info("%s resumed after %.0f s suspended", self.ref, clock.last_seconds)
 
     def _read_status(self) -> dict[str, Any]:
         """The TrainJob; ``{}`` after a transient error (network, 5xx), up to MAX_READ_FAILURES in a row."""
@@ -484,6 +513,67 @@ class TrainJobLauncher:
             raise
 
 
+def _is_suspended(trainjob: dict[str, Any]) -> bool:
+    """Suspended by ``spec.suspend`` (what Kueue sets) or by the controller's ``Suspended`` condition."""
+    return (trainjob.get("spec") or {}).get("suspend") is True or _condition_true(trainjob, "Suspended")
+
+
+def _suspension_reason(trainjob: dict[str, Any]) -> str:
+    condition = _condition(trainjob, "Suspended")
+    if condition.get("status") == "True":
+        return f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+    return "spec.suspend: true"
+
+
+class _SuspensionClock:
+    """How long and how often a TrainJob was suspended, from the states the launcher polls.
+
+    A suspension before the TrainJob was first seen running is a wait for admission ("held"); one after is
+    a preemption ("preempted").
+    """
+
+    def __init__(self) -> None:
+        self.ran = False
+        self.preemptions = 0
+        self.last_seconds = 0.0
+        self._since: float | None = None
+        self._total = 0.0
+
+    def update(self, suspended: bool) -> str:
+        """Record the state now; return the change: held, preempted, resumed, or ``''``."""
+        now = time.monotonic()
+        change = ""
+        if suspended and self._since is None:
+            self._since = now
+            change = "preempted" if self.ran else "held"
+            if self.ran:
+                self.preemptions += 1
+        elif not suspended and self._since is not None:
+            self.last_seconds = now - self._since
+            self._total += self.last_seconds
+            self._since = None
+            change = "resumed"
+        self.ran = self.ran or not suspended
+        return change
+
+    def total(self) -> float:
+        """Seconds suspended so far, the current suspension included."""
+        return self._total + (time.monotonic() - self._since if self._since is not None else 0.0)
+
+    def summary(self, *, now: bool = False) -> str:
+        """`` (suspended 12 s, preempted 1 time)`` for messages (``now``: `` (12 s of it suspended, ...,
+        suspended now)``); empty when it never was suspended."""
+        total = self.total()
+        if not total and self._since is None:
+            return ""
+        parts = [f"{total:.0f} s of it suspended" if now else f"suspended {total:.0f} s"]
+        if self.preemptions:
+            parts.append(f"preempted {self.preemptions} time{'s' if self.preemptions != 1 else ''}")
+        if now and self._since is not None:
+            parts.append("suspended now")
+        return f" ({', '.join(parts)})"
+
+
 def _condition(trainjob: dict[str, Any], kind: str) -> dict[str, Any]:
     for condition in (trainjob.get("status") or {}).get("conditions") or []:
         if condition.get("type") == kind:
@@ -552,7 +642,7 @@ class _PodLogFollower(threading.Thread):
         self._seen: dict[tuple[str, int], int] = {}
         self._done: set[tuple[str, int]] = set()
         self._response: Any = None
-        self._current_pod = ""
+        self._current: tuple[str, int] | tuple[()] = ()
 
     def finish(self, timeout: float) -> None:
         """Read what is left of the current pod's log (up to ``timeout`` seconds), then stop."""
@@ -607,9 +697,19 @@ class _PodLogFollower(threading.Thread):
 
     def _stream(self, pod_name: str, key: tuple[str, int]) -> bool:
         """Copy new lines of the pod's log; True when the stream ended, False when it could not open."""
-        if pod_name != self._current_pod:
-            log.info("following the log of pod %s", pod_name)
-            self._current_pod = pod_name
+        if key != self._current:
+            if not self._current:
+                log.info("following the log of pod %s", pod_name)
+            elif pod_name != self._current[0]:
+                log.info(
+                    "worker %d has a new pod, %s (restarted, or started again after a preemption): following "
+                    "its log",
+                    self.launcher.config.log_node,
+                    pod_name,
+                )
+            else:
+                log.info("container %s of pod %s restarted (%d): following its log", TRAINER_CONTAINER, *key)
+            self._current = key
         try:
             self._response = self.core.read_namespaced_pod_log(
                 pod_name,

@@ -8,6 +8,7 @@ It speaks the REST calls the TrainJob launcher makes, through the real ``kuberne
   as for a service account without that RBAC);
 * ``GET /api/v1/namespaces/<ns>/pods?labelSelector=a=b,c=d``, ``GET .../pods/<name>`` and
   ``GET .../pods/<name>/log?container=node&follow=true`` (a chunked stream that ends with the container);
+* ``GET /apis/jobset.x-k8s.io/v1alpha2/namespaces/<ns>/jobsets/<name>`` (the TrainJob's JobSet);
 * discovery: ``/apis``, ``/apis/trainer.kubeflow.org/v1alpha1``.
 
 Like a real API server it wants ``Authorization: Bearer <token>`` (401 and a ``Status`` body otherwise),
@@ -21,7 +22,12 @@ Trainer webhook does (403), and answers 409 ``AlreadyExists`` for a name that ex
 Then it plays the Trainer controller as a :class:`Scenario` says: ``complete`` (pods appear with the
 JobSet labels, their logs stream, then condition ``Complete``), ``fail`` (condition ``Failed`` with a
 reason and message), ``restart`` (the first pod fails and a newer one takes over), ``suspend_seconds``
-(condition ``Suspended`` for a while, as under Kueue, then resumed), ``never`` (runs until deleted).
+(``spec.suspend`` and condition ``Suspended`` for a while, as under Kueue, then resumed),
+``preempt_seconds`` (the first pods run, then the TrainJob is suspended and its pods deleted, as when Kueue
+preempts it, then resumed with new pods), ``never`` (runs until deleted). The JobSet and the pods carry what
+the TrainJob adds to the runtime's template in either CRD shape (labels, annotations, the trainer's env and
+command, volumes and mounts, image pull secrets, node selector, tolerations), merged the way the Trainer
+controller merges it.
 
 Every request is recorded (method, path, query, parsed body, raw body) so tests can assert what was sent
 and deleted, and that no secret value was.
@@ -76,6 +82,7 @@ OBJECT_META_FIELDS = {
 
 _TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 _PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?(/log)?$")
+_JOBSETS = re.compile(r"^/apis/jobset\.x-k8s\.io/v1alpha2/namespaces/([^/]+)/jobsets/([^/]+)$")
 _CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}"
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
@@ -263,7 +270,10 @@ class Scenario:
         pending_seconds: Seconds a new pod stays Pending (its log answers 400 meanwhile).
         restart: The first pods print ``restart_lines`` and fail; newer pods then run the scenario.
         restart_lines: What the first pods print before failing.
-        suspend_seconds: Condition Suspended (as when Kueue holds the job) for this long, then resumed.
+        suspend_seconds: Suspended (as when Kueue holds the job) for this long before it starts, then resumed.
+        preempt_seconds: The first pods print ``preempt_lines``, then the TrainJob is suspended for this long
+            and its pods are deleted (as when Kueue preempts it), then resumed with new pods.
+        preempt_lines: What the first pods print before the preemption.
         fail_reason: Reason of the Failed condition.
         fail_message: Message of the Failed condition.
     """
@@ -285,6 +295,10 @@ class Scenario:
         default_factory=lambda: ["attempt 1 starting", "RuntimeError: NCCL timeout"]
     )
     suspend_seconds: float = 0.0
+    preempt_seconds: float = 0.0
+    preempt_lines: list[str] = field(
+        default_factory=lambda: ["attempt 1 starting", "step 1/4", "saved checkpoint-1"]
+    )
     fail_reason: str = "FailedJobs"
     fail_message: str = "jobset failed: ReplicatedJob node failed (BackoffLimitExceeded)"
 
@@ -308,6 +322,8 @@ class _Pod:
     labels: dict[str, str]
     image: str
     created: datetime.datetime
+    annotations: dict[str, str] = field(default_factory=dict)
+    spec: dict[str, Any] = field(default_factory=dict)
     phase: str = "Pending"
     lines: list[str] = field(default_factory=list)
     done: bool = False
@@ -331,9 +347,10 @@ class _Pod:
                 "namespace": self.namespace,
                 "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, self.name)),
                 "labels": self.labels,
+                "annotations": self.annotations,
                 "creationTimestamp": _timestamp(self.created),
             },
-            "spec": {"containers": [{"name": "node", "image": self.image}]},
+            "spec": self.spec or {"containers": [{"name": "node", "image": self.image}]},
             "status": {
                 "phase": self.phase,
                 "containerStatuses": [
@@ -355,6 +372,7 @@ class _Pod:
 class _Job:
     obj: dict[str, Any]
     scenario: Scenario
+    jobset: dict[str, Any] = field(default_factory=dict)
     stopped: threading.Event = field(default_factory=threading.Event)
     pods: list[_Pod] = field(default_factory=list)
 
@@ -447,6 +465,13 @@ class KubeApiServer:
             return self._read_crd(handler, record)
         if match := _TRAINJOBS.match(path):
             return self._trainjobs(handler, record, method, match.group(1), match.group(2), body, query)
+        if method == "GET" and (match := _JOBSETS.match(path)):
+            with self._cond:
+                job = self._jobs.get((match.group(1), match.group(2)))
+                jobset = json.loads(json.dumps(job.jobset)) if job is not None and job.jobset else None
+            if jobset is None:
+                return self._send(handler, record, 404, _not_found("jobsets", match.group(2)))
+            return self._send(handler, record, 200, jobset)
         if match := _PODS.match(path):
             return self._pods(
                 handler, record, method, match.group(1), match.group(2), bool(match.group(3)), query
@@ -590,7 +615,7 @@ class KubeApiServer:
             )
             body["status"] = {}
             scenario = self.scenarios[min(len(self.created), len(self.scenarios) - 1)]
-            job = _Job(obj=body, scenario=scenario)
+            job = _Job(obj=body, scenario=scenario, jobset=_jobset(body))
             self._jobs[(namespace, name)] = job
             self.created.append(name)
             self._cond.notify_all()
@@ -695,13 +720,20 @@ class KubeApiServer:
 
     def _play(self, job: _Job) -> None:
         scenario = job.scenario
-        if scenario.suspend_seconds:
-            self._set_condition(job, "Suspended", "True", "Suspended", "TrainJob is suspended")
-            if job.stopped.wait(scenario.suspend_seconds):
-                return
-            self._set_condition(job, "Suspended", "False", "Resumed", "TrainJob is resumed")
+        if scenario.suspend_seconds and not self._suspend_for(job, scenario.suspend_seconds):
+            return
         if job.stopped.wait(scenario.start_delay):
             return
+        if scenario.preempt_seconds:
+            pods = self._start_pods(job)
+            if pods is None or not self._print(job, pods, scenario.preempt_lines):
+                return
+            with self._cond:  # the JobSet is suspended: its Jobs' pods are deleted
+                for pod in pods:
+                    pod.done = True
+                    job.pods.remove(pod)
+            if not self._suspend_for(job, scenario.preempt_seconds):
+                return
         if scenario.restart:
             pods = self._start_pods(job)
             if pods is None or not self._print(job, pods, scenario.restart_lines):
@@ -722,11 +754,25 @@ class KubeApiServer:
             self._finish_pods(job, pods, "Failed")
             self._set_condition(job, "Failed", "True", scenario.fail_reason, scenario.fail_message)
 
+    def _suspend_for(self, job: _Job, seconds: float) -> bool:
+        """``spec.suspend`` and condition Suspended for ``seconds`` (as Kueue and the Trainer controller set
+        them), then resumed; False when the TrainJob was deleted meanwhile."""
+        with self._cond:
+            job.obj["spec"]["suspend"] = True
+        self._set_condition(job, "Suspended", "True", "Suspended", "TrainJob is suspended")
+        if job.stopped.wait(seconds):
+            return False
+        with self._cond:
+            job.obj["spec"]["suspend"] = False
+        self._set_condition(job, "Suspended", "False", "Resumed", "TrainJob is resumed")
+        return True
+
     def _start_pods(self, job: _Job) -> list[_Pod] | None:
         spec = job.obj["spec"]
         name = job.obj["metadata"]["name"]
         trainer = spec.get("trainer", {})
-        extra_labels = _pod_template_labels(spec)
+        template = _pod_template(spec)
+        extra_labels = template["metadata"].get("labels") or {}
         pods = []
         with self._cond:
             for index in range(int(trainer.get("numNodes", 1))):
@@ -745,6 +791,8 @@ class KubeApiServer:
                     labels=labels,
                     image=trainer.get("image", ""),
                     created=self._tick(),
+                    annotations=dict(template["metadata"].get("annotations") or {}),
+                    spec=template["spec"],
                 )
                 pods.append(pod)
                 job.pods.append(pod)
@@ -860,19 +908,98 @@ def kube_api_server(
         thread.join(timeout=5)
 
 
-def _pod_template_labels(spec: dict[str, Any]) -> dict[str, str]:
-    """Pod labels a TrainJob adds through podTemplateOverrides (v2.0-2.1) or runtimePatches (v2.2+)."""
-    labels: dict[str, str] = {}
+def _trainer_patches(spec: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
+    """``(JobSet metadata, Job metadata, pod template)`` patches of the ``node`` job, in order, from
+    podTemplateOverrides and spec.labels/annotations (v2.0-2.1) or runtimePatches (v2.2+)."""
+    patches = []
+    legacy = {k: spec[k] for k in ("labels", "annotations") if spec.get(k)}
+    if legacy:  # v2.1: spec.labels and spec.annotations go to the JobSet and its Jobs
+        patches.append((legacy, legacy, {}))
     for override in spec.get("podTemplateOverrides") or []:
         if any(t.get("name") == "node" for t in override.get("targetJobs", [])):
-            labels.update((override.get("metadata") or {}).get("labels") or {})
+            patches.append(({}, {}, {k: override[k] for k in ("metadata", "spec") if k in override}))
     for patch in spec.get("runtimePatches") or []:
         template = (patch.get("trainingRuntimeSpec") or {}).get("template") or {}
         for job in (template.get("spec") or {}).get("replicatedJobs") or []:
             if job.get("name") == "node":
-                pod = ((job.get("template") or {}).get("spec") or {}).get("template") or {}
-                labels.update((pod.get("metadata") or {}).get("labels") or {})
-    return labels
+                job_template = job.get("template") or {}
+                pod = (job_template.get("spec") or {}).get("template") or {}
+                patches.append((template.get("metadata") or {}, job_template.get("metadata") or {}, pod))
+    return patches
+
+
+def _pod_template(spec: dict[str, Any]) -> dict[str, Any]:
+    """The pod template of the ``node`` job: the runtime's container ``node`` filled in from
+    ``spec.trainer``, with the TrainJob's overrides or patches merged in (later ones win)."""
+    trainer = spec.get("trainer") or {}
+    container = {"name": "node", "image": trainer.get("image", "")}
+    container.update({k: trainer[k] for k in ("command", "args", "env") if k in trainer})
+    if "resourcesPerNode" in trainer:
+        container["resources"] = trainer["resourcesPerNode"]
+    template: dict[str, Any] = {"metadata": {}, "spec": {"containers": [container]}}
+    for _, _, pod in _trainer_patches(spec):
+        template = _merge(template, pod)
+    return template
+
+
+def _jobset(trainjob: dict[str, Any]) -> dict[str, Any]:
+    """The JobSet the Trainer controller makes of a TrainJob: its metadata, and the ``node`` job's."""
+    spec = trainjob.get("spec") or {}
+    jobset_meta: dict[str, Any] = {}
+    job_meta: dict[str, Any] = {"labels": {"trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}}
+    for jobset_patch, job_patch, _ in _trainer_patches(spec):
+        jobset_meta = _merge(jobset_meta, jobset_patch)
+        job_meta = _merge(job_meta, job_patch)
+    metadata = trainjob["metadata"]
+    return {
+        "apiVersion": "jobset.x-k8s.io/v1alpha2",
+        "kind": "JobSet",
+        "metadata": {
+            **jobset_meta,
+            "name": metadata["name"],
+            "namespace": metadata["namespace"],
+            "ownerReferences": [
+                {
+                    "apiVersion": f"{GROUP}/{VERSION}",
+                    "kind": "TrainJob",
+                    "name": metadata["name"],
+                    "uid": metadata["uid"],
+                }
+            ],
+        },
+        "spec": {
+            "replicatedJobs": [
+                {
+                    "name": "node",
+                    "template": {"metadata": job_meta, "spec": {"template": _pod_template(spec)}},
+                }
+            ],
+        },
+    }
+
+
+def _merge(base: Any, patch: Any) -> Any:
+    """``patch`` merged into ``base``: mappings key by key, lists of named items by name, the rest replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = _merge(base[key], value) if key in base else value
+        return merged
+    named = (
+        all(isinstance(item, dict) and "name" in item for item in [*base, *patch])
+        if (isinstance(base, list) and isinstance(patch, list))
+        else False
+    )
+    if named:
+        merged_list = list(base)
+        for item in patch:
+            index = next((i for i, old in enumerate(merged_list) if old["name"] == item["name"]), None)
+            if index is None:
+                merged_list.append(item)
+            else:
+                merged_list[index] = _merge(merged_list[index], item)
+        return merged_list
+    return patch
 
 
 def _parse_selector(text: str) -> dict[str, str]:
