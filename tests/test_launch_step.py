@@ -7,10 +7,17 @@ import json
 import pytest
 import yaml
 
+from kfp_components.images import TRAINER_IMAGE
 from kfp_components.launch.manifest import TrainJobConfig
-from kfp_components.launch.step import run_training_step, summary_metrics
+from kfp_components.launch.step import (
+    run_train_model_step,
+    run_training_step,
+    step_training_config,
+    summary_metrics,
+)
 from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.trainer.config import TrainingConfig
+from kfp_components.typed_config import ConfigError
 
 from conftest import SAMPLES, SHARED_REFERENCE
 
@@ -85,5 +92,140 @@ def test_trainjob_backend_runs_the_config_from_the_workspace(tmp_path, monkeypat
 
 
 def test_unknown_backend_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="backend: 'slurm' is not one of local, trainjob"):
+    with pytest.raises(ConfigError, match="backend: expected one of local, trainjob, got 'slurm'"):
         run_training_step(config(tmp_path), tmp_path / "m", backend="slurm")
+
+
+OPTIONS = {
+    "model_name_or_path": str(tiny_model_path("qwen2", 0)),
+    "algorithm": "sft",
+    "torch_dtype": "float32",
+    "max_seq_len": 256,
+    "effective_batch_size": 8,
+    "max_tokens_per_gpu": 512,
+    "max_steps": 2,
+    "use_liger": False,
+    "learning_rate": 1e-4,
+}
+
+
+def step(tmp_path, backend="local", options=None, training_options=None, trainjob_options=None, **kw):
+    return run_train_model_step(
+        train_data=SAMPLES / "chat.jsonl",
+        eval_data=kw.pop("eval_data", None),
+        model_dir=tmp_path / "artifacts" / "model",
+        backend=backend,
+        options={**OPTIONS, **(options or {})},
+        training_options=training_options or {},
+        trainjob_options={"workspace_path": str(tmp_path / "workspace"), **(trainjob_options or {})},
+        stage="train-sft",
+        run_id="r1",
+        **kw,
+    )
+
+
+def test_local_step_uses_the_eval_split_and_leaves_no_scratch_copy(tmp_path):
+    eval_rows = tmp_path / "eval.jsonl"
+    eval_rows.write_text("".join((SAMPLES / "chat.jsonl").read_text().splitlines(keepends=True)[:4]))
+    result = step(tmp_path, eval_data=eval_rows)
+    assert (tmp_path / "artifacts" / "model" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == ["model"], "no training copy left"
+    assert summary_metrics(result.summary)["eval_loss"] > 0
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")  # train_split_ratio 1.0: no eval split
+    assert "eval_loss" not in summary_metrics(step(tmp_path, eval_data=empty).summary)
+
+
+def test_every_bad_argument_is_reported_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        step(
+            tmp_path,
+            backend="trainjob",
+            options={"lr_scheduler": "cosin", "lora_dropout": 1.5, "torch_dtype": "fp16"},
+            training_options={"adam_beta2": 0.999, "learning_rate": 1e-3, "output_dir": "/x", "bogus": 1},
+            trainjob_options={"queue_name": "Not_A_Label", "shm_size": "lots"},
+        )
+    paths = [path for path, _ in info.value.problems]
+    assert paths == [
+        "training_options.learning_rate",
+        "training_options.output_dir",
+        "training_options.bogus",
+        "torch_dtype",
+        "lr_scheduler",
+        "shm_size",
+        "queue_name",
+    ]
+    with pytest.raises(ConfigError) as info:
+        step(
+            tmp_path,
+            backend="trainjob",
+            options={"lr_scheduler": "cosin", "torch_dtype": "fp16"},
+            training_options={"adam_beta2": "high"},
+        )
+    assert [path for path, _ in info.value.problems] == ["torch_dtype", "adam_beta2", "lr_scheduler"]
+    with pytest.raises(ConfigError) as info:
+        step(tmp_path, backend="trainjob", trainjob_options={"queue_name": "Not_A_Label", "shm_size": "lots"})
+    assert {path for path, _ in info.value.problems} == {"queue_name", "shm_size"}
+    with pytest.raises(ConfigError, match=r"lora_target_modules\[0\]: 'qkv' matches no module"):
+        step(tmp_path, options={"lora_r": 4, "lora_target_modules": ["qkv"]})
+    assert not (tmp_path / "workspace").exists() and not (tmp_path / "artifacts").exists()
+
+
+def test_training_options_reach_the_trainer_and_resume_is_on_by_default():
+    config = step_training_config(
+        {"learning_rate": 1e-4},
+        {"adam_beta2": 0.999, "lr_scheduler_type": "linear"},
+        model_name_or_path="m",
+        data_path="d",
+        output_dir="o",
+    )
+    assert (config.adam_beta2, config.lr_scheduler, config.learning_rate, config.resume) == (
+        0.999,
+        "linear",
+        1e-4,
+        True,
+    )
+    assert (
+        step_training_config(
+            {}, {"resume": False}, model_name_or_path="m", data_path="d", output_dir="o"
+        ).resume
+        is False
+    )
+    with pytest.raises(
+        ConfigError, match=r"training_options.lr_scheduler_type: has its own argument, lr_scheduler"
+    ):
+        step_training_config({"lr_scheduler": "cosine"}, {"lr_scheduler_type": "linear"}, data_path="d")
+
+
+@pytest.mark.skipif(not CRD.exists(), reason=f"the Kubeflow Trainer CRDs are not at {CRD.parent}")
+def test_trainjob_step_defaults_to_the_trainer_image_and_stages_the_data(tmp_path, monkeypatch):
+    from kfp_components.testing.kube_server import Scenario, kube_api_server, load_crd
+
+    work = tmp_path / "workspace" / "runs" / "r1" / "train-sft"
+    with kube_api_server(load_crd(CRD), scenarios=[Scenario(outcome="complete")]) as server:
+        monkeypatch.setenv("KUBERNETES_SERVER_URL", server.url)
+        monkeypatch.setenv("KUBERNETES_AUTH_TOKEN", server.token)
+        (work / "final").mkdir(parents=True)  # what the trainer pods write on the shared workspace
+        (work / "final" / "config.json").write_text("{}")
+        summary = {"steps": 1, "final_loss": 1.0, "mean_loss": 1.0, "tokens_per_second": 1.0}
+        summary |= {"duration_seconds": 1.0, "samples_seen": 8, "tokens_seen": 99, "metrics": {}}
+        (work / "summary.json").write_text(json.dumps(summary))
+        step(
+            tmp_path,
+            backend="trainjob",
+            trainjob_options={
+                "trainer_image": "",
+                "namespace": "ml",
+                "workspace_pvc": "ws",
+                "trainer_api_version": "v2.3",
+                "poll_interval_seconds": 0.05,
+            },
+        )
+        (created,) = [r.body for r in server.requests_for("POST", "/trainjobs") if r.status == 201]
+    assert created["spec"]["trainer"]["image"] == TRAINER_IMAGE, (
+        "an empty image is the package's trainer image"
+    )
+    assert (work / "data" / "train.jsonl").read_bytes() == (SAMPLES / "chat.jsonl").read_bytes()
+    run = yaml.safe_load((work / "run.yaml").read_text())
+    assert run["data_path"] == str(work / "data" / "train.jsonl") and run["resume"] is True
+    assert (tmp_path / "artifacts" / "model" / "config.json").is_file()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import json
 import re
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 import yaml
 from kfp import local
 
-from kfp_components.components.images import RUNTIME_IMAGE, TRAINER_IMAGE
+from kfp_components.images import RUNTIME_IMAGE, TRAINER_IMAGE
 from kfp_components.testing.tiny_model import tiny_model_path
 
 from conftest import SAMPLES
@@ -90,8 +91,8 @@ def test_parameters_follow_the_convention_and_mean_the_same_everywhere():
 def test_kubernetes_settings_are_in_the_compiled_yaml(name):
     executors = compiled(name)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     download = {s["secretName"]: s for s in executors["exec-dataset-download"]["secretAsEnv"]}
-    assert download["hf-token"]["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "token"}]
-    assert {e["envVar"] for e in download["s3-credentials"]["keyToEnv"]} == {
+    assert download["hf-token"]["keyToEnv"] == [{"envVar": "HF_TOKEN", "secretKey": "HF_TOKEN"}]
+    assert {e["envVar"] for e in download["minio-secret"]["keyToEnv"]} == {
         "AWS_ACCESS_KEY_ID",
         "AWS_SECRET_ACCESS_KEY",
         "AWS_S3_ENDPOINT",
@@ -103,6 +104,10 @@ def test_kubernetes_settings_are_in_the_compiled_yaml(name):
     assert mount["pvcNameParameter"]["componentInputParameter"] == "phase_02_train_opt_workspace_pvc"
     (kube,) = train["secretAsEnv"]
     assert kube["secretName"] == "kubernetes-credentials" and kube["optional"] is True
+    evaluate = executors["exec-evaluate-model"]
+    assert {s["secretName"] for s in evaluate["secretAsEnv"]} == {"hf-token", "minio-secret"}
+    (mount,) = evaluate["pvcMount"]  # a base model on the workspace volume
+    assert mount["pvcNameParameter"]["componentInputParameter"] == "phase_02_train_opt_workspace_pvc"
     text = (ROOT / "pipelines" / "training" / name / "pipeline.yaml").read_text()
     assert "AWS_SECRET_ACCESS_KEY: " not in text.replace("secretKey: AWS_SECRET_ACCESS_KEY", "")
 
@@ -155,6 +160,12 @@ def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(model_dir).config.model_type == "qwen2"
+    training = json.loads((run_dir / "train-model" / "executor_output.json").read_text())["artifacts"]
+    assert training["metrics"]["artifacts"][0]["metadata"]["eval_loss"] > 0, "the eval split is used"
+    assert not [p for p in (run_dir / "train-model").iterdir() if p.name.startswith(".train-")], (
+        "no copy left"
+    )
+    assert model_metadata(run_dir)["training_config"]["eval_data_path"], "the eval split reaches the trainer"
     outputs = json.loads((run_dir / "evaluate-model" / "executor_output.json").read_text())["artifacts"]
     eval_metrics = outputs["metrics"]["artifacts"][0]["metadata"]
     assert {"kfp_capitals_acc", "kfp_capitals_acc_retention", "mean_retention"} <= set(eval_metrics)
@@ -164,6 +175,11 @@ def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
     assert provenance["metrics"]["eval"]["mean_retention"] == eval_metrics["mean_retention"]
 
 
+def model_metadata(run_dir: Path) -> dict:
+    outputs = json.loads((run_dir / "train-model" / "executor_output.json").read_text())["artifacts"]
+    return outputs["model"]["artifacts"][0]["metadata"]
+
+
 def test_parameter_docs_are_generated_from_the_pipelines(monkeypatch):
     from kfp_components.pipelines import docs
 
@@ -171,3 +187,32 @@ def test_parameter_docs_are_generated_from_the_pipelines(monkeypatch):
     text = (ROOT / "docs" / "pipelines.md").read_text()
     assert docs.updated(text) == text, "docs/pipelines.md is stale: run `make compile`"
     assert "| `phase_02_train_man_train_unfreeze` | float | `0.25` |" in text
+
+
+def test_a_bad_default_fails_at_compile_time_naming_the_parameter(tmp_path):
+    from kfp import dsl
+
+    from kfp_components.pipelines.training.common import add_stages, compile_to
+    from kfp_components.typed_config import ConfigError
+
+    source = inspect.getsource(module("sft").sft_pipeline.pipeline_func)
+    namespace: dict = {}
+    bad = source.replace(
+        'phase_02_train_opt_lr_scheduler: str = "cosine"', 'phase_02_train_opt_lr_scheduler: str = "cosin"'
+    )
+    bad = bad.replace(
+        "phase_02_train_opt_training_options: dict = {}",
+        'phase_02_train_opt_training_options: dict = {"adam_beta": 0.9}',
+    )
+    exec(
+        compile(bad, "bad_pipeline.py", "exec", dont_inherit=True),
+        {**vars(module("sft")), "dsl": dsl, "add_stages": add_stages},
+        namespace,
+    )
+    with pytest.raises(ConfigError) as info:
+        compile_to(namespace["sft_pipeline"], str(tmp_path / "pipeline.py"))
+    assert [path for path, _ in info.value.problems] == [
+        "phase_02_train_opt_training_options.adam_beta",
+        "phase_02_train_opt_lr_scheduler",
+    ]
+    assert not (tmp_path / "pipeline.yaml").exists()

@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 
-from kfp_components.components.images import RUNTIME_IMAGE
+from kfp_components.images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)

@@ -5,7 +5,7 @@ No ``from __future__ import annotations`` here: KFP reads the real annotation ob
 
 from kfp import dsl
 
-from kfp_components.components.images import TRAINER_IMAGE
+from kfp_components.images import TRAINER_IMAGE
 
 
 # The trainer image: CUDA PyTorch and lm-eval (vLLM where installed), so evaluation can use the GPUs it asks for.

@@ -5,7 +5,7 @@ No ``from __future__ import annotations`` here: KFP reads the real annotation ob
 
 from kfp import dsl
 
-from kfp_components.components.images import RUNTIME_IMAGE
+from kfp_components.images import RUNTIME_IMAGE
 
 
 @dsl.component(base_image=RUNTIME_IMAGE, install_kfp_package=False)
@@ -75,7 +75,7 @@ def register_model(
         provenance: A folder with provenance.json and model_card.md.
         Output: The registered (or, with ``skip``, existing) version id; "" when registration was skipped.
     """
-    from kfp_components.components.images import RUNTIME_IMAGE
+    from kfp_components.images import RUNTIME_IMAGE
     from kfp_components.logs import configure_logging
     from kfp_components.registry import RegistryConfig, build_provenance, register_model, write_provenance
     from kfp_components.typed_config import from_dict

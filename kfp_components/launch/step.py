@@ -1,27 +1,53 @@
-"""One training step of a pipeline: stage the data, train with the chosen backend, hand back the model.
+"""One training step of a pipeline: check everything, stage the data, train with the chosen backend, hand
+back the model.
 
-``run_training_step`` is what the KFP training component calls. With ``backend="local"`` the training
-command runs as a subprocess of the step (``kfp.local`` runs, the demo, a single machine); with
-``backend="trainjob"`` it runs as a Kubeflow Trainer TrainJob whose pods mount the same workspace volume,
-so the data goes in and the model comes out through that volume. Either way the final model (a plain HF
-checkpoint) ends up in ``model_dir``, the step's Model artifact, and the summary is returned.
+:func:`run_train_model_step` is what the KFP ``train_model`` component calls. Before it writes anything it
+builds and validates the trainer's :class:`TrainingConfig` and, for the ``trainjob`` backend, the
+:class:`~kfp_components.launch.manifest.TrainJobConfig`, and runs the engine's preflight on the input data
+(and the model where this step can see it), so a typo in the KFP UI fails here in seconds, listing every
+problem, rather than inside the GPU pods.
+
+With ``backend="local"`` the training command runs as a subprocess of the step (``kfp.local`` runs, the
+demo, a single machine), in a scratch folder beside the Model artifact that is removed afterwards; with
+``backend="trainjob"`` it runs as a Kubeflow Trainer TrainJob whose pods mount the same workspace volume, so
+the data goes in and the model comes out through that volume (``<workspace>/runs/<run id>/<stage>``, where
+checkpoints let a preempted or retried TrainJob resume). Either way the final model (a plain HF checkpoint)
+ends up in the step's Model artifact folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
-from dataclasses import dataclass, replace
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from kfp_components.images import TRAINER_IMAGE
 from kfp_components.launch.local import run_local_training, write_run_config
+from kfp_components.launch.manifest import TrainJobConfig
 from kfp_components.trainer.config import TrainingConfig
-from kfp_components.trainer.train import FINAL_MODEL_DIR
+from kfp_components.typed_config import ConfigError, aliases_of, from_dict, to_dict, unknown_option_message
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "trainjob")
+#: Trainer options the step sets itself; ``training_options`` may not.
+STEP_OWNED = (
+    "model_name_or_path",
+    "data_path",
+    "eval_data_path",
+    "output_dir",
+    "algorithm",
+    "save_final_model",
+)
+#: Trainer options the step defaults differently from the trainer: a TrainJob restarted after a preemption,
+#: or a retried step of the same run, continues from its newest checkpoint on the workspace.
+STEP_DEFAULTS: dict[str, Any] = {"resume": True}
 
 
 @dataclass
@@ -29,6 +55,159 @@ class TrainingStepResult:
     model_dir: Path
     summary: dict
     trainjob_name: str = ""
+    config: dict = field(default_factory=dict)
+    preemptions: int = 0
+    suspended_seconds: float = 0.0
+
+
+def step_training_config(
+    options: Mapping[str, Any], training_options: Mapping[str, Any], **paths: str
+) -> TrainingConfig:
+    """The trainer's config of a step: its explicit ``options`` (component arguments named as trainer
+    options), then ``training_options`` (any other trainer option, by its name or an alias), then the
+    ``paths`` the step decides. An option may come from one place only; every problem is reported at once."""
+    aliases = aliases_of(TrainingConfig)
+    fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    problems, usable = [], {}
+    for key, value in training_options.items():
+        name = aliases.get(key, key)
+        if name not in fields:
+            problems.append((f"training_options.{key}", unknown_option_message(key, TrainingConfig)))
+        elif name in STEP_OWNED:
+            problems.append((f"training_options.{key}", "is set by the training step; remove it"))
+        elif name in options:
+            problems.append(
+                (f"training_options.{key}", f"has its own argument, {name}; set it there and remove it here")
+            )
+        else:
+            usable[key] = value
+    try:
+        config = from_dict(TrainingConfig, {**STEP_DEFAULTS, **options, **usable, **paths})
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems:
+        raise ConfigError.of(problems)
+    return config
+
+
+def run_train_model_step(
+    *,
+    train_data: str | Path,
+    eval_data: str | Path | None,
+    model_dir: str | Path,
+    backend: str,
+    options: Mapping[str, Any],
+    training_options: Mapping[str, Any],
+    trainjob_options: Mapping[str, Any],
+    stage: str,
+    run_id: str = "",
+    nproc_per_node: int = 1,
+    timeout_seconds: float = 0,
+) -> TrainingStepResult:
+    """Check, stage, train and hand back the model (see the module docstring).
+
+    Args:
+        train_data: The step's input train JSONL (the dataset step's output).
+        eval_data: The eval JSONL, or None; an empty file (no eval split) means no eval loss.
+        model_dir: The step's Model artifact folder.
+        backend: local or trainjob.
+        options: Trainer options given as the step's own arguments (``learning_rate``, ...).
+        training_options: Further trainer options by name (``training_options`` of the component).
+        trainjob_options: :class:`~kfp_components.launch.manifest.TrainJobConfig` fields (trainjob only; an
+            empty ``trainer_image`` is this package's trainer image).
+        stage: Stage name, for the TrainJob's name and the workspace folder.
+        run_id: Pipeline run id, for the same.
+        nproc_per_node: Processes of the local backend.
+        timeout_seconds: Give up after this long (0: no limit).
+    """
+    train_data, model_dir = Path(train_data), Path(model_dir)
+    eval_path = (
+        Path(eval_data)
+        if eval_data and Path(eval_data).is_file() and Path(eval_data).stat().st_size
+        else None
+    )
+    run_name = run_id or "run"
+    if backend not in BACKENDS:
+        raise ConfigError("backend", f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    # 1. Everything is checked before anything is written.
+    workspace = Path(trainjob_options.get("workspace_path", "/workspace"))
+    work = workspace / "runs" / run_name / stage if backend == "trainjob" else Path("<scratch>")
+    problems: list[tuple[str, str]] = []
+    config = trainjob = None
+    try:
+        config = step_training_config(
+            options,
+            training_options,
+            data_path=str(work / "data" / "train.jsonl") if backend == "trainjob" else str(train_data),
+            eval_data_path=(str(work / "data" / "eval.jsonl") if backend == "trainjob" else str(eval_path))
+            if eval_path
+            else "",
+            output_dir=str(work),
+            save_final_model=True,
+        )
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if backend == "trainjob":
+        try:
+            trainjob = from_dict(
+                TrainJobConfig,
+                {
+                    **trainjob_options,
+                    "trainer_image": trainjob_options.get("trainer_image") or TRAINER_IMAGE,
+                    "run_id": run_name,
+                    "stage": stage,
+                    "config_path": str(work / "run.yaml"),
+                    "timeout_seconds": float(timeout_seconds),
+                },
+            )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if config is not None:
+        problems.extend(_preflight_problems(config, train_data, eval_path, backend))
+    if problems or config is None:
+        raise ConfigError.of(problems)
+
+    # 2. Stage the data, 3. train, 4. hand back the model.
+    if backend == "trainjob":
+        (work / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(train_data, work / "data" / "train.jsonl")
+        if eval_path:
+            shutil.copyfile(eval_path, work / "data" / "eval.jsonl")
+        return run_training_step(config, model_dir, backend="trainjob", trainjob=trainjob)
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".train-", dir=model_dir.parent))
+    try:
+        return run_training_step(
+            replace(config, output_dir=str(scratch)),
+            model_dir,
+            backend="local",
+            nproc_per_node=nproc_per_node,
+            timeout_seconds=timeout_seconds,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _preflight_problems(
+    config: TrainingConfig, train_data: Path, eval_data: Path | None, backend: str
+) -> list[tuple[str, str]]:
+    """The engine's preflight on the step's own input files; the model is checked where this step sees what
+    the training will (always locally; with a TrainJob, a model folder on the workspace: a Hub id is checked
+    by the workers first thing, before any weight loads), the machine only when it is the one that trains."""
+    from kfp_components.trainer import preflight
+
+    local_files = replace(
+        config, data_path=str(train_data), eval_data_path=str(eval_data) if eval_data else ""
+    )
+    check_model = backend == "local" or preflight.is_local_reference(config.model_name_or_path)
+    if not check_model:
+        log.info(
+            "model_name_or_path %s is a Hugging Face Hub id: the TrainJob's workers check it before loading it",
+            config.model_name_or_path,
+        )
+    return preflight.preflight_problems(
+        local_files, check_model=check_model, check_environment=backend == "local"
+    )
 
 
 def run_training_step(
@@ -40,20 +219,23 @@ def run_training_step(
     timeout_seconds: float = 0,
     trainjob=None,
 ) -> TrainingStepResult:
-    """Train ``config`` with ``backend`` and copy the final model to ``model_dir``.
+    """Train ``config`` with ``backend`` and put the final model in ``model_dir``: moved from a local run's
+    output folder, copied from a TrainJob's (which stays on the workspace).
 
     ``config.output_dir`` must be on storage the backend can reach: any folder for ``local``; for
     ``trainjob``, a folder on the workspace volume that ``trainjob`` (a
     :class:`~kfp_components.launch.manifest.TrainJobConfig`) mounts at the same path.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+        raise ConfigError("backend", f"expected one of {', '.join(BACKENDS)}, got {backend!r}")
     config = replace(config, save_final_model=True)
     config.validate()
     output_dir = Path(config.output_dir)
-    trainjob_name = ""
+    result = TrainingStepResult(model_dir=Path(model_dir), summary={}, config=to_dict(config))
     if backend == "local":
-        summary = run_local_training(config, nproc_per_node=nproc_per_node, timeout_s=timeout_seconds or None)
+        result.summary = run_local_training(
+            config, nproc_per_node=nproc_per_node, timeout_s=timeout_seconds or None
+        )
     else:
         from kfp_components.launch.trainjob import launch_trainjob
 
@@ -61,15 +243,26 @@ def run_training_step(
             raise ValueError("backend trainjob needs a TrainJobConfig")
         run_yaml = write_run_config(config, output_dir / "run.yaml")
         trainjob = replace(trainjob, config_path=str(run_yaml), timeout_seconds=timeout_seconds)
-        result = launch_trainjob(trainjob)
-        trainjob_name = result.name
-        summary = json.loads((output_dir / "summary.json").read_text())
-    model_dir = Path(model_dir)
-    if model_dir.exists():
-        shutil.rmtree(model_dir)
-    shutil.copytree(output_dir / FINAL_MODEL_DIR, model_dir)
-    log.info("model: %s (%d steps, final loss %.4f)", model_dir, summary["steps"], summary["final_loss"])
-    return TrainingStepResult(model_dir=model_dir, summary=summary, trainjob_name=trainjob_name)
+        launched = launch_trainjob(trainjob)
+        result.trainjob_name = launched.name
+        result.preemptions, result.suspended_seconds = launched.preemptions, launched.suspended_seconds
+        result.summary = json.loads((output_dir / "summary.json").read_text())
+    from kfp_components.trainer.train import FINAL_MODEL_DIR
+
+    if result.model_dir.exists():
+        shutil.rmtree(result.model_dir)
+    final = output_dir / FINAL_MODEL_DIR
+    if backend == "local":
+        shutil.move(final, result.model_dir)
+    else:
+        shutil.copytree(final, result.model_dir)
+    log.info(
+        "model: %s (%d steps, final loss %.4f)",
+        result.model_dir,
+        result.summary["steps"],
+        result.summary["final_loss"],
+    )
+    return result
 
 
 def summary_metrics(summary: dict) -> dict[str, float]:

@@ -1,15 +1,23 @@
 """The stages every training pipeline shares, and how each pipeline compiles.
 
 The three pipelines (osft, sft, dpo) differ only in their algorithm and its options; their parameters keep
-the same names for the same things (``phase_NN_<stage>_{man,opt}_<name>``: man = main, opt = optional).
-Secrets reach the steps as environment variables from Kubernetes secrets (optional ones, so a pipeline runs
-without them): ``hf-token`` (key ``token``), ``s3-credentials`` (``AWS_ACCESS_KEY_ID``,
-``AWS_SECRET_ACCESS_KEY``, ``AWS_S3_ENDPOINT``) and ``kubernetes-credentials`` (``server_url``,
-``auth_token``; without it the training step uses its service account).
+the same names for the same things (``phase_NN_<stage>_{man,opt}_<name>``: man = main, opt = optional), and
+:data:`PARAMETERS` maps each onto the one component argument it sets, named as the option is named in the
+trainer, the stage YAML and the docs. Secrets reach the steps as environment variables from Kubernetes
+secrets (optional ones, so a pipeline runs without them): ``hf-token`` (key ``HF_TOKEN``), ``minio-secret``
+(``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, and ``AWS_S3_ENDPOINT`` where set),
+``kubernetes-credentials`` (``server_url``, ``auth_token``; without it the training step uses its service
+account) and ``model-registry-token`` (``token``).
+
+The dataset step's eval split is not dropped: the training step computes its loss every epoch (and every
+``phase_02_train_opt_eval_steps``) and logs it as ``eval_loss``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import re
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
@@ -18,16 +26,18 @@ from kfp_components.components.dataset import dataset_download
 from kfp_components.components.evaluation import evaluate_model
 from kfp_components.components.registry import register_model
 from kfp_components.components.training import train_model
+from kfp_components.typed_config import ConfigError
 
 WORKSPACE_MOUNT = "/workspace"
 HF_SECRET = "hf-token"
-S3_SECRET = "s3-credentials"
-KUBE_SECRET = "kubernetes-credentials"
+HF_KEYS = {"HF_TOKEN": "HF_TOKEN"}
+S3_SECRET = "minio-secret"
 S3_KEYS = {
     "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
     "AWS_S3_ENDPOINT": "AWS_S3_ENDPOINT",
 }
+KUBE_SECRET = "kubernetes-credentials"
 
 
 #: Pipeline parameter -> (stage, component argument). The same name means the same thing in every pipeline.
@@ -48,11 +58,21 @@ PARAMETERS = {
     "phase_02_train_opt_learning_rate": ("train", "learning_rate"),
     "phase_02_train_opt_lr_scheduler": ("train", "lr_scheduler"),
     "phase_02_train_opt_warmup_steps": ("train", "warmup_steps"),
+    "phase_02_train_opt_weight_decay": ("train", "weight_decay"),
+    "phase_02_train_opt_max_steps": ("train", "max_steps"),
     "phase_02_train_opt_max_seq_len": ("train", "max_seq_len"),
     "phase_02_train_opt_seed": ("train", "seed"),
     "phase_02_train_opt_torch_dtype": ("train", "torch_dtype"),
+    "phase_02_train_opt_activation_checkpointing": ("train", "activation_checkpointing"),
+    "phase_02_train_opt_eval_steps": ("train", "eval_steps"),
+    "phase_02_train_opt_checkpoint_every_steps": ("train", "checkpoint_every_steps"),
+    "phase_02_train_opt_lora_r": ("train", "lora_r"),
+    "phase_02_train_opt_lora_alpha": ("train", "lora_alpha"),
+    "phase_02_train_opt_lora_dropout": ("train", "lora_dropout"),
+    "phase_02_train_opt_lora_target_modules": ("train", "lora_target_modules"),
     "phase_02_train_opt_beta": ("train", "beta"),
     "phase_02_train_opt_loss_type": ("train", "loss_type"),
+    "phase_02_train_opt_training_options": ("train", "training_options"),
     "phase_02_train_opt_backend": ("train", "backend"),
     "phase_02_train_opt_timeout_seconds": ("train", "timeout_seconds"),
     "phase_02_train_opt_image": ("train", "trainer_image"),
@@ -63,6 +83,12 @@ PARAMETERS = {
     "phase_02_train_opt_node_selector": ("train", "node_selector"),
     "phase_02_train_opt_tolerations": ("train", "tolerations"),
     "phase_02_train_opt_workspace_pvc": ("train", "workspace_pvc"),
+    "phase_02_train_opt_queue_name": ("train", "queue_name"),
+    "phase_02_train_opt_labels": ("train", "labels"),
+    "phase_02_train_opt_annotations": ("train", "annotations"),
+    "phase_02_train_opt_env": ("train", "env"),
+    "phase_02_train_opt_image_pull_secrets": ("train", "image_pull_secrets"),
+    "phase_02_train_opt_shm_size": ("train", "shm_size"),
     "phase_03_eval_man_eval_tasks": ("eval", "tasks"),
     "phase_03_eval_opt_num_fewshot": ("eval", "num_fewshot"),
     "phase_03_eval_opt_limit": ("eval", "limit"),
@@ -84,6 +110,53 @@ PARAMETERS = {
     "phase_04_registry_opt_storage_uri": ("registry", "storage_uri"),
 }
 REGISTRY_SECRET = "model-registry-token"
+#: The training step's scalar arguments that shape the model: recorded as hyperparameters in the provenance
+#: (the list and mapping ones travel badly inside a dict of pipeline parameters; the complete resolved
+#: trainer config is in the Model artifact's metadata, which the provenance records too).
+HYPERPARAMETERS = frozenset(
+    {
+        "model_name_or_path",
+        "effective_batch_size",
+        "num_train_epochs",
+        "max_steps",
+        "learning_rate",
+        "lr_scheduler",
+        "warmup_steps",
+        "weight_decay",
+        "max_seq_len",
+        "max_tokens_per_gpu",
+        "seed",
+        "torch_dtype",
+        "use_liger",
+        "activation_checkpointing",
+        "unfreeze_rank_ratio",
+        "beta",
+        "loss_type",
+        "lora_r",
+        "lora_alpha",
+        "lora_dropout",
+        "num_nodes",
+        "gpus_per_node",
+    }
+)
+#: The training step's arguments that are TrainJobConfig fields of the same name.
+TRAINJOB_ARGUMENTS = frozenset(
+    {
+        "runtime_name",
+        "trainer_api_version",
+        "num_nodes",
+        "gpus_per_node",
+        "cpu",
+        "memory",
+        "queue_name",
+        "labels",
+        "annotations",
+        "env",
+        "image_pull_secrets",
+        "shm_size",
+        "workspace_pvc",
+    }
+)
 #: The format each algorithm's data must be in.
 DATA_FORMATS = {"osft": "messages", "sft": "messages", "dpo": "preference"}
 
@@ -103,13 +176,12 @@ def add_stages(algorithm: str, parameters: dict) -> dict:
 
     data = dataset_download(data_format=DATA_FORMATS[algorithm], **args["dataset"])
     data.set_display_name("1. dataset")
-    kubernetes.use_secret_as_env(
-        data, secret_name=HF_SECRET, secret_key_to_env={"token": "HF_TOKEN"}, optional=True
-    )
+    kubernetes.use_secret_as_env(data, secret_name=HF_SECRET, secret_key_to_env=HF_KEYS, optional=True)
     kubernetes.use_secret_as_env(data, secret_name=S3_SECRET, secret_key_to_env=S3_KEYS, optional=True)
 
     trained = train_model(
         train_dataset=data.outputs["train_dataset"],
+        eval_dataset=data.outputs["eval_dataset"],
         algorithm=algorithm,
         workspace_path=WORKSPACE_MOUNT,
         hf_token_secret=HF_SECRET,
@@ -134,13 +206,14 @@ def add_stages(algorithm: str, parameters: dict) -> dict:
         **args["eval"],
     )
     evaluated.set_display_name("3. evaluate")
+    # a base model on the workspace volume (pvc://<workspace>/...) or in S3 is read from there
+    kubernetes.mount_pvc(evaluated, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
+    kubernetes.use_secret_as_env(evaluated, secret_name=S3_SECRET, secret_key_to_env=S3_KEYS, optional=True)
     evaluated.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(step["gpu"])
     evaluated.set_memory_limit(step["memory"])
     kubernetes.add_node_selector_json(evaluated, node_selector_json=step["node_selector"])
     kubernetes.add_toleration_json(evaluated, toleration_json=step["tolerations"])
-    kubernetes.use_secret_as_env(
-        evaluated, secret_name=HF_SECRET, secret_key_to_env={"token": "HF_TOKEN"}, optional=True
-    )
+    kubernetes.use_secret_as_env(evaluated, secret_name=HF_SECRET, secret_key_to_env=HF_KEYS, optional=True)
     eval_metrics = evaluated.outputs["metrics"]
 
     registered = register_model(
@@ -151,7 +224,7 @@ def add_stages(algorithm: str, parameters: dict) -> dict:
         dataset_name_or_path=args["dataset"]["dataset_name_or_path"],
         dataset_sha256=data.outputs["train_sha256"],
         algorithm=algorithm,
-        hyperparameters={k: v for k, v in args["train"].items() if k not in ("tolerations", "node_selector")},
+        hyperparameters={k: v for k, v in args["train"].items() if k in HYPERPARAMETERS},
         registry_token_env="MODEL_REGISTRY_TOKEN",
         **args["registry"],
     )
@@ -166,7 +239,56 @@ def add_stages(algorithm: str, parameters: dict) -> dict:
 
 
 def compile_to(pipeline_func, module_file: str, output_path: str | Path | None = None) -> Path:
-    """Compile ``pipeline_func`` to ``pipeline.yaml`` beside its module (or ``output_path``)."""
+    """Compile ``pipeline_func`` to ``pipeline.yaml`` beside its module (or ``output_path``), after checking
+    its parameters' defaults as the training step checks its arguments (see :func:`check_defaults`)."""
+    check_defaults(pipeline_func)
     path = Path(output_path) if output_path else Path(module_file).with_name("pipeline.yaml")
     compiler.Compiler().compile(pipeline_func, str(path))
     return path
+
+
+def check_defaults(pipeline_func) -> None:
+    """The defaults of a pipeline's training parameters build a valid trainer config and TrainJob config
+    (unknown values, ranges, ``training_options`` keys), so a bad default fails at compile time with the
+    parameter's name, not in a run. Values typed into the KFP UI are checked by the training step before it
+    submits anything."""
+    from kfp_components.launch.manifest import TrainJobConfig
+    from kfp_components.launch.step import step_training_config
+    from kfp_components.trainer.config import TrainingConfig
+
+    signature = inspect.signature(getattr(pipeline_func, "pipeline_func", pipeline_func))
+    train = {
+        PARAMETERS[name][1]: parameter.default
+        for name, parameter in signature.parameters.items()
+        if PARAMETERS.get(name, ("",))[0] == "train" and parameter.default is not inspect.Parameter.empty
+    }
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingConfig)}
+    parameter_of = {argument: name for name, (stage, argument) in PARAMETERS.items() if stage == "train"}
+    options = {k: v for k, v in train.items() if k in trainer_fields}
+    problems: list[tuple[str, str]] = []
+    for check in (
+        lambda: step_training_config(
+            options, train.get("training_options", {}), data_path="<data>", output_dir="<output>"
+        ),
+        lambda: TrainJobConfig(
+            trainer_image=train.get("trainer_image") or "<image>",
+            config_path="<config>",
+            run_id="<run>",
+            stage="train",
+            **{k: v for k, v in train.items() if k in TRAINJOB_ARGUMENTS},
+        ).validate(),
+    ):
+        try:
+            check()
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise ConfigError.of([(_parameter_path(path, parameter_of), message) for path, message in problems])
+
+
+def _parameter_path(path: str, parameter_of: dict[str, str]) -> str:
+    """A component argument's key path with the argument replaced by its pipeline parameter."""
+    head = re.match(r"[a-z0-9_]+", path)
+    if head is None or head.group() not in parameter_of:
+        return path
+    return parameter_of[head.group()] + path[head.end() :]

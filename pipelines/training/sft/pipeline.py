@@ -5,7 +5,7 @@ Compile: ``python -m pipelines.training.sft.pipeline`` (writes ``pipeline.yaml``
 
 from kfp import dsl
 
-from kfp_components.components.images import TRAINER_IMAGE
+from kfp_components.images import TRAINER_IMAGE
 
 from ..common import add_stages, compile_to
 
@@ -34,9 +34,18 @@ def sft_pipeline(
     phase_02_train_opt_learning_rate: float = 5e-6,
     phase_02_train_opt_lr_scheduler: str = "cosine",
     phase_02_train_opt_warmup_steps: int = 0,
+    phase_02_train_opt_weight_decay: float = 0.0,
+    phase_02_train_opt_max_steps: int = 0,
     phase_02_train_opt_max_seq_len: int = 4096,
     phase_02_train_opt_seed: int = 42,
     phase_02_train_opt_torch_dtype: str = "bfloat16",
+    phase_02_train_opt_activation_checkpointing: bool = False,
+    phase_02_train_opt_eval_steps: int = 0,
+    phase_02_train_opt_checkpoint_every_steps: int = 0,
+    phase_02_train_opt_lora_r: int = 0,
+    phase_02_train_opt_lora_alpha: float = 16.0,
+    phase_02_train_opt_lora_dropout: float = 0.0,
+    phase_02_train_opt_lora_target_modules: list = ["all-linear"],  # noqa: B006
     phase_02_train_opt_backend: str = "trainjob",
     phase_02_train_opt_timeout_seconds: int = 0,
     phase_02_train_opt_image: str = TRAINER_IMAGE,
@@ -47,6 +56,13 @@ def sft_pipeline(
     phase_02_train_opt_node_selector: dict = {},  # noqa: B006 (KFP needs a literal default)
     phase_02_train_opt_tolerations: list = [],  # noqa: B006
     phase_02_train_opt_workspace_pvc: str = DEFAULT_WORKSPACE,
+    phase_02_train_opt_queue_name: str = "",
+    phase_02_train_opt_labels: dict = {},  # noqa: B006
+    phase_02_train_opt_annotations: dict = {},  # noqa: B006
+    phase_02_train_opt_env: dict = {},  # noqa: B006
+    phase_02_train_opt_image_pull_secrets: list = [],  # noqa: B006
+    phase_02_train_opt_shm_size: str = "unlimited",
+    phase_02_train_opt_training_options: dict = {},  # noqa: B006
     phase_03_eval_man_eval_tasks: list = ["arc_easy"],  # noqa: B006
     phase_03_eval_opt_num_fewshot: int = -1,
     phase_03_eval_opt_limit: float = 0.0,
