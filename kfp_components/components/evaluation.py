@@ -69,11 +69,13 @@ def evaluate_model(
     import os
     import shutil
 
+    from kfp_components.environment import ensure_writable_caches
     from kfp_components.evaluation import EvalConfig, run_evaluation
     from kfp_components.logs import configure_logging
     from kfp_components.typed_config import from_dict
 
     configure_logging()
+    ensure_writable_caches()
     chat = {"auto": None, "true": True, "false": False}.get(apply_chat_template.strip().lower(), "invalid")
     if chat == "invalid":
         raise ValueError(f"apply_chat_template: expected auto, true or false, got {apply_chat_template!r}")

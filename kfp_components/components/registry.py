@@ -83,11 +83,13 @@ def register_model(
         Output: The registered (or, with ``skip``, existing) version id; "" when registration was skipped.
     """
     from kfp_components.components.images import RUNTIME_IMAGE
+    from kfp_components.environment import ensure_writable_caches
     from kfp_components.logs import configure_logging
     from kfp_components.registry import RegistryConfig, build_provenance, register_model, write_provenance
     from kfp_components.typed_config import from_dict
 
     configure_logging()
+    ensure_writable_caches()
     config = from_dict(
         RegistryConfig,
         {

@@ -85,15 +85,19 @@ def train_model(
         metrics: Final and mean loss, tokens/s, steps, duration (and DPO rewards).
         Output: The TrainJob's name; empty with the local backend.
     """
+    from kfp_components.environment import ensure_writable_caches
+    from kfp_components.logs import configure_logging
+
+    configure_logging()
+    ensure_writable_caches()  # before launch.step imports huggingface_hub, which reads HF_HOME once
+
     import tempfile
     from pathlib import Path
 
     from kfp_components.launch.manifest import SecretEnv, Toleration, TrainJobConfig
     from kfp_components.launch.step import run_training_step, summary_metrics
-    from kfp_components.logs import configure_logging
     from kfp_components.trainer.config import TrainingConfig
 
-    configure_logging()
     stage = f"train-{algorithm}"
     if backend == "trainjob":
         work = Path(workspace_path) / "runs" / (run_id or "run") / stage
