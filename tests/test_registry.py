@@ -406,6 +406,7 @@ def kfp_local(tmp_path):
     return tmp_path / "pipeline_root"
 
 
+@pytest.mark.filterwarnings("ignore:It looks like you're using the remote file:UserWarning")
 def test_component_registers_the_model_artifacts_minio_uri_by_default(kfp_local, server, no_s3_env):
     """No storage_uri: the Model artifact's URI (minio:// on a default Kubeflow install) is registered."""
     from kfp import dsl
