@@ -283,7 +283,7 @@ def test_object_store_and_volume_uris_are_accepted(no_s3_env, uri, recorded, pat
     [
         (
             {"storage_uri": "s3://AKIAXX:s3cr3t-registry-token-value@models/m"},
-            "storage_uri: s3:// URI carries credentials",
+            "storage_uri: the s3:// URI carries credentials",
         ),
         (
             {"storage_uri": MINIO_URI, "storage_endpoint": f"http://minio:{TOKEN}@minio:9000"},
@@ -307,6 +307,12 @@ def test_bad_storage_is_refused_without_echoing_credentials(no_s3_env, options, 
     with pytest.raises(ConfigError, match=message) as caught:
         from_dict(RegistryConfig, {"address": "http://registry", "model_name": "m", **options})
     assert TOKEN not in str(caught.value) and "s3cr3t" not in str(caught.value)
+
+
+def test_endpoint_from_the_environment_is_checked_and_named(no_s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_S3_ENDPOINT", "minio-service.kubeflow:9000")
+    with pytest.raises(ConfigError, match=r"\$AWS_S3_ENDPOINT: expected an S3 endpoint"):
+        model_storage(MINIO_URI)
 
 
 @pytest.mark.parametrize("uri", ["/tmp/model", "file:///mnt/model", "model"])

@@ -65,6 +65,11 @@ def model_storage(uri: str, endpoint: str = "", key: str = "storage_uri") -> Mod
             key, f"required when a registry address is set: where the model is stored ({_FORMS})"
         )
     scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    parts = urlsplit(uri)
+    if scheme and "@" in parts.netloc:
+        raise ConfigError(
+            key, f"the {scheme}:// URI carries credentials; give them as a secret, never in the URI"
+        )
     if not scheme or scheme == "file":
         raise ConfigError(
             key,
@@ -73,11 +78,6 @@ def model_storage(uri: str, endpoint: str = "", key: str = "storage_uri") -> Mod
         )
     if scheme not in SCHEMES:
         raise ConfigError(key, f"unsupported scheme {scheme + '://'!r} in {uri!r}; use {_FORMS}")
-    parts = urlsplit(uri)
-    if "@" in parts.netloc:
-        raise ConfigError(
-            key, f"{scheme}:// URI carries credentials; give them as a secret, never in the URI"
-        )
     location = parts.netloc
     path = parts.path.strip("/")
     if not location:
@@ -106,16 +106,11 @@ def model_storage(uri: str, endpoint: str = "", key: str = "storage_uri") -> Mod
             key,
             f"the URI names endpoint {query['endpoint']!r} and storage_endpoint is {endpoint!r}; set only one",
         )
-    resolved = (
-        query.get("endpoint")
-        or endpoint.strip()
-        or _first_env(S3_ENDPOINT_ENVS)
-        or (DEFAULT_MINIO_ENDPOINT if scheme == "minio" else "")
-    )
+    resolved, source = _endpoint(scheme, query.get("endpoint", ""), endpoint.strip(), key)
     where = f"s3://{location}/{path}"
     if not resolved:
         return ModelStorage(uri=where, path=path, endpoint="", source_uri=uri)
-    check_endpoint(resolved, key if query.get("endpoint") else "storage_endpoint")
+    check_endpoint(resolved, source)
     resolved = resolved.rstrip("/")
     region = query.get("defaultRegion") or _first_env(REGION_ENVS)
     recorded = f"{where}?endpoint={resolved}" + (f"&defaultRegion={region}" if region else "")
@@ -132,6 +127,19 @@ def check_endpoint(endpoint: str, key: str = "storage_endpoint") -> str:
     if parts.query or parts.fragment or parts.path.strip("/"):
         raise ConfigError(key, f"an S3 endpoint is scheme://host[:port], got {endpoint!r}")
     return endpoint
+
+
+def _endpoint(scheme: str, in_uri: str, option: str, key: str) -> tuple[str, str]:
+    """The S3 endpoint and where it came from (for messages): the URI, the option, the environment, or (for
+    ``minio://``) the default install's MinIO; ``""`` for AWS S3."""
+    if in_uri:
+        return in_uri, key
+    if option:
+        return option, "storage_endpoint"
+    for name in S3_ENDPOINT_ENVS:
+        if value := os.environ.get(name, "").strip():
+            return value, f"${name}"
+    return (DEFAULT_MINIO_ENDPOINT, "storage_endpoint") if scheme == "minio" else ("", "")
 
 
 def _first_env(names: tuple[str, ...]) -> str:
