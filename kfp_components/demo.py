@@ -17,6 +17,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from kfp_components.environment import ensure_writable_caches
 from kfp_components.logs import configure_logging
 
 log = logging.getLogger("kfp_components.demo")
@@ -89,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=Path("demo-output"), help="where artifacts go")
     args = parser.parse_args(argv)
     configure_logging()
+    ensure_writable_caches()
     started = time.monotonic()
     try:
         summary = run_demo(args.output_dir.resolve())

@@ -4,8 +4,10 @@ Every component runs in an image that already holds this package, so nothing is 
 pipeline runs (air-gapped clusters are common). Override the names at compile time with environment
 variables, e.g. ``KFP_COMPONENTS_RUNTIME_IMAGE=registry.example.com/kfp-components:0.1.0 make compile``.
 
-* runtime image (``containers/runtime.Containerfile``): slim CPU image for download, evaluation and registry.
-* trainer image (``containers/trainer.Containerfile``): CUDA PyTorch plus this package with the ``gpu`` extra.
+* runtime image (``containers/runtime.Containerfile``): slim CPU image for download, the training launcher
+  step and registry (extras ``data,launch,registry``).
+* trainer image (``containers/trainer.Containerfile``): CUDA PyTorch plus this package with the ``train``,
+  ``eval`` and ``gpu`` extras, for the training workers and evaluation.
 """
 
 from __future__ import annotations

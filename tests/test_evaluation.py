@@ -1,6 +1,7 @@
 """Evaluation with lm-eval: the bundled offline tasks on tiny models, flat metrics, files, errors, component."""
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -8,6 +9,7 @@ import pytest
 
 from kfp_components.evaluation import (
     EvalConfig,
+    ModelNotFoundError,
     TaskDataError,
     UnknownTaskError,
     flatten_results,
@@ -182,6 +184,137 @@ def test_offline_hub_task_names_the_task(tmp_path, monkeypatch):
         run_evaluation(config(tmp_path, tasks=["arc_easy"]))
 
 
+# ------------------------------------------------------------------------------------------------------
+# Models as a cluster has them: pvc:// claims, the workspace volume, s3:// prefixes
+# ------------------------------------------------------------------------------------------------------
+BASE_SETTINGS = {"tasks": ["kfp_capitals"], "limit": 4, "apply_chat_template": False}
+
+
+def copy_model(seed: int, target: Path) -> Path:
+    shutil.copytree(tiny_model_path("qwen2", seed), target)
+    return target
+
+
+def upload_model(s3, seed: int, bucket: str, prefix: str) -> None:
+    client = s3.client()
+    client.create_bucket(Bucket=bucket)
+    folder = tiny_model_path("qwen2", seed)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        client.upload_file(str(path), bucket, f"{prefix}/{path.relative_to(folder).as_posix()}")
+
+
+@pytest.fixture(scope="module")
+def base_scores(tmp_path_factory) -> dict[str, float]:
+    """The base model's scores when evaluated from its own folder, to compare the other sources with."""
+    out = tmp_path_factory.mktemp("direct")
+    metrics = run_evaluation(
+        config(out, model_path=str(tiny_model_path("qwen2", 1)), **BASE_SETTINGS)
+    ).metrics
+    return {k: v for k, v in metrics.items() if k.startswith("kfp_capitals_") and not k.endswith("_stderr")}
+
+
+@pytest.mark.parametrize("where", ["pvc", "s3"])
+def test_base_model_from_a_claim_or_s3_scores_like_its_folder(
+    where, tmp_path, monkeypatch, request, base_scores
+):
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(scratch))
+    if where == "pvc":
+        monkeypatch.setenv("KFP_COMPONENTS_PVC_ROOT", str(tmp_path / "mnt"))
+        copy_model(1, tmp_path / "mnt" / "base-models" / "qwen2-tiny")
+        base = "pvc://base-models/qwen2-tiny"
+    else:
+        upload_model(request.getfixturevalue("s3_env"), 1, "models", "base/qwen2-tiny")
+        base = "s3://models/base/qwen2-tiny"
+    result = run_evaluation(config(tmp_path, base_model_name_or_path=base, **BASE_SETTINGS))
+    assert {name: result.metrics[f"base_{name}"] for name in base_scores} == base_scores
+    saved = json.loads(result.results_path.read_text())
+    assert saved["evaluation"]["config"]["base_model_name_or_path"] == base
+    assert list(scratch.iterdir()) == [], "the downloaded checkpoint is removed afterwards"
+
+
+def test_workspace_claim_is_read_where_it_is_mounted(tmp_path, spy, monkeypatch):
+    workspace = tmp_path / "workspace"
+    final = copy_model(0, workspace / "runs" / "r1" / "train-sft" / "final")
+    monkeypatch.setenv("KFP_COMPONENTS_PVC_ROOT", str(tmp_path / "mnt"))
+    base = copy_model(1, tmp_path / "mnt" / "models" / "base")
+    run_evaluation(
+        config(
+            tmp_path,
+            model_path="pvc://workspace-pvc/runs/r1/train-sft/final",
+            base_model_name_or_path="pvc://models/base",
+            workspace_pvc="workspace-pvc",
+            workspace_path=str(workspace),
+        )
+    )
+    assert [call["model_args"].split(",")[0] for call in spy] == [f"pretrained={final}", f"pretrained={base}"]
+
+
+@pytest.mark.parametrize(
+    ("base", "message"),
+    [
+        (
+            "pvc://not-mounted/base",
+            r"base_model_name_or_path 'pvc://not-mounted/base': claim 'not-mounted' is not mounted at",
+        ),
+        ("pvc://Bad_Claim/base", r"'Bad_Claim' is not a valid PersistentVolumeClaim name"),
+        ("pvc://models/../etc", r"'\.\.' is not allowed"),
+        ("/no/such/model", r"base_model_name_or_path '/no/such/model': no such folder"),
+        ("hf://Qwen/Qwen2.5-0.5B", r"unsupported scheme 'hf://'.*Hugging Face id \(org/name\)"),
+        (
+            "no-such-org/no-such-model",
+            r"'no-such-org/no-such-model' is not a folder here, and the Hugging Face Hub",
+        ),
+        ("s3://Bad_Bucket/base", r"'Bad_Bucket' is not a valid S3 bucket name"),
+    ],
+)
+def test_missing_base_model_fails_naming_the_option_before_lm_eval(tmp_path, spy, monkeypatch, base, message):
+    monkeypatch.setenv("KFP_COMPONENTS_PVC_ROOT", str(tmp_path / "mnt"))
+    (tmp_path / "mnt" / "models").mkdir(parents=True)
+    with pytest.raises(ModelNotFoundError, match=message):
+        run_evaluation(config(tmp_path, base_model_name_or_path=base))
+    assert spy == []
+    assert not (tmp_path / "out").exists(), "nothing is written before the models are found"
+
+
+def test_folder_that_is_not_a_checkpoint_is_refused(tmp_path, spy):
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(
+        ModelNotFoundError,
+        match=r"model_path .* is not a Hugging Face checkpoint folder: it has no config.json",
+    ):
+        run_evaluation(config(tmp_path, model_path=str(tmp_path / "weights")))
+    assert spy == []
+
+
+def test_s3_prefix_without_a_checkpoint_or_credentials_is_refused(tmp_path, spy, s3_env, monkeypatch):
+    client = s3_env.client()
+    client.create_bucket(Bucket="empty-models")
+    client.put_object(Bucket="empty-models", Key="base/README.md", Body=b"no weights here")
+    with pytest.raises(
+        ModelNotFoundError, match=r"'s3://empty-models/base': found 1 object\(s\) but no config.json"
+    ):
+        run_evaluation(config(tmp_path, base_model_name_or_path="s3://empty-models/base"))
+    with pytest.raises(
+        ModelNotFoundError, match=r"'s3://empty-models/other': found nothing under that prefix"
+    ):
+        run_evaluation(config(tmp_path, base_model_name_or_path="s3://empty-models/other"))
+    with pytest.raises(ModelNotFoundError, match=r"'s3://no-such-bucket/base': S3 said NoSuchBucket"):
+        run_evaluation(config(tmp_path, base_model_name_or_path="s3://no-such-bucket/base"))
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    with pytest.raises(
+        ModelNotFoundError, match=r"base_model_name_or_path 's3://empty-models/base': no S3 credentials"
+    ):
+        run_evaluation(config(tmp_path, base_model_name_or_path="s3://empty-models/base"))
+    assert spy == []
+
+
 def test_config_errors(tmp_path):
     with pytest.raises(ConfigError, match="batch_size"):
         config(tmp_path, batch_size="big")
@@ -209,6 +342,8 @@ def test_component_under_kfp_local(tmp_path):
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     model_dir = str(tiny_model_path("qwen2", 0))
+    workspace = tmp_path / "workspace"
+    copy_model(1, workspace / "models" / "base")
 
     @dsl.pipeline
     def eval_pipeline() -> dsl.Metrics:
@@ -220,11 +355,15 @@ def test_component_under_kfp_local(tmp_path):
             batch_size="2",
             device="cpu",
             torch_dtype="float32",
+            base_model_name_or_path="pvc://workspace-pvc/models/base",
+            workspace_pvc="workspace-pvc",
+            workspace_path=str(workspace),
         )
         return task.outputs["metrics"]
 
     run = eval_pipeline()
     metrics = run.output.metadata
     assert {"kfp_capitals_acc", "kfp_arithmetic_exact_match_strip", "chat_template_applied"} <= set(metrics)
+    assert {"base_kfp_capitals_acc", "kfp_capitals_acc_delta"} <= set(metrics)
     assert list((tmp_path / "root").rglob("results.json"))
     assert list((tmp_path / "root").rglob("summary.html"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -229,3 +230,24 @@ def test_trainjob_step_defaults_to_the_trainer_image_and_stages_the_data(tmp_pat
     run = yaml.safe_load((work / "run.yaml").read_text())
     assert run["data_path"] == str(work / "data" / "train.jsonl") and run["resume"] is True
     assert (tmp_path / "artifacts" / "model" / "config.json").is_file()
+
+
+def test_a_model_on_the_workspace_is_given_to_the_workers_as_its_mounted_path(tmp_path):
+    from kfp_components.launch.step import workers_model_reference
+
+    assert (
+        workers_model_reference("pvc://ws/models/base", "ws", "/workspace", "trainjob")
+        == "/workspace/models/base"
+    )
+    assert workers_model_reference("Qwen/Qwen2.5-0.5B", "ws", "/workspace", "trainjob") == "Qwen/Qwen2.5-0.5B"
+    for reference in ("pvc://other/models/base", "s3://bucket/models/base"):
+        with pytest.raises(ConfigError, match=r"model_name_or_path: .*put the model on the workspace volume"):
+            workers_model_reference(reference, "ws", "/workspace", "trainjob")
+    model = tmp_path / "workspace" / "models" / "tiny"
+    shutil.copytree(tiny_model_path("qwen2", 0), model)
+    step(
+        tmp_path,
+        options={"model_name_or_path": "pvc://ws/models/tiny"},
+        trainjob_options={"workspace_pvc": "ws"},
+    )
+    assert (tmp_path / "artifacts" / "model" / "model.safetensors").is_file()

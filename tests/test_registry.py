@@ -18,6 +18,7 @@ from kfp_components.registry import (
     RegistryUnavailableError,
     VersionExistsError,
     build_provenance,
+    model_storage,
     register_model,
     to_custom_properties,
     write_provenance,
@@ -34,6 +35,15 @@ SPEC = (
 needs_spec = pytest.mark.skipif(not SPEC.is_file(), reason=f"Model Registry OpenAPI spec not found at {SPEC}")
 TOKEN = "s3cr3t-registry-token-value"
 SHA = "ab" * 32
+MINIO_URI = "minio://mlpipeline/v2/artifacts/sft-pipeline/run-1234/train-model/model"
+S3_ENVS = ("AWS_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+@pytest.fixture
+def no_s3_env(monkeypatch):
+    """A pod without an S3 secret: no endpoint and no region in the environment."""
+    for name in S3_ENVS:
+        monkeypatch.delenv(name, raising=False)
 
 
 def provenance(**overrides) -> dict:
@@ -205,6 +215,106 @@ def test_empty_address_skips_with_log_line(caplog):
     assert "registration skipped" in caplog.text
 
 
+def test_default_kubeflow_minio_artifact_registers_as_s3_with_the_minio_endpoint(server, no_s3_env):
+    cfg = config(server, version_name="v1", storage_uri=MINIO_URI, storage_key="minio-connection")
+    result = register_model(cfg, provenance())
+    assert result.status == "registered"
+    artifact = server.store["model_artifact"][result.artifact_id]
+    path = "v2/artifacts/sft-pipeline/run-1234/train-model/model"
+    assert artifact["uri"] == f"s3://mlpipeline/{path}?endpoint=http://minio-service.kubeflow:9000"
+    assert artifact["storagePath"] == path
+    assert artifact["storageKey"] == "minio-connection"
+    assert_all_requests_valid(server)
+
+
+def test_s3_endpoint_comes_from_the_option_then_the_environment(server, no_s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_S3_ENDPOINT", "https://s3.odf.example:443")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    from_env = register_model(config(server, version_name="v1", storage_uri=MINIO_URI), provenance())
+    uri = server.store["model_artifact"][from_env.artifact_id]["uri"]
+    assert uri.endswith("/model?endpoint=https://s3.odf.example:443&defaultRegion=eu-west-1")
+    cfg = config(
+        server, version_name="v2", storage_uri="s3://models/m/", storage_endpoint="http://minio.team-a:9000"
+    )
+    from_option = register_model(cfg, provenance())
+    artifact = server.store["model_artifact"][from_option.artifact_id]
+    assert artifact["uri"] == "s3://models/m?endpoint=http://minio.team-a:9000&defaultRegion=eu-west-1"
+    assert artifact["storagePath"] == "m" and "storageKey" not in artifact
+    assert_all_requests_valid(server)
+
+
+def test_recorded_s3_uri_is_the_registry_clients_own_form(no_s3_env):
+    from model_registry.utils import s3_uri_from
+
+    storage = model_storage("minio://mlpipeline/a/b", "http://minio:9000")
+    assert storage.uri == s3_uri_from("a/b", "mlpipeline", endpoint="http://minio:9000", region=None)
+    assert (storage.path, storage.endpoint, storage.source_uri) == (
+        "a/b",
+        "http://minio:9000",
+        "minio://mlpipeline/a/b",
+    )
+    # a URI already in that form keeps its endpoint and region
+    again = model_storage(s3_uri_from("a/b", "bkt", endpoint="http://minio:9000", region="r1"))
+    assert again.uri == "s3://bkt/a/b?endpoint=http://minio:9000&defaultRegion=r1"
+
+
+@pytest.mark.parametrize(
+    ("uri", "recorded", "path"),
+    [
+        ("s3://models/granite/v1", "s3://models/granite/v1", "granite/v1"),  # AWS S3: no endpoint
+        (
+            "gs://kfp-artifacts/v2/artifacts/model",
+            "gs://kfp-artifacts/v2/artifacts/model",
+            "v2/artifacts/model",
+        ),
+        ("pvc://models-pvc/granite/v1", "pvc://models-pvc/granite/v1", "granite/v1"),
+        ("oci://quay.io/org/granite:v1", "oci://quay.io/org/granite:v1", ""),
+    ],
+)
+def test_object_store_and_volume_uris_are_accepted(no_s3_env, uri, recorded, path):
+    storage = from_dict(
+        RegistryConfig, {"address": "http://r", "model_name": "m", "storage_uri": uri}
+    ).storage()
+    assert (storage.uri, storage.path) == (recorded, path)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"storage_uri": "s3://AKIAXX:s3cr3t-registry-token-value@models/m"},
+            "storage_uri: the s3:// URI carries credentials",
+        ),
+        (
+            {"storage_uri": MINIO_URI, "storage_endpoint": f"http://minio:{TOKEN}@minio:9000"},
+            "storage_endpoint: .*credentials",
+        ),
+        ({"storage_uri": "s3://models/m?endpoint=http://a:9000&token=x"}, "unknown query key.*token"),
+        (
+            {"storage_uri": "s3://models/m?endpoint=http://a:9000", "storage_endpoint": "http://b:9000"},
+            "set only one",
+        ),
+        ({"storage_uri": "s3://models"}, "no path of the model"),
+        ({"storage_uri": "hdfs://nn/models/m"}, "unsupported scheme 'hdfs://'"),
+        (
+            {"storage_uri": MINIO_URI, "storage_endpoint": "minio-service.kubeflow:9000"},
+            "storage_endpoint: expected an S3 endpoint",
+        ),
+        ({"storage_uri": MINIO_URI, "storage_key": "s3://x"}, "storage_key: expected the name of a secret"),
+    ],
+)
+def test_bad_storage_is_refused_without_echoing_credentials(no_s3_env, options, message):
+    with pytest.raises(ConfigError, match=message) as caught:
+        from_dict(RegistryConfig, {"address": "http://registry", "model_name": "m", **options})
+    assert TOKEN not in str(caught.value) and "s3cr3t" not in str(caught.value)
+
+
+def test_endpoint_from_the_environment_is_checked_and_named(no_s3_env, monkeypatch):
+    monkeypatch.setenv("AWS_S3_ENDPOINT", "minio-service.kubeflow:9000")
+    with pytest.raises(ConfigError, match=r"\$AWS_S3_ENDPOINT: expected an S3 endpoint"):
+        model_storage(MINIO_URI)
+
+
 @pytest.mark.parametrize("uri", ["/tmp/model", "file:///mnt/model", "model"])
 def test_container_local_storage_uri_is_refused(uri):
     with pytest.raises(ConfigError, match="storage_uri: .*inside the container"):
@@ -300,6 +410,41 @@ def kfp_local(tmp_path):
 
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "pipeline_root"))
     return tmp_path / "pipeline_root"
+
+
+@pytest.mark.filterwarnings("ignore:It looks like you're using the remote file:UserWarning")
+def test_component_registers_the_model_artifacts_minio_uri_by_default(kfp_local, server, no_s3_env):
+    """No storage_uri: the Model artifact's URI (minio:// on a default Kubeflow install) is registered."""
+    from kfp import dsl
+
+    from kfp_components.components.registry import register_model as register_component
+
+    @dsl.pipeline(name="register-default-storage")
+    def pipeline():
+        model = dsl.importer(artifact_uri=MINIO_URI, artifact_class=dsl.Model, reimport=False)
+        task = register_component(
+            model=model.output,
+            base_model_name_or_path="Qwen/Qwen2.5-0.5B",
+            dataset_name_or_path="s3://data/train.jsonl",
+            dataset_sha256=SHA,
+            algorithm="sft",
+            model_name="tiny-sft",
+            registry_address=server.url,
+            registry_is_secure=False,
+            version_name="v1",
+            max_attempts=1,
+        )
+        task.set_env_variable("MODEL_REGISTRY_TOKEN", TOKEN)
+
+    pipeline()
+    (artifact,) = server.store["model_artifact"].values()
+    expected = "s3://mlpipeline/v2/artifacts/sft-pipeline/run-1234/train-model/model?endpoint=http://minio-service.kubeflow:9000"
+    assert artifact["uri"] == expected
+    (record,) = kfp_local.rglob("provenance.json")
+    data = json.loads(record.read_text())
+    assert data["model"]["storage_uri"] == expected
+    assert data["extra"]["model_artifact"]["uri"] == MINIO_URI
+    assert_all_requests_valid(server)
 
 
 @pytest.mark.parametrize("with_server", [False, True], ids=["skip", "register"])

@@ -51,10 +51,12 @@ def dataset_download(
         train_rows, eval_rows: Rows written to train_dataset and eval_dataset.
     """
     from kfp_components.data import DatasetConfig, prepare_dataset
+    from kfp_components.environment import ensure_writable_caches
     from kfp_components.logs import configure_logging
     from kfp_components.typed_config import from_dict
 
     configure_logging()
+    ensure_writable_caches()
     config = from_dict(
         DatasetConfig,
         {

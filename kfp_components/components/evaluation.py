@@ -29,6 +29,8 @@ def evaluate_model(
     log_samples: bool = False,
     base_model_name_or_path: str = "",
     compare_base: bool = True,
+    workspace_pvc: str = "",
+    workspace_path: str = "/workspace",
 ) -> float:
     """Evaluate a model on lm-eval tasks; log flat metrics and a summary table.
 
@@ -50,7 +52,12 @@ def evaluate_model(
         include_path: Folder of custom task YAMLs (e.g. on a mounted volume); empty for none.
         log_samples: Also write per-sample logs (samples_<task>.jsonl) into results.
         base_model_name_or_path: The model before fine-tuning, scored too for a forgetting check; empty to skip.
+            A Hugging Face id, a mounted folder, pvc://claim/path or s3://bucket/prefix (downloaded with the
+            AWS_* credentials and endpoint of the step's environment; for clusters without Hub access).
         compare_base: Score base_model_name_or_path too (per-task deltas and retention); false skips it.
+        workspace_pvc: The claim mounted at workspace_path; pvc://<workspace_pvc>/... is read there. Other
+            claims are read under $KFP_COMPONENTS_PVC_ROOT/<claim> (default /mnt/pvc).
+        workspace_path: Where workspace_pvc is mounted.
 
     Returns:
         metrics: <task>_<metric>[_<filter>] and ..._stderr; with a base model also base_<name>,
@@ -62,11 +69,13 @@ def evaluate_model(
     import os
     import shutil
 
+    from kfp_components.environment import ensure_writable_caches
     from kfp_components.evaluation import EvalConfig, run_evaluation
     from kfp_components.logs import configure_logging
     from kfp_components.typed_config import from_dict
 
     configure_logging()
+    ensure_writable_caches()
     chat = {"auto": None, "true": True, "false": False}.get(apply_chat_template.strip().lower(), "invalid")
     if chat == "invalid":
         raise ValueError(f"apply_chat_template: expected auto, true or false, got {apply_chat_template!r}")
@@ -90,6 +99,8 @@ def evaluate_model(
             "include_path": include_path,
             "log_samples": log_samples,
             "base_model_name_or_path": base_model_name_or_path if compare_base else "",
+            "workspace_pvc": workspace_pvc,
+            "workspace_path": workspace_path,
         },
     )
     result = run_evaluation(config)

@@ -18,6 +18,8 @@ def register_model(
     algorithm: str,
     model_name: str,
     storage_uri: str = "",
+    storage_endpoint: str = "",
+    storage_key: str = "",
     hyperparameters: dict = {},  # noqa: B006 (KFP reads the default; it is never mutated)
     training_metrics: dsl.Input[dsl.Metrics] = None,
     eval_metrics: dsl.Input[dsl.Metrics] = None,
@@ -49,7 +51,12 @@ def register_model(
         dataset_sha256: SHA-256 of the file trained on.
         algorithm: sft, osft, dpo, lora, ...
         model_name: Registered model name.
-        storage_uri: Where the model is stored for serving (s3://, pvc://, oci://); required to register.
+        storage_uri: Where the model is stored for serving: s3://, minio://, gs://, pvc:// or oci://; empty: the
+            Model artifact's URI (where KFP stored the model, e.g. minio://mlpipeline/v2/artifacts/...). S3 and
+            MinIO URIs are registered as s3://bucket/path?endpoint=...; a path inside the container is refused.
+        storage_endpoint: S3 endpoint of the store holding an s3:// or minio:// model; empty: $AWS_S3_ENDPOINT
+            when set, else for minio:// a default Kubeflow install's http://minio-service.kubeflow:9000.
+        storage_key: Name of the storage secret (data connection) serving reads the model with; empty for none.
         hyperparameters: Every training option.
         training_metrics: The metrics artifact of train_model (optional).
         eval_metrics: The metrics artifact of evaluate_model (optional).
@@ -75,12 +82,14 @@ def register_model(
         provenance: A folder with provenance.json and model_card.md.
         Output: The registered (or, with ``skip``, existing) version id; "" when registration was skipped.
     """
+    from kfp_components.environment import ensure_writable_caches
     from kfp_components.images import RUNTIME_IMAGE
     from kfp_components.logs import configure_logging
     from kfp_components.registry import RegistryConfig, build_provenance, register_model, write_provenance
     from kfp_components.typed_config import from_dict
 
     configure_logging()
+    ensure_writable_caches()
     config = from_dict(
         RegistryConfig,
         {
@@ -95,7 +104,9 @@ def register_model(
             "description": description,
             "model_format": model_format,
             "on_existing_version": on_existing_version,
-            "storage_uri": storage_uri,
+            "storage_uri": storage_uri or model.uri,
+            "storage_endpoint": storage_endpoint,
+            "storage_key": storage_key,
             "max_attempts": max_attempts,
             "backoff_seconds": backoff_seconds,
         },
@@ -115,7 +126,7 @@ def register_model(
         run_id=run_id,
         image=image or RUNTIME_IMAGE,
         model_name=model_name,
-        storage_uri=storage_uri or model.uri,
+        storage_uri=config.recorded_storage_uri(),
         model_format=model_format,
         extra={"model_artifact": {"uri": model.uri, "metadata": dict(model.metadata)}},
     )

@@ -128,10 +128,14 @@ def train_model(
         metrics: Final and mean loss, eval loss, tokens/s, steps, duration (and DPO rewards).
         Output: The TrainJob's name; empty with the local backend.
     """
-    from kfp_components.launch.step import run_train_model_step, summary_metrics
+    from kfp_components.environment import ensure_writable_caches
     from kfp_components.logs import configure_logging
 
     configure_logging()
+    ensure_writable_caches()  # before anything imports huggingface_hub, which reads HF_HOME once
+
+    from kfp_components.launch.step import run_train_model_step, summary_metrics
+
     result = run_train_model_step(
         train_data=train_dataset.path,
         eval_data=eval_dataset.path if eval_dataset is not None else None,

@@ -18,13 +18,21 @@ import functools
 import importlib.util
 import logging
 import re
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
+from kfp_components.evaluation.errors import (
+    EvaluationError,
+    ModelNotFoundError,
+    TaskDataError,
+    UnknownTaskError,
+)
 from kfp_components.evaluation.metrics import compare, dump_json, flatten_results, to_jsonable
+from kfp_components.evaluation.models import ModelSource, locate_model
 from kfp_components.evaluation.report import html_summary, markdown_summary, summary_rows
 from kfp_components.evaluation.tasks import TASKS_DIR
-from kfp_components.typed_config import ConfigError
+from kfp_components.typed_config import ConfigError, Options
 
 logger = logging.getLogger(__name__)
 
@@ -33,24 +41,24 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
 _GLOB = re.compile(r"[*?\[]")
 
 
-class EvaluationError(RuntimeError):
-    """The evaluation cannot run; the message says why and what to do."""
-
-
-class UnknownTaskError(EvaluationError, ValueError):
-    """A task name is not known to lm-eval nor found on the include path."""
-
-
-class TaskDataError(EvaluationError):
-    """A task's data could not be downloaded or read."""
+__all__ = [
+    "EvalConfig",
+    "EvalResult",
+    "EvaluationError",
+    "ModelNotFoundError",
+    "TaskDataError",
+    "UnknownTaskError",
+    "run_evaluation",
+]
 
 
 @dataclasses.dataclass
-class EvalConfig:
+class EvalConfig(Options):
     """What to evaluate and how. Built with :func:`kfp_components.typed_config.from_dict`.
 
     Attributes:
-        model_path: Folder of a Hugging Face checkpoint (or a Hub id where the Hub can be reached).
+        model_path: The model to score: a Hugging Face checkpoint folder, ``pvc://claim/path``,
+            ``s3://bucket/prefix`` or a Hugging Face id (see :mod:`kfp_components.evaluation.models`).
         tasks: lm-eval task, group or tag names (globs allowed), passed to lm-eval unchanged.
         output_dir: Where results.json, summary.md, summary.html and samples_<task>.jsonl go.
         num_fewshot: Few-shot examples per prompt; None keeps each task's default.
@@ -67,6 +75,11 @@ class EvalConfig:
         include_path: Extra folder of custom task YAMLs; empty for none.
         log_samples: Also write every prompt, response and score to samples_<task>.jsonl.
         base_model_name_or_path: The model before fine-tuning, scored too to measure forgetting; empty to skip.
+            A Hugging Face id, a mounted folder, ``pvc://claim/path`` or ``s3://bucket/prefix`` (downloaded
+            under ``TMPDIR`` and removed afterwards).
+        workspace_pvc: The claim mounted at ``workspace_path``: ``pvc://<workspace_pvc>/...`` is read there.
+            Other claims are read under ``$KFP_COMPONENTS_PVC_ROOT/<claim>`` (default ``/mnt/pvc``).
+        workspace_path: Where ``workspace_pvc`` is mounted.
         bootstrap_iters: Bootstrap iterations for stderrs of non-mean metrics; 0 skips them.
         seed: Seed of lm-eval's Python, NumPy, torch and few-shot random generators.
     """
@@ -86,6 +99,8 @@ class EvalConfig:
     include_path: str = ""
     log_samples: bool = False
     base_model_name_or_path: str = ""
+    workspace_pvc: str = ""
+    workspace_path: str = "/workspace"
     bootstrap_iters: int = 100000
     seed: int = 1234
 
@@ -338,13 +353,34 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
 
     Raises:
         ConfigError: a bad option, or the vllm backend without vllm or a GPU.
+        ModelNotFoundError: a model that is missing or unreadable, naming the option, before any task loads.
         UnknownTaskError: a task name lm-eval does not know (with close matches), before any model loads.
         TaskDataError: a task whose data could not be downloaded, before any model loads.
     """
     config.validate()
     check_backend(config.backend)
+    sources = locate_models(config)
     manager = resolve_tasks(config.tasks, config.include_path)
     check_task_data(manager, config.tasks)
+    with tempfile.TemporaryDirectory(prefix="kfp-eval-models-") as scratch:
+        paths = {name: source.materialise(Path(scratch)) for name, source in sources.items()}
+        return _evaluate(config, manager, paths["model_path"], paths.get("base_model_name_or_path"))
+
+
+def locate_models(config: EvalConfig) -> dict[str, ModelSource]:
+    """The model (and base model) of ``config``, checked; :class:`ModelNotFoundError` names the option."""
+    options = {"model_path": config.model_path}
+    if config.base_model_name_or_path:
+        options["base_model_name_or_path"] = config.base_model_name_or_path
+    return {
+        name: locate_model(
+            value, name, workspace_pvc=config.workspace_pvc, workspace_path=config.workspace_path
+        )
+        for name, value in options.items()
+    }
+
+
+def _evaluate(config: EvalConfig, manager: Any, model_path: str, base_model_path: str | None) -> EvalResult:
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -355,17 +391,17 @@ def run_evaluation(config: EvalConfig) -> EvalResult:
         logger.info("%s: chat template %s", path, "found: applying it" if choice else "absent: plain prompts")
         return choice
 
-    apply_chat = chat_choice(config.model_path)
-    raw = evaluate_one(config, config.model_path, manager, apply_chat)
+    apply_chat = chat_choice(model_path)
+    raw = evaluate_one(config, model_path, manager, apply_chat)
     sample_paths = _write_samples(raw.pop("samples", None) or {}, output_dir, "")
     results = to_jsonable(raw)
     metrics = flatten_results(results)
     metrics["chat_template_applied"] = float(apply_chat)
 
     base_results = base_chat = None
-    if config.base_model_name_or_path:
-        base_chat = chat_choice(config.base_model_name_or_path)
-        base_raw = evaluate_one(config, config.base_model_name_or_path, manager, base_chat)
+    if base_model_path:
+        base_chat = chat_choice(base_model_path)
+        base_raw = evaluate_one(config, base_model_path, manager, base_chat)
         sample_paths += _write_samples(base_raw.pop("samples", None) or {}, output_dir, "base_")
         base_results = to_jsonable(base_raw)
         metrics.update(compare(results, base_results))

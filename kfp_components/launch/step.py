@@ -135,6 +135,18 @@ def run_train_model_step(
     problems: list[tuple[str, str]] = []
     config = trainjob = None
     try:
+        options = {
+            **options,
+            "model_name_or_path": workers_model_reference(
+                options.get("model_name_or_path", ""),
+                trainjob_options.get("workspace_pvc", ""),
+                str(workspace),
+                backend,
+            ),
+        }
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    try:
         config = step_training_config(
             options,
             training_options,
@@ -186,6 +198,34 @@ def run_train_model_step(
         )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def workspace_path_of(reference: str, workspace_pvc: str, workspace_path: str) -> str | None:
+    """``pvc://<workspace_pvc>/<path>`` as the path where the workspace is mounted, else None."""
+    prefix = f"pvc://{workspace_pvc}/"
+    if workspace_pvc and reference.startswith(prefix):
+        return str(Path(workspace_path) / reference[len(prefix) :])
+    return None
+
+
+def workers_model_reference(reference: str, workspace_pvc: str, workspace_path: str, backend: str) -> str:
+    """The model reference the trainer gets: a Hugging Face id or a folder as it is; ``pvc://<workspace>/...``
+    as the folder on the workspace volume, which the step and the TrainJob's workers mount at the same path.
+    Other URIs (another claim, ``s3://``, ...) are an error naming the option: the workers can read neither."""
+    on_workspace = workspace_path_of(reference, workspace_pvc, workspace_path)
+    if on_workspace is not None:
+        return on_workspace
+    if "://" in reference:
+        where = (
+            f"the workspace volume (pvc://{workspace_pvc}/...)"
+            if backend == "trainjob" and workspace_pvc
+            else "a folder"
+        )
+        raise ConfigError(
+            "model_name_or_path",
+            f"{reference!r}: training starts from a Hugging Face id or a model folder; put the model on {where}",
+        )
+    return reference
 
 
 def _preflight_problems(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp_components.data import DatasetError
+from kfp_components.environment import ensure_writable_caches
 from kfp_components.logs import configure_logging
 from kfp_components.orchestration.config import load_pipeline_config, parse_override
 from kfp_components.orchestration.pipeline import FINAL_MODEL_DIR, Pipeline
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--save_final_model", f"expected true or false, got {args.save_final_model!r}")
         config = load_pipeline_config(args.config, overrides)
         configure_logging(config.log_level)
+        ensure_writable_caches()
         pipeline = Pipeline(config)
         if args.dry_run:
             plan = pipeline.dry_run(args.stages)

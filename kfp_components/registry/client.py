@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar
 
-from kfp_components.registry.config import RegistryConfig, check_storage_uri
+from kfp_components.registry.config import RegistryConfig
 from kfp_components.registry.provenance import to_custom_properties, utc_now
+from kfp_components.registry.storage import ModelStorage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -82,7 +83,7 @@ def register_model(
     *,
     sleep: Callable[[float], None] = time.sleep,
 ) -> RegistrationResult:
-    """Register ``config.storage_uri`` as a version of ``config.model_name``, with provenance as properties.
+    """Register the model stored at ``config.storage_uri`` (as :meth:`RegistryConfig.storage` records it) as a version of ``config.model_name``, with provenance as properties.
 
     Returns a ``skipped`` result (and logs why) when ``config.address`` is empty. Raises
     :class:`RegistryUnavailableError`, :class:`RegistryAuthError`, :class:`VersionExistsError` or
@@ -93,7 +94,9 @@ def register_model(
         message = "Model Registry address is empty: registration skipped (provenance is still written)"
         log.info(message)
         return RegistrationResult(status="skipped", model_name=config.model_name, message=message)
-    check_storage_uri(config.storage_uri)
+    storage = config.storage()
+    if storage.uri != storage.source_uri:
+        log.info("model storage %s is recorded as %s", storage.source_uri, storage.uri)
     url = config.display_url()
     calls = _Calls(config, url, sleep)
     registry = calls.connect()
@@ -141,7 +144,7 @@ def register_model(
             continue
         try:
             return _create(
-                calls, registry, config, model_name, version_name, properties, existing_model is None
+                calls, registry, config, storage, model_name, version_name, properties, existing_model is None
             )
         except _VersionRace:
             # Someone registered the same name between our look-up and the create.
@@ -167,6 +170,7 @@ def _create(
     calls: _Calls,
     registry: Any,
     config: RegistryConfig,
+    storage: ModelStorage,
     model_name: str,
     version_name: str,
     properties: dict[str, str | int | float | bool],
@@ -177,7 +181,9 @@ def _create(
     def create() -> Any:
         return registry.register_model(
             model_name,
-            config.storage_uri,
+            storage.uri,
+            storage_key=config.storage_key or None,
+            storage_path=storage.path or None,
             model_format_name=config.model_format,
             model_format_version=config.model_format_version,
             version=version_name,

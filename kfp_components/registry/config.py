@@ -13,17 +13,17 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from kfp_components.typed_config import ConfigError
+from kfp_components.registry.storage import ModelStorage, check_endpoint, model_storage
+from kfp_components.typed_config import ConfigError, Options
 
 DEFAULT_TOKEN_ENV = "MODEL_REGISTRY_TOKEN"  # noqa: S105 (the name of a variable, not a secret)
 DEFAULT_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
-STORAGE_SCHEMES = ("s3", "pvc", "oci")
 
 OnExistingVersion = Literal["fail", "skip", "next"]
 
 
 @dataclasses.dataclass
-class RegistryConfig:
+class RegistryConfig(Options):
     """Where and how to register a model version.
 
     Attributes:
@@ -45,8 +45,16 @@ class RegistryConfig:
         on_existing_version: What to do when the version already exists: ``fail`` (raise), ``skip`` (return
             the existing version untouched) or ``next`` (register ``<version>-2``, ``-3``, ... the next free
             name).
-        storage_uri: Where the model files are stored for serving: ``s3://``, ``pvc://`` or ``oci://``. A path
-            inside the container is refused: it disappears with the pod.
+        storage_uri: Where the model files are stored for serving: ``s3://``, ``minio://`` (a default Kubeflow
+            install's artifact store), ``gs://``, ``pvc://`` or ``oci://``. S3 and MinIO URIs are recorded as
+            ``s3://bucket/path?endpoint=...`` (see :mod:`kfp_components.registry.storage`). A path inside the
+            container is refused: it disappears with the pod.
+        storage_endpoint: S3 endpoint of the store holding an ``s3://`` or ``minio://`` model, recorded with its
+            URI for serving. Empty: ``$AWS_S3_ENDPOINT`` (or ``$AWS_ENDPOINT_URL``) when set, else for
+            ``minio://`` the MinIO of a default Kubeflow install, ``http://minio-service.kubeflow:9000``, else
+            none (AWS S3).
+        storage_key: Name of the storage secret (data connection) serving reads the model with, recorded as the
+            artifact's ``storageKey``; empty records none. A name only: credentials never go to the registry.
         max_attempts: Attempts per registry call when the server is unreachable or answers 5xx.
         backoff_seconds: Wait before the second attempt; doubles each attempt up to ``max_backoff_seconds``.
         max_backoff_seconds: Longest wait between attempts.
@@ -66,6 +74,8 @@ class RegistryConfig:
     model_format_version: str = "1"
     on_existing_version: OnExistingVersion = "fail"
     storage_uri: str = ""
+    storage_endpoint: str = ""
+    storage_key: str = ""
     max_attempts: int = 5
     backoff_seconds: float = 1.0
     max_backoff_seconds: float = 30.0
@@ -77,23 +87,39 @@ class RegistryConfig:
 
     def validate(self) -> None:
         """Check the options that can be checked without a server; raises :class:`ConfigError`."""
-        if self.on_existing_version not in ("fail", "skip", "next"):
-            raise ConfigError(
-                "on_existing_version", f"expected fail, skip or next, got {self.on_existing_version!r}"
-            )
         if self.max_attempts < 1:
             raise ConfigError("max_attempts", f"must be at least 1, got {self.max_attempts}")
         if self.backoff_seconds < 0 or self.max_backoff_seconds < 0:
             raise ConfigError("backoff_seconds", "backoff times must not be negative")
         if not 0 <= self.port <= 65535:
             raise ConfigError("port", f"expected 0 (infer) or a TCP port, got {self.port}")
+        if self.storage_endpoint:
+            check_endpoint(self.storage_endpoint)
+        if "/" in self.storage_key or "@" in self.storage_key or ":" in self.storage_key:
+            raise ConfigError(
+                "storage_key", "expected the name of a secret (data connection), not a path or URL"
+            )
         if not self.enabled:
             return
         if not self.model_name.strip():
             raise ConfigError("model_name", "required when a registry address is set")
         if self.custom_ca and not Path(self.custom_ca).is_file():
             raise ConfigError("custom_ca", f"CA bundle {self.custom_ca!r} does not exist")
-        check_storage_uri(self.storage_uri)
+        self.storage()
+
+    def storage(self) -> ModelStorage:
+        """Where the model is stored, as the registry records it (:func:`~kfp_components.registry.storage.model_storage`)."""
+        return model_storage(self.storage_uri, self.storage_endpoint)
+
+    def recorded_storage_uri(self) -> str:
+        """The storage URI for the provenance record: as the registry records it, or as given when
+        registration is off and the URI cannot be served (a local path under ``kfp.local``)."""
+        try:
+            return self.storage().uri
+        except ConfigError:
+            if self.enabled:
+                raise
+            return self.storage_uri
 
     def server_url(self) -> str:
         """The address with a scheme: ``https://`` when secure, ``http://`` otherwise, unless it has one."""
@@ -127,26 +153,3 @@ class RegistryConfig:
                 return None
             return value or None
         return None
-
-
-def check_storage_uri(uri: str) -> str:
-    """Accept ``s3://``, ``pvc://`` and ``oci://`` URIs; refuse a container-local path with the reason."""
-    uri = uri.strip()
-    if not uri:
-        raise ConfigError(
-            "storage_uri",
-            "required when a registry address is set: where the model is stored for serving "
-            "(s3://bucket/prefix, pvc://claim/path or oci://registry/repo:tag)",
-        )
-    scheme = urlparse(uri).scheme.lower() if "://" in uri else ""
-    if scheme in STORAGE_SCHEMES:
-        if not uri.split("://", 1)[1].strip("/"):
-            raise ConfigError("storage_uri", f"{uri!r} names no bucket, claim or repository")
-        return uri
-    if not scheme or scheme == "file":
-        raise ConfigError(
-            "storage_uri",
-            f"{uri!r} is a path inside the container, which disappears with the pod and cannot be served; "
-            "upload the model first and register s3://, pvc:// or oci:// storage",
-        )
-    raise ConfigError("storage_uri", f"unsupported scheme {scheme!r} in {uri!r}; use s3://, pvc:// or oci://")

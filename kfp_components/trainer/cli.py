@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from kfp_components.cli_args import add_config_arguments, config_from_args
+from kfp_components.environment import ensure_writable_caches
 from kfp_components.logs import configure_logging
 from kfp_components.trainer.config import TrainingConfig
 from kfp_components.typed_config import ConfigError
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, args = build_training_config(argv)
         configure_logging(args.log_level)
+        ensure_writable_caches()
         from kfp_components.trainer.train import train
 
         train(config)
@@ -69,6 +71,7 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
     add_config_arguments(parser, TrainingConfig, skip=("data_path", "algorithm"))
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    ensure_writable_caches()
     try:
         # data_path is the prepared file, known once the dataset stage has run below
         config = config_from_args(TrainingConfig, args, algorithm="sft", data_path="<prepared dataset>")

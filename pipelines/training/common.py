@@ -108,6 +108,8 @@ PARAMETERS = {
     "phase_04_registry_opt_version_name": ("registry", "version_name"),
     "phase_04_registry_opt_on_existing_version": ("registry", "on_existing_version"),
     "phase_04_registry_opt_storage_uri": ("registry", "storage_uri"),
+    "phase_04_registry_opt_storage_endpoint": ("registry", "storage_endpoint"),
+    "phase_04_registry_opt_storage_key": ("registry", "storage_key"),
 }
 REGISTRY_SECRET = "model-registry-token"
 #: The training step's scalar arguments that shape the model: recorded as hyperparameters in the provenance
@@ -201,6 +203,8 @@ def add_stages(algorithm: str, parameters: dict) -> dict:
     step = args["eval_step"]
     evaluated = evaluate_model(
         model=trained.outputs["model"],
+        workspace_pvc=workspace_pvc,
+        workspace_path=WORKSPACE_MOUNT,
         base_model_name_or_path=args["train"]["model_name_or_path"],
         compare_base=step["compare_base"],
         **args["eval"],
@@ -229,6 +233,13 @@ def add_stages(algorithm: str, parameters: dict) -> dict:
         **args["registry"],
     )
     registered.set_display_name("4. register")
+    # only the S3 endpoint is read (recorded with an s3:// or minio:// storage URI), never the keys
+    kubernetes.use_secret_as_env(
+        registered,
+        secret_name=S3_SECRET,
+        secret_key_to_env={"AWS_S3_ENDPOINT": "AWS_S3_ENDPOINT"},
+        optional=True,
+    )
     kubernetes.use_secret_as_env(
         registered,
         secret_name=REGISTRY_SECRET,

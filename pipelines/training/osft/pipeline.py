@@ -79,6 +79,8 @@ def osft_pipeline(
     phase_04_registry_opt_version_name: str = "",
     phase_04_registry_opt_on_existing_version: str = "fail",
     phase_04_registry_opt_storage_uri: str = "",
+    phase_04_registry_opt_storage_endpoint: str = "",
+    phase_04_registry_opt_storage_key: str = "",
 ):
     add_stages("osft", locals())
 
