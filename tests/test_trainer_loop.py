@@ -257,7 +257,7 @@ def test_use_liger_wiring_on_gpu(monkeypatch):
     assert apply_liger(model, info) is True and calls == [model]
 
 
-def test_fnsft_train_validates_then_trains(tmp_path):
+def test_fnsft_train_validates_then_trains(tmp_path, capsys):
     from kfp_components.trainer.cli import fnsft_train_main
 
     code = fnsft_train_main(
@@ -284,19 +284,9 @@ def test_fnsft_train_validates_then_trains(tmp_path):
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "only a prompt"}\n')
-    assert (
-        fnsft_train_main(
-            [
-                "--model_name_or_path",
-                "m",
-                "--dataset_name_or_path",
-                str(bad),
-                "--output_dir",
-                str(tmp_path / "o2"),
-            ]
-        )
-        == 2
-    )
+    argv = ["--model_name_or_path", str(tiny_model_path("qwen2", 0)), "--dataset_name_or_path", str(bad)]
+    assert fnsft_train_main([*argv, "--output_dir", str(tmp_path / "o2")]) == 2
+    assert "bad.jsonl" in capsys.readouterr().err
 
 
 def test_first_step_loss_is_the_mean_token_loss_of_its_batch(tmp_path):

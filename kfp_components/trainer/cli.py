@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -35,16 +36,24 @@ def build_training_config(argv: list[str] | None = None) -> tuple[TrainingConfig
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Train; a bad option or input (missing data, unknown model, ...) is one ``error: key: ...`` line and
+    exit code 2."""
     try:
         config, args = build_training_config(argv)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    configure_logging(args.log_level)
-    from kfp_components.trainer.train import train
+        configure_logging(args.log_level)
+        from kfp_components.trainer.train import train
 
-    train(config)
+        train(config)
+    except ConfigError as exc:
+        return input_error(exc)
     return 0
+
+
+def input_error(error: Exception) -> int:
+    """Print ``error: ...`` (once, from rank 0 under torchrun) and return exit code 2."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"error: {error}", file=sys.stderr)
+    return 2
 
 
 def fnsft_train_main(argv: list[str] | None = None) -> int:
@@ -63,9 +72,9 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
     try:
         # data_path is the prepared file, known once the dataset stage has run below
         config = config_from_args(TrainingConfig, args, algorithm="sft", data_path="<prepared dataset>")
+        check_model(config)  # before fetching the data
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return input_error(exc)
     from kfp_components.data import DatasetConfig, DatasetError, prepare_dataset
     from kfp_components.trainer.train import train
 
@@ -77,8 +86,19 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
             prepared_dir / "eval.jsonl",
         )
     except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return input_error(exc)
     config.data_path = str(prepared.train_path)
-    train(config)
+    try:
+        train(config)
+    except ConfigError as exc:
+        return input_error(exc)
     return 0
+
+
+def check_model(config: TrainingConfig) -> None:
+    """The preflight checks of the model alone (reference, tokenizer, targets)."""
+    from kfp_components.trainer.preflight import model_problems
+
+    problems = model_problems(config)
+    if problems:
+        raise ConfigError.of(problems)

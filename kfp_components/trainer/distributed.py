@@ -12,12 +12,14 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -129,6 +131,15 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     tensor = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return float(tensor.item())
+
+
+def broadcast_object(value: T, info: DistInfo) -> T:
+    """Rank 0's ``value`` on every rank (picklable objects); ``value`` itself in a single process."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0, device=info.device if info.device.type == "cuda" else None)
+    return box[0]
 
 
 def barrier() -> None:

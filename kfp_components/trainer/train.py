@@ -46,12 +46,14 @@ from kfp_components.trainer.distributed import (
     all_reduce_max,
     all_reduce_sum,
     barrier,
+    broadcast_object,
     gradient_sync,
     init_distributed,
     unwrap,
     wrap_model,
 )
 from kfp_components.trainer.objectives import LanguageModelling, Objective
+from kfp_components.trainer.preflight import model_source, preflight_problems
 from kfp_components.trainer.progress import MetricsLog, Progress
 from kfp_components.trainer.tokenize import tokenize_jsonl
 from kfp_components.typed_config import ConfigError
@@ -83,9 +85,9 @@ class TrainingSummary:
 
 
 def train(config: TrainingConfig) -> TrainingSummary:
-    config.validate()
     started = time.monotonic()
     info = init_distributed()
+    check_inputs(config, info)
     if info.distributed and config.lora_r and config.distributed == "fsdp":
         # FSDP2 shards the base weights that merging LoRA needs whole; DDP keeps a full copy on each rank.
         raise ConfigError("distributed", "LoRA on several processes runs with distributed: ddp")
@@ -259,6 +261,14 @@ def train(config: TrainingConfig) -> TrainingSummary:
     return summary
 
 
+def check_inputs(config: TrainingConfig, info: DistInfo) -> None:
+    """The preflight checks on rank 0, before anything loads; every rank raises the same error."""
+    problems = preflight_problems(config) if info.is_main else []
+    problems = broadcast_object(problems, info)
+    if problems:
+        raise ConfigError.of(problems)
+
+
 def build_objective(config: TrainingConfig, data_path: str, tokenizer: Any, info: DistInfo) -> Objective:
     """Tokenise ``data_path`` for the configured method; for DPO also compute the reference log-probs."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -301,7 +311,7 @@ def _load_plain_model(name_or_path: str, config: TrainingConfig, info: DistInfo)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=torch.float32, attn_implementation=config.attn_implementation
+        model_source(name_or_path), dtype=torch.float32, attn_implementation=config.attn_implementation
     )
     return model.to(info.device)
 
@@ -317,9 +327,12 @@ def seed_everything(seed: int) -> None:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_source(name_or_path))
     if tokenizer.chat_template is None:
-        raise ValueError(f"{name_or_path}: the tokenizer has no chat template; chat data cannot be rendered")
+        raise ConfigError(
+            "model_name_or_path",
+            f"the tokenizer of {name_or_path} has no chat template; chat data cannot be rendered",
+        )
     return tokenizer
 
 
@@ -333,12 +346,13 @@ def load_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    hf_config = AutoConfig.from_pretrained(config.model_name_or_path)
+    source = model_source(config.model_name_or_path)
+    hf_config = AutoConfig.from_pretrained(source)
     save_dtype = _checkpoint_dtype(hf_config)
     kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": config.attn_implementation}
     if config.qlora:
         kwargs.update(_qlora_kwargs(info))
-    model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not config.qlora:  # a 4-bit model is placed by its device_map
         model.to(info.device)  # before OSFT, so the SVDs run on the GPU
     if config.use_liger:
