@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import types
@@ -321,3 +322,28 @@ def test_first_step_loss_is_the_mean_token_loss_of_its_batch(tmp_path):
             count += n
     assert len(indices) == cfg.effective_batch_size
     assert first == pytest.approx(total / count, rel=1e-5)
+
+
+def test_help_lists_required_options_first_with_allowed_values_and_aliases(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_training_config(["--help"])
+    text = capsys.readouterr().out
+    options = re.findall(
+        r"^  (--\w+)", text.split("TrainingConfig options (override the --config file):")[1], flags=re.M
+    )
+    assert options[:3] == ["--model_name_or_path", "--data_path", "--output_dir"]
+    assert "--torch_dtype {bfloat16,float16,float32}" in text
+    assert "--lr_scheduler {constant,linear,cosine}, --lr_scheduler_type {constant,linear,cosine}" in text
+    assert "--attn_implementation {sdpa,eager,flash_attention_2,flash_attention_3,flex_attention}" in text
+    assert "--save_steps VALUE" in text and "--unmask {true,false}" in text
+    required = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
+    cfg, _ = build_training_config([*required, "--lr_scheduler_type", "linear", "--save_steps", "5"])
+    assert cfg.lr_scheduler == "linear" and cfg.checkpoint_every_steps == 5
+    with pytest.raises(ConfigError, match="lr_scheduler_type and lr_scheduler are the same option"):
+        build_training_config([*required, "--lr_scheduler", "cosine", "--lr_scheduler_type", "linear"])
+    with pytest.raises(ConfigError, match=r"lr_scheduler_type: expected one of constant, linear, cosine"):
+        build_training_config([*required, "--lr_scheduler_type", "polynomial"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"lr_scheduler_type": "linear", "gradient_checkpointing": True}))
+    cfg, _ = build_training_config(["--config", str(path), *required, "--lr_scheduler", "constant"])
+    assert cfg.lr_scheduler == "constant" and cfg.activation_checkpointing is True  # the flag wins
