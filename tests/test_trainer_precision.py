@@ -1,6 +1,6 @@
 """Compute precision for real on the CPU: float16 autocast (forced on the CPU, which torch supports) with
 dynamic loss scaling over fp32 master weights, an overflowed step skipped with the scale lowered, and a tiny
-model's loss falling under SFT, OSFT and DPO; FSDP2 ranks skip the same steps."""
+model's loss falling under SFT, OSFT and DPO; DDP and FSDP2 ranks skip the same steps."""
 
 from __future__ import annotations
 
@@ -167,9 +167,11 @@ sys.exit(main(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_fsdp_ranks_skip_the_same_steps_as_one_process(tmp_path, cpu_autocast, monkeypatch):
-    """Under FSDP2 each rank sees only its shard of a gradient; the overflow check is reduced over the ranks
-    (DTensor's handler of GradScaler's unscale), so 2 processes skip exactly the steps 1 process skips."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_skip_the_same_steps_as_one_process(tmp_path, cpu_autocast, monkeypatch, strategy):
+    """DDP ranks see the all-reduced gradients; under FSDP2 each rank sees only its shard of a gradient and the
+    overflow check is reduced over the ranks (DTensor's handler of GradScaler's unscale). Either way 2
+    processes skip exactly the steps 1 process skips and train the same."""
     monkeypatch.setattr(precision, "INITIAL_LOSS_SCALE", 2.0**24)
     one = config(tmp_path / "one", num_train_epochs=2)
     train(one)
@@ -177,7 +179,7 @@ def test_fsdp_ranks_skip_the_same_steps_as_one_process(tmp_path, cpu_autocast, m
     script.write_text(FORCED_AUTOCAST_TRAINER)
     run_yaml = tmp_path / "run.yaml"
     two_dir = tmp_path / "two" / "run"
-    run_yaml.write_text(yaml.safe_dump({**one.__dict__, "output_dir": str(two_dir), "distributed": "fsdp"}))
+    run_yaml.write_text(yaml.safe_dump({**one.__dict__, "output_dir": str(two_dir), "distributed": strategy}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     result = subprocess.run(
