@@ -1,7 +1,7 @@
 """Command-line flags generated from a config dataclass, so the flags and the YAML keys cannot drift apart.
 
-Every field becomes ``--<field>``; its help text comes from the dataclass docstring's ``Attributes:``
-section. Values are read as YAML scalars (``3``, ``2e-5``, ``true``) and checked by
+Every field becomes ``--<field>`` (and ``--<alias>`` for each of its aliases); its help text comes from the
+dataclass docstring's ``Attributes:`` section, with the allowed values of enumerated options. Values are read as YAML scalars (``3``, ``2e-5``, ``true``) and checked by
 :func:`kfp_components.typed_config.from_dict`, which names the flag in its error.
 """
 
@@ -13,7 +13,13 @@ import re
 import typing
 from typing import Any, get_origin
 
-from kfp_components.typed_config import from_dict, load_config_file, parse_cli_value
+from kfp_components.typed_config import (
+    aliases_of,
+    from_dict,
+    literal_choices,
+    load_config_file,
+    parse_cli_value,
+)
 
 
 def field_help(cls: type) -> dict[str, str]:
@@ -44,45 +50,99 @@ def _documented_fields(doc: str) -> dict[str, str]:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add ``--<field>`` for every field of ``cls``; unset flags stay ``None`` so the config file wins."""
+    """Add ``--<field>`` for every field of ``cls``, required options first; unset flags stay unset so the
+    config file wins.
+
+    An enumerated (``Literal``) option shows its allowed values (``--torch_dtype {bfloat16,float16,float32}``)
+    and a boolean ``{true,false}``; an option's aliases (``option_aliases``) are accepted as flags and shown
+    beside it (``--lr_scheduler ..., --lr_scheduler_type ...``). Values are checked by ``from_dict``, which
+    names the flag as it was typed.
+    """
     helps = field_help(cls)
     hints = typing.get_type_hints(cls)
+    choices = literal_choices(cls)
+    aliases_by_name: dict[str, list[str]] = {}
+    for alias, name in aliases_of(cls).items():
+        aliases_by_name.setdefault(name, []).append(alias)
     group = parser.add_argument_group(f"{cls.__name__} options (override the --config file)")
-    for field in dataclasses.fields(cls):
-        if field.name in skip:
-            continue
-        default = (
-            field.default
-            if field.default is not dataclasses.MISSING
-            else (field.default_factory() if field.default_factory is not dataclasses.MISSING else None)
-        )
-        shown = "" if default is None else f" (default: {default})"
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+    # required first; then the class's own options before those of its bases, each in declaration order
+    fields.sort(key=lambda f: (not _is_required(f), _declared_in(cls, f.name)))
+    for field in fields:
+        if _is_required(field):
+            shown = " (required)"
+        else:
+            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+            shown = f" (default: {_show(default)})"
+        annotation = hints[field.name]
+        if field.name in choices:
+            metavar = "{" + ",".join(_show(c) for c in choices[field.name]) + "}"
+        elif annotation is bool:
+            metavar = "{true,false}"
+        else:
+            metavar = "VALUE"
         kwargs: dict[str, Any] = {
-            "default": None,
+            "default": argparse.SUPPRESS,
             "help": helps.get(field.name, "") + shown,
-            "metavar": "VALUE",
+            "metavar": metavar,
+            "action": _StoreAsTyped,
+            "dest": field.name,
         }
-        if get_origin(hints[field.name]) is list:
+        if get_origin(annotation) is list:
             kwargs["nargs"] = "*"
-        group.add_argument(f"--{field.name}", **kwargs)
+        spellings = [field.name, *aliases_by_name.get(field.name, [])]
+        group.add_argument(*(f"--{name}" for name in spellings), **kwargs)
+
+
+class _StoreAsTyped(argparse.Action):
+    """Stores a flag's value under the name it was typed as (an option or one of its aliases), so that
+    ``from_dict`` maps aliases and refuses an option given twice under two names."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+        given = dict(getattr(namespace, _GIVEN, None) or {})
+        given[(option_string or self.dest).removeprefix("--")] = values
+        setattr(namespace, _GIVEN, given)
+        setattr(namespace, self.dest, values)
+
+
+_GIVEN = "_config_flags_as_typed"
+
+
+def _declared_in(cls: type, name: str) -> int:
+    """The position in ``cls.__mro__`` of the class that declares field ``name``."""
+    return next(i for i, klass in enumerate(cls.__mro__) if name in klass.__dict__.get("__annotations__", {}))
+
+
+def _is_required(field: dataclasses.Field) -> bool:
+    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == "":
+        return '""'
+    return "null" if value is None else str(value)
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """The flags that were given, as plain values ready for ``from_dict``."""
-    given = {}
-    for field in dataclasses.fields(cls):
-        value = getattr(args, field.name, None)
-        if value is None:
-            continue
-        given[field.name] = (
-            [parse_cli_value(v) for v in value] if isinstance(value, list) else parse_cli_value(value)
-        )
-    return given
+    """The flags that were given, under the names they were typed as, as plain values for ``from_dict``."""
+    given = getattr(args, _GIVEN, None) or {}
+    return {
+        key: [parse_cli_value(v) for v in value] if isinstance(value, list) else parse_cli_value(value)
+        for key, value in given.items()
+    }
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
-    """``cls`` built from the ``--config`` YAML file (if given), then the flags, then ``fixed`` values."""
+    """``cls`` built from the ``--config`` YAML file (if given), then the flags, then ``fixed`` values.
+
+    A flag replaces the file's value of the same option whichever name (option or alias) each uses.
+    """
     data = load_config_file(args.config) if getattr(args, "config", None) else {}
-    data.update(overrides_from_args(args, cls))
-    data.update(fixed)
+    aliases = aliases_of(cls)
+    for overrides in (overrides_from_args(args, cls), fixed):
+        options = {aliases.get(key, key) for key in overrides}
+        data = {key: value for key, value in data.items() if aliases.get(key, key) not in options}
+        data.update(overrides)
     return from_dict(cls, data)

@@ -3,12 +3,17 @@ match 1, the saved model loads in plain transformers, and the CLI reads configs 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
+import shutil
+import stat
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,12 +22,13 @@ import yaml
 
 from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.trainer import osft
+from kfp_components.trainer.checkpoint import silence_single_process_warning
 from kfp_components.trainer.cli import build_training_config, main
 from kfp_components.trainer.config import TrainingConfig
-from kfp_components.trainer.train import apply_liger, train
+from kfp_components.trainer.train import apply_liger, build_objectives, build_scheduler, train
 from kfp_components.typed_config import ConfigError
 
-from conftest import SAMPLES
+from conftest import SAMPLES, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,36 +114,43 @@ def test_lora_trains_saves_adapter_and_merged_model(tmp_path):
     assert not any("lora" in name for name in merged.state_dict())
 
 
-@pytest.mark.parametrize("algorithm", ["sft", "osft"])
-def test_resume_continues_exactly(tmp_path, monkeypatch, algorithm):
+@pytest.mark.parametrize(
+    ("algorithm", "steps"),
+    [("sft", {"num_train_epochs": 2}), ("osft", {"num_train_epochs": 2}), ("sft", {"max_steps": 13})],
+)
+def test_resume_continues_exactly(tmp_path, monkeypatch, algorithm, steps):
     options = {
         "algorithm": algorithm,
-        "num_train_epochs": 2,
+        **steps,
         "checkpoint_every_steps": 3,
         "keep_checkpoints": 5,
         "lr_scheduler": "cosine",
         "warmup_steps": 2,
+        "eval_data_path": str(SAMPLES / "chat.jsonl"),
+        "eval_steps": 4,
     }
-    train(config(tmp_path, **options))
+    total = steps.get("max_steps") or 10
+    first = train(config(tmp_path, **options))
     run = tmp_path / "run"
     uninterrupted = metrics(run)
-    assert len(uninterrupted) == 10
-    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert checkpoints == ["step-00000003", "step-00000006", "step-00000009", "step-00000010"]
+    assert len([r for r in uninterrupted if "loss" in r]) == total
+    checkpoints = sorted(int(p.name.removeprefix("step-")) for p in (run / "checkpoints").iterdir())
+    assert checkpoints == [*range(3, total, 3), total]
     # Pretend the run died after step 6: drop what came later, then resume.
-    for name in ("step-00000009", "step-00000010"):
-        import shutil
-
-        shutil.rmtree(run / "checkpoints" / name)
+    for step in checkpoints[2:]:
+        shutil.rmtree(run / "checkpoints" / f"step-{step:08d}")
     svds = []
     monkeypatch.setattr(osft, "_svd", lambda *args: svds.append(args) or pytest.fail("SVD on resume"))
-    train(config(tmp_path, resume=True, **options))
+    resumed_summary = train(config(tmp_path, resume=True, **options))
     assert svds == []  # OSFT's factors, frozen and trainable, come from the checkpoint
     resumed = metrics(run)
-    assert [r["step"] for r in resumed] == list(range(1, 11))
-    for before, after in zip(uninterrupted[6:], resumed[6:], strict=True):
-        assert after["loss"] == pytest.approx(before["loss"], rel=1e-5, abs=1e-6)
-        assert after["lr"] == pytest.approx(before["lr"])
+    assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]  # steps and evaluations
+    for before, after in zip(uninterrupted, resumed, strict=True):
+        for key in ("loss", "lr", "eval_loss"):
+            if key in before:
+                assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (before, after)
+    assert [e["step"] for e in resumed_summary.eval_history] == [e["step"] for e in first.eval_history]
+    assert resumed_summary.eval_loss == pytest.approx(first.eval_loss, rel=1e-5)
 
 
 def torchrun_two_processes(run_yaml: Path) -> None:
@@ -162,8 +175,6 @@ def test_fsdp_osft_resume_continues_exactly(tmp_path):
     run = tmp_path / "run"
     uninterrupted = metrics(run)
     assert len(uninterrupted) == 10
-    import shutil
-
     for name in ("step-00000009", "step-00000010"):
         shutil.rmtree(run / "checkpoints" / name)
     run_yaml.write_text(yaml.safe_dump({**options.__dict__, "resume": True}))
@@ -181,7 +192,14 @@ def test_fsdp_osft_resume_continues_exactly(tmp_path):
 )
 def test_two_processes_match_one(tmp_path, strategy, algorithm):
     data = SAMPLES / ("preference.jsonl" if algorithm == "dpo" else "chat.jsonl")
-    one = config(tmp_path / "one", num_train_epochs=1, algorithm=algorithm, data_path=str(data))
+    one = config(
+        tmp_path / "one",
+        num_train_epochs=1,
+        algorithm=algorithm,
+        data_path=str(data),
+        eval_data_path=str(data),
+        eval_steps=2,
+    )
     train(one)
     run_yaml = tmp_path / "run.yaml"
     two_dir = tmp_path / "two" / "run"
@@ -189,11 +207,20 @@ def test_two_processes_match_one(tmp_path, strategy, algorithm):
     options.update(output_dir=str(two_dir), distributed=strategy)
     run_yaml.write_text(yaml.safe_dump(options))
     torchrun_two_processes(run_yaml)
-    single, double = metrics(tmp_path / "one" / "run"), metrics(two_dir)
+    single, double = step_records(tmp_path / "one" / "run"), step_records(two_dir)
     assert len(single) == len(double) == (2 if algorithm == "dpo" else 5)
     for a, b in zip(single, double, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+    # every rank takes part in each evaluation (at step 2, 4 and the end of the epoch)
+    evals = [[r for r in metrics(d) if "eval_loss" in r] for d in (tmp_path / "one" / "run", two_dir)]
+    assert (
+        [e["step"] for e in evals[1]]
+        == [e["step"] for e in evals[0]]
+        == ([2] if algorithm == "dpo" else [2, 4, 5])
+    )
+    for a, b in zip(*evals, strict=True):
+        assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-4)
     from safetensors.torch import load_file
 
     w1 = load_file(tmp_path / "one" / "run" / "final" / "model.safetensors")
@@ -321,3 +348,130 @@ def test_first_step_loss_is_the_mean_token_loss_of_its_batch(tmp_path):
             count += n
     assert len(indices) == cfg.effective_batch_size
     assert first == pytest.approx(total / count, rel=1e-5)
+
+
+def step_records(run_dir: Path) -> list[dict]:
+    return [r for r in metrics(run_dir) if "loss" in r]
+
+
+def test_max_steps_trains_that_many_steps_going_through_the_data_again(tmp_path):
+    """max_steps overrides num_train_epochs (5 steps per epoch here); the LR schedule spans max_steps and the
+    logged LR is the one each step used (warmup starts at 0)."""
+    cfg = config(tmp_path, max_steps=12, num_train_epochs=1, lr_scheduler="linear", warmup_steps=2)
+    summary = train(dataclasses.replace(cfg, save_final_model=False))
+    records = step_records(tmp_path / "run")
+    assert [r["step"] for r in records] == list(range(1, 13)) and summary.steps == 12
+    assert [r["epoch"] for r in records] == [0] * 5 + [1] * 5 + [2] * 2 and summary.epochs == 3
+    assert summary.samples_seen == 12 * 8
+    schedule = [0.0, 0.5] + [(12 - s) / 10 for s in range(2, 12)]  # warmup 2, then linear to 0 at step 12
+    assert [r["lr"] for r in records] == pytest.approx([3e-3 * f for f in schedule])
+
+
+def test_eval_loss_every_epoch_and_every_eval_steps(tmp_path):
+    summary = train(
+        config(tmp_path, eval_data_path=str(SAMPLES / "chat.jsonl"), eval_steps=3, save_final_model=False)
+    )
+    lines = metrics(tmp_path / "run")
+    evals = [r for r in lines if "eval_loss" in r]
+    assert [(e["step"], e["epoch"]) for e in evals] == [(3, 0), (5, 0), (6, 1), (9, 1), (10, 1)]
+    for e in evals:  # each evaluation follows the step it evaluates
+        assert lines[lines.index(e) - 1]["step"] == e["step"] and set(e) == {"step", "epoch", "eval_loss"}
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]
+    assert summary.eval_loss == evals[-1]["eval_loss"]
+    history = [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in evals]
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (
+        summary.eval_history == saved["eval_history"] == history and saved["eval_loss"] == summary.eval_loss
+    )
+
+
+def test_a_failed_rerun_leaves_the_finished_models_config_and_files(tmp_path):
+    train(config(tmp_path, max_steps=2))
+    run = tmp_path / "run"
+    finished = json.loads((run / "training_config.json").read_text())
+    assert json.loads((run / "final" / "training_config.json").read_text()) == finished
+    weights = (run / "final" / "model.safetensors").read_bytes()
+    # fine for the preflight (first rows), broken further down: the rerun fails after it started
+    rows = [json.loads(line) for line in (SAMPLES / "chat.jsonl").read_text().splitlines()]
+    data = write_jsonl(tmp_path / "late-error.jsonl", [*rows[:30], {"messages": "not a list"}])
+    with pytest.raises(ConfigError, match=r"data_path: .*late-error.jsonl:31"):
+        train(config(tmp_path, max_steps=2, learning_rate=1e-4, data_path=str(data)))
+    assert json.loads((run / "training_config.json").read_text()) == finished
+    assert json.loads((run / "final" / "training_config.json").read_text()) == finished
+    assert (run / "final" / "model.safetensors").read_bytes() == weights
+    assert not any(p.name.endswith(".partial") for p in run.iterdir())
+
+
+def test_final_model_files_get_the_umask_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        train(config(tmp_path, max_steps=1, lora_r=2))
+    finally:
+        os.umask(previous)
+    final = tmp_path / "run" / "final"
+    modes = {p.relative_to(final).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in final.rglob("*")}
+    assert modes["model.safetensors"] == modes["adapter/adapter_model.safetensors"] == 0o644
+    assert modes["adapter"] == 0o755 and set(modes.values()) == {0o644, 0o755}
+
+
+def test_no_progress_bars_and_no_single_process_checkpoint_warning(tmp_path, capfd):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(config(tmp_path, max_steps=2, checkpoint_every_steps=1))
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "Writing model shards" not in err and "%|" not in err
+    assert not [w for w in caught if "torch.distributed is disabled" in str(w.message)]
+
+
+def test_the_checkpoint_warning_filter_is_targeted():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with silence_single_process_warning():
+            warnings.warn(
+                "torch.distributed is disabled, unavailable or uninitialized, assuming ...", stacklevel=1
+            )
+            warnings.warn("something else", stacklevel=1)
+    assert [str(w.message) for w in caught] == ["something else"]
+
+
+def test_unknown_enumerated_values_are_errors_not_fallbacks(tmp_path):
+    from kfp_components.trainer.distributed import DistInfo
+    from kfp_components.trainer.precision import Precision
+
+    cfg = config(tmp_path)
+    cfg.lr_scheduler = "polynomial"  # assigned after construction, past the config's own check
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    with pytest.raises(
+        ConfigError, match="lr_scheduler: expected one of constant, linear, cosine, got 'polynomial'"
+    ):
+        build_scheduler(optimizer, cfg, 10)
+    cfg.algorithm = "grpo"
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    tokenizer = types.SimpleNamespace(pad_token_id=0)
+    with pytest.raises(ConfigError, match="algorithm: expected one of sft, osft, dpo, got 'grpo'"):
+        build_objectives(cfg, tokenizer, info, Precision("float32", info.device))
+
+
+def test_help_lists_required_options_first_with_allowed_values_and_aliases(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        build_training_config(["--help"])
+    text = capsys.readouterr().out
+    options = re.findall(
+        r"^  (--\w+)", text.split("TrainingConfig options (override the --config file):")[1], flags=re.M
+    )
+    assert options[:3] == ["--model_name_or_path", "--data_path", "--output_dir"]
+    assert "--torch_dtype {bfloat16,float16,float32}" in text
+    assert "--lr_scheduler {constant,linear,cosine}, --lr_scheduler_type {constant,linear,cosine}" in text
+    assert "--attn_implementation {sdpa,eager,flash_attention_2,flash_attention_3,flex_attention}" in text
+    assert "--save_steps VALUE" in text and "--unmask {true,false}" in text
+    required = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
+    cfg, _ = build_training_config([*required, "--lr_scheduler_type", "linear", "--save_steps", "5"])
+    assert cfg.lr_scheduler == "linear" and cfg.checkpoint_every_steps == 5
+    with pytest.raises(ConfigError, match="lr_scheduler_type and lr_scheduler are the same option"):
+        build_training_config([*required, "--lr_scheduler", "cosine", "--lr_scheduler_type", "linear"])
+    with pytest.raises(ConfigError, match=r"lr_scheduler_type: expected one of constant, linear, cosine"):
+        build_training_config([*required, "--lr_scheduler_type", "polynomial"])
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"lr_scheduler_type": "linear", "gradient_checkpointing": True}))
+    cfg, _ = build_training_config(["--config", str(path), *required, "--lr_scheduler", "constant"])
+    assert cfg.lr_scheduler == "constant" and cfg.activation_checkpointing is True  # the flag wins

@@ -3,6 +3,11 @@
 ``kfp.local`` runs and ``make demo`` use it; on a cluster the ``trainjob`` backend runs the same command in
 the trainer image under Kubeflow Trainer. The run's options travel as a YAML file written beside its
 outputs (``<output_dir>/run.yaml``), so the command line stays short and holds no secret.
+
+The subprocess's output is forwarded line by line to this process's log. A line of the engine's own log
+(``12:00:01 INFO kfp_components.trainer: step 3/10 ...``) is logged again under its logger name and level
+without its timestamp (the log here adds one), so it reads as if training ran in this process; anything else
+(torchrun's messages, a traceback) is forwarded as it is.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -26,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: How many of the last output lines a failure message quotes.
 TAIL_LINES = 40
+#: A line of the engine's log (``kfp_components.logs.FORMAT``): time, level, logger name, message.
+_LOG_LINE = re.compile(r"^\d{2}:\d{2}:\d{2} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ([\w.]+): (.*)$")
 
 
 class LocalTrainingError(RuntimeError):
@@ -89,7 +97,7 @@ def run_local_training(
         for line in process.stdout:
             line = line.rstrip("\n")
             tail.append(line)
-            log.info("%s", line)
+            forward_child_line(line)
         code = process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         _terminate(process)
@@ -104,6 +112,17 @@ def run_local_training(
     if code != 0:
         raise LocalTrainingError(f"training failed (exit code {code}); last lines:\n" + "\n".join(tail))
     return json.loads((output_dir / "summary.json").read_text())
+
+
+def forward_child_line(line: str) -> None:
+    """Log a line of the training subprocess here, once: with the level and logger name of the subprocess's
+    own log line and without its timestamp, or as it is when it is not a log line."""
+    match = _LOG_LINE.match(line)
+    if match is None:
+        log.info("%s", line)
+        return
+    level, name, message = match.groups()
+    logging.getLogger(name).log(logging.getLevelName(level), "%s", message)
 
 
 def _terminate(process: subprocess.Popen) -> None:

@@ -2,7 +2,8 @@
 
 A resumable checkpoint is ``<output_dir>/checkpoints/step-<N>/`` holding the model and optimizer state
 (``torch.distributed.checkpoint``: each rank writes its own shards, so FSDP2 never gathers a full model),
-the scheduler, the trainer state (epoch, step, data position) and every rank's RNG state. It is written to
+the scheduler, the fp16 loss scaler, the trainer state (epoch, step, data position, eval history) and every
+rank's RNG state. It is written to
 ``step-<N>.partial`` and renamed when complete, so a crash mid-save never leaves a checkpoint that looks
 whole. The final model is a standard HF checkpoint (safetensors, config, tokenizer, chat template) that
 ``AutoModelForCausalLM.from_pretrained`` loads with no project code.
@@ -12,8 +13,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from kfp_components.trainer.distributed import DistInfo, barrier, unwrap
+from kfp_components.trainer.precision import Precision
+from kfp_components.trainer.progress import no_transformers_progress_bars
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +52,10 @@ class TrainerState:
     step_in_epoch: int = 0
     samples_seen: int = 0
     tokens_seen: int = 0
+    #: optimizer steps skipped because fp16 gradients overflowed
+    skipped_steps: int = 0
+    #: every evaluation so far: ``{"step", "epoch", "eval_loss"}``
+    eval_history: list[dict[str, float]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,6 +85,7 @@ def save_checkpoint(
     scheduler: Any,
     state: TrainerState,
     info: DistInfo,
+    precision: Precision | None = None,
     *,
     keep: int,
 ) -> Path:
@@ -84,10 +96,15 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(partial / "model_optimizer"))
+    with silence_single_process_warning():
+        dcp.save(
+            {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(partial / "model_optimizer")
+        )
     torch.save(_rng_state(), partial / f"rng_rank{info.rank}.pt")
     if info.is_main:
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        if precision is not None and precision.state_dict() is not None:
+            torch.save(precision.state_dict(), partial / "grad_scaler.pt")
         (partial / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2))
     barrier()
     if info.is_main:
@@ -100,21 +117,43 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, info: DistInfo
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    info: DistInfo,
+    *,
+    precision: Precision | None = None,
 ) -> TrainerState:
     model_state, optim_state = get_state_dict(model, optimizer)
     state_dict = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state_dict, checkpoint_id=str(path / "model_optimizer"))
+    with silence_single_process_warning():
+        dcp.load(state_dict, checkpoint_id=str(path / "model_optimizer"))
     set_state_dict(
         model, optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optimizer"]
     )
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if precision is not None and (path / "grad_scaler.pt").exists():
+        precision.load_state_dict(torch.load(path / "grad_scaler.pt", weights_only=False))
     rng_file = path / f"rng_rank{info.rank}.pt"
     if rng_file.exists():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
     log.info("resumed from %s (step %d, epoch %d)", path, state.global_step, state.epoch)
     return state
+
+
+@contextmanager
+def silence_single_process_warning() -> Iterator[None]:
+    """Silence the one warning ``torch.distributed.checkpoint`` gives at every save and load in a single
+    process ("torch.distributed is disabled ... assuming the intent is to save in a single process"): it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"torch\.distributed is disabled, unavailable or uninitialized",
+            category=UserWarning,
+        )
+        yield
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -156,8 +195,20 @@ def save_hf_model(
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     hf_model = unwrap(model)
-    hf_model.config.torch_dtype = dtype
-    hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+    hf_model.config.dtype = dtype
+    with no_transformers_progress_bars():
+        hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    log.info("saved the model to %s", out_dir)
     return out_dir
+
+
+def use_default_permissions(root: Path) -> None:
+    """Give ``root`` and everything under it the permissions a new file or folder gets under the process's
+    umask. safetensors writes through a temporary file created with mode 0600 and renames it, so
+    ``model.safetensors`` would otherwise be unreadable by other users and pods sharing the volume."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        if path.is_symlink():
+            continue
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)

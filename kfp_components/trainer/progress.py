@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,8 @@ log = logging.getLogger("kfp_components.trainer")
 
 
 class MetricsLog:
-    """Appends one JSON object per optimizer step to ``metrics.jsonl`` (main process only)."""
+    """Appends one JSON object per optimizer step, and one per evaluation (``step``, ``epoch``,
+    ``eval_loss``), to ``metrics.jsonl`` (main process only)."""
 
     def __init__(self, path: Path, enabled: bool, *, truncate_after_step: int | None = None):
         self.path = path
@@ -60,16 +63,39 @@ class Progress:
             self.bar.update(1)
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
         elif step % self.every == 0 or step == self.total:
+            grad_norm = record["grad_norm"]
             log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %.3f tokens/s %.0f",
+                "step %d/%d loss %.4f lr %.3g grad_norm %s tokens/s %.0f%s",
                 step,
                 self.total,
                 record["loss"],
                 record["lr"],
-                record["grad_norm"],
+                "inf" if grad_norm is None else f"{grad_norm:.3f}",
                 record["tokens_per_second"],
+                f" loss_scale {record['loss_scale']:g}" if "loss_scale" in record else "",
+            )
+        if record.get("step_skipped"):
+            log.warning(
+                "step %d: fp16 gradients overflowed at loss scale %g; the step was skipped and the scale lowered",
+                step,
+                record["loss_scale"],
             )
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+@contextmanager
+def no_transformers_progress_bars() -> Iterator[None]:
+    """No progress bars from transformers ("Loading weights", "Writing model shards") while loading or saving
+    a model: a pod's log keeps each bar's every redraw. The setting before is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()

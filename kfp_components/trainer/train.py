@@ -1,25 +1,32 @@
 """The training loop: read it top to bottom.
 
-``train(config)`` runs SFT (full or LoRA) or OSFT in one process or under torchrun (DDP or FSDP2):
+``train(config)`` runs SFT (full or LoRA), OSFT or DPO in one process or under torchrun (DDP or FSDP2):
 
-1. join the process group; load the tokenizer and tokenise the data (chat template, assistant-only labels);
+1. check the inputs (``preflight``); join the process group; load the tokenizer and tokenise the data
+   (chat template, assistant-only labels), and the eval data when there is some;
 2. load the model in fp32 (master weights), apply OSFT or LoRA, Liger kernels on GPU, activation
    checkpointing, then wrap it for DDP or FSDP2;
 3. plan every step: ``effective_batch_size`` samples, packed padding-free into micro-batches of at most
-   ``max_tokens_per_gpu`` tokens per rank (see ``batching``);
-4. for each step: forward/backward every micro-batch with the loss normalised by the label tokens of the
-   whole global batch; project OSFT gradients; clip; AdamW; project OSFT parameters; schedule the LR;
-5. log metrics per step, save resumable checkpoints, and write the final HF checkpoint and a summary.
+   ``max_tokens_per_gpu`` tokens per rank (see ``batching``); ``num_train_epochs`` passes over the data, or
+   exactly ``max_steps`` steps when set (more passes as needed);
+4. for each step (``train_step``): forward/backward every micro-batch in the compute precision
+   (``precision``) with the loss normalised by the label tokens of the whole global batch; unscale fp16
+   gradients; project OSFT gradients; clip; AdamW (skipped when fp16 gradients overflowed); project OSFT
+   parameters; schedule the LR;
+5. log metrics per step, compute the eval loss at the end of every epoch and every ``eval_steps``, save
+   resumable checkpoints, and write the final HF checkpoint, its config and a summary.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
 import math
+import os
 import random
 import resource
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +36,7 @@ import torch
 from torch import nn
 
 from kfp_components.trainer import dpo, osft
-from kfp_components.trainer.batching import (
-    TokenBudgetSampler,
-)
+from kfp_components.trainer.batching import StepPlan, TokenBudgetSampler
 from kfp_components.trainer.checkpoint import (
     TrainerState,
     full_model_state_dict,
@@ -39,6 +44,7 @@ from kfp_components.trainer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
     save_hf_model,
+    use_default_permissions,
 )
 from kfp_components.trainer.config import TrainingConfig
 from kfp_components.trainer.distributed import (
@@ -53,14 +59,17 @@ from kfp_components.trainer.distributed import (
     wrap_model,
 )
 from kfp_components.trainer.objectives import LanguageModelling, Objective
+from kfp_components.trainer.precision import Precision, finite_or_none
 from kfp_components.trainer.preflight import model_source, preflight_problems
-from kfp_components.trainer.progress import MetricsLog, Progress
-from kfp_components.trainer.tokenize import tokenize_jsonl
+from kfp_components.trainer.progress import MetricsLog, Progress, no_transformers_progress_bars
+from kfp_components.trainer.tokenize import ChatTemplateError, SampleError, tokenize_jsonl
 from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger("kfp_components.trainer")
 
 FINAL_MODEL_DIR = "final"
+#: The options of a run, beside its summary and inside its final model; written when the run succeeds.
+TRAINING_CONFIG_FILE = "training_config.json"
 
 
 @dataclass
@@ -80,7 +89,11 @@ class TrainingSummary:
     model_path: str
     data: dict[str, float]
     peak_memory_mib: float
+    #: the last eval loss (None without eval data); every evaluation is in ``eval_history``
     eval_loss: float | None = None
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    #: optimizer steps skipped because fp16 gradients overflowed
+    skipped_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -94,16 +107,18 @@ def train(config: TrainingConfig) -> TrainingSummary:
     output_dir = Path(config.output_dir)
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "training_config.json").write_text(json.dumps(asdict(config), indent=2))
     seed_everything(config.seed)
+    precision = Precision(config.torch_dtype, info.device)
+    if precision.note and info.is_main:
+        log.info("%s", precision.note)
 
     tokenizer = load_tokenizer(config.model_name_or_path)
-    objective = build_objective(config, config.data_path, tokenizer, info)
+    objective, eval_objective = build_objectives(config, tokenizer, info, precision)
     if info.is_main:
         log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in objective.stats.items()))
 
     resume_from = latest_checkpoint(output_dir) if config.resume else None
-    model, save_dtype = load_model(config, info, from_checkpoint=resume_from is not None)
+    model, save_dtype = load_model(config, info, precision=precision, from_checkpoint=resume_from is not None)
     model = wrap_model(model, info, config.distributed, bf16=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -122,14 +137,13 @@ def train(config: TrainingConfig) -> TrainingSummary:
         rank=info.rank,
         seed=config.seed,
     )
-    total_steps = sampler.steps_per_epoch() * config.num_train_epochs
-    if config.max_steps:
-        total_steps = min(total_steps, config.max_steps)
+    total_steps = planned_steps(config, sampler.steps_per_epoch())
     scheduler = build_scheduler(optimizer, config, total_steps)
+    evaluator = Evaluator(eval_objective, config, info, precision) if eval_objective else None
 
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, info)
+        state = load_checkpoint(resume_from, model, optimizer, scheduler, info, precision=precision)
     metrics = MetricsLog(
         output_dir / "metrics.jsonl",
         info.is_main,
@@ -137,6 +151,17 @@ def train(config: TrainingConfig) -> TrainingSummary:
     )
     progress = Progress(
         total_steps, enabled=info.is_main, every=config.log_every_steps, initial=state.global_step
+    )
+    checkpoint = functools.partial(
+        save_checkpoint,
+        output_dir,
+        model,
+        optimizer,
+        scheduler,
+        state,
+        info,
+        precision,
+        keep=config.keep_checkpoints,
     )
     if info.is_main:
         log.info(
@@ -152,82 +177,42 @@ def train(config: TrainingConfig) -> TrainingSummary:
     compute_tokens = 0
     compute_seconds = 0.0
     extra_metrics: dict[str, float] = {}
-    autocast = _autocast(config, info)
-    if config.torch_dtype == "bfloat16" and info.device.type != "cuda" and info.is_main:
-        log.info("dtype bfloat16: no GPU, so computing in float32")
     model.train()
     while state.global_step < total_steps:
         plan = sampler.epoch_plan(state.epoch)
         for step_plan in plan[state.step_in_epoch :]:
-            if state.global_step >= total_steps:
-                break
-            step_started = time.monotonic()
-            # loss sum, dummy micro-batches, then the sums of the objective's metrics
-            totals = torch.zeros(2 + len(objective.metric_names), dtype=torch.float64, device=info.device)
-            num_items = torch.tensor(step_plan.global_label_tokens / info.world_size, device=info.device)
-            for i, indices in enumerate(step_plan.micro_batches):
-                batch = objective.batch(indices)
-                totals[1] += 0 if indices else 1
-                with gradient_sync(model, enabled=i == len(step_plan.micro_batches) - 1), autocast:
-                    loss, metric_sums = objective.loss(model, batch, num_items, info.device)
-                    loss.backward()
-                totals[0] += loss.detach().double() * num_items
-                totals[2:] += metric_sums
-            if config.uses_osft:
-                osft.project_osft_gradients(model)
-            grad_norm = _clip(trainable, config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if config.uses_osft:
-                osft.project_osft_parameters(model)
-
-            loss_sum, dummies, *metric_sums = all_reduce_sum(totals).tolist()
-            units = max(step_plan.global_label_tokens, 1)
-            loss = loss_sum / units
-            extra_metrics = {n: v / units for n, v in zip(objective.metric_names, metric_sums, strict=True)}
-            seconds = all_reduce_max(time.monotonic() - step_started, info.device)
+            step = train_step(
+                model, objective, step_plan, optimizer, scheduler, precision, trainable, config, info
+            )
             state.global_step += 1
             state.step_in_epoch += 1
             state.samples_seen += step_plan.global_samples
             state.tokens_seen += step_plan.global_tokens
             compute_tokens += step_plan.global_tokens
-            compute_seconds += seconds
-            losses.append(loss)
-            record = {
-                "step": state.global_step,
-                "epoch": state.epoch,
-                "loss": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "tokens": step_plan.global_tokens,
-                "loss_units": step_plan.global_label_tokens,
-                **extra_metrics,
-                "samples": step_plan.global_samples,
-                "seconds": round(seconds, 4),
-                "tokens_per_second": step_plan.global_tokens / max(seconds, 1e-9),
-                "micro_batches": len(step_plan.micro_batches),
-                "padding_ratio": dummies / (step_plan.global_tokens + dummies),
-                "memory_mib": peak_memory_mib(info.device),
-            }
+            compute_seconds += step["seconds"]
+            state.skipped_steps += step.get("step_skipped", False)
+            losses.append(step["loss"])
+            extra_metrics = {name: step[name] for name in objective.metric_names}
+            record = {"step": state.global_step, "epoch": state.epoch, **step}
             metrics.write(record)
             progress.update(state.global_step, record)
-            if (
-                config.checkpoint_every_steps
-                and state.global_step % config.checkpoint_every_steps == 0
-                and state.global_step < total_steps
-            ):
-                save_checkpoint(
-                    output_dir, model, optimizer, scheduler, state, info, keep=config.keep_checkpoints
-                )
+
+            end_of_epoch = state.step_in_epoch == len(plan)
+            if evaluator and (end_of_epoch or _every(config.eval_steps, state.global_step)):
+                evaluate(evaluator, model, state, metrics)
+            if state.global_step >= total_steps:
+                break
+            if _every(config.checkpoint_every_steps, state.global_step):
+                checkpoint()
         else:
             state.epoch += 1
             state.step_in_epoch = 0
     progress.close()
 
-    eval_loss = evaluate_loss(model, config, tokenizer, info, autocast) if config.eval_data_path else None
+    if evaluator and not any(e["step"] == state.global_step for e in state.eval_history):
+        evaluate(evaluator, model, state, metrics)  # the end, unless its last step was just evaluated
     if config.checkpoint_every_steps:
-        save_checkpoint(output_dir, model, optimizer, scheduler, state, info, keep=config.keep_checkpoints)
+        checkpoint()
     model_path = output_dir / FINAL_MODEL_DIR
     if config.save_final_model:
         export_final_model(model, config, tokenizer, model_path, info, save_dtype)
@@ -245,11 +230,14 @@ def train(config: TrainingConfig) -> TrainingSummary:
         model_path=str(model_path) if config.save_final_model else "",
         data=objective.stats,
         peak_memory_mib=peak_memory_mib(info.device),
-        eval_loss=eval_loss,
+        eval_loss=state.eval_history[-1]["eval_loss"] if state.eval_history else None,
+        eval_history=[{"step": e["step"], "eval_loss": e["eval_loss"]} for e in state.eval_history],
+        skipped_steps=state.skipped_steps,
         metrics=extra_metrics,
     )
     if info.is_main:
-        (output_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        write_json_atomically(output_dir / TRAINING_CONFIG_FILE, asdict(config))
+        write_json_atomically(output_dir / "summary.json", asdict(summary))
         log.info(
             "done: %d steps, final loss %.4f, %.0f tokens/s, %.1f s",
             summary.steps,
@@ -261,6 +249,77 @@ def train(config: TrainingConfig) -> TrainingSummary:
     return summary
 
 
+def train_step(
+    model: nn.Module,
+    objective: Objective,
+    step_plan: StepPlan,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    precision: Precision,
+    trainable: list[nn.Parameter],
+    config: TrainingConfig,
+    info: DistInfo,
+) -> dict[str, Any]:
+    """One optimizer step over the micro-batches of ``step_plan`` on this rank; returns the step's metrics."""
+    started = time.monotonic()
+    lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves it after the step)
+    loss_scale = precision.loss_scale
+    # loss sum, dummy micro-batches, then the sums of the objective's metrics
+    totals = torch.zeros(2 + len(objective.metric_names), dtype=torch.float64, device=info.device)
+    num_items = torch.tensor(step_plan.global_label_tokens / info.world_size, device=info.device)
+    for i, indices in enumerate(step_plan.micro_batches):
+        batch = objective.batch(indices)
+        totals[1] += 0 if indices else 1
+        with gradient_sync(model, enabled=i == len(step_plan.micro_batches) - 1):
+            with precision.autocast():
+                loss, metric_sums = objective.loss(model, batch, num_items, info.device)
+            precision.backward(loss)
+        totals[0] += loss.detach().double() * num_items
+        totals[2:] += metric_sums
+    precision.unscale(optimizer)  # true gradients from here on
+    if config.uses_osft:
+        osft.project_osft_gradients(model)
+    grad_norm = _clip(trainable, config.max_grad_norm)
+    stepped = precision.step(optimizer)  # False: fp16 gradients overflowed, nothing changed
+    if stepped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if config.uses_osft and stepped:
+        osft.project_osft_parameters(model)
+
+    loss_sum, dummies, *metric_sums = all_reduce_sum(totals).tolist()
+    units = max(step_plan.global_label_tokens, 1)
+    seconds = all_reduce_max(time.monotonic() - started, info.device)
+    record = {
+        "loss": loss_sum / units,
+        "lr": lr,
+        "grad_norm": finite_or_none(grad_norm),
+        "tokens": step_plan.global_tokens,
+        "loss_units": step_plan.global_label_tokens,
+        **{n: v / units for n, v in zip(objective.metric_names, metric_sums, strict=True)},
+        "samples": step_plan.global_samples,
+        "seconds": round(seconds, 4),
+        "tokens_per_second": step_plan.global_tokens / max(seconds, 1e-9),
+        "micro_batches": len(step_plan.micro_batches),
+        "padding_ratio": dummies / (step_plan.global_tokens + dummies),
+        "memory_mib": peak_memory_mib(info.device),
+    }
+    if loss_scale is not None:
+        record.update(loss_scale=loss_scale, step_skipped=not stepped)
+    return record
+
+
+def planned_steps(config: TrainingConfig, steps_per_epoch: int) -> int:
+    """``max_steps`` when set (more passes over the data as needed), else ``num_train_epochs`` passes."""
+    if config.max_steps > 0:
+        return config.max_steps
+    return steps_per_epoch * config.num_train_epochs
+
+
+def _every(interval: int, step: int) -> bool:
+    return interval > 0 and step % interval == 0
+
+
 def check_inputs(config: TrainingConfig, info: DistInfo) -> None:
     """The preflight checks on rank 0, before anything loads; every rank raises the same error."""
     problems = preflight_problems(config) if info.is_main else []
@@ -269,50 +328,135 @@ def check_inputs(config: TrainingConfig, info: DistInfo) -> None:
         raise ConfigError.of(problems)
 
 
-def build_objective(config: TrainingConfig, data_path: str, tokenizer: Any, info: DistInfo) -> Objective:
-    """Tokenise ``data_path`` for the configured method; for DPO also compute the reference log-probs."""
+def build_objectives(
+    config: TrainingConfig, tokenizer: Any, info: DistInfo, precision: Precision
+) -> tuple[Objective, Objective | None]:
+    """The objective of ``data_path`` and, with ``eval_data_path``, of the eval data.
+
+    For DPO the reference model loads once and scores both sets before it is freed.
+    """
+    paths = {"data_path": config.data_path}
+    if config.eval_data_path:
+        paths["eval_data_path"] = config.eval_data_path
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if config.algorithm != "dpo":
+    if config.algorithm in ("sft", "osft"):
+        objectives: dict[str, Objective] = {
+            key: LanguageModelling(_tokenized(config, key, path, tokenizer), pad_id)
+            for key, path in paths.items()
+        }
+    elif config.algorithm == "dpo":
+        pairs = {key: _preference_pairs(config, key, path, tokenizer) for key, path in paths.items()}
+        reference = _load_plain_model(
+            config.ref_model_name_or_path or config.model_name_or_path, config, info
+        )
+        with precision.autocast():
+            reference_logps = {
+                key: dpo.compute_reference_logps(
+                    reference, key_pairs, info, max_tokens_per_gpu=config.max_tokens_per_gpu
+                )
+                for key, (key_pairs, _) in pairs.items()
+            }
+        del reference
+        if info.device.type == "cuda":
+            torch.cuda.empty_cache()
+        objectives = {
+            key: dpo.DirectPreference(
+                key_pairs,
+                stats,
+                reference_logps[key],
+                beta=config.beta,
+                loss_type=config.loss_type,
+                label_smoothing=config.label_smoothing,
+                pad_token_id=pad_id,
+            )
+            for key, (key_pairs, stats) in pairs.items()
+        }
+    else:
+        raise ConfigError("algorithm", f"expected one of sft, osft, dpo, got {config.algorithm!r}")
+    return objectives["data_path"], objectives.get("eval_data_path")
+
+
+def _tokenized(config: TrainingConfig, key: str, path: str, tokenizer: Any):
+    try:
         data = tokenize_jsonl(
-            data_path,
-            tokenizer,
-            max_seq_len=config.max_seq_len,
-            overlong=config.overlong,
-            unmask=config.unmask,
+            path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong, unmask=config.unmask
         )
-        if not data.samples:
-            raise ValueError(f"{data_path}: no trainable samples after tokenisation ({data.stats})")
-        return LanguageModelling(data, pad_id)
-    pairs, stats = dpo.tokenize_preference_jsonl(
-        data_path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong
-    )
+    except (SampleError, ChatTemplateError) as exc:
+        raise ConfigError(key, str(exc)) from None
+    if not data.samples:
+        raise ConfigError(key, f"{path}: no trainable samples after tokenisation ({data.stats})")
+    return data
+
+
+def _preference_pairs(config: TrainingConfig, key: str, path: str, tokenizer: Any):
+    try:
+        pairs, stats = dpo.tokenize_preference_jsonl(
+            path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong
+        )
+    except (SampleError, ChatTemplateError) as exc:
+        raise ConfigError(key, str(exc)) from None
     if not pairs:
-        raise ValueError(f"{data_path}: no usable preference pairs after tokenisation ({stats})")
-    reference = _load_plain_model(config.ref_model_name_or_path or config.model_name_or_path, config, info)
-    with _autocast(config, info):
-        reference_logps = dpo.compute_reference_logps(
-            reference, pairs, info, max_tokens_per_gpu=config.max_tokens_per_gpu
+        raise ConfigError(key, f"{path}: no usable preference pairs after tokenisation ({stats})")
+    return pairs, stats
+
+
+class Evaluator:
+    """The mean loss per loss unit (label token; DPO: pair) on the eval data, packed as in training.
+
+    Every rank must call it at the same steps: the ranks share the micro-batches and sum their losses.
+    """
+
+    def __init__(self, objective: Objective, config: TrainingConfig, info: DistInfo, precision: Precision):
+        self.objective = objective
+        self.info = info
+        self.precision = precision
+        sampler = TokenBudgetSampler(
+            objective.lengths,
+            objective.loss_units,
+            effective_batch_size=max(len(objective.lengths), 1),
+            max_tokens_per_gpu=config.max_tokens_per_gpu,
+            world_size=info.world_size,
+            rank=info.rank,
+            seed=config.seed,
+            shuffle=False,
         )
-    del reference
-    if info.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return dpo.DirectPreference(
-        pairs,
-        stats,
-        reference_logps,
-        beta=config.beta,
-        loss_type=config.loss_type,
-        label_smoothing=config.label_smoothing,
-        pad_token_id=pad_id,
-    )
+        self.plan = sampler.epoch_plan(0)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module) -> float:
+        device = self.info.device
+        model.eval()
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        units = 0
+        one = torch.tensor(1.0, device=device)
+        for step_plan in self.plan:
+            for indices in step_plan.micro_batches:
+                with self.precision.autocast():
+                    loss, _ = self.objective.loss(model, self.objective.batch(indices), one, device)
+                total += loss.double()
+            units += step_plan.global_label_tokens
+        model.train()
+        return float(all_reduce_sum(total).item()) / max(units, 1)
+
+
+def evaluate(evaluator: Evaluator, model: nn.Module, state: TrainerState, metrics: MetricsLog) -> float:
+    """Compute the eval loss now and record it (``metrics.jsonl``, the state's history, the log)."""
+    eval_loss = evaluator(model)
+    record = {"step": state.global_step, "epoch": state.epoch, "eval_loss": eval_loss}
+    state.eval_history.append(record)
+    metrics.write(record)
+    if evaluator.info.is_main:
+        log.info("step %d eval loss %.4f", state.global_step, eval_loss)
+    return eval_loss
 
 
 def _load_plain_model(name_or_path: str, config: TrainingConfig, info: DistInfo) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        model_source(name_or_path), dtype=torch.float32, attn_implementation=config.attn_implementation
-    )
+    with no_transformers_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(
+            model_source(name_or_path), dtype=torch.float32, attn_implementation=config.attn_implementation
+        )
     return model.to(info.device)
 
 
@@ -337,10 +481,15 @@ def load_tokenizer(name_or_path: str):
 
 
 def load_model(
-    config: TrainingConfig, info: DistInfo, *, from_checkpoint: bool = False
+    config: TrainingConfig,
+    info: DistInfo,
+    *,
+    precision: Precision | None = None,
+    from_checkpoint: bool = False,
 ) -> tuple[nn.Module, torch.dtype]:
     """The model in fp32 master weights on this rank's device, with OSFT or LoRA, Liger and checkpointing.
 
+    ``precision``: under a 16-bit autocast, OSFT caches its frozen weights in that dtype (half the memory).
     ``from_checkpoint``: a training checkpoint is loaded into the model next (resume), so OSFT skips the SVDs
     (the checkpoint holds the frozen and trainable factors).
     """
@@ -352,18 +501,18 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": config.attn_implementation}
     if config.qlora:
         kwargs.update(_qlora_kwargs(info))
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    with no_transformers_progress_bars():
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not config.qlora:  # a 4-bit model is placed by its device_map
         model.to(info.device)  # before OSFT, so the SVDs run on the GPU
     if config.use_liger:
         apply_liger(model, info)
     if config.uses_osft:
-        bf16 = config.torch_dtype == "bfloat16" and info.device.type == "cuda"
         names = osft.apply_osft(
             model,
             unfreeze_rank_ratio=config.unfreeze_rank_ratio,
             target_patterns=config.target_patterns or None,
-            dense_dtype=torch.bfloat16 if bf16 else None,
+            dense_dtype=precision.compute_dtype if precision and precision.reduced else None,
             decompose=not from_checkpoint,
         )
         if info.is_main:
@@ -445,11 +594,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainingConfig, to
     )
 
     warmup = min(config.warmup_steps, total_steps)
-    if config.lr_scheduler == "constant":
-        return get_constant_schedule_with_warmup(optimizer, warmup)
-    if config.lr_scheduler == "linear":
-        return get_linear_schedule_with_warmup(optimizer, warmup, total_steps)
-    return get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    schedules = {
+        "constant": lambda: get_constant_schedule_with_warmup(optimizer, warmup),
+        "linear": lambda: get_linear_schedule_with_warmup(optimizer, warmup, total_steps),
+        "cosine": lambda: get_cosine_schedule_with_warmup(optimizer, warmup, total_steps),
+    }
+    if config.lr_scheduler not in schedules:
+        raise ConfigError(
+            "lr_scheduler", f"expected one of {', '.join(schedules)}, got {config.lr_scheduler!r}"
+        )
+    return schedules[config.lr_scheduler]()
 
 
 def export_final_model(
@@ -460,71 +614,45 @@ def export_final_model(
     info: DistInfo,
     dtype: torch.dtype,
 ) -> None:
-    """Write the final model as a standard HF checkpoint: OSFT factors rebuilt dense, LoRA merged."""
-    if config.lora_r:
+    """Write the final model as a standard HF checkpoint (OSFT factors rebuilt dense, LoRA merged, the run's
+    ``training_config.json`` beside it) into ``<out_dir>.partial``, then put it in place of ``out_dir``: a
+    run that fails never leaves a half-written or mismatched final model. Files get the permissions the
+    umask gives (safetensors writes through a private temporary file, mode 0600)."""
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    if info.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+    if config.lora_r and not config.uses_osft:
         if info.is_main:
             inner = unwrap(model)
-            inner.save_pretrained(out_dir / "adapter")
+            inner.save_pretrained(partial / "adapter")
             merged = inner.merge_and_unload()
-            save_hf_model(merged, merged.state_dict(), tokenizer, out_dir, dtype)
-        barrier()
-        return
-    state_dict = full_model_state_dict(model)
+            save_hf_model(merged, merged.state_dict(), tokenizer, partial, dtype)
+    else:
+        state_dict = full_model_state_dict(model)  # a collective under FSDP2
+        if info.is_main:
+            if config.uses_osft:
+                state_dict = osft.dense_state_dict(state_dict)
+            save_hf_model(model, state_dict, tokenizer, partial, dtype)
     if info.is_main:
-        if config.uses_osft:
-            state_dict = osft.dense_state_dict(state_dict)
-        save_hf_model(model, state_dict, tokenizer, out_dir, dtype)
+        (partial / TRAINING_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2))
+        use_default_permissions(partial)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)
+        log.info("saved the model to %s", out_dir)
     barrier()
 
 
-@torch.no_grad()
-def evaluate_loss(
-    model: nn.Module,
-    config: TrainingConfig,
-    tokenizer: Any,
-    info: DistInfo,
-    autocast: contextlib.AbstractContextManager,
-) -> float:
-    """Mean loss per loss unit (label token; DPO: pair) on ``eval_data_path``, packed as in training."""
-    objective = build_objective(config, config.eval_data_path, tokenizer, info)
-    sampler = TokenBudgetSampler(
-        objective.lengths,
-        objective.loss_units,
-        effective_batch_size=max(len(objective.lengths), 1),
-        max_tokens_per_gpu=config.max_tokens_per_gpu,
-        world_size=info.world_size,
-        rank=info.rank,
-        seed=config.seed,
-        shuffle=False,
-    )
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=info.device)
-    units = 0
-    one = torch.tensor(1.0, device=info.device)
-    for step_plan in sampler.epoch_plan(0):
-        for indices in step_plan.micro_batches:
-            with autocast:
-                loss, _ = objective.loss(model, objective.batch(indices), one, info.device)
-            total += loss.double()
-        units += step_plan.global_label_tokens
-    model.train()
-    eval_loss = float(all_reduce_sum(total).item()) / max(units, 1)
-    if info.is_main:
-        log.info("eval loss %.4f over %d loss units", eval_loss, units)
-    return eval_loss
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to a temporary sibling and rename it over ``path``."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2))
+    os.replace(partial, path)
 
 
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def _autocast(config: TrainingConfig, info: DistInfo) -> contextlib.AbstractContextManager:
-    """bf16 autocast over fp32 master weights on a GPU; a CPU computes in fp32 (bf16 there is slower)."""
-    if config.torch_dtype == "bfloat16" and info.device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _clip(parameters: list[nn.Parameter], max_norm: float) -> float:
