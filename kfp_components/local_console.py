@@ -22,7 +22,9 @@ from typing import TextIO
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _STARTED = re.compile(r"Executing task '([\w-]+)'")
 _FINISHED = re.compile(r"Task '([\w-]+)' finished with status (\w+)")
-_STEP = re.compile(r"kfp_components\.trainer: step (\d+)/(\d+) loss (\S+)")
+#: A trainer step line: under the trainer's logger name, or as the KFP executor's log handler prints it
+#: (the local backend re-logs the training process's lines, so the host's format applies).
+_STEP = re.compile(r"(?:kfp_components\.trainer: |INFO\]: )step (\d+)/(\d+) loss (\S+)")
 #: Our own log messages worth a line on the console, by the text they start with (after the logger's name).
 _RESULTS = re.compile(
     r"INFO\]: (?:\S+ INFO kfp_components[\w.]*: )?("

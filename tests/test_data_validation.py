@@ -159,8 +159,17 @@ def test_one_very_long_line(tmp_path):
 def test_explicit_format_override_checks_the_keys(tmp_path):
     source = tmp_path / "chat.jsonl"
     source.write_bytes(lines(GOOD))
-    with pytest.raises(DatasetValidationError, match="missing key\\(s\\) 'prompt', 'chosen', 'rejected'"):
+    # a whole file in another format is said once, from its first row
+    with pytest.raises(
+        DatasetError, match=r"chat.jsonl:1: the rows are in 'messages' format, not 'preference' \(keys prompt"
+    ):
         prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
+    # a later row of another format is a problem of that row
+    pair = {"prompt": "q", "chosen": "good", "rejected": "bad"}
+    source.write_text(json.dumps(pair) + "\n" + lines(GOOD).decode())
+    with pytest.raises(DatasetValidationError, match=r"chat.jsonl:2: missing key\(s\) 'prompt', 'chosen', 'rejected'"):
+        prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
+    assert not (tmp_path / "t").exists()
 
 
 def test_formats_are_detected(tmp_path):

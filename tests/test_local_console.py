@@ -11,12 +11,12 @@ from kfp_components.local_console import condensed_console
 KFP_OUTPUT = """\
 11:51:02.666 - INFO - Executing task \x1b[96m'dataset-download'\x1b[0m
     [KFP Executor 2026-11-21 11:51:02,758 INFO]: Got executor_input:
-    {"inputs": {"parameterValues": {"data_uri": "http://127.0.0.1:1/chat.jsonl"}}}
+    {"inputs": {"parameterValues": {"dataset_name_or_path": "http://127.0.0.1:1/chat.jsonl"}}}
     [KFP Executor 2026-11-21 11:51:02,814 INFO]: dataset: messages format, 40 rows read, 0 dropped, 36 train, 4 eval
 11:51:02.857 - INFO - Task \x1b[96m'dataset-download'\x1b[0m finished with status \x1b[92mSUCCESS\x1b[0m
 11:51:02.860 - INFO - Executing task \x1b[96m'train-model'\x1b[0m
     [KFP Executor 2026-11-21 11:51:12,653 INFO]: 11:51:12 INFO kfp_components.trainer: step 1/15 loss 6.9292 lr 0.003
-    [KFP Executor 2026-11-21 11:51:15,809 INFO]: 11:51:15 INFO kfp_components.trainer: step 12/15 loss 5.0277 lr 0.001
+    [KFP Executor 2026-11-21 11:51:15,809 INFO]: step 12/15 loss 5.0277 lr 0.001 grad_norm 1.2 tokens/s 9000
     [KFP Executor 2026-11-21 11:51:16,000 INFO]: Traceback (most recent call last):
     [KFP Executor 2026-11-21 11:51:16,001 INFO]: ValueError: something broke
 11:51:17.000 - INFO - Task \x1b[96m'train-model'\x1b[0m finished with status \x1b[91mFAILURE\x1b[0m

@@ -284,17 +284,17 @@ def test_use_liger_wiring_on_gpu(monkeypatch):
     assert apply_liger(model, info) is True and calls == [model]
 
 
-def test_fnsft_train_validates_then_trains(tmp_path, capsys):
+def test_fnsft_train_validates_then_trains(tmp_path, capsys, monkeypatch):
+    """As the modular fine-tuning guide writes it: model and dataset, no output folder (./outputs/fnsft-train)."""
     from kfp_components.trainer.cli import fnsft_train_main
 
+    monkeypatch.chdir(tmp_path)
     code = fnsft_train_main(
         [
             "--model_name_or_path",
             str(tiny_model_path("qwen2", 0)),
             "--dataset_name_or_path",
             str(SAMPLES / "chat.jsonl"),
-            "--output_dir",
-            str(tmp_path / "out"),
             "--max_steps",
             "2",
             "--effective_batch_size",
@@ -308,7 +308,7 @@ def test_fnsft_train_validates_then_trains(tmp_path, capsys):
         ]
     )
     assert code == 0
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["steps"] == 2
+    assert json.loads((tmp_path / "outputs" / "fnsft-train" / "summary.json").read_text())["steps"] == 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "only a prompt"}\n')
     argv = ["--model_name_or_path", str(tiny_model_path("qwen2", 0)), "--dataset_name_or_path", str(bad)]

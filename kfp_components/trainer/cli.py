@@ -19,7 +19,7 @@ from kfp_components.cli_args import add_config_arguments, config_from_args
 from kfp_components.environment import ensure_writable_caches
 from kfp_components.logs import configure_logging
 from kfp_components.trainer.config import TrainingConfig
-from kfp_components.typed_config import ConfigError
+from kfp_components.typed_config import ConfigError, load_config_file
 
 log = logging.getLogger("kfp_components.trainer")
 
@@ -58,8 +58,13 @@ def input_error(error: Exception) -> int:
     return 2
 
 
+#: Where ``fnsft-train`` writes when neither a flag nor the config file names an output_dir.
+FNSFT_TRAIN_OUTPUT_DIR = "outputs/fnsft-train"
+
+
 def fnsft_train_main(argv: list[str] | None = None) -> int:
-    """Plain SFT from a dataset URI: validate and split the data, then train."""
+    """Plain SFT from a dataset URI: validate and split the data, then train (into --output_dir, default
+    ./outputs/fnsft-train)."""
     parser = argparse.ArgumentParser(prog="fnsft-train", description=fnsft_train_main.__doc__)
     parser.add_argument(
         "--dataset_name_or_path",
@@ -73,6 +78,11 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     ensure_writable_caches()
     try:
+        if args.output_dir is None and "output_dir" not in (
+            load_config_file(args.config) if args.config else {}
+        ):
+            args.output_dir = FNSFT_TRAIN_OUTPUT_DIR
+            log.info("output_dir: %s (set --output_dir to write elsewhere)", Path(args.output_dir).resolve())
         # data_path is the prepared file, known once the dataset stage has run below
         config = config_from_args(TrainingConfig, args, algorithm="sft", data_path="<prepared dataset>")
         check_model(config)  # before fetching the data
@@ -88,7 +98,7 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
             prepared_dir / "train.jsonl",
             prepared_dir / "eval.jsonl",
         )
-    except DatasetError as exc:
+    except (DatasetError, ConfigError) as exc:
         return input_error(exc)
     config.data_path = str(prepared.train_path)
     try:
