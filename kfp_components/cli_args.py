@@ -15,6 +15,7 @@ from typing import Any, get_origin
 
 from kfp_components.typed_config import (
     aliases_of,
+    default_of,
     from_dict,
     literal_choices,
     load_config_file,
@@ -69,11 +70,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
     # required first; then the class's own options before those of its bases, each in declaration order
     fields.sort(key=lambda f: (not _is_required(f), _declared_in(cls, f.name)))
     for field in fields:
-        if _is_required(field):
-            shown = " (required)"
-        else:
-            default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
-            shown = f" (default: {_show(default)})"
+        shown = " (required)" if _is_required(field) else f" (default: {_show(default_of(field))})"
         annotation = hints[field.name]
         if field.name in choices:
             metavar = "{" + ",".join(_show(c) for c in choices[field.name]) + "}"
@@ -114,7 +111,7 @@ def _declared_in(cls: type, name: str) -> int:
 
 
 def _is_required(field: dataclasses.Field) -> bool:
-    return field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING
+    return default_of(field) is dataclasses.MISSING
 
 
 def _show(value: Any) -> str:

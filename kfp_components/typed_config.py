@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import re
 import types
 import typing
@@ -87,9 +86,17 @@ def aliases_of(cls: type) -> dict[str, str]:
     return merged
 
 
-@functools.cache
 def literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
     """The allowed values of each enumerated (``Literal`` or ``Literal | None``) field of dataclass ``cls``."""
+    if cls not in _CHOICES:
+        _CHOICES[cls] = _literal_choices(cls)
+    return _CHOICES[cls]
+
+
+_CHOICES: dict[type, dict[str, tuple[Any, ...]]] = {}
+
+
+def _literal_choices(cls: type) -> dict[str, tuple[Any, ...]]:
     hints = typing.get_type_hints(cls)
     choices = {}
     for field in dataclasses.fields(cls):
@@ -136,7 +143,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
                 values[name] = coerce(value, hints[name], _join(path, key))
             except ConfigError as exc:
                 problems.extend(exc.problems)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+        elif default_of(field) is dataclasses.MISSING:
             problems.append((_join(path, name), "required option is missing"))
     if problems:
         raise ConfigError.of(problems)
@@ -148,6 +155,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     except ConfigError as exc:
         raise exc.under(path) from None
     return instance
+
+
+def default_of(field: dataclasses.Field) -> Any:
+    """A field's default (a fresh value from its factory), or :data:`dataclasses.MISSING` when it is required."""
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
 
 
 def unknown_option_message(key: str, cls: type) -> str:
@@ -213,7 +229,7 @@ def coerce(value: Any, annotation: Any, path: str) -> Any:
             raise ConfigError(path, f"expected a mapping, got {_describe(value)}")
         _, item = get_args(annotation) or (str, Any)
         return {str(k): coerce(v, item, _join(path, str(k))) for k, v in value.items()}
-    if dataclasses.is_dataclass(annotation):
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
         return from_dict(annotation, value, path)
     if annotation is bool:
         if isinstance(value, bool):

@@ -167,7 +167,9 @@ def test_explicit_format_override_checks_the_keys(tmp_path):
     # a later row of another format is a problem of that row
     pair = {"prompt": "q", "chosen": "good", "rejected": "bad"}
     source.write_text(json.dumps(pair) + "\n" + lines(GOOD).decode())
-    with pytest.raises(DatasetValidationError, match=r"chat.jsonl:2: missing key\(s\) 'prompt', 'chosen', 'rejected'"):
+    with pytest.raises(
+        DatasetValidationError, match=r"chat.jsonl:2: missing key\(s\) 'prompt', 'chosen', 'rejected'"
+    ):
         prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
     assert not (tmp_path / "t").exists()
 

@@ -23,7 +23,7 @@ def dataset_download(
     seed: int = 42,
     dataset_subset_size: int = 0,
     dataset_subset_mode: str = "first",
-) -> NamedTuple(
+) -> NamedTuple(  # type: ignore[valid-type]  # the form KFP reads for named outputs
     "DatasetOutputs", [("train_sha256", str), ("data_format", str), ("train_rows", int), ("eval_rows", int)]
 ):
     """Download a dataset, validate every row, and split it into train and eval JSONL files.

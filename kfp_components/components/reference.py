@@ -111,7 +111,8 @@ def render_component(component: Any) -> list[str]:
     module = func.__module__
     image = component.component_spec.implementation.container.image
     described, produced = arg_docs(component), output_docs(component)
-    inputs, outputs = [], []
+    inputs: list[tuple[str, str, inspect.Parameter]] = []
+    outputs: list[tuple[str, str, inspect.Parameter]] = []
     for parameter in inspect.signature(func).parameters.values():
         row = (parameter.name, _type_name(parameter.annotation), parameter)
         (outputs if _is_output(parameter.annotation) else inputs).append(row)

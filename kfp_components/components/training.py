@@ -34,7 +34,7 @@ def train_model(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     lora_r: int = 0,
-    lora_alpha: float = 16.0,
+    lora_alpha: int = 16,
     lora_dropout: float = 0.0,
     lora_target_modules: list = ["all-linear"],  # noqa: B006 (KFP needs a literal default)
     eval_steps: int = 0,

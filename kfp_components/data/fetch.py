@@ -195,7 +195,7 @@ def _http_request(url: str) -> urllib.request.Request:
     if parts.username is not None:
         credentials = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
         headers["Authorization"] = "Basic " + base64.b64encode(credentials).decode()
-        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
         url = urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
     return urllib.request.Request(url, headers=headers)
 

@@ -268,11 +268,11 @@ def _write_outputs(outputs: dict[Path, list[str]]) -> None:
                 for row in rows:
                     out.write(row)
                     out.write("\n")
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        for staging, path in staged:
+            os.replace(staging, path)
     finally:
-        for tmp, _ in staged:
-            tmp.unlink(missing_ok=True)
+        for staging, _ in staged:
+            staging.unlink(missing_ok=True)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -23,6 +23,7 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -106,7 +107,8 @@ def default_namespace(environ: Mapping[str, str] | None = None) -> str:
 
 def describe_api_error(exc: ApiException) -> str:
     """``"<code> <reason>: <message>"`` from an API error, with the field causes of a 422 listed."""
-    message, causes = "", []
+    message = ""
+    causes: list[dict[str, Any]] = []
     try:
         body = json.loads(exc.body or "{}")
         message = body.get("message", "")

@@ -122,7 +122,7 @@ def forward_child_line(line: str) -> None:
         log.info("%s", line)
         return
     level, name, message = match.groups()
-    logging.getLogger(name).log(logging.getLevelName(level), "%s", message)
+    logging.getLogger(name).log(logging.getLevelNamesMapping()[level], "%s", message)
 
 
 def _terminate(process: subprocess.Popen) -> None:

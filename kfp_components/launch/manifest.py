@@ -106,9 +106,9 @@ SHM_UNLIMITED = "unlimited"
 RUNTIME_SHM_BYTES = 64 * 2**20
 
 #: Shapes of the TrainJob CRD (see the module docstring).
-POD_TEMPLATE_OVERRIDES = "podTemplateOverrides"
-RUNTIME_PATCHES = "runtimePatches"
 Shape = Literal["podTemplateOverrides", "runtimePatches"]
+POD_TEMPLATE_OVERRIDES: Shape = "podTemplateOverrides"
+RUNTIME_PATCHES: Shape = "runtimePatches"
 
 #: The Trainer version assumed when ``trainer_api_version`` is ``auto`` and the CRD cannot be read.
 DEFAULT_TRAINER_VERSION = "v2.3"

@@ -61,7 +61,7 @@ class TrainingStepResult:
 
 
 def step_training_config(
-    options: Mapping[str, Any], training_options: Mapping[str, Any], **paths: str
+    options: Mapping[str, Any], training_options: Mapping[str, Any], **paths: Any
 ) -> TrainingConfig:
     """The trainer's config of a step: its explicit ``options`` (component arguments named as trainer
     options), then ``training_options`` (any other trainer option, by its name or an alias), then the

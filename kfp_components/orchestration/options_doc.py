@@ -24,7 +24,7 @@ from kfp_components.stages.training import (
     TrainingStageConfig,
     option_groups,
 )
-from kfp_components.typed_config import aliases_of
+from kfp_components.typed_config import aliases_of, default_of
 
 BEGIN = "<!-- BEGIN GENERATED OPTIONS: python -m kfp_components.orchestration.options_doc --write docs/multistage.md -->"
 END = "<!-- END GENERATED OPTIONS -->"
@@ -111,11 +111,8 @@ def _type_text(annotation: Any) -> str:
 
 
 def _default_text(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
+    value = default_of(f)
+    if value is dataclasses.MISSING:
         return "required"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"

@@ -197,6 +197,7 @@ class Pipeline:
         planned = []
         for i, name in enumerate(selected):
             entry = state.finished(name)
+            action: Literal["run", "skip"]
             if i < first_run:
                 action, reason = "skip", "finished with the same options and input"
             elif i > first_run:

@@ -10,6 +10,7 @@ The token is passed to the client and nowhere else: it is never logged and never
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 import time
@@ -112,7 +113,7 @@ def register_model(
         existing = None
         if existing_model is not None:
             existing = calls.run(
-                "look up the version", lambda v=version_name: registry.get_model_version(model_name, v)
+                "look up the version", functools.partial(registry.get_model_version, model_name, version_name)
             )
         if existing is not None:
             if config.on_existing_version == "fail":
@@ -129,7 +130,7 @@ def register_model(
                 log.info(message)
                 artifact = calls.run(
                     "look up the model artifact",
-                    lambda v=version_name: registry.get_model_artifact(model_name, v),
+                    functools.partial(registry.get_model_artifact, model_name, version_name),
                 )
                 return RegistrationResult(
                     status="existing",

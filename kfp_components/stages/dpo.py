@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kfp_components.stages.training import TrainingStage, TrainingStageConfig
-from kfp_components.trainer.config import DPOOptions, OptimOptions, OSFTOptions
+from kfp_components.trainer.config import Algorithm, DPOOptions, OptimOptions, OSFTOptions
 
 
 @dataclass(kw_only=True)
@@ -26,5 +26,5 @@ class DPOStage(TrainingStage):
 
     stage_name: ClassVar[str] = "dpo"
     config_class: ClassVar[type[DPOStageConfig]] = DPOStageConfig
-    algorithm: ClassVar[str] = "dpo"
+    algorithm: ClassVar[Algorithm] = "dpo"
     data_format: ClassVar[str] = "preference"

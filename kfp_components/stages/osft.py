@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kfp_components.stages.training import TrainingStage, TrainingStageConfig
-from kfp_components.trainer.config import OptimOptions, OSFTOptions
+from kfp_components.trainer.config import Algorithm, OptimOptions, OSFTOptions
 
 
 @dataclass(kw_only=True)
@@ -20,5 +20,5 @@ class OSFTStage(TrainingStage):
 
     stage_name: ClassVar[str] = "osft"
     config_class: ClassVar[type[OSFTStageConfig]] = OSFTStageConfig
-    algorithm: ClassVar[str] = "osft"
+    algorithm: ClassVar[Algorithm] = "osft"
     data_format: ClassVar[str] = "messages"

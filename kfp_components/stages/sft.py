@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kfp_components.stages.training import TrainingStage, TrainingStageConfig
-from kfp_components.trainer.config import LoRAOptions, OptimOptions
+from kfp_components.trainer.config import Algorithm, LoRAOptions, OptimOptions
 
 
 @dataclass(kw_only=True)
@@ -20,5 +20,5 @@ class SFTStage(TrainingStage):
 
     stage_name: ClassVar[str] = "sft"
     config_class: ClassVar[type[SFTStageConfig]] = SFTStageConfig
-    algorithm: ClassVar[str] = "sft"
+    algorithm: ClassVar[Algorithm] = "sft"
     data_format: ClassVar[str] = "messages"

@@ -22,7 +22,7 @@ from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, pr
 from kfp_components.data.config import OnInvalid
 from kfp_components.mappings import flatten_numbers
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
-from kfp_components.trainer.config import ALGORITHMS, TrainingConfig
+from kfp_components.trainer.config import ALGORITHMS, Algorithm, TrainingConfig
 from kfp_components.typed_config import ConfigError, Options
 
 #: The option groups :class:`TrainingConfig` is made of (OptimOptions, OSFTOptions, LoRAOptions, DPOOptions).
@@ -131,7 +131,7 @@ class TrainingStageConfig(StageConfig, TrainingData):
         if self.nproc_per_node < 0:
             raise ConfigError("nproc_per_node", f"must not be negative, got {self.nproc_per_node}")
         for group in option_groups(type(self)):
-            group.validate(self)
+            group.validate(self)  # type: ignore[attr-defined]  # every option group has validate()
         if not getattr(self, "save_final_model", True):
             raise ConfigError(
                 "save_final_model",
@@ -169,7 +169,7 @@ class TrainingStage(BaseStage):
 
     config_class: ClassVar[type[TrainingStageConfig]] = TrainingStageConfig
     #: The engine's ``algorithm``.
-    algorithm: ClassVar[str]
+    algorithm: ClassVar[Algorithm]
     #: The row format the dataset must have (``messages`` or ``preference``).
     data_format: ClassVar[str]
 

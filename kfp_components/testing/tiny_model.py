@@ -61,7 +61,6 @@ from transformers import (
     GenerationConfig,
     LlamaConfig,
     LlamaForCausalLM,
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -601,7 +600,7 @@ def build_tokenizer(
 # --------------------------------------------------------------------------------------------------------
 
 
-def _model_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> PretrainedConfig:
+def _model_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Qwen2Config | LlamaConfig:
     info = _ARCH_INFO[spec.arch]
     common: dict[str, Any] = {
         # At least the tokenizer's size; larger when the corpus could not fill ``vocab_size``, which leaves
@@ -621,8 +620,15 @@ def _model_config(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> Pr
     }
     if spec.arch == "qwen2":
         # Like Qwen2.5: "bos" is <|endoftext|> in the config although the tokenizer never adds one.
-        return Qwen2Config(bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"), **common)
-    return LlamaConfig(bos_token_id=tokenizer.convert_tokens_to_ids(info.bos_token), **common)
+        return Qwen2Config(bos_token_id=_token_id(tokenizer, "<|endoftext|>"), **common)
+    return LlamaConfig(bos_token_id=_token_id(tokenizer, info.bos_token), **common)
+
+
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str | None) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token or "")
+    if not isinstance(token_id, int):
+        raise ValueError(f"the tiny tokenizer has no token {token!r}")
+    return token_id
 
 
 def _init_weights(model: PreTrainedModel, seed: int, std: float) -> None:
@@ -642,11 +648,12 @@ def _init_weights(model: PreTrainedModel, seed: int, std: float) -> None:
 
 def _build_model(spec: TinyModelSpec, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
     config = _model_config(spec, tokenizer)
-    model_class = Qwen2ForCausalLM if spec.arch == "qwen2" else LlamaForCausalLM
     # Construction draws from the global RNG; fork it so callers' random state is left untouched.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = model_class(config).to(torch.float32)
+        model = (
+            Qwen2ForCausalLM(config) if isinstance(config, Qwen2Config) else LlamaForCausalLM(config)
+        ).float()
     _init_weights(model, spec.seed, config.initializer_range)
     model.eval()
 

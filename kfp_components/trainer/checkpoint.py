@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -126,7 +126,7 @@ def load_checkpoint(
     precision: Precision | None = None,
 ) -> TrainerState:
     model_state, optim_state = get_state_dict(model, optimizer)
-    state_dict = {"model": model_state, "optimizer": optim_state}
+    state_dict: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
     with silence_single_process_warning():
         dcp.load(state_dict, checkpoint_id=str(path / "model_optimizer"))
     set_state_dict(
@@ -158,7 +158,8 @@ def silence_single_process_warning() -> Iterator[None]:
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer as a full CPU tensor (gathered from FSDP2 shards); all ranks must call it."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return cast(dict[str, torch.Tensor], get_model_state_dict(model, options=options))
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -194,7 +195,7 @@ def save_hf_model(
     """Write a standard HF checkpoint from a full, dense state dict (main process only)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
-    hf_model = unwrap(model)
+    hf_model: Any = unwrap(model)  # a transformers PreTrainedModel
     hf_model.config.dtype = dtype
     with no_transformers_progress_bars():
         hf_model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)

@@ -192,7 +192,7 @@ class LoRAOptions(Options):
     """
 
     lora_r: int = 0
-    lora_alpha: float = 16.0
+    lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     qlora: bool = False

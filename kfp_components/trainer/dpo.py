@@ -73,7 +73,9 @@ def tokenize_preference_jsonl(
 ) -> tuple[list[PreferencePair], dict[str, float]]:
     """Tokenise ``{"prompt", "chosen", "rejected"}`` rows (strings or message lists) into pairs."""
     pairs: list[PreferencePair] = []
-    stats = {"pairs_read": 0, "pairs_kept": 0, "dropped_overlong": 0, "truncated": 0, "dropped_no_labels": 0}
+    stats: dict[str, float] = dict.fromkeys(
+        ("pairs_read", "pairs_kept", "dropped_overlong", "truncated", "dropped_no_labels"), 0
+    )
     with Path(path).open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -127,7 +129,7 @@ class PreferenceBatch:
 class DirectPreference:
     """The DPO objective for the training loop (see ``objectives``)."""
 
-    metric_names = METRICS
+    metric_names: tuple[str, ...] = METRICS
 
     def __init__(
         self,

@@ -107,6 +107,7 @@ import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -294,7 +295,7 @@ class _OSFTLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: torch.autograd.function.FunctionCtx,
+        ctx: Any,  # torch's FunctionCtx, carrying what backward needs as attributes
         x: Tensor,
         dense_high: Tensor | None,
         u_low: Tensor,
@@ -314,7 +315,7 @@ class _OSFTLinearFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: torch.autograd.function.FunctionCtx, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x_c, dense_high, u_low, s_low, v_low = ctx.saved_tensors
         dtype, transposed = ctx.dtype, ctx.transposed
         need_x, _, need_u, need_s, need_v, need_bias, _ = ctx.needs_input_grad
@@ -408,7 +409,7 @@ class OSFTLinear(nn.Module):
         """Decompose an ``nn.Linear`` or ``Conv1D`` (or use its precomputed fp32 SVD ``factors``)."""
         if not _is_projection(module):
             raise TypeError(f"OSFT decomposes nn.Linear or Conv1D modules, not {type(module).__name__}")
-        weight: Tensor = module.weight
+        weight = _weight(module)
         if factors is None:
             factors = _svd(weight, weight.device)
         k = num_frozen_directions(min(weight.shape), unfreeze_rank_ratio)
@@ -536,35 +537,40 @@ def _decompositions(modules: Sequence[nn.Module]) -> Iterator[tuple[Tensor, Tens
     module and free its weight before the next one arrives).
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    weights = [_weight(module) for module in modules]
     if world == 1:
-        for module in modules:
-            yield _svd(module.weight, _svd_device(module.weight))
+        for weight in weights:
+            yield _svd(weight, _svd_device(weight))
         return
     rank = dist.get_rank()
-    mine = {
-        j: _svd(module.weight, _svd_device(module.weight))
-        for j, module in enumerate(modules)
-        if j % world == rank
-    }
-    for j, module in enumerate(modules):
-        rows, cols = module.weight.shape
+    mine = {j: _svd(weight, _svd_device(weight)) for j, weight in enumerate(weights) if j % world == rank}
+    for j, weight in enumerate(weights):
+        rows, cols = weight.shape
         r = min(rows, cols)
         sizes = (rows * r, r, r * cols)
         if j in mine:
             flat = torch.cat([t.reshape(-1) for t in mine.pop(j)])
         else:
-            device = _svd_device(module.weight)
-            flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+            flat = torch.empty(sum(sizes), dtype=torch.float32, device=_svd_device(weight))
         dist.broadcast(flat, src=j % world)
         u, s, vh = flat.split(sizes)
         yield u.view(rows, r), s, vh.view(r, cols)
 
 
+def _weight(module: nn.Module) -> Tensor:
+    """The stored weight of a projection (``nn.Linear`` or ``Conv1D``)."""
+    weight = module.weight
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{type(module).__name__} has no weight tensor to decompose")
+    return weight
+
+
 def _placeholder_factors(module: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """Zero ``(U, S, Vh)`` shaped like the thin SVD of ``module.weight``, to be overwritten by a load."""
-    rows, cols = module.weight.shape
+    weight = _weight(module)
+    rows, cols = weight.shape
     rank = min(rows, cols)
-    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=module.weight.device)
+    zeros = functools.partial(torch.zeros, dtype=torch.float32, device=weight.device)
     return zeros(rows, rank), zeros(rank), zeros(rank, cols)
 
 
@@ -607,7 +613,7 @@ def apply_osft(
         )
         replacement.train(module.training)
         _set_submodule(model, name, replacement)
-        module.weight = None  # free the dense weight now, not when every target is done
+        module.weight = None  # type: ignore[assignment]  # free the dense weight now, not at the end
     return names
 
 

@@ -78,7 +78,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from kfp_components.data.formats import MESSAGES, check_row
 
@@ -312,7 +312,7 @@ def _tokenize(
             continue
         first, last = token_range
         labels[first : last + 1] = input_ids[first : last + 1]
-        covered = text[encoding.token_to_chars(first)[0] : encoding.token_to_chars(last)[1]]
+        covered = text[_chars(encoding, first)[0] : _chars(encoding, last)[1]]
         decoded = backend.decode(input_ids[first : last + 1], skip_special_tokens=False)
         # Decoded alone, a slice may lose a leading space (SentencePiece decoders strip it): compare the rest.
         if not _same_text(decoded.strip(), covered.strip()):
@@ -380,8 +380,12 @@ def _marked_spans(
     """
     kwargs: dict[str, Any] = {"tools": tools} if tools is not None else {}
     try:
-        out = tokenizer.apply_chat_template(
-            list(messages), tokenize=True, return_dict=True, return_assistant_tokens_mask=True, **kwargs
+        out: Any = tokenizer.apply_chat_template(
+            cast(Any, list(messages)),
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            **kwargs,
         )
     except Exception as error:
         raise ChatTemplateError(f"{where}: the chat template failed to render: {error}") from error
@@ -407,7 +411,7 @@ def _marked_spans(
         run_end = index
         while run_end + 1 < len(mask) and mask[run_end + 1]:
             run_end += 1
-        start, end = max(encoding.token_to_chars(index)[0], floor), encoding.token_to_chars(run_end)[1]
+        start, end = max(_chars(encoding, index)[0], floor), _chars(encoding, run_end)[1]
         if start < end:
             spans.append((start, end))
         index = run_end + 1
@@ -528,8 +532,8 @@ def _render(
     """Render a batch of conversations with the tokenizer's chat template."""
     kwargs: dict[str, Any] = {"tools": tools} if tools is not None else {}
     try:
-        rendered = tokenizer.apply_chat_template(
-            [list(c) for c in conversations],
+        rendered: list[str] = tokenizer.apply_chat_template(  # type: ignore[assignment]  # tokenize=False: text
+            cast(Any, [list(c) for c in conversations]),
             tokenize=False,
             add_generation_prompt=generation_prompt,
             **kwargs,
@@ -537,6 +541,14 @@ def _render(
     except Exception as error:  # jinja2 errors, TypeError on odd content, the template's raise_exception
         raise ChatTemplateError(f"{where}: the chat template failed to render: {error}") from error
     return rendered
+
+
+def _chars(encoding: Encoding, token: int) -> tuple[int, int]:
+    """The character span of token ``token`` of a rendered conversation (every token of one has one)."""
+    span = encoding.token_to_chars(token)
+    if span is None:
+        raise ChatTemplateError(f"token {token} of the rendered conversation maps to no characters")
+    return span
 
 
 def _token_range(encoding: Encoding, start: int, end: int) -> tuple[int, int] | None:
@@ -548,9 +560,9 @@ def _token_range(encoding: Encoding, start: int, end: int) -> tuple[int, int] | 
         overlapping = [j for j, (s, e) in enumerate(offsets) if s < end and e > start]
         return (overlapping[0], overlapping[-1]) if overlapping else None
     # One character can be split over several byte-level tokens (an emoji): take all of them.
-    while first > 0 and encoding.token_to_chars(first - 1)[1] > start:
+    while first > 0 and _chars(encoding, first - 1)[1] > start:
         first -= 1
-    while last + 1 < len(encoding) and encoding.token_to_chars(last + 1)[0] < end:
+    while last + 1 < len(encoding) and _chars(encoding, last + 1)[0] < end:
         last += 1
     return first, last
 

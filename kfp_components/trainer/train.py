@@ -287,7 +287,7 @@ def train_step(
     if config.uses_osft and stepped:
         osft.project_osft_parameters(model)
 
-    loss_sum, dummies, *metric_sums = all_reduce_sum(totals).tolist()
+    loss_sum, dummies, *metric_totals = all_reduce_sum(totals).tolist()
     units = max(step_plan.global_label_tokens, 1)
     seconds = all_reduce_max(time.monotonic() - started, info.device)
     record = {
@@ -296,7 +296,7 @@ def train_step(
         "grad_norm": finite_or_none(grad_norm),
         "tokens": step_plan.global_tokens,
         "loss_units": step_plan.global_label_tokens,
-        **{n: v / units for n, v in zip(objective.metric_names, metric_sums, strict=True)},
+        **{n: v / units for n, v in zip(objective.metric_names, metric_totals, strict=True)},
         "samples": step_plan.global_samples,
         "seconds": round(seconds, 4),
         "tokens_per_second": step_plan.global_tokens / max(seconds, 1e-9),
@@ -454,7 +454,7 @@ def _load_plain_model(name_or_path: str, config: TrainingConfig, info: DistInfo)
     from transformers import AutoModelForCausalLM
 
     with no_transformers_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(
+        model: nn.Module = AutoModelForCausalLM.from_pretrained(
             model_source(name_or_path), dtype=torch.float32, attn_implementation=config.attn_implementation
         )
     return model.to(info.device)
@@ -502,7 +502,9 @@ def load_model(
     if config.qlora:
         kwargs.update(_qlora_kwargs(info))
     with no_transformers_progress_bars():
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(
+            source, **kwargs
+        )  # a PreTrainedModel (peft: PeftModel)
     if not config.qlora:  # a 4-bit model is placed by its device_map
         model.to(info.device)  # before OSFT, so the SVDs run on the GPU
     if config.use_liger:
@@ -623,7 +625,7 @@ def export_final_model(
         shutil.rmtree(partial, ignore_errors=True)
     if config.lora_r and not config.uses_osft:
         if info.is_main:
-            inner = unwrap(model)
+            inner: Any = unwrap(model)  # a peft PeftModel
             inner.save_pretrained(partial / "adapter")
             merged = inner.merge_and_unload()
             save_hf_model(merged, merged.state_dict(), tokenizer, partial, dtype)

@@ -43,7 +43,7 @@ def sft_pipeline(
     phase_02_train_opt_eval_steps: int = 0,
     phase_02_train_opt_checkpoint_every_steps: int = 0,
     phase_02_train_opt_lora_r: int = 0,
-    phase_02_train_opt_lora_alpha: float = 16.0,
+    phase_02_train_opt_lora_alpha: int = 16,
     phase_02_train_opt_lora_dropout: float = 0.0,
     phase_02_train_opt_lora_target_modules: list = ["all-linear"],  # noqa: B006
     phase_02_train_opt_backend: str = "trainjob",
