@@ -14,12 +14,22 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
+# Kubeflow Trainer API models, one folder per CRD version (they share a module name), for the TrainJob
+# tests when the CRDs of ../shared/reference are absent (see tests/doubles/trainjob_schema.py).
+TRAINER_API_VERSIONS := 2.1.0 2.3.0
+
 # Torch first, from the CPU build, and pinned by constraints.txt so nothing pulls a CUDA build.
+# Then every runtime extra but gpu, and the test tools.
 $(STAMP): pyproject.toml setup.py constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required (set PYTHON=...)")'
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt "setuptools>=68" wheel torch==2.13.0
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e '.[dev]'
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt --no-build-isolation -e '.[all,dev]'
+	@for version in $(TRAINER_API_VERSIONS); do \
+		rm -rf $(VENV)/trainer-api/$$version && \
+		$(PIP) install --quiet --disable-pip-version-check --no-deps \
+			--target $(VENV)/trainer-api/$$version kubeflow-trainer-api==$$version || exit 1; \
+	done
 	@touch $@
 	@echo "setup: $(VENV) is ready"
 

@@ -15,7 +15,13 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SAMPLES = Path(__file__).resolve().parents[1] / "kfp_components" / "data" / "samples"
-SHARED_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    """What the cluster-facing tests check requests against (reference files, or the official models)."""
+    from doubles import reference
+
+    return reference.describe()
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -30,7 +36,7 @@ def chat(user: str = "Hi?", assistant: str = "Hello.") -> dict:
 
 @pytest.fixture(scope="session")
 def s3():
-    from kfp_components.testing.servers import s3_server
+    from doubles.s3_server import s3_server
 
     with s3_server() as server:
         yield server

@@ -21,7 +21,8 @@ from huggingface_hub import constants
 from kfp_components.data.errors import DatasetError
 from kfp_components.data.fetch_hf import CardConfig, fetch_hf, parse_card_configs, select_data_files
 from kfp_components.data.uris import parse_dataset_uri
-from kfp_components.testing.hf_hub_server import LocalHubServer, add_dataset_repo
+
+from doubles.hf_hub_server import LocalHubServer, add_dataset_repo
 
 TOKEN = "hf_localTestToken0123456789abcdef"
 

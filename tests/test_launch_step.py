@@ -20,9 +20,9 @@ from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.trainer.config import TrainingConfig
 from kfp_components.typed_config import ConfigError
 
-from conftest import SAMPLES, SHARED_REFERENCE
-
-CRD = SHARED_REFERENCE / "kubeflow-trainer" / "v2.3.0" / "trainer.kubeflow.org_trainjobs.yaml"
+from conftest import SAMPLES
+from doubles.kube_server import Scenario, kube_api_server
+from doubles.trainjob_schema import trainjob_schema
 
 
 def config(output_dir) -> TrainingConfig:
@@ -46,14 +46,11 @@ def test_local_backend_puts_the_model_in_the_artifact_folder(tmp_path):
     assert metrics["steps"] == 2.0 and metrics["final_loss"] > 0
 
 
-@pytest.mark.skipif(not CRD.exists(), reason=f"the Kubeflow Trainer CRDs are not at {CRD.parent}")
 def test_trainjob_backend_runs_the_config_from_the_workspace(tmp_path, monkeypatch):
-    from kfp_components.testing.kube_server import Scenario, kube_api_server, load_crd
-
     workspace = tmp_path / "workspace"
     output_dir = workspace / "runs" / "r1" / "train"
     with kube_api_server(
-        load_crd(CRD), scenarios=[Scenario(outcome="complete", log_lines=["step 1/1"])]
+        trainjob_schema("v2.3.0"), scenarios=[Scenario(outcome="complete", log_lines=["step 1/1"])]
     ) as server:
         monkeypatch.setenv("KUBERNETES_SERVER_URL", server.url)
         monkeypatch.setenv("KUBERNETES_AUTH_TOKEN", server.token)

@@ -1,15 +1,16 @@
-"""The TrainJob launcher against the real Kubeflow Trainer CRDs (v2.1.0 and v2.3.0) and a local API server.
+"""The TrainJob launcher against the schemas of Kubeflow Trainer v2.1.0 and v2.3.0 and a local API server.
 
-Every manifest the launcher builds is checked against the CRD's openAPIV3Schema the way a strict API
-server would (unknown fields, types, patterns, the name rules); the server in
-``kfp_components.testing.kube_server`` checks every TrainJob it is sent the same way and plays the controller.
-The CRDs are read from ``shared/reference`` beside the project, never copied into it.
+Every manifest the launcher builds is checked the way a strict API server would check it (unknown fields,
+types, patterns, the name rules); the server in ``tests/doubles/kube_server.py`` checks every TrainJob it is
+sent the same way and plays the controller. The schema of a release is its CRD from the reference folder
+(``shared/reference`` beside the project, never copied into it; see ``doubles.reference``) where present,
+else the release's official ``kubeflow-trainer-api`` models (see ``doubles.trainjob_schema``); the tests run
+either way.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import signal
@@ -50,26 +51,22 @@ from kfp_components.launch.trainjob import (
     TrainJobLauncher,
     TrainJobTimeout,
 )
-from kfp_components.testing.kube_server import Scenario, api_server_errors, kube_api_server, load_crd
 from kfp_components.typed_config import ConfigError, from_dict
 
-from conftest import SHARED_REFERENCE
-
-TRAINER_REFERENCE = SHARED_REFERENCE / "kubeflow-trainer"
-VERSIONS = ("v2.1.0", "v2.3.0")
-REPO = Path(__file__).resolve().parents[1]
-RUN_ID = "0f9c0d7e-1234-4a5b-8c9d-0123456789ab"
-
-needs_crds = pytest.mark.skipif(
-    not TRAINER_REFERENCE.is_dir(),
-    reason=f"the Kubeflow Trainer CRDs are not at {TRAINER_REFERENCE} (the shared/reference folder beside the "
-    "project root); the manifest and launcher tests validate against them",
+from doubles import reference
+from doubles.kube_server import Scenario, kube_api_server
+from doubles.trainjob_schema import (
+    RELEASES,
+    ApiModelSchema,
+    CrdSchema,
+    TrainJobSchema,
+    api_server_errors,
+    trainjob_schema,
 )
 
-
-@functools.cache
-def trainjob_crd(version: str) -> dict:
-    return load_crd(TRAINER_REFERENCE / version / "trainer.kubeflow.org_trainjobs.yaml")
+VERSIONS = RELEASES
+REPO = Path(__file__).resolve().parents[1]
+RUN_ID = "0f9c0d7e-1234-4a5b-8c9d-0123456789ab"
 
 
 def launch_config(**overrides) -> TrainJobConfig:
@@ -117,9 +114,10 @@ def full_config(**overrides) -> TrainJobConfig:
 
 
 @contextlib.contextmanager
-def cluster(version: str = "v2.3.0", **server_options):
-    """A local API server serving ``version``'s TrainJob CRD, and a client with its token."""
-    with kube_api_server(trainjob_crd(version), **server_options) as server:
+def cluster(version: str | TrainJobSchema = "v2.3.0", **server_options):
+    """A local API server serving ``version``'s TrainJob schema, and a client with its token."""
+    schema = trainjob_schema(version) if isinstance(version, str) else version
+    with kube_api_server(schema, **server_options) as server:
         yield server, token_api_client(server.url, server.token)
 
 
@@ -164,11 +162,10 @@ def test_an_explicit_name_must_fit_the_pod_names():
 # ------------------------------------------------------------------------------------------- manifests
 
 
-@needs_crds
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_manifest_shape_passes_the_crd_schema(version):
-    crd = trainjob_crd(version)
-    shape = shape_from_crd(crd)
+    schema = trainjob_schema(version)
+    shape = shape_from_crd(schema.crd())
     assert shape == shape_for_version(version)
     configs = [
         full_config(),
@@ -186,10 +183,9 @@ def test_every_manifest_shape_passes_the_crd_schema(version):
         config.validate()
         name = config.name or trainjob_name(config.run_id, config.stage)
         manifest = build_trainjob(config, name=name, namespace="ml", shape=shape)
-        assert api_server_errors(manifest, crd) == [], config
+        assert api_server_errors(manifest, schema) == [], config
 
 
-@needs_crds
 def test_v2_3_has_no_spec_labels_and_patches_the_pods_instead():
     manifest = build_trainjob(full_config(), name="sft-x", namespace="ml", shape=RUNTIME_PATCHES)
     spec = manifest["spec"]
@@ -230,7 +226,6 @@ def test_v2_3_has_no_spec_labels_and_patches_the_pods_instead():
     }
 
 
-@needs_crds
 def test_v2_1_uses_spec_labels_and_pod_template_overrides():
     manifest = build_trainjob(full_config(), name="sft-x", namespace="ml", shape=POD_TEMPLATE_OVERRIDES)
     spec = manifest["spec"]
@@ -246,7 +241,6 @@ def test_v2_1_uses_spec_labels_and_pod_template_overrides():
     assert override["spec"]["imagePullSecrets"] == [{"name": "registry-pull"}]
 
 
-@needs_crds
 def test_trainer_runs_torchrun_with_the_module_and_resources_per_node():
     trainer = build_trainjob(full_config(), name="sft-x", namespace="ml", shape=RUNTIME_PATCHES)["spec"][
         "trainer"
@@ -275,10 +269,44 @@ def test_trainer_runs_torchrun_with_the_module_and_resources_per_node():
     assert not any(e["name"].startswith("PET_") for e in trainer["env"])
 
 
-@needs_crds
 def test_the_schema_check_is_not_vacuous():
-    """The wrong shape, a string numProcPerNode on v2.3 and a name starting with a digit are all refused."""
-    v21, v23 = trainjob_crd("v2.1.0"), trainjob_crd("v2.3.0")
+    """The wrong shape, unknown fields and wrong types are refused, by the CRD files and by the models."""
+    v21, v23 = trainjob_schema("v2.1.0"), trainjob_schema("v2.3.0")
+    assert_refuses_bad_manifests(v21, v23)
+    if isinstance(v23, CrdSchema):  # the CRD's own rules, which the models do not carry
+        manifest = build_trainjob(full_config(), name="1-sft", namespace="ml", shape=RUNTIME_PATCHES)
+        assert any("RFC 1035" in e for e in api_server_errors(manifest, v23))
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_models_accept_every_manifest_the_crd_does(version):
+    """Where the CRDs are present, the models (used where they are absent) agree on every manifest."""
+    models = ApiModelSchema(version)
+    assert shape_from_crd(models.crd()) == shape_for_version(version)
+    for config in (full_config(), launch_config(), launch_config(gpus_per_node=0, workspace_pvc="")):
+        manifest = build_trainjob(config, name="sft-x", namespace="ml", shape=shape_for_version(version))
+        assert api_server_errors(manifest, models) == [], config
+
+
+def test_the_models_refuse_unknown_fields_and_wrong_types():
+    """The models are strict however the reference folder is set up: dropped keys are unknown fields."""
+    assert_refuses_bad_manifests(ApiModelSchema("v2.1.0"), ApiModelSchema("v2.3.0"))
+    manifest = build_trainjob(full_config(), name="sft-x", namespace="ml", shape=RUNTIME_PATCHES)
+    manifest["spec"]["trainer"]["env"][0]["valueFrom"] = {"secretKeyRef": {"name": "s", "key": "k", "x": 1}}
+    manifest["spec"]["trainer"]["resourcesPerNode"]["requests"]["cpu"] = ["16"]
+    manifest["spec"]["trainer"]["numNodes"] = True
+    manifest["spec"]["runtimeRef"] = {"apiGroup": "trainer.kubeflow.org"}
+    errors = api_server_errors(manifest, ApiModelSchema("v2.3.0"))
+    assert (
+        'spec.trainer.env[0].valueFrom.secretKeyRef.x: unknown field "spec.trainer.env[0].valueFrom.secretKeyRef.x"'
+        in errors
+    )
+    assert any(e.startswith("spec.trainer.resourcesPerNode.requests.cpu: ") for e in errors), errors
+    assert "spec.trainer.numNodes: Input should be a valid integer" in errors
+    assert "spec.runtimeRef.name: Field required" in errors
+
+
+def assert_refuses_bad_manifests(v21: TrainJobSchema, v23: TrainJobSchema) -> None:
     old_shape = build_trainjob(full_config(), name="sft-x", namespace="ml", shape=POD_TEMPLATE_OVERRIDES)
     assert {
         'spec.labels: unknown field "spec.labels"',
@@ -291,21 +319,44 @@ def test_the_schema_check_is_not_vacuous():
     old_shape["spec"]["trainer"]["numProcPerNode"] = "auto"
     assert api_server_errors(old_shape, v21) == [], "v2.1 took auto/cpu/gpu too"
     new_shape["spec"]["trainer"]["numProcPerNode"] = 8
-    new_shape["metadata"]["name"] = "1-sft"
-    assert any("RFC 1035" in e for e in api_server_errors(new_shape, v23))
+    new_shape["spec"]["trainer"]["colour"] = "blue"
+    assert 'spec.trainer.colour: unknown field "spec.trainer.colour"' in api_server_errors(new_shape, v23)
+    new_shape["metadata"]["name"] = "Not_A_Name"
+    assert any(e.startswith("metadata.name: Invalid value") for e in api_server_errors(new_shape, v23))
 
 
-@needs_crds
 @pytest.mark.parametrize("version", VERSIONS)
 def test_the_torch_runtime_has_the_node_job_and_container(version):
-    """The launcher targets replicated job ``node`` and container ``node`` of ``torch-distributed``."""
-    runtime = yaml.safe_load((TRAINER_REFERENCE / version / "torch_distributed.yaml").read_text())
+    """The launcher targets replicated job ``node`` and container ``node`` of ``torch-distributed``.
+
+    Where the reference folder has the release's runtime, these facts are read from it; the runtime (either
+    that one or the one the launcher assumes) must also be a valid ClusterTrainingRuntime of the release.
+    """
+    path = reference.torch_runtime_file(version)
+    runtime = yaml.safe_load(path.read_text()) if path else assumed_torch_runtime()
+    assert api_server_errors(runtime, ApiModelSchema(version, "TrainerV1alpha1ClusterTrainingRuntime")) == []
     assert runtime["kind"] == "ClusterTrainingRuntime" and runtime["metadata"]["name"] == "torch-distributed"
     assert "torch" in runtime["spec"]["mlPolicy"]
     (job,) = runtime["spec"]["template"]["spec"]["replicatedJobs"]
     assert job["name"] == "node"
     (container,) = job["template"]["spec"]["template"]["spec"]["containers"]
     assert container["name"] == "node" and "command" not in container, "the runtime gives no command"
+
+
+def assumed_torch_runtime() -> dict:
+    """The parts of ``torch-distributed`` the launcher relies on."""
+    container = {"name": "node", "image": "pytorch/pytorch"}
+    pod = {"spec": {"containers": [container]}}
+    job = {"name": "node", "template": {"spec": {"template": pod}}}
+    return {
+        "apiVersion": "trainer.kubeflow.org/v1alpha1",
+        "kind": "ClusterTrainingRuntime",
+        "metadata": {"name": "torch-distributed"},
+        "spec": {
+            "mlPolicy": {"numNodes": 1, "torch": {}},
+            "template": {"spec": {"replicatedJobs": [job]}},
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------- env and secrets
@@ -336,7 +387,6 @@ def test_a_literal_secret_is_refused_and_never_quoted():
         )
 
 
-@needs_crds
 def test_secrets_reach_the_trainjob_only_as_secret_key_refs(monkeypatch, caplog):
     caplog.set_level(logging.INFO)
     monkeypatch.setenv("HF_TOKEN", "hf_value_that_must_not_leak")
@@ -355,7 +405,6 @@ def test_secrets_reach_the_trainjob_only_as_secret_key_refs(monkeypatch, caplog)
 # ------------------------------------------------------------------------------------------- lifecycle
 
 
-@needs_crds
 def test_success_streams_the_trainer_log(caplog):
     caplog.set_level(logging.INFO)
     with cluster() as (server, api):
@@ -380,14 +429,12 @@ def test_success_streams_the_trainer_log(caplog):
     assert "[node-0] step 2/2 loss=1.70" in caplog.text, "the trainer's lines reach this step's log"
 
 
-@needs_crds
 def test_delete_on_success():
     with cluster() as (server, api):
         TrainJobLauncher(launch_config(delete_on_success=True), api_client=api).run()
         assert len(deletes(server)) == 1
 
 
-@needs_crds
 def test_failure_reports_reason_and_last_lines_and_deletes():
     lines = [
         "loading model",
@@ -412,7 +459,6 @@ def test_failure_reports_reason_and_last_lines_and_deletes():
         assert server.wait_until(lambda: server.trainjob(launcher.name, "ml") is None, 5)
 
 
-@needs_crds
 def test_timeout_deletes_the_trainjob():
     with cluster(scenarios=[Scenario(outcome="never")]) as (server, api):
         launcher = TrainJobLauncher(launch_config(timeout_seconds=0.5), api_client=api)
@@ -425,7 +471,6 @@ def test_timeout_deletes_the_trainjob():
         assert error.value.log_tail and len(deletes(server)) == 1
 
 
-@needs_crds
 def test_sigterm_deletes_the_trainjob_and_exits_non_zero(tmp_path):
     """A cancelled step: the launcher process gets SIGTERM while waiting."""
     with cluster(scenarios=[Scenario(outcome="never")]) as (server, _):
@@ -470,7 +515,6 @@ def test_sigterm_deletes_the_trainjob_and_exits_non_zero(tmp_path):
         assert server.token not in output
 
 
-@needs_crds
 def test_restart_follows_the_newest_pod():
     scenario = Scenario(
         restart=True, log_lines=["attempt 2 starting", "step 1/1 loss=1.0", "done"], line_interval=0.05
@@ -488,7 +532,6 @@ def test_restart_follows_the_newest_pod():
         assert len(followed) == 2, "the log of the first pod, then of the newer one"
 
 
-@needs_crds
 def test_suspended_is_waiting_not_failure(caplog):
     caplog.set_level(logging.INFO)
     with cluster(scenarios=[Scenario(suspend_seconds=0.3)]) as (_, api):
@@ -501,7 +544,6 @@ def test_suspended_is_waiting_not_failure(caplog):
 # ------------------------------------------------------------------------------------------------ reruns
 
 
-@needs_crds
 def test_a_rerun_adopts_the_running_trainjob():
     scenario = Scenario(log_lines=[f"step {i}" for i in range(10)], line_interval=0.03)
     with cluster(scenarios=[scenario]) as (server, api):
@@ -512,7 +554,6 @@ def test_a_rerun_adopts_the_running_trainjob():
         assert [r.status for r in server.requests_for("POST", "/trainjobs")] == [201, 409]
 
 
-@needs_crds
 def test_a_rerun_of_a_completed_trainjob_succeeds_without_resubmitting():
     with cluster() as (server, api):
         TrainJobLauncher(launch_config(), api_client=api).run()
@@ -523,7 +564,6 @@ def test_a_rerun_of_a_completed_trainjob_succeeds_without_resubmitting():
         assert len(server.requests_for("GET", "/log")) == logs_before, "nothing to wait for"
 
 
-@needs_crds
 def test_a_rerun_of_a_failed_trainjob_resubmits_it():
     with cluster(scenarios=[Scenario(outcome="fail"), Scenario()]) as (server, api):
         first = TrainJobLauncher(launch_config(), api_client=api)
@@ -534,7 +574,6 @@ def test_a_rerun_of_a_failed_trainjob_resubmits_it():
         assert server.created == [first.name, first.name] and len(deletes(server)) == 1
 
 
-@needs_crds
 def test_a_rerun_of_a_failed_trainjob_can_report_it_instead():
     with cluster(scenarios=[Scenario(outcome="fail")]) as (server, api):
         TrainJobLauncher(launch_config(), api_client=api).submit()
@@ -545,7 +584,6 @@ def test_a_rerun_of_a_failed_trainjob_can_report_it_instead():
         assert server.created == [name] and deletes(server) == [], "left for inspection"
 
 
-@needs_crds
 def test_a_trainjob_of_the_same_name_with_another_spec_is_not_adopted():
     with cluster() as (server, api):
         TrainJobLauncher(launch_config(), api_client=api).run()
@@ -559,7 +597,6 @@ def test_a_trainjob_of_the_same_name_with_another_spec_is_not_adopted():
 # ------------------------------------------------------------------------------------ versions and errors
 
 
-@needs_crds
 @pytest.mark.parametrize(
     ("version", "field"), [("v2.1.0", "podTemplateOverrides"), ("v2.3.0", "runtimePatches")]
 )
@@ -579,7 +616,6 @@ def test_auto_detects_the_served_crd_version(version, field):
         assert pods, "the pod labels of either shape reach the pods"
 
 
-@needs_crds
 def test_unreadable_crd_is_reported_and_the_option_decides(caplog):
     caplog.set_level(logging.WARNING)
     with cluster("v2.3.0", crd_readable=False) as (server, api):
@@ -595,7 +631,6 @@ def test_unreadable_crd_is_reported_and_the_option_decides(caplog):
         )
 
 
-@needs_crds
 def test_a_wrong_explicit_version_fails_loudly_instead_of_dropping_fields():
     with cluster("v2.1.0") as (server, api):
         with pytest.raises(
@@ -606,7 +641,6 @@ def test_a_wrong_explicit_version_fails_loudly_instead_of_dropping_fields():
         assert server.created == []
 
 
-@needs_crds
 def test_a_bad_token_is_a_clear_401():
     with cluster() as (server, _):
         api = token_api_client(server.url, "not-the-token")
@@ -615,12 +649,21 @@ def test_a_bad_token_is_a_clear_401():
         assert server.created == [] and all(r.status == 401 for r in server.requests)
 
 
-@needs_crds
-def test_the_server_refuses_like_the_api_server():
-    """422 Invalid with causes for a schema error; the Trainer webhook's 403 for reserved PET_* env."""
-    with cluster() as (server, api):
+@pytest.mark.parametrize("schema_source", ["reference", "models"])
+def test_the_server_refuses_like_the_api_server(schema_source):
+    """400 for an unknown field under fieldValidation=Strict; 422 Invalid with causes for a schema error; the
+    Trainer webhook's 403 for reserved PET_* env. With the reference CRD where present, and with the models."""
+    schema = trainjob_schema("v2.3.0") if schema_source == "reference" else ApiModelSchema("v2.3.0")
+    with cluster(schema) as (server, api):
         objects = client.CustomObjectsApi(api)
         manifest = build_trainjob(launch_config(), name="sft-x", namespace="ml", shape=RUNTIME_PATCHES)
+        manifest["spec"]["trainer"]["gpus"] = 8
+        with pytest.raises(ApiException) as unknown:
+            objects.create_namespaced_custom_object(
+                "trainer.kubeflow.org", "v1alpha1", "ml", "trainjobs", manifest, field_validation="Strict"
+            )
+        assert unknown.value.status == 400 and 'unknown field \\"spec.trainer.gpus\\"' in unknown.value.body
+        del manifest["spec"]["trainer"]["gpus"]
         manifest["spec"]["trainer"]["numNodes"] = "two"
         with pytest.raises(ApiException) as invalid:
             objects.create_namespaced_custom_object(

@@ -1,14 +1,16 @@
-"""Model Registry registration with the real ``model_registry`` client against a local spec-checked server."""
+"""Model Registry registration with the real ``model_registry`` client against a local server that checks every
+request: against the OpenAPI spec of the reference folder where present, else against the client's own
+``mr_openapi`` models (see ``tests/doubles/registry_server.py``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import socket
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -25,14 +27,8 @@ from kfp_components.registry import (
 )
 from kfp_components.typed_config import ConfigError, from_dict
 
-SPEC = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "reference"
-    / "model-registry"
-    / "model-registry.openapi.yaml"
-)
-needs_spec = pytest.mark.skipif(not SPEC.is_file(), reason=f"Model Registry OpenAPI spec not found at {SPEC}")
+from doubles.registry_server import ClientModelsApi, registry_api, registry_server
+
 TOKEN = "s3cr3t-registry-token-value"
 SHA = "ab" * 32
 MINIO_URI = "minio://mlpipeline/v2/artifacts/sft-pipeline/run-1234/train-model/model"
@@ -65,12 +61,8 @@ def provenance(**overrides) -> dict:
 
 @pytest.fixture
 def server(monkeypatch):
-    if not SPEC.is_file():
-        pytest.skip(f"Model Registry OpenAPI spec not found at {SPEC}")
-    from kfp_components.testing.registry_server import registry_server
-
     monkeypatch.setenv("MODEL_REGISTRY_TOKEN", TOKEN)
-    with registry_server(SPEC, token=TOKEN) as running:
+    with registry_server(registry_api(), token=TOKEN) as running:
         yield running
 
 
@@ -381,9 +373,13 @@ def test_custom_properties_are_flat_safe_scalars():
     assert all(isinstance(v, str | int | float | bool) for v in props.values())
 
 
-@needs_spec
-def test_server_rejects_bodies_that_break_the_spec(server):
-    def post(path: str, body: dict) -> tuple[int, dict]:
+@pytest.mark.parametrize("api_source", ["reference", "models"])
+def test_server_rejects_bodies_that_break_the_api(api_source):
+    """Missing, unknown and mistyped fields are refused with their path: with the reference spec where present,
+    and with the client's models."""
+    api = registry_api() if api_source == "reference" else ClientModelsApi()
+
+    def post(path: str, body: dict) -> tuple[int, str]:
         request = urllib.request.Request(
             f"{server.url}/api/model_registry/v1alpha3/{path}",
             data=json.dumps(body).encode(),
@@ -392,16 +388,43 @@ def test_server_rejects_bodies_that_break_the_spec(server):
         )
         try:
             with urllib.request.urlopen(request) as response:
-                return response.status, json.loads(response.read())
+                return response.status, json.loads(response.read())["name"]
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            return exc.code, json.loads(exc.read())["message"]
 
-    status, body = post("registered_models", {"description": "no name"})
-    assert status == 400 and "'name' is a required property" in body["message"]
-    big_int = {"metadataType": "MetadataIntValue", "int_value": str(10**12)}
-    status, body = post("registered_models", {"name": "m", "customProperties": {"n": big_int}})
-    assert status == 400 and "customProperties/n" in body["message"]
-    assert post("registered_models", {"name": "m"})[0] == 201
+    with registry_server(api, token=TOKEN) as server:
+        status, message = post("registered_models", {"description": "no name"})
+        assert status == 400 and re.search(r"name.*required|required.*name", message), message
+        big_int = {"metadataType": "MetadataIntValue", "int_value": str(10**12)}  # int32 only
+        status, message = post("registered_models", {"name": "m", "customProperties": {"n": big_int}})
+        assert status == 400 and "customProperties/n" in message, message
+        status, message = post("registered_models", {"name": "m", "colour": "blue"})
+        assert status == 400 and "colour: unknown field" in message, message
+        extra = {"metadataType": "MetadataStringValue", "string_value": "x", "unit": "cm"}
+        status, message = post("registered_models", {"name": "m", "customProperties": {"n": extra}})
+        assert status == 400 and "customProperties/n/unit: unknown field" in message, message
+        status, message = post("registered_models", {"name": ["m"]})
+        assert status == 400 and message.startswith("createRegisteredModel") and "name" in message, message
+        assert post("registered_models", {"name": "m"}) == (201, "m")
+        assert post("registered_models", {"name": "m"})[0] == 409
+
+
+def test_server_routes_and_parameters_come_from_the_client_models():
+    """Without the spec, every operation of the client is served, and its query parameters are checked."""
+    api = ClientModelsApi()
+    operations = {route.operation for route in api.routes}
+    assert {"createRegisteredModel", "findModelVersion", "upsertModelVersionArtifact"} <= operations
+    with registry_server(api, token=TOKEN) as server:
+        base = f"{server.url}/api/model_registry/v1"
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        for query, expected in [("pageSize=2", 200), ("orderBy=NAME", 400), ("colour=blue", 400)]:
+            request = urllib.request.Request(f"{base}/registered_models?{query}", headers=headers)
+            try:
+                with urllib.request.urlopen(request) as response:
+                    status = response.status
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            assert status == expected, query
 
 
 @pytest.fixture

@@ -1,6 +1,7 @@
-"""Real protocol servers on 127.0.0.1 for tests and the demo: S3 (moto) and a static HTTP file server.
+"""A static HTTP file server on 127.0.0.1, for the demo and tests: it serves a folder as ``http://`` URIs.
 
-Both pick a free port and stop when their ``with`` block ends.
+It uses the standard library only and ships with the package; the servers that only tests use (S3, the
+Kubernetes API, Model Registry, the Hugging Face Hub) live in ``tests/doubles/``.
 """
 
 from __future__ import annotations
@@ -50,47 +51,3 @@ def http_file_server(root: str | Path, *, fail_first: int = 0) -> Iterator[HttpF
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
-
-
-@dataclass(frozen=True)
-class S3Server:
-    """Where a local S3 server listens, and credentials it accepts (moto accepts any)."""
-
-    endpoint: str
-    access_key: str = "test-access-key"
-    secret_key: str = "test-secret-key-do-not-log"
-    region: str = "us-east-1"
-
-    def environ(self) -> dict[str, str]:
-        """The environment a pod gets from its S3 secret, pointing at this server."""
-        return {
-            "AWS_S3_ENDPOINT": self.endpoint,
-            "AWS_ACCESS_KEY_ID": self.access_key,
-            "AWS_SECRET_ACCESS_KEY": self.secret_key,
-            "AWS_DEFAULT_REGION": self.region,
-        }
-
-    def client(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            region_name=self.region,
-        )
-
-
-@contextlib.contextmanager
-def s3_server() -> Iterator[S3Server]:
-    """moto's S3 server on a free port of 127.0.0.1 (moto is a test dependency, not a runtime one)."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield S3Server(endpoint=f"http://{host}:{port}")
-    finally:
-        server.stop()

@@ -1,4 +1,4 @@
-"""A small local Hugging Face Hub for tests and demos: serves dataset repositories from a folder.
+"""A small local Hugging Face Hub for tests: serves dataset repositories from a folder.
 
 It answers exactly the requests that the real ``huggingface_hub`` client (2.x) makes for
 :func:`kfp_components.data.fetch_hf.fetch_hf`, so that code runs unchanged against it with

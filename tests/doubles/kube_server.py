@@ -1,5 +1,5 @@
-"""A small Kubernetes API server for tests: TrainJobs checked against the real CRD, pods, pod logs, and a
-scripted controller.
+"""A small Kubernetes API server for tests: TrainJobs checked against a Kubeflow Trainer release's schema,
+pods, pod logs, and a scripted controller.
 
 It speaks the REST calls the TrainJob launcher makes, through the real ``kubernetes`` client:
 
@@ -12,12 +12,12 @@ It speaks the REST calls the TrainJob launcher makes, through the real ``kuberne
 * discovery: ``/apis``, ``/apis/trainer.kubeflow.org/v1alpha1``.
 
 Like a real API server it wants ``Authorization: Bearer <token>`` (401 and a ``Status`` body otherwise),
-decodes a created TrainJob against the served CRD's ``openAPIV3Schema`` (unknown fields: an error with
-``fieldValidation=Strict``, else dropped with a ``Warning`` header), validates it (422 ``Invalid`` with one
-cause per field error; ``x-kubernetes-validations`` rules of the simple forms ``self.x.matches('re')``,
-``size(self.x) <= n`` and ``self == '' || self.matches('re')`` are evaluated, transition rules with
-``oldSelf`` are skipped on create, other rules are not evaluated), refuses the torchrun variables the way the
-Trainer webhook does (403), and answers 409 ``AlreadyExists`` for a name that exists.
+decodes a created TrainJob against the release's schema (a :class:`doubles.trainjob_schema.TrainJobSchema`:
+the CRD file where the reference folder has it, else the official ``kubeflow-trainer-api`` models; unknown
+fields: an error with ``fieldValidation=Strict``, else dropped with a ``Warning`` header), validates it
+(422 ``Invalid`` with one cause per field error), refuses the torchrun variables the way the Trainer webhook
+does (403), and answers 409 ``AlreadyExists`` for a name that exists. It serves the schema's CRD document,
+from which the launcher detects the release.
 
 Then it plays the Trainer controller as a :class:`Scenario` says: ``complete`` (pods appear with the
 JobSet labels, their logs stream, then condition ``Complete``), ``fail`` (condition ``Failed`` with a
@@ -47,15 +47,18 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-import yaml
+from doubles.trainjob_schema import (
+    CRD_NAME,
+    GROUP,
+    VERSION,
+    TrainJobSchema,
+    metadata_errors,
+    prune_unknown_fields,
+)
 
-GROUP = "trainer.kubeflow.org"
-VERSION = "v1alpha1"
-CRD_NAME = "trainjobs.trainer.kubeflow.org"
 TORCHRUN_RESERVED_ENV = (
     "PET_NNODES",
     "PET_NPROC_PER_NODE",
@@ -63,196 +66,11 @@ TORCHRUN_RESERVED_ENV = (
     "PET_MASTER_ADDR",
     "PET_MASTER_PORT",
 )
-OBJECT_META_FIELDS = {
-    "name",
-    "generateName",
-    "namespace",
-    "labels",
-    "annotations",
-    "finalizers",
-    "ownerReferences",
-    "uid",
-    "resourceVersion",
-    "generation",
-    "creationTimestamp",
-    "deletionTimestamp",
-    "deletionGracePeriodSeconds",
-    "managedFields",
-}
 
 _TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?$")
 _PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?(/log)?$")
 _JOBSETS = re.compile(r"^/apis/jobset\.x-k8s\.io/v1alpha2/namespaces/([^/]+)/jobsets/([^/]+)$")
 _CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}"
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)$")
-_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-# ------------------------------------------------------------------------------- CRD schema validation
-
-
-def load_crd(path: str | Path) -> dict[str, Any]:
-    """A CRD from its YAML file (with libyaml when there is one: CRDs are large)."""
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(Path(path).read_text(encoding="utf-8"), Loader=loader)  # noqa: S506 (a safe loader)
-
-
-def crd_schema(crd: dict[str, Any], version: str = VERSION) -> dict[str, Any]:
-    """The ``openAPIV3Schema`` of one served version of a CRD."""
-    for served in crd["spec"]["versions"]:
-        if served["name"] == version:
-            return served["schema"]["openAPIV3Schema"]
-    raise KeyError(f"{crd['metadata']['name']} does not serve {version}")
-
-
-def unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> list[str]:
-    """Paths of fields the schema does not declare, as a strict API server reports them.
-
-    A node's fields are checked where it lists ``properties`` and neither preserves unknown fields nor has
-    ``additionalProperties``; the root ``metadata`` (an ObjectMeta) is checked against ObjectMeta's fields.
-    """
-    if schema.get("x-kubernetes-preserve-unknown-fields"):
-        return []
-    found: list[str] = []
-    if isinstance(obj, dict):
-        properties = schema.get("properties")
-        additional = schema.get("additionalProperties")
-        if path == "metadata" and not properties:
-            return [f"metadata.{k}" for k in obj if k not in OBJECT_META_FIELDS]
-        if properties is not None and not additional:
-            for key, value in obj.items():
-                where = f"{path}.{key}" if path else key
-                if key not in properties:
-                    found.append(where)
-                else:
-                    found += unknown_fields(value, properties[key], where)
-        elif isinstance(additional, dict):
-            for key, value in obj.items():
-                found += unknown_fields(value, additional, f"{path}.{key}" if path else key)
-    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(obj):
-            found += unknown_fields(item, schema["items"], f"{path}[{index}]")
-    return found
-
-
-def prune_unknown_fields(obj: Any, schema: dict[str, Any], path: str = "") -> Any:
-    """``obj`` without the fields :func:`unknown_fields` reports (what a non-strict API server stores)."""
-    unknown = set(unknown_fields(obj, schema, path))
-    if not unknown:
-        return obj
-
-    def prune(value: Any, where: str) -> Any:
-        if isinstance(value, dict):
-            return {
-                k: prune(v, f"{where}.{k}" if where else k)
-                for k, v in value.items()
-                if (f"{where}.{k}" if where else k) not in unknown
-            }
-        if isinstance(value, list):
-            return [prune(v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return value
-
-    return prune(obj, path)
-
-
-def schema_errors(obj: Any, schema: dict[str, Any]) -> list[tuple[str, str]]:
-    """``(field path, message)`` for every schema violation: JSON Schema keywords (types, required, enum,
-    patterns, lengths, bounds) and the simple ``x-kubernetes-validations`` rules (see the module docstring)."""
-    import jsonschema
-
-    errors = [
-        (_json_path(error.absolute_path), error.message)
-        for error in jsonschema.Draft4Validator(schema).iter_errors(obj)
-    ]
-    return sorted(errors) + _cel_errors(obj, schema, "")
-
-
-def api_server_errors(obj: Any, crd: dict[str, Any]) -> list[str]:
-    """Everything a strict API server serving ``crd`` would refuse in ``obj``: unknown fields, schema
-    errors and invalid metadata, as ``"<path>: <message>"`` lines (empty: it would be accepted)."""
-    schema = crd_schema(crd)
-    problems = [f'{where}: unknown field "{where}"' for where in unknown_fields(obj, schema)]
-    problems += [f"{where}: {message}" for where, message in schema_errors(obj, schema)]
-    problems += [f"{where}: {message}" for where, message in metadata_errors(obj.get("metadata") or {})]
-    return problems
-
-
-def metadata_errors(metadata: dict[str, Any]) -> list[tuple[str, str]]:
-    """What the API server checks of any object's metadata: the name, label keys and values."""
-    errors: list[tuple[str, str]] = []
-    name = metadata.get("name", "")
-    if not name:
-        errors.append(("metadata.name", "Required value: name or generateName is required"))
-    elif len(name) > 253 or not _DNS_SUBDOMAIN.match(name):
-        errors.append(("metadata.name", f"Invalid value: {name!r}: must be a lowercase RFC 1123 subdomain"))
-    for key, value in (metadata.get("labels") or {}).items():
-        prefix, _, label = key.rpartition("/")
-        if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix))) or not (
-            _LABEL_NAME.match(label) and len(label) <= 63
-        ):
-            errors.append(("metadata.labels", f"Invalid value: {key!r}: not a valid label key"))
-        if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.match(value):
-            errors.append(("metadata.labels", f"Invalid value: {value!r}: not a valid label value"))
-    return errors
-
-
-_CEL_MATCHES = re.compile(r"^self((?:\.\w+)*)\.matches\('(.*)'\)$")
-_CEL_SIZE = re.compile(r"^size\(self((?:\.\w+)*)\)\s*<=\s*(\d+)$")
-_CEL_EMPTY_OR_MATCHES = re.compile(r"^self\s*==\s*''\s*\|\|\s*self\.matches\('(.*)'\)$")
-
-
-def _cel_errors(obj: Any, schema: dict[str, Any], path: str) -> list[tuple[str, str]]:
-    errors: list[tuple[str, str]] = []
-    for rule in schema.get("x-kubernetes-validations") or []:
-        if not _cel_rule_holds(rule.get("rule", ""), obj):
-            errors.append((path or "<root>", rule.get("message") or f"failed rule: {rule.get('rule')}"))
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            child = (schema.get("properties") or {}).get(key)
-            if child is None and isinstance(schema.get("additionalProperties"), dict):
-                child = schema["additionalProperties"]
-            if child is not None:
-                errors += _cel_errors(value, child, f"{path}.{key}" if path else key)
-    elif isinstance(obj, list) and isinstance(schema.get("items"), dict):
-        for index, item in enumerate(obj):
-            errors += _cel_errors(item, schema["items"], f"{path}[{index}]")
-    return errors
-
-
-def _cel_rule_holds(rule: str, value: Any) -> bool:
-    """Evaluate the rule forms this server knows; others (and transition rules) count as holding."""
-    rule = rule.strip()
-    if "oldSelf" in rule:
-        return True
-    if match := _CEL_MATCHES.match(rule):
-        target = _select(value, match.group(1))
-        return not isinstance(target, str) or re.search(_cel_regex(match.group(2)), target) is not None
-    if match := _CEL_SIZE.match(rule):
-        target = _select(value, match.group(1))
-        return target is None or len(target) <= int(match.group(2))
-    if match := _CEL_EMPTY_OR_MATCHES.match(rule):
-        return value == "" or re.search(_cel_regex(match.group(1)), str(value)) is not None
-    return True
-
-
-def _cel_regex(literal: str) -> str:
-    return literal.replace("\\\\", "\\")
-
-
-def _select(value: Any, dotted: str) -> Any:
-    for part in filter(None, dotted.split(".")):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
-
-
-def _json_path(parts: Any) -> str:
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text or "<root>"
 
 
 # ------------------------------------------------------------------------------------------- scenario
@@ -392,15 +210,15 @@ class KubeApiServer:
 
     def __init__(
         self,
-        trainjob_crd: dict[str, Any],
+        schema: TrainJobSchema,
         *,
         token: str,
         scenarios: list[Scenario] | None = None,
         crd_readable: bool = True,
         foreground_delete_seconds: float = 0.05,
     ):
-        self.crd = trainjob_crd
-        self.schema = crd_schema(trainjob_crd)
+        self.schema = schema
+        self.crd = schema.crd()
         self.token = token
         self.scenarios = scenarios or [Scenario()]
         self.crd_readable = crd_readable
@@ -570,18 +388,18 @@ class KubeApiServer:
             message = "the namespace of the provided object does not match the namespace sent on the request"
             return self._send(handler, record, 400, _status(400, "BadRequest", message))
         name = metadata.get("name", "")
-        unknown = unknown_fields(body, self.schema)
+        unknown = self.schema.unknown_fields(body)
         warnings = []
         if unknown:
             mode = query.get("fieldValidation", ["Warn"])[0]
             if mode == "Strict":
                 message = "strict decoding error: " + ", ".join(f'unknown field "{u}"' for u in unknown)
                 return self._send(handler, record, 400, _status(400, "BadRequest", message))
-            body = prune_unknown_fields(body, self.schema)
+            body = prune_unknown_fields(body, unknown)
             metadata = body["metadata"]
             if mode != "Ignore":
                 warnings = [f'unknown field "{u}"' for u in unknown]
-        errors = schema_errors(body, self.schema) + metadata_errors(metadata)
+        errors = self.schema.errors(body) + metadata_errors(metadata)
         if errors:
             causes = [{"reason": "FieldValueInvalid", "message": f"{p}: {m}", "field": p} for p, m in errors]
             message = (
@@ -875,19 +693,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 @contextlib.contextmanager
 def kube_api_server(
-    trainjob_crd: dict[str, Any],
+    schema: TrainJobSchema,
     *,
     token: str = "test-token",
     scenarios: list[Scenario] | None = None,
     crd_readable: bool = True,
     foreground_delete_seconds: float = 0.05,
 ) -> Iterator[KubeApiServer]:
-    """Serve the Kubernetes API for TrainJobs of ``trainjob_crd`` on a free port of 127.0.0.1.
+    """Serve the Kubernetes API for TrainJobs of ``schema`` on a free port of 127.0.0.1.
 
     ``scenarios[i]`` scripts the i-th TrainJob created (the last one repeats).
     """
     state = KubeApiServer(
-        trainjob_crd,
+        schema,
         token=token,
         scenarios=scenarios,
         crd_readable=crd_readable,
