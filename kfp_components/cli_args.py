@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import re
 import typing
 from typing import Any, get_origin
@@ -95,7 +96,7 @@ class _StoreAsTyped(argparse.Action):
     """Stores a flag's value under the name it was typed as (an option or one of its aliases), so that
     ``from_dict`` maps aliases and refuses an option given twice under two names."""
 
-    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001
+    def __call__(self, parser, namespace, values, option_string=None):
         given = dict(getattr(namespace, _GIVEN, None) or {})
         given[(option_string or self.dest).removeprefix("--")] = values
         setattr(namespace, _GIVEN, given)
@@ -107,7 +108,7 @@ _GIVEN = "_config_flags_as_typed"
 
 def _declared_in(cls: type, name: str) -> int:
     """The position in ``cls.__mro__`` of the class that declares field ``name``."""
-    return next(i for i, klass in enumerate(cls.__mro__) if name in klass.__dict__.get("__annotations__", {}))
+    return next(i for i, klass in enumerate(cls.__mro__) if name in inspect.get_annotations(klass))
 
 
 def _is_required(field: dataclasses.Field) -> bool:

@@ -168,7 +168,7 @@ def default_of(field: dataclasses.Field) -> Any:
 
 def unknown_option_message(key: str, cls: type) -> str:
     """``unknown option; did you mean num_train_epochs? (SFTStageConfig accepts: ...)``."""
-    names = sorted({f.name for f in dataclasses.fields(cls) if f.init} | set(aliases_of(cls)))  # type: ignore[arg-type]
+    names = sorted({f.name for f in dataclasses.fields(cls) if f.init} | set(aliases_of(cls)))
     close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     return f"unknown option; {hint}{cls.__name__} accepts: {', '.join(names)}"
@@ -267,7 +267,7 @@ def parse_cli_value(text: str) -> Any:
         value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
-    return text if isinstance(value, dict) or value is None and text.strip() else value
+    return text if isinstance(value, dict) or (value is None and text.strip()) else value
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def test_usage_example_compiles(tmp_path):
     text = (ROOT / "docs" / "components.md").read_text()
     example = text.split("```python\n", 1)[1].split("```", 1)[0]
     namespace: dict[str, object] = {}
-    exec(compile(example, "docs/components.md", "exec", dont_inherit=True), namespace)  # noqa: S102 (our own docs)
+    exec(compile(example, "docs/components.md", "exec", dont_inherit=True), namespace)
     compiler.Compiler().compile(namespace["my_pipeline"], str(tmp_path / "pipeline.yaml"))
     compiled = (tmp_path / "pipeline.yaml").read_text()
     assert "dataset-download" in compiled and "evaluate-model" in compiled

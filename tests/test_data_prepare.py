@@ -119,7 +119,8 @@ def test_subset_first_and_sample(tmp_path):
 
 
 def test_drop_reports_counts(tmp_path):
-    rows = numbered(8) + [
+    rows = [
+        *numbered(8),
         {"messages": [{"role": "user", "content": "no answer"}]},
         {"prompt": "other format"},
     ]

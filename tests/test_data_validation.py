@@ -126,7 +126,7 @@ def test_every_row_is_validated_not_just_the_first_hundred(tmp_path):
     rows = [GOOD] * 5000 + [msgs(("user", "q"), ("wizard", "a"))]
     source = tmp_path / "big.jsonl"
     source.write_bytes(lines(*rows))
-    with pytest.raises(DatasetValidationError, match="big.jsonl:5001: messages"):
+    with pytest.raises(DatasetValidationError, match=r"big.jsonl:5001: messages"):
         prepare_dataset(DatasetConfig(str(source)), tmp_path / "t.jsonl", tmp_path / "e.jsonl")
 
 
@@ -250,5 +250,5 @@ def test_parquet_rows_are_located_by_row_number(tmp_path):
         ),
         path,
     )
-    with pytest.raises(DatasetValidationError, match="d.parquet: row 2: messages: no assistant turn"):
+    with pytest.raises(DatasetValidationError, match=r"d.parquet: row 2: messages: no assistant turn"):
         prepare_dataset(DatasetConfig(str(path)), tmp_path / "t", tmp_path / "e")

@@ -109,7 +109,8 @@ def as_pod_user() -> list[str]:
     if shutil.which("setpriv") is None:
         pytest.skip("running as root without setpriv (util-linux) to switch to an unprivileged user")
     # The interpreter must find its own standard library as this user, not a system Python's in its place.
-    probe = _setpriv(["--inh-caps=-all"]) + [
+    probe = [
+        *_setpriv(["--inh-caps=-all"]),
         sys.executable,
         "-c",
         "import sys, kfp_components; print(sys.base_prefix)",
@@ -215,10 +216,29 @@ def test_front_doors_run_as_a_random_uid_with_an_unwritable_home(as_pod_user, po
     log = run_as_pod_user(
         as_pod_user,
         pod,
-        [python, "-m", "kfp_components.trainer", "--model_name_or_path", str(pod["model"]), "--data_path"]
-        + [str(SAMPLES / "chat.jsonl"), "--output_dir", str(train), "--algorithm", "sft", "--max_steps", "2"]
-        + ["--effective_batch_size", "4", "--max_tokens_per_gpu", "512", "--max_seq_len", "256"]
-        + ["--torch_dtype", "float32"],
+        [
+            python,
+            "-m",
+            "kfp_components.trainer",
+            "--model_name_or_path",
+            str(pod["model"]),
+            "--data_path",
+            str(SAMPLES / "chat.jsonl"),
+            "--output_dir",
+            str(train),
+            "--algorithm",
+            "sft",
+            "--max_steps",
+            "2",
+            "--effective_batch_size",
+            "4",
+            "--max_tokens_per_gpu",
+            "512",
+            "--max_seq_len",
+            "256",
+            "--torch_dtype",
+            "float32",
+        ],
     )
     # the process found HOME unwritable, said so once, and moved the caches under TMPDIR
     assert log.count("caches moved to writable folders") == 1

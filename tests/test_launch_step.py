@@ -195,12 +195,9 @@ def test_training_options_reach_the_trainer_and_resume_is_on_by_default():
         step_training_config({"lr_scheduler": "cosine"}, {"lr_scheduler_type": "linear"}, data_path="d")
 
 
-@pytest.mark.skipif(not CRD.exists(), reason=f"the Kubeflow Trainer CRDs are not at {CRD.parent}")
 def test_trainjob_step_defaults_to_the_trainer_image_and_stages_the_data(tmp_path, monkeypatch):
-    from kfp_components.testing.kube_server import Scenario, kube_api_server, load_crd
-
     work = tmp_path / "workspace" / "runs" / "r1" / "train-sft"
-    with kube_api_server(load_crd(CRD), scenarios=[Scenario(outcome="complete")]) as server:
+    with kube_api_server(trainjob_schema("v2.3.0"), scenarios=[Scenario(outcome="complete")]) as server:
         monkeypatch.setenv("KUBERNETES_SERVER_URL", server.url)
         monkeypatch.setenv("KUBERNETES_AUTH_TOKEN", server.token)
         (work / "final").mkdir(parents=True)  # what the trainer pods write on the shared workspace

@@ -151,9 +151,9 @@ def test_names_are_deterministic_dns_labels_with_a_hash_when_cut():
 
 
 def test_an_explicit_name_must_fit_the_pod_names():
-    with pytest.raises(ConfigError, match="name.*at most 48"):
+    with pytest.raises(ConfigError, match=r"name.*at most 48"):
         launch_config(name="a" * 49).validate()
-    with pytest.raises(ConfigError, match="name.*start with a letter"):
+    with pytest.raises(ConfigError, match=r"name.*start with a letter"):
         launch_config(name="1-train").validate()
     with pytest.raises(ConfigError, match="run_id and stage"):
         launch_config(run_id="").validate()
@@ -367,7 +367,7 @@ def test_pet_env_is_refused_before_any_request():
         launch_config(env={"PET_NNODES": "2"}).validate()
     with pytest.raises(ConfigError, match="PET_"):
         launch_config(secret_env=[SecretEnv("PET_MASTER_ADDR", "s", "k")]).validate()
-    with pytest.raises(ConfigError, match="torchrun_args.*--nproc_per_node"):
+    with pytest.raises(ConfigError, match=r"torchrun_args.*--nproc_per_node"):
         launch_config(torchrun_args=["--nproc_per_node=4"]).validate()
 
 
@@ -419,7 +419,7 @@ def test_success_streams_the_trainer_log(caplog):
             "saved final model",
         ]
         assert deletes(server) == [], "a completed TrainJob is kept unless delete_on_success"
-        (body,) = created_bodies(server)
+        (_body,) = created_bodies(server)
         assert server.requests_for("POST", "/trainjobs")[0].query["fieldValidation"] == ["Strict"]
         (log_request,) = [r for r in server.requests_for("GET", "/log") if r.status == 200]
         assert log_request.query["container"] == ["node"] and log_request.query["follow"][0].lower() == "true"

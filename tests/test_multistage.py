@@ -415,7 +415,7 @@ def test_yaml_syntax_errors_and_overrides(tiny, tmp_path):
     assert config.stage_configs["dpo"].output_dir == str(tmp_path / "run" / "stages" / "02_dpo")
     with pytest.raises(
         ConfigError,
-        match="stage_configs.sft.dataset_name_or_path.x: override: stage_configs.sft.dataset_name_or_path is not",
+        match=r"stage_configs.sft.dataset_name_or_path.x: override: stage_configs.sft.dataset_name_or_path is not",
     ):
         load_pipeline_config(config_file, ["stage_configs.sft.dataset_name_or_path.x=1"])
 
@@ -499,9 +499,9 @@ class _Echo(BaseStage):
 
 
 def test_stage_registry_rules():
-    with pytest.raises(ValueError, match="'rl' is taken by kfp_components.stages.planned.RLStage"):
+    with pytest.raises(ValueError, match=r"'rl' is taken by kfp_components.stages.planned.RLStage"):
         Pipeline.register_stage("rl", _Echo)
-    with pytest.raises(ValueError, match="taken by kfp_components.stages.sft.SFTStage"):
+    with pytest.raises(ValueError, match=r"taken by kfp_components.stages.sft.SFTStage"):
         Pipeline.register_stage("sft", _Echo)
     with pytest.raises(TypeError, match="not a subclass of BaseStage"):
         Pipeline.register_stage("thing", dict)  # type: ignore[arg-type]

@@ -110,7 +110,7 @@ def test_example_1_trains_sft_then_dpo_with_the_guides_flags(tiny, tmp_path, mon
             "DEBUG",
             "--save_final_model",
             "--cleanup_intermediate",
-        ]  # fmt: skip
+        ]
     )
     assert code == 0, capsys.readouterr().err
     state = json.loads((out / "pipeline_state.json").read_text())["stages"]

@@ -127,7 +127,7 @@ def test_derived_version_name_comes_from_run_id(server):
 def test_existing_version_fail_policy(server):
     register_model(config(server, version_name="v1"), provenance())
     with pytest.raises(
-        VersionExistsError, match="'v1' of model 'granite-sft' already exists.*on_existing_version"
+        VersionExistsError, match=r"'v1' of model 'granite-sft' already exists.*on_existing_version"
     ):
         register_model(config(server, version_name="v1", on_existing_version="fail"), provenance())
 
@@ -174,7 +174,7 @@ def test_server_down_fails_quickly_after_bounded_retries(caplog):
 
 def test_bad_token_is_a_clear_401(server, monkeypatch):
     monkeypatch.setenv("MODEL_REGISTRY_TOKEN", "wrong-token")
-    with pytest.raises(RegistryAuthError, match="401 Unauthorized.*MODEL_REGISTRY_TOKEN"):
+    with pytest.raises(RegistryAuthError, match=r"401 Unauthorized.*MODEL_REGISTRY_TOKEN"):
         register_model(config(server), provenance())
     assert [r.status for r in server.requests] == [401]  # not retried
 
@@ -309,7 +309,7 @@ def test_endpoint_from_the_environment_is_checked_and_named(no_s3_env, monkeypat
 
 @pytest.mark.parametrize("uri", ["/tmp/model", "file:///mnt/model", "model"])
 def test_container_local_storage_uri_is_refused(uri):
-    with pytest.raises(ConfigError, match="storage_uri: .*inside the container"):
+    with pytest.raises(ConfigError, match=r"storage_uri: .*inside the container"):
         from_dict(RegistryConfig, {"address": "http://registry", "model_name": "m", "storage_uri": uri})
 
 

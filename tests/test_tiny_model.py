@@ -43,7 +43,7 @@ CONVERSATION = [
     {"role": "user", "content": "What is 12 + 7?"},
     {"role": "assistant", "content": "19"},
 ]
-UNICODE_TEXT = "Héllo, wörld! 12345 + 678 = 13023\n\tСпасибо 日本語 🤖🚀  naïve café  "
+UNICODE_TEXT = "Héllo, wörld! 12345 + 678 = 13023\n\tСпасибо 日本語 🤖🚀  naïve café  "  # noqa: RUF001
 
 
 def sha256(path: Path) -> str:
@@ -247,8 +247,13 @@ def test_cli_builds_a_loadable_model(tmp_path: Path) -> None:
             "llama",
             "--seed",
             "1",
-        ]
-        + ["--hidden-size", "32", "--layers", "1", "--vocab-size", "512"],
+            "--hidden-size",
+            "32",
+            "--layers",
+            "1",
+            "--vocab-size",
+            "512",
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -161,7 +161,7 @@ def test_dpo_inside_the_osft_constraint_keeps_the_frozen_subspace(tmp_path):
     original = AutoModelForCausalLM.from_pretrained(base).state_dict()
     name = "model.layers.0.self_attn.q_proj.weight"
     w0, w1 = original[name].double(), tuned[name].double()
-    u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+    u, _s, vh = torch.linalg.svd(w0, full_matrices=False)
     k = math.floor(min(w0.shape) * 0.75)
     delta = w1 - w0
     assert delta.abs().max() > 1e-4, "the weight trained"

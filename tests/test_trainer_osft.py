@@ -181,7 +181,7 @@ def test_unknown_model_type_uses_the_generic_fallback_or_fails_clearly():
     with pytest.raises(ValueError, match=r"model_type 'mystery'.*patterns \[.*q_proj") as error:
         find_osft_targets(_Unknown("mystery", ("scorer", "mixer")))
     assert "blocks.0.scorer" in str(error.value)  # names the linear layers it saw, to help write patterns
-    with pytest.raises(ValueError, match="no target modules.*'nothing_matches'"):
+    with pytest.raises(ValueError, match=r"no target modules.*'nothing_matches'"):
         find_osft_targets(load(), ["nothing_matches"])
     with pytest.raises(ValueError, match="not a valid regex"):
         find_osft_targets(load(), ["(unclosed"])

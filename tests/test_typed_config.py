@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 
@@ -79,7 +79,7 @@ def test_round_trip_and_cli_values():
 
 @dataclass(kw_only=True)
 class Aliased(Options):
-    option_aliases = {"num_epochs_alias": "epochs", "kind_alias": "kind"}
+    option_aliases: ClassVar[dict[str, str]] = {"num_epochs_alias": "epochs", "kind_alias": "kind"}
 
     epochs: int = 1
     kind: Literal["a", "b"] = "a"

@@ -149,7 +149,7 @@ def to_jsonable(value: Any) -> Any:
     if callable(tolist):
         try:
             return to_jsonable(tolist())
-        except Exception:  # noqa: BLE001 - fall back to the text form below
+        except Exception:
             pass
     return str(value)
 

@@ -139,7 +139,7 @@ def _locate_hub(option: str, value: str) -> ModelSource:
 
     try:
         hf_hub_download(repo_id=value, filename=CONFIG_FILE)
-    except Exception as exc:  # noqa: BLE001 - every failure means the same to the user; its kind is shown
+    except Exception as exc:
         reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         raise ModelNotFoundError(
             f"{option} {value!r} is not a folder here, and the Hugging Face Hub did not provide its "

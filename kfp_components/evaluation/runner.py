@@ -249,7 +249,7 @@ def check_task_data(manager: Any, tasks: list[str]) -> None:
     for name in tasks:
         try:
             manager.load([name])
-        except Exception as exc:  # noqa: BLE001 - re-raised with the task's name
+        except Exception as exc:
             raise _data_error(name, exc) from exc
 
 

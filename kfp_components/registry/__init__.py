@@ -29,8 +29,8 @@ from kfp_components.registry.storage import DEFAULT_MINIO_ENDPOINT, ModelStorage
 __all__ = [
     "DEFAULT_MINIO_ENDPOINT",
     "MODEL_CARD_FILE",
-    "ModelStorage",
     "PROVENANCE_FILE",
+    "ModelStorage",
     "RegistrationResult",
     "RegistryAuthError",
     "RegistryConfig",

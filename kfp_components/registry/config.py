@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 from kfp_components.registry.storage import ModelStorage, check_endpoint, model_storage
 from kfp_components.typed_config import ConfigError, Options
 
-DEFAULT_TOKEN_ENV = "MODEL_REGISTRY_TOKEN"  # noqa: S105 (the name of a variable, not a secret)
-DEFAULT_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # noqa: S105
+DEFAULT_TOKEN_ENV = "MODEL_REGISTRY_TOKEN"
+DEFAULT_TOKEN_PATH = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 OnExistingVersion = Literal["fail", "skip", "next"]
 

@@ -30,7 +30,7 @@ def http_file_server(root: str | Path, *, fail_first: int = 0) -> Iterator[HttpF
     failures = {"left": fail_first}
 
     class Handler(SimpleHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+        def do_GET(self) -> None:
             state.requests.append(("GET", self.path, dict(self.headers)))
             if failures["left"] > 0:
                 failures["left"] -= 1

@@ -261,7 +261,7 @@ _UNICODE_SNIPPETS = (
     "Straße in München.",
     "こんにちは、世界。",
     "Привет, мир!",
-    "你好，世界！",
+    "你好，世界！",  # noqa: RUF001 (full-width punctuation on purpose)
     "The temperature is 21 °C ± 2.",
     "I ❤️ tiny models 🤖🚀.",
     "π ≈ 3.14159 and e ≈ 2.71828.",

@@ -415,7 +415,7 @@ class OSFTLinear(nn.Module):
         k = num_frozen_directions(min(weight.shape), unfreeze_rank_ratio)
         factors = tuple(f.to(weight.device) for f in factors)  # type: ignore[assignment]
         return cls(
-            factors,  # type: ignore[arg-type]
+            factors,
             k,
             getattr(module, "bias", None),
             transposed=isinstance(module, Conv1D),

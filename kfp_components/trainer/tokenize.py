@@ -427,7 +427,7 @@ def _check_prefix(prefix: str, text: str, what: str, turn: int | None, where: st
     """Fail unless ``prefix`` (the rendering of ``what``) starts the rendered conversation ``text``."""
     if text.startswith(prefix):
         return
-    at = len(os.path.commonprefix([prefix, text]))
+    at = _common_prefix_length(prefix, text)
     turn_note = f" (to find assistant turn messages[{turn}])" if turn is not None else ""
     if "add_generation_prompt" in what:
         cause = (
@@ -477,7 +477,7 @@ def _check_round_trip(backend: Tokenizer, input_ids: list[int], text: str, where
     decoded = backend.decode(input_ids, skip_special_tokens=False)
     if _same_text(decoded, text):
         return
-    at = len(os.path.commonprefix([decoded, text]))
+    at = _common_prefix_length(decoded, text)
     raise ChatTemplateError(
         f"{where}: the tokens do not decode back to the rendered text (the tokenizer normalises or drops "
         f"characters): they differ at character {at}, rendered {_around(text, at)!r} vs decoded "
@@ -541,6 +541,11 @@ def _render(
     except Exception as error:  # jinja2 errors, TypeError on odd content, the template's raise_exception
         raise ChatTemplateError(f"{where}: the chat template failed to render: {error}") from error
     return rendered
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _chars(encoding: Encoding, token: int) -> tuple[int, int]:

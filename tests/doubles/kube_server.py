@@ -678,13 +678,13 @@ class _Handler(BaseHTTPRequestHandler):
         # add 40 ms to every response on a kept-alive connection
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         self.state.handle(self, "GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self.state.handle(self, "POST")
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         self.state.handle(self, "DELETE")
 
     def log_message(self, format: str, *args: object) -> None:  # keep test output clean
