@@ -132,14 +132,19 @@ def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
     }
 
 
-def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
-    """``cls`` built from the ``--config`` YAML file (if given), then the flags, then ``fixed`` values.
+def config_from_args(
+    cls: type, args: argparse.Namespace, *, defaults: dict[str, Any] | None = None, **fixed: Any
+) -> Any:
+    """``cls`` built from ``defaults`` (a command's own defaults), then the ``--config`` YAML file (if
+    given), then the flags, then ``fixed`` values.
 
-    A flag replaces the file's value of the same option whichever name (option or alias) each uses.
+    A later source replaces an earlier one's value of the same option whichever name (option or alias) each
+    uses.
     """
-    data = load_config_file(args.config) if getattr(args, "config", None) else {}
+    data = dict(defaults or {})
     aliases = aliases_of(cls)
-    for overrides in (overrides_from_args(args, cls), fixed):
+    file = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for overrides in (file, overrides_from_args(args, cls), fixed):
         options = {aliases.get(key, key) for key in overrides}
         data = {key: value for key, value in data.items() if aliases.get(key, key) not in options}
         data.update(overrides)

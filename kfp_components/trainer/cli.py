@@ -19,7 +19,7 @@ from kfp_components.cli_args import add_config_arguments, config_from_args
 from kfp_components.environment import ensure_writable_caches
 from kfp_components.logs import configure_logging
 from kfp_components.trainer.config import TrainingConfig
-from kfp_components.typed_config import ConfigError, load_config_file
+from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger("kfp_components.trainer")
 
@@ -78,13 +78,15 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
     configure_logging(args.log_level)
     ensure_writable_caches()
     try:
-        if args.output_dir is None and "output_dir" not in (
-            load_config_file(args.config) if args.config else {}
-        ):
-            args.output_dir = FNSFT_TRAIN_OUTPUT_DIR
-            log.info("output_dir: %s (set --output_dir to write elsewhere)", Path(args.output_dir).resolve())
         # data_path is the prepared file, known once the dataset stage has run below
-        config = config_from_args(TrainingConfig, args, algorithm="sft", data_path="<prepared dataset>")
+        config = config_from_args(
+            TrainingConfig,
+            args,
+            defaults={"output_dir": FNSFT_TRAIN_OUTPUT_DIR},
+            algorithm="sft",
+            data_path="<prepared dataset>",
+        )
+        log.info("output_dir: %s", Path(config.output_dir).resolve())
         check_model(config)  # before fetching the data
     except ConfigError as exc:
         return input_error(exc)
