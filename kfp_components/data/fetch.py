@@ -8,11 +8,13 @@ as the official clients read them, and never appear in a log line or an error me
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -104,10 +106,8 @@ def s3_client():
 
 
 def _fetch_s3(uri: DatasetURI, scratch: Path, split: str = "") -> list[DataFile]:
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
     client = s3_client()
-    try:
+    with s3_errors(uri.raw):
         keys = _s3_keys(client, uri)
         names = {
             key: PurePosixPath(key).relative_to(uri.key).as_posix()
@@ -128,17 +128,27 @@ def _fetch_s3(uri: DatasetURI, scratch: Path, split: str = "") -> list[DataFile]
             log.info("downloaded s3://%s/%s (%d bytes)", uri.bucket, key, target.stat().st_size)
             files.append(DataFile(target, name))
         return files
+
+
+@contextlib.contextmanager
+def s3_errors(where: str, error: type[Exception] = DatasetError) -> Iterator[None]:
+    """S3 failures as ``error`` exceptions whose message starts with ``where``; never a credential."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
     except NoCredentialsError:
-        raise DatasetError(
-            f"{uri.raw}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(from a Kubernetes secret in a pipeline)"
+        raise error(
+            f"{where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (from a Kubernetes "
+            "secret in a pipeline) and AWS_S3_ENDPOINT for MinIO or ODF"
         ) from None
     except ClientError as exc:
-        error = exc.response.get("Error", {})
-        message = f"{uri.raw}: S3 said {error.get('Code', '?')}: {error.get('Message', '')}"
-        raise DatasetError(message.rstrip(": ")) from None
+        code = exc.response.get("Error", {})
+        raise error(
+            f"{where}: S3 said {code.get('Code', '?')}: {code.get('Message', '')}".rstrip(": ")
+        ) from None
     except BotoCoreError as exc:
-        raise DatasetError(f"{uri.raw}: S3 request failed: {exc}") from None
+        raise error(f"{where}: S3 request failed: {exc}") from None
 
 
 def _s3_keys(client, uri: DatasetURI) -> list[str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -79,6 +80,22 @@ def redact_uri(uri: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def parse_pvc_uri(
+    uri: str, option: str = "dataset_name_or_path", error: Callable[[str], Exception] = DatasetError
+) -> tuple[str, str]:
+    """``pvc://claim/path`` as ``(claim, path)``; an ``error`` naming ``option`` for an invalid claim name or a
+    path that climbs out of the claim (``..``)."""
+    claim, _, path = uri.split("://", 1)[1].partition("/")
+    if not _DNS1123.match(claim) or len(claim) > 253:
+        raise error(
+            f"{option} {uri!r}: {claim!r} is not a valid PersistentVolumeClaim name (lower-case letters, digits "
+            "and '-')"
+        )
+    if ".." in Path(path).parts:
+        raise error(f"{option} {uri!r}: '..' is not allowed in a pvc:// path")
+    return claim, path.strip("/")
+
+
 def parse_dataset_uri(uri: str) -> DatasetURI:
     """Parse ``uri`` or raise :class:`DatasetError` saying what is wrong with it."""
     if not isinstance(uri, str) or not uri.strip():
@@ -105,15 +122,8 @@ def parse_dataset_uri(uri: str) -> DatasetURI:
             raise DatasetError(f"dataset_name_or_path {redact_uri(uri)!r}: no host name")
         return DatasetURI(scheme=scheme, raw=uri, url=uri)
     if scheme == "pvc":
-        claim, _, path = rest.partition("/")
-        if not _DNS1123.match(claim) or len(claim) > 253:
-            raise DatasetError(
-                f"dataset_name_or_path {uri!r}: {claim!r} is not a valid PersistentVolumeClaim name "
-                "(lower-case letters, digits and '-')"
-            )
-        if ".." in Path(path).parts:
-            raise DatasetError(f"dataset_name_or_path {uri!r}: '..' is not allowed in a pvc:// path")
-        return DatasetURI(scheme="pvc", raw=uri, claim=claim, path=path.strip("/"))
+        claim, path = parse_pvc_uri(uri)
+        return DatasetURI(scheme="pvc", raw=uri, claim=claim, path=path)
     if scheme == "file":
         path = urlsplit(uri).path
         if not path:

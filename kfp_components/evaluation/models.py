@@ -23,12 +23,12 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Literal
 from urllib.parse import urlsplit
 
-from kfp_components.data.uris import DEFAULT_PVC_ROOT, PVC_ROOT_ENV
+from kfp_components.data.fetch import s3_errors
+from kfp_components.data.uris import DEFAULT_PVC_ROOT, PVC_ROOT_ENV, parse_pvc_uri
 from kfp_components.evaluation.errors import ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def locate_model(
         scheme, rest = value.split("://", 1)
         scheme = scheme.lower()
         if scheme == "pvc":
-            return _folder(option, value, _claim_path(option, value, rest, workspace_pvc, workspace_path))
+            return _folder(option, value, _claim_path(option, value, workspace_pvc, workspace_path))
         if scheme == "file":
             return _folder(option, value, Path(urlsplit(value).path))
         if scheme == "s3":
@@ -91,15 +91,8 @@ def locate_model(
 
 
 # ----------------------------------------------------------------------------------------------- folders
-def _claim_path(option: str, value: str, rest: str, workspace_pvc: str, workspace_path: str) -> Path:
-    claim, _, inner = rest.partition("/")
-    if not _DNS1123.match(claim) or len(claim) > 253:
-        raise ModelNotFoundError(
-            f"{option} {value!r}: {claim!r} is not a valid PersistentVolumeClaim name (lower-case letters, "
-            "digits and '-')"
-        )
-    if ".." in PurePosixPath(inner).parts:
-        raise ModelNotFoundError(f"{option} {value!r}: '..' is not allowed in a pvc:// path")
+def _claim_path(option: str, value: str, workspace_pvc: str, workspace_path: str) -> Path:
+    claim, inner = parse_pvc_uri(value, option, ModelNotFoundError)
     if workspace_pvc and claim == workspace_pvc:
         root, how = Path(workspace_path), f"the workspace volume's mount, workspace_path={workspace_path!r}"
     else:
@@ -107,7 +100,7 @@ def _claim_path(option: str, value: str, rest: str, workspace_pvc: str, workspac
         how = f"mount it there or set {PVC_ROOT_ENV}"
     if not root.is_dir():
         raise ModelNotFoundError(f"{option} {value!r}: claim {claim!r} is not mounted at {root} ({how})")
-    return root / inner.strip("/")
+    return root / inner
 
 
 def _folder(option: str, value: str, path: Path) -> ModelSource:
@@ -225,23 +218,6 @@ def _download_s3_folder(source: ModelSource, bucket: str, prefix: str, target: P
     log.info("%s: downloaded %s to %s (%.1f MB)", source.option, source.given, target, total / 1e6)
 
 
-@contextlib.contextmanager
-def _s3_errors(source: ModelSource) -> Iterator[None]:
-    """Turns S3 failures into :class:`ModelNotFoundError` naming the option, never a credential."""
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-    where = f"{source.option} {source.given!r}"
-    try:
-        yield
-    except NoCredentialsError:
-        raise ModelNotFoundError(
-            f"{where}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (from a Kubernetes "
-            "secret in a pipeline) and AWS_S3_ENDPOINT for MinIO or ODF"
-        ) from None
-    except ClientError as exc:
-        error = exc.response.get("Error", {})
-        raise ModelNotFoundError(
-            f"{where}: S3 said {error.get('Code', '?')}: {error.get('Message', '')}".rstrip(": ")
-        ) from None
-    except BotoCoreError as exc:
-        raise ModelNotFoundError(f"{where}: S3 request failed: {exc}") from None
+def _s3_errors(source: ModelSource) -> contextlib.AbstractContextManager[None]:
+    """S3 failures as :class:`ModelNotFoundError` naming the option, never a credential."""
+    return s3_errors(f"{source.option} {source.given!r}", ModelNotFoundError)

@@ -18,6 +18,7 @@ ends up in the step's Model artifact folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from kfp_components.data.uris import parse_pvc_uri
 from kfp_components.images import TRAINER_IMAGE
 from kfp_components.launch.local import run_local_training, write_run_config
 from kfp_components.launch.manifest import TrainJobConfig
@@ -202,10 +204,10 @@ def run_train_model_step(
 
 def workspace_path_of(reference: str, workspace_pvc: str, workspace_path: str) -> str | None:
     """``pvc://<workspace_pvc>/<path>`` as the path where the workspace is mounted, else None."""
-    prefix = f"pvc://{workspace_pvc}/"
-    if workspace_pvc and reference.startswith(prefix):
-        return str(Path(workspace_path) / reference[len(prefix) :])
-    return None
+    if not (workspace_pvc and reference.startswith("pvc://")):
+        return None
+    claim, path = parse_pvc_uri(reference, "model_name_or_path", functools.partial(ConfigError, ""))
+    return str(Path(workspace_path) / path) if claim == workspace_pvc else None
 
 
 def workers_model_reference(reference: str, workspace_pvc: str, workspace_path: str, backend: str) -> str:
