@@ -17,6 +17,10 @@ Both refuse unknown body fields, as the real server's JSON decoder does (``Disal
 unknown query parameters. :func:`registry_api` picks the spec where present, else the client's models.
 With ``token`` set, a request without ``Authorization: Bearer <token>`` gets ``401``.
 
+Faults are injected per operation with :meth:`RegistryServer.inject` (a :class:`Fault`): a ``5xx`` or a
+connection reset, before the request is applied to the store or after it (the write is kept, the answer is
+lost: what a proxy timeout or a crash between commit and reply does to a client).
+
 The spec documents ``/api/model_registry/v1alpha3``; the Python client (0.3.x) calls
 ``/api/model_registry/v1``. Both prefixes are served from the same route table. Path parameter names differ
 between the two (``registeredmodelId``, ``registered_model_id``); the server keys them without case and
@@ -30,13 +34,15 @@ import dataclasses
 import inspect
 import json
 import re
+import socket
+import struct
 import threading
 import time
 import typing
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 from urllib.parse import parse_qs, urlparse
 
 import yaml
@@ -51,7 +57,8 @@ KINDS = ("registered_model", "model_version", "model_artifact")
 
 @dataclasses.dataclass
 class RecordedRequest:
-    """One request as the server saw it (the Authorization header is reduced to whether it matched)."""
+    """One request as the server saw it (the Authorization header is reduced to whether one was sent and
+    whether it matched). ``injected`` names the fault that answered it, if one did (``status`` 0: reset)."""
 
     method: str
     path: str
@@ -60,6 +67,31 @@ class RecordedRequest:
     operation: str
     status: int
     authorized: bool
+    authorization_sent: bool = False
+    injected: str = ""
+
+
+@dataclasses.dataclass
+class Fault:
+    """A failure injected into the next ``times`` requests of ``operation`` (an operationId).
+
+    Attributes:
+        operation: The operationId, e.g. ``createModelVersion``.
+        after_store: Apply the request to the store first (the write happens, the answer is lost), or not.
+        kind: ``status`` (answer ``status``) or ``reset`` (drop the connection with a TCP reset, no answer).
+        status: The status of a ``status`` fault.
+        times: How many requests fail; each failure uses one.
+    """
+
+    operation: str
+    after_store: bool = True
+    kind: Literal["status", "reset"] = "status"
+    status: int = 500
+    times: int = 1
+
+    def describe(self) -> str:
+        what = "reset" if self.kind == "reset" else str(self.status)
+        return f"{what} {'after' if self.after_store else 'before'} store"
 
 
 @dataclasses.dataclass
@@ -346,6 +378,7 @@ class RegistryServer:
         self.api = api
         self.token = token
         self.requests: list[RecordedRequest] = []
+        self.faults: list[Fault] = []
         self.store: dict[str, dict[str, dict[str, Any]]] = {kind: {} for kind in KINDS}
         self._next_id = 1
         self._lock = threading.Lock()
@@ -371,6 +404,32 @@ class RegistryServer:
     def operations(self) -> list[str]:
         """The operationIds called so far, in order."""
         return [r.operation for r in self.requests]
+
+    def inject(
+        self,
+        operation: str,
+        *,
+        after_store: bool = True,
+        kind: Literal["status", "reset"] = "status",
+        status: int = 500,
+        times: int = 1,
+    ) -> Fault:
+        """Make the next ``times`` requests of ``operation`` fail (see :class:`Fault`)."""
+        known = {route.operation for route in self.api.routes}
+        if operation not in known:
+            raise ValueError(f"no operation {operation!r} in {self.api.source}")
+        fault = Fault(operation, after_store, kind, status, times)
+        with self._lock:
+            self.faults.append(fault)
+        return fault
+
+    def _take_fault(self, operation: str) -> Fault | None:
+        """The first pending fault of ``operation``, used once. Called under the store lock."""
+        for fault in self.faults:
+            if fault.operation == operation and fault.times > 0:
+                fault.times -= 1
+                return fault
+        return None
 
     # --- store ---------------------------------------------------------------------------------------
 
@@ -488,11 +547,11 @@ class RegistryServer:
                 query = {k: v[-1] for k, v in parse_qs(parsed.query, keep_blank_values=True).items()}
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                authorized = (
-                    server.token is None or self.headers.get("Authorization") == f"Bearer {server.token}"
-                )
+                sent = self.headers.get("Authorization")
+                authorized = server.token is None or sent == f"Bearer {server.token}"
                 body: Any = None
                 status, payload, operation = 500, _error("500", "unhandled"), ""
+                fault: Fault | None = None
                 try:
                     if not authorized:
                         status, payload = 401, _error("401", "missing or invalid bearer token")
@@ -520,11 +579,32 @@ class RegistryServer:
                             )
                         else:
                             with server._lock:
-                                status, payload = server._dispatch(operation, params, query, body)
+                                fault = server._take_fault(operation)
+                                if fault is None or fault.after_store:
+                                    status, payload = server._dispatch(operation, params, query, body)
+                            if fault is not None:
+                                status = 0 if fault.kind == "reset" else fault.status
+                                payload = _error(str(status), f"injected fault: {fault.describe()}")
                 finally:
                     server.requests.append(
-                        RecordedRequest(self.command, parsed.path, query, body, operation, status, authorized)
+                        RecordedRequest(
+                            self.command,
+                            parsed.path,
+                            query,
+                            body,
+                            operation,
+                            status,
+                            authorized,
+                            authorization_sent=sent is not None,
+                            injected=fault.describe() if fault else "",
+                        )
                     )
+                if fault is not None and fault.kind == "reset":
+                    # no answer: closed with linger 0, the socket sends a RST instead of a FIN
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.close_connection = True
+                    self.connection.close()
+                    return
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
