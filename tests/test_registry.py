@@ -17,6 +17,7 @@ import pytest
 from kfp_components.registry import (
     RegistryAuthError,
     RegistryConfig,
+    RegistryError,
     RegistryUnavailableError,
     VersionExistsError,
     build_provenance,
@@ -33,6 +34,8 @@ TOKEN = "s3cr3t-registry-token-value"
 SHA = "ab" * 32
 MINIO_URI = "minio://mlpipeline/v2/artifacts/sft-pipeline/run-1234/train-model/model"
 S3_ENVS = ("AWS_S3_ENDPOINT", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+SIGNED_DATASET_URI = "https://reader:hunter2@data.example/train.jsonl?X-Amz-Signature=c1gnature&v=1"
+WANDB_KEY = "wandb-secret-key-0123456789"
 
 
 @pytest.fixture
@@ -67,9 +70,11 @@ def server(monkeypatch):
 
 
 def config(server, **overrides) -> RegistryConfig:
+    """Options for the local (plain http) test server, which checks the token: sending it is allowed."""
     values = dict(
         address=server.url,
         is_secure=False,
+        allow_insecure_token=True,
         model_name="granite-sft",
         storage_uri="s3://models/granite-sft/run-1234",
         max_attempts=2,
@@ -80,7 +85,12 @@ def config(server, **overrides) -> RegistryConfig:
 
 
 def assert_all_requests_valid(server) -> None:
-    bad = [(r.method, r.path, r.status) for r in server.requests if r.status in (400, 401, 500, 501)]
+    """Every request the server answered itself (not an injected fault) was valid."""
+    bad = [
+        (r.method, r.path, r.status)
+        for r in server.requests
+        if r.status in (400, 401, 500, 501) and not r.injected
+    ]
     assert not bad, bad
 
 
@@ -99,15 +109,12 @@ def test_new_model_registers_version_with_provenance_properties(server):
     assert artifact["uri"] == "s3://models/granite-sft/run-1234"
     assert artifact["modelFormatName"] == "safetensors"
     assert artifact["customProperties"]["base_model"]["string_value"] == "hf://Qwen/Qwen2.5-0.5B"
-    assert "createRegisteredModel" in server.operations()
+    # the provenance has no storage URI of its own: the registered one is recorded (it identifies the run)
+    assert props["model_storage_uri"]["string_value"] == "s3://models/granite-sft/run-1234"
     assert_all_requests_valid(server)
-    # every body went through the spec's request schemas
-    assert {
-        "createRegisteredModel",
-        "createModelVersion",
-        "upsertModelVersionArtifact",
-        "updateModelArtifact",
-    } <= set(server.operations())
+    # every body went through the spec's request schemas; the artifact gets its properties in one request
+    writes = [op for op in server.operations() if not op.startswith(("find", "get"))]
+    assert writes == ["createRegisteredModel", "createModelVersion", "upsertModelVersionArtifact"]
 
 
 def test_new_version_of_existing_model(server):
@@ -127,23 +134,35 @@ def test_derived_version_name_comes_from_run_id(server):
 def test_existing_version_fail_policy(server):
     register_model(config(server, version_name="v1"), provenance())
     with pytest.raises(
-        VersionExistsError, match=r"'v1' of model 'granite-sft' already exists.*on_existing_version"
+        VersionExistsError,
+        match=r"'v1' of model 'granite-sft' already exists.*another run \(run id 'run-1234'\).*on_existing_version",
     ):
-        register_model(config(server, version_name="v1", on_existing_version="fail"), provenance())
+        register_model(
+            config(server, version_name="v1", on_existing_version="fail"), provenance(run_id="run-5678")
+        )
 
 
 def test_existing_version_skip_policy_returns_existing(server):
     first = register_model(config(server, version_name="v1"), provenance())
-    again = register_model(config(server, version_name="v1", on_existing_version="skip"), provenance())
+    again = register_model(
+        config(server, version_name="v1", on_existing_version="skip"), provenance(run_id="run-5678")
+    )
     assert again.status == "existing"
     assert (again.version_id, again.artifact_id) == (first.version_id, first.artifact_id)
     assert len(server.store["model_version"]) == 1
+    # kept unchanged: still the first run's
+    props = server.store["model_version"][first.version_id]["customProperties"]
+    assert props["pipeline_run_id"]["string_value"] == "run-1234"
 
 
 def test_existing_version_next_policy_takes_next_free_name(server):
     register_model(config(server, version_name="v1"), provenance())
-    second = register_model(config(server, version_name="v1", on_existing_version="next"), provenance())
-    third = register_model(config(server, version_name="v1", on_existing_version="next"), provenance())
+    second = register_model(
+        config(server, version_name="v1", on_existing_version="next"), provenance(run_id="run-2")
+    )
+    third = register_model(
+        config(server, version_name="v1", on_existing_version="next"), provenance(run_id="run-3")
+    )
     assert (second.version_name, third.version_name) == ("v1-2", "v1-3")
     assert sorted(v["name"] for v in server.store["model_version"].values()) == ["v1", "v1-2", "v1-3"]
     assert_all_requests_valid(server)
@@ -427,6 +446,274 @@ def test_server_routes_and_parameters_come_from_the_client_models():
             assert status == expected, query
 
 
+# --- idempotent registration: faults in transit, reruns of a half-registered version ----------------------
+
+WRITES = ("createRegisteredModel", "createModelVersion", "upsertModelVersionArtifact")
+FAULTS = [
+    pytest.param({"kind": "status", "status": 500, "after_store": True}, id="500-after-store"),
+    pytest.param({"kind": "status", "status": 503, "after_store": False}, id="503-before-store"),
+    pytest.param({"kind": "reset", "after_store": True}, id="reset-after-store"),
+]
+
+
+def assert_one_complete_version(server, result, run_id: str = "run-1234") -> None:
+    """One registered model, one version, one model artifact, with the run's provenance on both."""
+    assert len(server.store["registered_model"]) == 1
+    (version,) = server.store["model_version"].values()
+    (artifact,) = server.store["model_artifact"].values()
+    assert (result.version_id, result.artifact_id) == (version["id"], artifact["id"])
+    assert artifact["_parent"] == version["id"] and artifact["uri"] == "s3://models/granite-sft/run-1234"
+    for entity in (version, artifact):
+        assert entity["customProperties"]["pipeline_run_id"]["string_value"] == run_id
+        assert entity["customProperties"]["dataset_sha256"]["string_value"] == SHA
+    assert_all_requests_valid(server)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+@pytest.mark.parametrize("operation", WRITES)
+def test_a_write_lost_in_transit_is_not_made_twice(server, operation, fault):
+    """A create whose answer was lost (5xx or connection reset, after the server stored it or before) is looked
+    up before it is retried: one call still ends with exactly one model, version and artifact."""
+    injected = server.inject(operation, **fault)
+    result = register_model(config(server, version_name="v1", max_attempts=3), provenance())
+    assert injected.times == 0  # the fault did happen
+    assert result.status == "registered" and result.version_name == "v1"
+    assert_one_complete_version(server, result)
+    assert server.operations().count(operation) == (1 if fault["after_store"] else 2)
+
+
+def half_registered(server, **fault) -> str:
+    """A first run that stored the version and then lost the registry for good: the version has no artifact."""
+    server.inject("upsertModelVersionArtifact", after_store=False, times=2, **fault)
+    with pytest.raises(RegistryUnavailableError, match="'create the model artifact' failed 2 time"):
+        register_model(config(server, version_name="v1"), provenance())
+    (version,) = server.store["model_version"].values()
+    assert not server.store["model_artifact"]
+    return version["id"]
+
+
+@pytest.mark.parametrize("kind", ["status", "reset"])
+@pytest.mark.parametrize("policy", ["fail", "skip", "next"])
+def test_rerun_completes_the_version_it_left_half_registered(server, policy, kind):
+    """The rerun of the same run (same run id, dataset SHA-256, storage URI) finishes its own version, whatever
+    on_existing_version says: no error (fail), no broken version reported as a success (skip), no duplicate
+    (next)."""
+    version_id = half_registered(server, kind=kind)
+    again = register_model(config(server, version_name="v1", on_existing_version=policy), provenance())
+    assert again.status == "completed" and again.version_id == version_id and again.version_name == "v1"
+    assert "created the missing model artifact" in again.message
+    assert_one_complete_version(server, again)
+    # and once complete, a further rerun changes nothing
+    writes = len([op for op in server.operations() if op in WRITES])
+    third = register_model(config(server, version_name="v1", on_existing_version=policy), provenance())
+    assert third.status == "existing" and third.version_id == version_id
+    assert len([op for op in server.operations() if op in WRITES]) == writes
+
+
+def test_a_single_500_after_the_version_was_stored_does_not_fail_the_run(server):
+    """The reported fault: one transient 500 on the version's create, after the server stored it."""
+    server.inject("createModelVersion", after_store=True)
+    result = register_model(config(server, version_name="v1", on_existing_version="fail"), provenance())
+    assert result.status == "registered"
+    assert_one_complete_version(server, result)
+
+
+def test_rerun_adds_the_properties_a_version_and_artifact_lack(server):
+    first = register_model(config(server, version_name="v1"), provenance())
+    version = server.store["model_version"][first.version_id]
+    artifact = server.store["model_artifact"][first.artifact_id]
+    del version["customProperties"]["metrics_eval_loss"]
+    artifact["customProperties"] = {}  # as when the step that added them never ran
+    again = register_model(config(server, version_name="v1"), provenance())
+    assert again.status == "completed" and again.version_id == first.version_id
+    assert version["customProperties"]["metrics_eval_loss"]["double_value"] == 0.42
+    assert artifact["customProperties"]["pipeline_run_id"]["string_value"] == "run-1234"
+    assert len(server.store["model_version"]) == len(server.store["model_artifact"]) == 1
+    assert_all_requests_valid(server)
+
+
+def test_another_runs_half_registered_version_goes_by_the_policy(server):
+    """A version left without an artifact by a *different* run is not completed with this run's model."""
+    half_registered(server)
+    other = provenance(run_id="run-5678")
+    with pytest.raises(VersionExistsError, match=r"another run \(run id 'run-1234'\)"):
+        register_model(config(server, version_name="v1", on_existing_version="fail"), other)
+    with pytest.raises(RegistryError, match=r"has no model artifact.*run id 'run-1234'.*half-registered"):
+        register_model(config(server, version_name="v1", on_existing_version="skip"), other)
+    nxt = register_model(config(server, version_name="v1", on_existing_version="next"), other)
+    assert (nxt.status, nxt.version_name) == ("registered", "v1-2")
+    assert server.store["model_artifact"][nxt.artifact_id]["_parent"] == nxt.version_id
+    assert len(server.store["model_artifact"]) == 1  # v1 is still the other run's to complete
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"dataset_sha256": "cd" * 32},
+        {"base_model": "hf://other/model"},
+        {"algorithm": "dpo"},
+    ],
+    ids=["dataset", "base-model", "algorithm"],
+)
+def test_same_run_id_with_other_provenance_is_another_run(server, change):
+    register_model(config(server, version_name="v1"), provenance())
+    with pytest.raises(VersionExistsError):
+        register_model(config(server, version_name="v1"), provenance(**change))
+
+
+def test_same_run_with_another_storage_uri_is_another_run(server):
+    register_model(config(server, version_name="v1"), provenance())
+    with pytest.raises(VersionExistsError):
+        register_model(config(server, version_name="v1", storage_uri="s3://models/elsewhere"), provenance())
+
+
+def test_without_run_id_or_dataset_hash_no_version_is_taken_for_this_run(server):
+    """Nothing tells two runs apart: an existing version goes by the policy, even with equal provenance, but a
+    create lost in transit within the call is still recognised (its properties are this record's own)."""
+    record = provenance(run_id="", dataset_sha256="")
+    server.inject("createModelVersion", after_store=True)
+    first = register_model(config(server, version_name="v1"), record)
+    assert first.status == "registered" and len(server.store["model_version"]) == 1
+    with pytest.raises(VersionExistsError, match="no run id recorded"):
+        register_model(config(server, version_name="v1"), provenance(run_id="", dataset_sha256=""))
+
+
+# --- the token and the transport ---------------------------------------------------------------------------
+
+
+def test_token_over_plain_http_is_refused_before_any_request(server):
+    """is_secure: false is not consent to send the token in clear text."""
+    with pytest.raises(
+        ConfigError, match=r"allow_insecure_token: .*plain http.*\$MODEL_REGISTRY_TOKEN"
+    ) as caught:
+        register_model(config(server, allow_insecure_token=False), provenance())
+    assert TOKEN not in str(caught.value)
+    assert server.requests == []
+
+
+def test_service_account_token_over_plain_http_is_refused(monkeypatch, tmp_path):
+    monkeypatch.delenv("MODEL_REGISTRY_TOKEN", raising=False)
+    (tmp_path / "token").write_text("eyJhbGciOiJSUzI1NiJ9.sa-token\n")
+    with registry_server(registry_api()) as plain:
+        cfg = config(plain, allow_insecure_token=False, token_path=str(tmp_path / "token"))
+        with pytest.raises(ConfigError, match=r"service-account token at .*token"):
+            register_model(cfg, provenance())
+        # a secure setting with an http:// address is plain http all the same
+        cfg = config(plain, is_secure=True, allow_insecure_token=False, token_path=str(tmp_path / "token"))
+        with pytest.raises(ConfigError, match="plain http"):
+            register_model(cfg, provenance())
+        assert plain.requests == []
+
+
+def test_token_over_http_is_sent_when_allowed(server):
+    register_model(config(server, version_name="v1", allow_insecure_token=True), provenance())
+    assert server.requests and all(r.authorized for r in server.requests)
+
+
+def test_no_token_over_http_sends_no_authorization_header(monkeypatch, tmp_path):
+    """Without a token nothing is sent, not even the token the client would look for by itself
+    (``KF_PIPELINES_SA_TOKEN_PATH``)."""
+    monkeypatch.delenv("MODEL_REGISTRY_TOKEN", raising=False)
+    (tmp_path / "sa-token").write_text("client-found-token")
+    monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "sa-token"))
+    with registry_server(registry_api()) as plain:
+        cfg = config(plain, version_name="v1", allow_insecure_token=False, token_path=str(tmp_path / "none"))
+        assert register_model(cfg, provenance()).status == "registered"
+        assert plain.requests and not any(r.authorization_sent for r in plain.requests)
+
+
+def test_address_with_credentials_is_refused():
+    with pytest.raises(ConfigError, match="address: the address carries credentials"):
+        from_dict(
+            RegistryConfig,
+            {"address": "http://admin:pw@registry:8080", "model_name": "m", "storage_uri": "s3://b/m"},
+        ).validate()
+
+
+# --- secrets in the provenance -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("uri", "recorded", "secrets"),
+    [
+        (
+            "https://reader:hunter2@data.example/train.jsonl",
+            "https://***@data.example/train.jsonl",
+            ["hunter2", "reader"],
+        ),
+        (
+            "https://b.s3.amazonaws.com/t.jsonl?X-Amz-Credential=AKIAIOSFODNN7EXAMPLE%2F20240101"
+            "&X-Amz-Signature=0badc0ffee&X-Amz-Date=20240101T000000Z",
+            "https://b.s3.amazonaws.com/t.jsonl?X-Amz-Credential=***&X-Amz-Signature=***"
+            "&X-Amz-Date=20240101T000000Z",
+            ["AKIAIOSFODNN7EXAMPLE", "0badc0ffee"],
+        ),
+        (
+            "https://acct.blob.core.windows.net/c/t.jsonl?sv=2022-11-02&sig=s1gn3d",
+            "https://acct.blob.core.windows.net/c/t.jsonl?sv=2022-11-02&sig=***",
+            ["s1gn3d"],
+        ),
+        ("https://data.example/t.jsonl?token=t0ken", "https://data.example/t.jsonl?token=***", ["t0ken"]),
+    ],
+    ids=["user-info", "aws-presigned", "azure-sas", "token-query"],
+)
+def test_dataset_uri_credentials_are_never_recorded(server, tmp_path, uri, recorded, secrets):
+    record = provenance(dataset_uri=uri)
+    assert record["dataset"]["uri"] == recorded
+    register_model(config(server, version_name="v1"), record)
+    json_path, card_path = write_provenance(record, tmp_path)
+    assert f"- **Dataset:** {recorded}" in card_path.read_text()
+    for where in (json_path.read_text(), card_path.read_text(), json.dumps(server.store)):
+        assert not [secret for secret in secrets if secret in where]
+
+
+def test_clean_uris_are_recorded_exactly_as_given():
+    record = provenance(
+        dataset_uri="hf://squad@refs/pr/1",
+        base_model="s3://models/base?endpoint=http://minio:9000&defaultRegion=eu-west-1",
+    )
+    assert record["dataset"]["uri"] == "hf://squad@refs/pr/1"
+    assert record["base_model"] == "s3://models/base?endpoint=http://minio:9000&defaultRegion=eu-west-1"
+
+
+HF_TOKEN = "hf_" + "a1B2c3D4e5" * 4
+SA_TOKEN = "eyJhbGciOiJSUzI1NiIsImtpZCI6IjEifQ.eyJpc3MiOiJrdWJlcm5ldGVzIn0.c2lnbmF0dXJlLXNpZ25hdHVyZQ"
+
+
+def test_secret_looking_hyperparameter_and_env_values_are_redacted(server, tmp_path):
+    hyperparameters = {
+        "learning_rate": 2e-5,
+        "max_tokens": 4096,  # a token *count*, kept
+        "report_to": HF_TOKEN,  # a value shaped like a Hugging Face token, under an innocent key
+        "torchrun_args": f"--nproc_per_node=2 --hf_token={HF_TOKEN[:12]}xyz HF_HOME=/cache",
+        "env": {"WANDB_API_KEY": "wandb-0123", "OPENAI_KEY": "k-0123", "TOKENIZERS_PARALLELISM": "false"},
+        "pod_env": [{"name": "MY_SECRET", "value": "v-0123"}, {"name": "HF_HOME", "value": "/cache"}],
+        "header": f"Bearer {SA_TOKEN}",
+        "aws": "AKIAIOSFODNN7EXAMPLE",
+    }
+    record = provenance(hyperparameters=hyperparameters, extra={"model_artifact": {"note": SA_TOKEN}})
+    recorded = record["training"]["hyperparameters"]
+    assert (recorded["learning_rate"], recorded["max_tokens"]) == (2e-5, 4096)
+    assert recorded["env"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert recorded["pod_env"][1] == {"name": "HF_HOME", "value": "/cache"}
+    assert recorded["torchrun_args"] == "--nproc_per_node=2 --hf_token=<redacted> HF_HOME=/cache"
+    register_model(config(server, version_name="v1"), record)
+    json_path, card_path = write_provenance(record, tmp_path)
+    secrets = [HF_TOKEN, HF_TOKEN[:12], SA_TOKEN, "wandb-0123", "k-0123", "v-0123", "AKIAIOSFODNN7EXAMPLE"]
+    for where in (json_path.read_text(), card_path.read_text(), json.dumps(server.store)):
+        assert not [secret for secret in secrets if secret in where]
+
+
+def test_a_record_built_by_hand_is_redacted_when_written(tmp_path):
+    record = provenance()
+    record["dataset"]["uri"] = "https://u:hunter2@h/x.jsonl"  # after build_provenance
+    record["registry"] = {"note": f"token {HF_TOKEN}"}
+    json_path, card_path = write_provenance(record, tmp_path)
+    for text in (json_path.read_text(), card_path.read_text(), json.dumps(to_custom_properties(record))):
+        assert "hunter2" not in text and HF_TOKEN not in text
+    assert json.loads(json_path.read_text())["dataset"]["uri"] == "https://***@h/x.jsonl"
+
+
 @pytest.fixture
 def kfp_local(tmp_path):
     from kfp import local
@@ -454,6 +741,7 @@ def test_component_registers_the_model_artifacts_minio_uri_by_default(kfp_local,
             model_name="tiny-sft",
             registry_address=server.url,
             registry_is_secure=False,
+            registry_allow_insecure_token=True,
             version_name="v1",
             max_attempts=1,
         )
@@ -489,14 +777,15 @@ def test_component_under_kfp_local(kfp_local, tmp_path, request, with_server):
         task = register_component(
             model=model.output,
             base_model_name_or_path="hf://tiny/model",
-            dataset_name_or_path="s3://data/train.jsonl",
+            dataset_name_or_path=SIGNED_DATASET_URI,
             dataset_sha256=SHA,
             algorithm="sft",
             model_name="tiny-sft",
             storage_uri="s3://models/tiny-sft",
-            hyperparameters={"learning_rate": 0.001, "epochs": 1},
+            hyperparameters={"learning_rate": 0.001, "epochs": 1, "env": {"WANDB_API_KEY": WANDB_KEY}},
             registry_address=address,
             registry_is_secure=False,
+            registry_allow_insecure_token=True,
             version_name="v1",
             max_attempts=1,
         )
@@ -507,11 +796,17 @@ def test_component_under_kfp_local(kfp_local, tmp_path, request, with_server):
     assert len(provenance_dirs) == 1
     data = json.loads(provenance_dirs[0].read_text())
     assert data["dataset"]["sha256"] == SHA and data["training"]["hyperparameters"]["epochs"] == 1
-    assert (provenance_dirs[0].parent / "model_card.md").is_file()
+    card = (provenance_dirs[0].parent / "model_card.md").read_text()
+    # the dataset URI is recorded, its credentials are not
+    assert data["dataset"]["uri"] == "https://***@data.example/train.jsonl?X-Amz-Signature=***&v=1"
+    written = provenance_dirs[0].read_text() + card
+    assert "hunter2" not in written and "c1gnature" not in written and WANDB_KEY not in written
     if with_server:
         server = request.getfixturevalue("server")
         version_id = data["registry"]["version_id"]
         assert server.store["model_version"][version_id]["name"] == "v1"
         assert TOKEN not in provenance_dirs[0].read_text()
+        stored = json.dumps(server.store)
+        assert "hunter2" not in stored and "c1gnature" not in stored and WANDB_KEY not in stored
     else:
         assert "registry" not in data

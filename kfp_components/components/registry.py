@@ -26,6 +26,7 @@ def register_model(
     registry_address: str = "",
     registry_port: int = 0,
     registry_is_secure: bool = True,
+    registry_allow_insecure_token: bool = False,
     registry_custom_ca: str = "",
     registry_token_env: str = "MODEL_REGISTRY_TOKEN",
     author: str = "kfp-components",
@@ -42,7 +43,10 @@ def register_model(
     """Write provenance.json and model_card.md, then register the model version (when an address is set).
 
     The token comes from the environment variable named by ``registry_token_env`` (set it from a Kubernetes
-    secret) or the pod's service-account token; it is never logged or written.
+    secret) or the pod's service-account token; it is never logged or written, and goes over TLS only unless
+    ``registry_allow_insecure_token`` is set. Credentials in the dataset URI and secret-looking values are
+    redacted from the record. A rerun of the same run completes a version an earlier attempt left
+    half-registered instead of failing or registering a duplicate.
 
     Args:
         model: The trained model (its metadata is copied into the provenance record).
@@ -64,6 +68,8 @@ def register_model(
         registry_port: Model Registry REST port; 0 infers it (443 when secure, else 8080); a port in the
             address wins.
         registry_is_secure: Use TLS.
+        registry_allow_insecure_token: Send the bearer token over plain http too; off, registering over http
+            with a token (the secret's or the pod's service-account token) fails before any request.
         registry_custom_ca: Path of a PEM bundle to verify the server with (e.g. the cluster's service CA); empty
             uses the system trust store.
         registry_token_env: Environment variable holding the bearer token (empty or unset: the pod's
@@ -72,7 +78,8 @@ def register_model(
         version_name: Version name; empty derives ``run-<run id>``.
         description: Version description.
         model_format: Model format name on the artifact.
-        on_existing_version: fail, skip (keep the existing version) or next (register ``<version>-2``, ...).
+        on_existing_version: When the version exists from another run: fail, skip (keep the existing version) or
+            next (register ``<version>-2``, ...). A version of this same run is completed, whatever the policy.
         max_attempts: Attempts when the registry is unreachable or answers 5xx.
         backoff_seconds: First wait between attempts; it doubles each time.
         pipeline_name, run_id: Filled in by KFP; recorded in the provenance.
@@ -80,7 +87,8 @@ def register_model(
 
     Returns:
         provenance: A folder with provenance.json and model_card.md.
-        Output: The registered (or, with ``skip``, existing) version id; "" when registration was skipped.
+        Output: The registered (completed, or with ``skip`` existing) version id; "" when registration was
+            skipped.
     """
     from kfp_components.environment import ensure_writable_caches
     from kfp_components.images import RUNTIME_IMAGE
@@ -96,6 +104,7 @@ def register_model(
             "address": registry_address,
             "port": registry_port,
             "is_secure": registry_is_secure,
+            "allow_insecure_token": registry_allow_insecure_token,
             "custom_ca": registry_custom_ca,
             "token_env": registry_token_env,
             "author": author,

@@ -2,7 +2,8 @@
 
 Read through :func:`kfp_components.typed_config.from_dict` like every other config, so a typo in a key or a
 wrong type fails before any work starts. The access token is never an option: it comes from a secret
-environment variable or from the pod's service-account token file, and it is never logged.
+environment variable or from the pod's service-account token file, and it is never logged. It is sent over
+TLS only, unless ``allow_insecure_token`` says otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class RegistryConfig(Options):
             and the log says so; provenance is still written beside the model.
         port: REST port; 0 infers it (443 when secure, 8080 otherwise). A port in ``address`` wins.
         is_secure: Use TLS. A secure connection needs a token.
+        allow_insecure_token: Send the bearer token over plain ``http://`` too. Off: registering over http
+            with a token (``token_env`` or the service-account token) is an error before any request;
+            ``is_secure: false`` alone is no consent. Over http without a token, nothing is sent.
         custom_ca: Path of a PEM bundle to verify the server with (e.g. the cluster's service CA); empty uses
             the system trust store.
         token_env: Environment variable holding the bearer token (set it from a Kubernetes secret).
@@ -42,9 +46,11 @@ class RegistryConfig(Options):
         description: Version description.
         model_format: Model format name recorded on the model artifact (KServe uses it to pick a runtime).
         model_format_version: Model format version recorded on the model artifact.
-        on_existing_version: What to do when the version already exists: ``fail`` (raise), ``skip`` (return
-            the existing version untouched) or ``next`` (register ``<version>-2``, ``-3``, ... the next free
-            name).
+        on_existing_version: What to do when the version already exists from another run: ``fail`` (raise),
+            ``skip`` (return the existing version untouched; one without a model artifact is an error) or
+            ``next`` (register ``<version>-2``, ``-3``, ... the next free name). A version of the same run
+            (see :func:`~kfp_components.registry.client.run_identity`) is completed instead, whatever the
+            policy.
         storage_uri: Where the model files are stored for serving: ``s3://``, ``minio://`` (a default Kubeflow
             install's artifact store), ``gs://``, ``pvc://`` or ``oci://``. S3 and MinIO URIs are recorded as
             ``s3://bucket/path?endpoint=...`` (see :mod:`kfp_components.registry.storage`). A path inside the
@@ -63,6 +69,7 @@ class RegistryConfig(Options):
     address: str = ""
     port: int = 0
     is_secure: bool = True
+    allow_insecure_token: bool = False
     custom_ca: str = ""
     token_env: str = DEFAULT_TOKEN_ENV
     token_path: str = DEFAULT_TOKEN_PATH
@@ -103,6 +110,10 @@ class RegistryConfig(Options):
             return
         if not self.model_name.strip():
             raise ConfigError("model_name", "required when a registry address is set")
+        if "@" in urlparse(self.server_url()).netloc:
+            raise ConfigError(
+                "address", "the address carries credentials; give the token as a secret, never in the URL"
+            )
         if self.custom_ca and not Path(self.custom_ca).is_file():
             raise ConfigError("custom_ca", f"CA bundle {self.custom_ca!r} does not exist")
         self.storage()
@@ -153,3 +164,9 @@ class RegistryConfig(Options):
                 return None
             return value or None
         return None
+
+    def token_source(self) -> str:
+        """Where :meth:`resolve_token` finds the token, for messages (never the token itself)."""
+        if self.token_env and os.environ.get(self.token_env, "").strip():
+            return f"${self.token_env}"
+        return f"the service-account token at {self.token_path}"

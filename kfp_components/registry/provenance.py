@@ -4,6 +4,10 @@
 ``provenance.json`` and a human-readable ``model_card.md`` (so a run without a registry still records its
 origin), and :func:`to_custom_properties` flattens it into the scalar custom properties the Model Registry
 accepts (string, int32, double and bool ``MetadataValue`` shapes; nested values as JSON strings).
+
+Secrets never get into any of them: each of the three passes the record through :func:`redact`, which
+replaces the values of secret-looking keys and environment variables, the credentials in URIs (user info,
+signed query strings: :func:`kfp_components.data.uris.redact_uri`) and strings shaped like tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
+from kfp_components.data.uris import redact_uri
+from kfp_components.launch.manifest import looks_secret
 from kfp_components.mappings import flatten
 
 PROVENANCE_FILE = "provenance.json"
@@ -32,6 +39,25 @@ _SECRET_KEY = re.compile(
     r"(^|[_\-.])(token|secret|password|passwd|api[_-]?key|credentials?|authorization|access[_-]?key)$",
     re.IGNORECASE,
 )
+#: An environment variable's name (``WANDB_API_KEY``): its value is redacted when the name looks secret
+#: (:func:`kfp_components.launch.manifest.looks_secret`, the rule the TrainJob's env follows).
+_ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
+#: Values shaped like credentials, wherever they appear: private keys, bearer headers, JWTs (Kubernetes
+#: service-account tokens), Hugging Face, AWS access key, GitHub, OpenAI-style and Slack tokens.
+_SECRET_VALUE = re.compile(
+    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)"
+    r"|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{8,}"
+    r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
+    r"|\bhf_[A-Za-z0-9]{30,}"
+    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
+    r"|\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"
+    r"|\bsk-[A-Za-z0-9_-]{20,}"
+    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
+    re.DOTALL,
+)
+#: ``NAME=value`` (an env assignment, a ``--name=value`` flag) at the start of a string or after a space.
+_ASSIGNMENT = re.compile(r"(?:^|(?<=[\s,;]))(--?)?([A-Za-z_][A-Za-z0-9_.-]*)=([^\s,;]+)")
+_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_]+")
 # MetadataIntValue.int_value is a string matching ^-?([1-9][0-9]{0,8}|0)$: at most nine digits.
 _INT_RANGE = (-999_999_999, 999_999_999)
@@ -65,15 +91,61 @@ def current_namespace() -> str:
 
 
 def redact(value: Any) -> Any:
-    """A copy of ``value`` with the values of secret-looking keys (token, password, ...) replaced."""
+    """A copy of ``value`` with its secrets replaced.
+
+    Replaced: the values of secret-looking keys (``hf_token``, ``password``, ...) and of secret-looking
+    environment variable names (``WANDB_API_KEY``: an upper-case key, or the ``value`` beside a ``name`` in a
+    Kubernetes-style env list); in every string, the credentials of URIs (``user:password@``, signed query
+    strings: ``X-Amz-Signature``, ``sig``, ``token``, ...), token-shaped values (see :data:`_SECRET_VALUE`)
+    and secret ``NAME=value`` assignments.
+    """
     if isinstance(value, Mapping):
+        pair_name = value.get("name")
+        secret_pair = isinstance(pair_name, str) and "value" in value and _secret_name(pair_name)
         return {
-            str(k): REDACTED if _SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)
+            str(k): REDACTED
+            if v not in (None, "") and (_secret_name(str(k)) or (secret_pair and k == "value"))
+            else redact(v)
             for k, v in value.items()
         }
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_text(value)
     return value
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the credentials of its URIs, token-shaped values and secret assignments replaced."""
+    text = _URI.sub(lambda m: _redact_uri(m.group(0)), text)
+    text = _SECRET_VALUE.sub(REDACTED, text)
+    return _ASSIGNMENT.sub(
+        lambda m: f"{m.group(1) or ''}{m.group(2)}={REDACTED}" if _secret_name(m.group(2)) else m.group(0),
+        text,
+    )
+
+
+def _secret_name(name: str) -> bool:
+    """A key (any case, ``..._token``) or an environment variable name (``*KEY*``) that names a secret."""
+    return bool(_SECRET_KEY.search(name)) or (bool(_ENV_NAME.match(name)) and looks_secret(name))
+
+
+def _redact_uri(uri: str) -> str:
+    """:func:`~kfp_components.data.uris.redact_uri` where the URI carries credentials; else ``uri`` unchanged
+    (``redact_uri`` re-encodes every query, and a clean URI is kept exactly as given). ``hf://`` URIs carry
+    no credentials: their ``@`` marks a revision (``hf://squad@main``)."""
+    if uri.lower().startswith("hf://"):
+        return uri
+    cleaned = redact_uri(uri)
+    try:
+        before, after = urlsplit(uri), urlsplit(cleaned)
+    except ValueError:
+        return REDACTED
+    if before.netloc == after.netloc and parse_qsl(before.query, keep_blank_values=True) == parse_qsl(
+        after.query, keep_blank_values=True
+    ):
+        return uri
+    return cleaned
 
 
 def build_provenance(
@@ -99,10 +171,12 @@ def build_provenance(
 
     Args:
         base_model: The model fine-tuned (hf://org/name, a path or URI).
-        dataset_uri: Where the training data came from.
+        dataset_uri: Where the training data came from (recorded without credentials: user info and signed
+            query strings are redacted).
         dataset_sha256: SHA-256 of the training file actually trained on.
         algorithm: sft, osft, dpo, lora, ...
-        hyperparameters: Every training option; values of secret-looking keys are redacted.
+        hyperparameters: Every training option. Like everything in the record, it goes through
+            :func:`redact`: secret-looking keys, env values, URI credentials and token-shaped values.
         metrics: Training and evaluation metrics, e.g. ``{"train": {...}, "eval": {...}}`` or flat.
         pipeline_name, run_id: The KFP pipeline and run that produced the model.
         namespace: Kubernetes namespace; None reads it from the pod.
@@ -119,8 +193,8 @@ def build_provenance(
         "model": {"name": model_name, "storage_uri": storage_uri, "format": model_format},
         "base_model": base_model,
         "dataset": {"uri": dataset_uri, "sha256": dataset_sha256.lower()},
-        "training": {"algorithm": algorithm, "hyperparameters": redact(dict(hyperparameters or {}))},
-        "metrics": redact(dict(metrics or {})),
+        "training": {"algorithm": algorithm, "hyperparameters": dict(hyperparameters or {})},
+        "metrics": dict(metrics or {}),
         "pipeline": {
             "name": pipeline_name,
             "run_id": run_id,
@@ -131,12 +205,15 @@ def build_provenance(
         "timestamps": {"started_at": started_at, "created_at": created_at or utc_now()},
     }
     if extra:
-        provenance["extra"] = redact(dict(extra))
-    return provenance
+        provenance["extra"] = dict(extra)
+    redacted: dict[str, Any] = redact(provenance)
+    return redacted
 
 
 def write_provenance(provenance: Mapping[str, Any], folder: str | Path) -> tuple[Path, Path]:
-    """Write ``provenance.json`` and ``model_card.md`` into ``folder``; returns both paths."""
+    """Write ``provenance.json`` and ``model_card.md`` into ``folder`` (redacted again, in case the record
+    was built or extended by hand); returns both paths."""
+    provenance = redact(dict(provenance))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / PROVENANCE_FILE
