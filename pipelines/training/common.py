@@ -104,6 +104,7 @@ PARAMETERS = {
     "phase_04_registry_man_model_name": ("registry", "model_name"),
     "phase_04_registry_opt_port": ("registry", "registry_port"),
     "phase_04_registry_opt_is_secure": ("registry", "registry_is_secure"),
+    "phase_04_registry_opt_allow_insecure_token": ("registry", "registry_allow_insecure_token"),
     "phase_04_registry_opt_author": ("registry", "author"),
     "phase_04_registry_opt_version_name": ("registry", "version_name"),
     "phase_04_registry_opt_on_existing_version": ("registry", "on_existing_version"),

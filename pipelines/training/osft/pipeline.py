@@ -75,6 +75,7 @@ def osft_pipeline(
     phase_04_registry_man_model_name: str = "osft-fine-tuned-model",
     phase_04_registry_opt_port: int = 0,
     phase_04_registry_opt_is_secure: bool = True,
+    phase_04_registry_opt_allow_insecure_token: bool = False,
     phase_04_registry_opt_author: str = "kfp-components",
     phase_04_registry_opt_version_name: str = "",
     phase_04_registry_opt_on_existing_version: str = "fail",
