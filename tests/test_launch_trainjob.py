@@ -455,7 +455,10 @@ def test_failure_reports_reason_and_last_lines_and_deletes():
         assert error.value.log_tail == lines[-2:]
         (delete,) = deletes(server)
         assert delete.path.endswith(f"/namespaces/ml/trainjobs/{launcher.name}")
+        # with a body, the API server reads the delete options from it alone
         assert delete.query["propagationPolicy"] == ["Foreground"]
+        assert delete.body["propagationPolicy"] == "Foreground"
+        assert delete.body["preconditions"] == {"uid": server.created_uids[0]}, "only the one we created"
         assert server.wait_until(lambda: server.trainjob(launcher.name, "ml") is None, 5)
 
 
@@ -510,7 +513,9 @@ def test_sigterm_deletes_the_trainjob_and_exits_non_zero(tmp_path):
                 process.kill()
         assert process.returncode == 128 + signal.SIGTERM, output
         (delete,) = deletes(server)
-        assert delete.query["propagationPolicy"] == ["Foreground"]
+        assert delete.body["propagationPolicy"] == "Foreground"
+        assert delete.body["preconditions"] == {"uid": server.created_uids[0]}
+        assert server.wait_until(lambda: server.trainjob(f"sft-{RUN_ID}", "ml") is None, 5)
         assert "cancelled (SIGTERM)" in output and "still training" in output
         assert server.token not in output
 

@@ -13,6 +13,10 @@ Credentials, first match wins:
 
 The token is never logged; errors name the variables, not their values. Each client gets its own
 ``Configuration``, so nothing changes the ``kubernetes`` package's global default.
+
+The clients made here do not retry a failed request on their own (urllib3 would try a timed-out read
+three more times, multiplying every request timeout): the launcher retries what is safe to retry, with
+backoff, within its deadlines (see :mod:`kfp_components.launch.trainjob`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -50,7 +55,7 @@ def token_api_client(
 
     ``ca_cert`` is PEM text or the path of a CA bundle; empty uses the system's trust store.
     """
-    configuration = client.Configuration()
+    configuration = _configuration()
     configuration.host = server_url.rstrip("/")
     configuration.api_key = {"authorization": token}
     configuration.api_key_prefix = {"authorization": "Bearer"}
@@ -76,7 +81,7 @@ def api_client_from_environment(environ: Mapping[str, str] | None = None) -> cli
         return token_api_client(
             server, token, ca_cert=env.get(ENV_CA_CERT, ""), insecure_skip_tls_verify=insecure
         )
-    configuration = client.Configuration()
+    configuration = _configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
         log.info("Kubernetes API %s with the pod's service account", configuration.host)
@@ -126,6 +131,13 @@ def describe_api_error(exc: ApiException) -> str:
             "kubernetes-credentials secret, or the pod's service account token)"
         )
     return text
+
+
+def _configuration() -> client.Configuration:
+    """A fresh client configuration whose requests are tried once (the caller decides about retries)."""
+    configuration = client.Configuration()
+    configuration.retries = urllib3.Retry(total=0, redirect=False)
+    return configuration
 
 
 def _ca_file(ca_cert: str) -> str:

@@ -29,8 +29,16 @@ the TrainJob adds to the runtime's template in either CRD shape (labels, annotat
 command, volumes and mounts, image pull secrets, node selector, tolerations), merged the way the Trainer
 controller merges it.
 
-Every request is recorded (method, path, query, parsed body, raw body) so tests can assert what was sent
-and deleted, and that no secret value was.
+Deletes honour ``DeleteOptions`` the way the API server reads them: from the JSON body when there is one
+(``propagationPolicy``, ``preconditions.uid``: 409 ``Conflict`` when the stored object has another uid), else
+from the query.
+
+Faults (:class:`Fault`, :meth:`KubeApiServer.inject`) make chosen requests slow, answer them with an error
+status or close the connection without an answer, either before the request is carried out or after (a
+create that is stored and then answered with a 500 or a reset connection).
+
+Every request is recorded (method, path, query, parsed body, raw body, the fault it met) so tests can assert
+what was sent and deleted, and that no secret value was.
 """
 
 from __future__ import annotations
@@ -41,11 +49,13 @@ import json
 import random
 import re
 import socket
+import struct
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -122,8 +132,50 @@ class Scenario:
 
 
 @dataclass
+class Fault:
+    """A fault the server injects into the requests it matches (method, and a part of the path).
+
+    The request is held ``delay`` seconds, then answered with ``status`` (a ``Status`` body), or the
+    connection is closed without an answer (``reset``), or, with neither, answered as usual (a slow server).
+    ``after``: the request is carried out first (a create is stored, a delete done) and the fault replaces
+    its answer; otherwise the request is not carried out when the fault answers it.
+
+    Attributes:
+        method: GET, POST or DELETE.
+        path: Part of the path, e.g. ``/trainjobs`` (create), ``/trainjobs/<name>`` (read, delete) or
+            ``/customresourcedefinitions/``.
+        status: The status code to answer with; 0: the real answer (or none, with ``reset``).
+        reset: Close the connection without an answer.
+        delay: Seconds to hold the request (with ``after``: the answer) first.
+        after: Carry the request out before the fault.
+        times: How many matching requests it hits; 0: every one until :meth:`KubeApiServer.clear_faults`.
+        hits: How many it has hit so far.
+    """
+
+    method: str
+    path: str
+    status: int = 0
+    reset: bool = False
+    delay: float = 0.0
+    after: bool = False
+    times: int = 1
+    hits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.status and self.reset:
+            raise ValueError("a fault answers with a status or resets the connection, not both")
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and self.path in path and (self.times == 0 or self.hits < self.times)
+
+
+@dataclass
 class RecordedRequest:
-    """One request the server received (the Authorization header is not kept)."""
+    """One request the server received (the Authorization header is not kept).
+
+    ``status`` is the code it was answered with (0: no answer, the connection was closed); ``fault`` the
+    fault it met, if any.
+    """
 
     method: str
     path: str
@@ -131,6 +183,8 @@ class RecordedRequest:
     body: Any
     raw_body: str
     status: int = 0
+    fault: Fault | None = None
+    fault_applied: bool = field(default=False, repr=False)
 
 
 @dataclass
@@ -206,6 +260,8 @@ class KubeApiServer:
         token: The bearer token it accepts.
         requests: Every request received, in order.
         created: Names of the TrainJobs created (one entry per successful POST).
+        created_uids: Their uids.
+        faults: The faults injected (see :meth:`inject`).
     """
 
     def __init__(
@@ -216,6 +272,7 @@ class KubeApiServer:
         scenarios: list[Scenario] | None = None,
         crd_readable: bool = True,
         foreground_delete_seconds: float = 0.05,
+        faults: Sequence[Fault] = (),
     ):
         self.schema = schema
         self.crd = schema.crd()
@@ -226,6 +283,9 @@ class KubeApiServer:
         self.url = ""
         self.requests: list[RecordedRequest] = []
         self.created: list[str] = []
+        self.created_uids: list[str] = []
+        self.faults: list[Fault] = list(faults)
+        self._stopped = threading.Event()
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._cond = threading.Condition()
         self._stopping = False
@@ -256,6 +316,15 @@ class KubeApiServer:
                 self._cond.wait(min(left, 0.05))
         return True
 
+    def inject(self, *faults: Fault) -> None:
+        """Add faults; a request meets the first one that matches it and has hits left."""
+        with self._cond:
+            self.faults.extend(faults)
+
+    def clear_faults(self) -> None:
+        with self._cond:
+            self.faults.clear()
+
     # ---- the API
 
     def handle(self, handler: _Handler, method: str) -> None:
@@ -275,6 +344,12 @@ class KubeApiServer:
         if handler.headers.get("Authorization", "") != f"Bearer {self.token}":
             return self._send(handler, record, 401, _status(401, "Unauthorized", "Unauthorized"))
         path = parts.path.rstrip("/")
+        with self._cond:
+            record.fault = next((f for f in self.faults if f.matches(method, path)), None)
+            if record.fault is not None:
+                record.fault.hits += 1
+        if record.fault is not None and not record.fault.after and self._fault(handler, record):
+            return None
         if method == "GET" and path == "/apis":
             return self._send(handler, record, 200, _api_groups())
         if method == "GET" and path == f"/apis/{GROUP}/{VERSION}":
@@ -436,6 +511,7 @@ class KubeApiServer:
             job = _Job(obj=body, scenario=scenario, jobset=_jobset(body))
             self._jobs[(namespace, name)] = job
             self.created.append(name)
+            self.created_uids.append(metadata["uid"])
             self._cond.notify_all()
         threading.Thread(target=self._play, args=(job,), name=f"controller-{name}", daemon=True).start()
         self._send(handler, record, 201, body, warnings=warnings)
@@ -443,11 +519,23 @@ class KubeApiServer:
     def _delete(
         self, handler: _Handler, record: RecordedRequest, namespace: str, name: str, query: dict
     ) -> None:
-        policy = query.get("propagationPolicy", [""])[0]
+        # the API server reads DeleteOptions from the body when there is one, else from the query
+        options = record.body if isinstance(record.body, dict) else {}
+        if record.raw_body:
+            policy = options.get("propagationPolicy") or ""
+        else:
+            policy = query.get("propagationPolicy", [""])[0]
+        uid = (options.get("preconditions") or {}).get("uid")
         with self._cond:
             job = self._jobs.get((namespace, name))
             if job is None:
                 return self._send(handler, record, 404, _not_found("trainjobs", name))
+            if uid is not None and uid != job.obj["metadata"]["uid"]:
+                message = (
+                    f"Precondition failed: UID in precondition: {uid}, UID in object meta: "
+                    f"{job.obj['metadata']['uid']}"
+                )
+                return self._send(handler, record, 409, _status(409, "Conflict", message))
             job.stopped.set()
             for pod in job.pods:
                 pod.done = True
@@ -516,15 +604,41 @@ class KubeApiServer:
         *,
         warnings: Sequence[str] = (),
     ) -> None:
+        if record.fault is not None and record.fault.after and self._fault(handler, record):
+            return
         record.status = code
         data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-        handler.send_response(code)
-        handler.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        for warning in warnings:
-            handler.send_header("Warning", f'299 - "{warning}"')
-        handler.end_headers()
-        handler.wfile.write(data)
+        try:
+            handler.send_response(code)
+            handler.send_header("Content-Type", "text/plain" if isinstance(body, str) else "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            for warning in warnings:
+                handler.send_header("Warning", f'299 - "{warning}"')
+            handler.end_headers()
+            handler.wfile.write(data)
+        except OSError:  # the client gave up waiting (a slow answer)
+            handler.close_connection = True
+
+    def _fault(self, handler: _Handler, record: RecordedRequest) -> bool:
+        """Apply the request's fault once: hold it, then answer with its status or close the connection.
+        True when the fault answered (or dropped) the request; False when the real answer follows."""
+        fault = record.fault
+        if fault is None or record.fault_applied:
+            return False
+        record.fault_applied = True
+        if fault.delay:
+            self._stopped.wait(fault.delay)
+        if fault.reset:
+            with contextlib.suppress(OSError):  # RST instead of FIN: the client sees the connection reset
+                handler.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            handler.close_connection = True
+            return True
+        if fault.status:
+            phrase = HTTPStatus(fault.status).phrase
+            message = f"{phrase}: the server is currently unable to handle the request"
+            self._send(handler, record, fault.status, _status(fault.status, phrase.replace(" ", ""), message))
+            return True
+        return False
 
     def _pod(self, namespace: str, name: str) -> _Pod | None:
         with self._cond:
@@ -661,6 +775,7 @@ class KubeApiServer:
         return self._clock
 
     def stop(self) -> None:
+        self._stopped.set()
         with self._cond:
             self._stopping = True
             for job in self._jobs.values():
@@ -699,10 +814,12 @@ def kube_api_server(
     scenarios: list[Scenario] | None = None,
     crd_readable: bool = True,
     foreground_delete_seconds: float = 0.05,
+    faults: Sequence[Fault] = (),
 ) -> Iterator[KubeApiServer]:
     """Serve the Kubernetes API for TrainJobs of ``schema`` on a free port of 127.0.0.1.
 
-    ``scenarios[i]`` scripts the i-th TrainJob created (the last one repeats).
+    ``scenarios[i]`` scripts the i-th TrainJob created (the last one repeats); ``faults`` are injected from
+    the first request on (see :class:`Fault`).
     """
     state = KubeApiServer(
         schema,
@@ -710,6 +827,7 @@ def kube_api_server(
         scenarios=scenarios,
         crd_readable=crd_readable,
         foreground_delete_seconds=foreground_delete_seconds,
+        faults=faults,
     )
     handler = type("Handler", (_Handler,), {"state": state})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
