@@ -13,6 +13,10 @@ demo, a single machine), in a scratch folder beside the Model artifact that is r
 the data goes in and the model comes out through that volume (``<workspace>/runs/<run id>/<stage>``, where
 checkpoints let a preempted or retried TrainJob resume). Either way the final model (a plain HF checkpoint)
 ends up in the step's Model artifact folder.
+
+Errors, and the config the step hands back to be recorded, name a model reference without its credentials
+(see :mod:`kfp_components.redaction`); a reference that is neither a Hugging Face id nor a folder (nor a
+``pvc://`` path on the workspace) is refused, so the Model artifact's ``base_model`` never holds one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from kfp_components.data.uris import parse_pvc_uri
 from kfp_components.images import TRAINER_IMAGE
 from kfp_components.launch.local import run_local_training, write_run_config
 from kfp_components.launch.manifest import TrainJobConfig
+from kfp_components.redaction import redact_record, redact_text, redact_uris
 from kfp_components.trainer.config import TrainingConfig
 from kfp_components.typed_config import ConfigError, aliases_of, from_dict, to_dict, unknown_option_message
 
@@ -54,6 +59,9 @@ STEP_DEFAULTS: dict[str, Any] = {"resume": True}
 
 @dataclass
 class TrainingStepResult:
+    """What a training step produced; ``config`` is the trainer's config as it may be recorded (the Model
+    artifact's ``training_config``): plain data without credentials."""
+
     model_dir: Path
     summary: dict
     trainjob_name: str = ""
@@ -179,7 +187,7 @@ def run_train_model_step(
     if config is not None:
         problems.extend(_preflight_problems(config, train_data, eval_path, backend))
     if problems or config is None:
-        raise ConfigError.of(problems)
+        raise ConfigError.of([(path, redact_text(message)) for path, message in problems])
 
     # 2. Stage the data, 3. train, 4. hand back the model.
     if backend == "trainjob":
@@ -225,7 +233,8 @@ def workers_model_reference(reference: str, workspace_pvc: str, workspace_path: 
         )
         raise ConfigError(
             "model_name_or_path",
-            f"{reference!r}: training starts from a Hugging Face id or a model folder; put the model on {where}",
+            f"{redact_uris(reference)!r}: training starts from a Hugging Face id or a model folder; put the "
+            f"model on {where}",
         )
     return reference
 
@@ -273,7 +282,7 @@ def run_training_step(
     config = replace(config, save_final_model=True)
     config.validate()
     output_dir = Path(config.output_dir)
-    result = TrainingStepResult(model_dir=Path(model_dir), summary={}, config=to_dict(config))
+    result = TrainingStepResult(model_dir=Path(model_dir), summary={}, config=redact_record(to_dict(config)))
     if backend == "local":
         result.summary = run_local_training(
             config, nproc_per_node=nproc_per_node, timeout_s=timeout_seconds or None

@@ -3,7 +3,7 @@
 Exit status: 0 when the pipeline (or dry run) succeeded, 1 when a stage failed, 2 for a bad config, a bad
 flag, or a problem found before the first stage starts (by a dry run or the run's own up-front checks: a
 missing or wrongly formatted dataset, an unwritable output folder, a model that does not load, ...); errors
-are printed as ``error: <message>``, every problem on its own line.
+are printed as ``error: <message>``, every problem on its own line, without credentials.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from kfp_components.logs import configure_logging
 from kfp_components.orchestration.config import load_pipeline_config, parse_override
 from kfp_components.orchestration.pipeline import FINAL_MODEL_DIR, Pipeline
 from kfp_components.orchestration.state import PipelineError
+from kfp_components.redaction import redact_text
 from kfp_components.typed_config import ConfigError, parse_cli_value
 
 log = logging.getLogger("kfp_components.orchestration")
@@ -119,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             args.stages, save_final_model=save_final_model, cleanup_intermediate=args.cleanup_intermediate
         )
     except (ConfigError, DatasetError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 2
     except PipelineError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
     final = Path(config.output_dir) / FINAL_MODEL_DIR
     shown = final if save_final_model and final.is_dir() else results[-1].model_path

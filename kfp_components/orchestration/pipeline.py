@@ -12,6 +12,11 @@
 
 Logs go to the console (see :func:`kfp_components.logs.configure_logging`) and, for the duration of a run,
 to ``<output_dir>/pipeline_training.log``.
+
+No credential is written down: ``pipeline_config.json``, ``pipeline_state.json``, the log (every handler of
+the root logger gets :class:`~kfp_components.logs.RedactSecrets` while a run lasts), the plan and the errors
+show URIs without user info or signed query values (see :mod:`kfp_components.redaction`). The state keeps a
+stage's options only as its fingerprint, a digest.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from kfp_components.logs import FORMAT
+from kfp_components.logs import FORMAT, RedactSecrets, add_secret_filter, remove_secret_filter
 from kfp_components.orchestration.config import PipelineConfig, load_pipeline_config
 from kfp_components.orchestration.state import PipelineError, PipelineState
+from kfp_components.redaction import redact_record, redact_text
 from kfp_components.stages import registry
 from kfp_components.stages.base import BaseStage, StageResult, config_class_of
 from kfp_components.stages.training import TrainingStage
@@ -53,7 +59,8 @@ class StageFailedError(PipelineError):
         self.position = position
         self.total = total
         super().__init__(
-            f"stage {stage_name!r} ({position} of {total}) failed: {type(cause).__name__}: {cause}"
+            f"stage {stage_name!r} ({position} of {total}) failed: {type(cause).__name__}: "
+            f"{redact_text(str(cause))}"
         )
 
 
@@ -93,7 +100,7 @@ class RunPlan:
     model_info: dict[str, str] = field(default_factory=dict)
 
     def format(self) -> str:
-        """The plan as text, one block per stage."""
+        """The plan as text, one block per stage, without credentials."""
         lines = [f"Pipeline plan: {len(self.stages)} stage(s); outputs in {self.output_dir}"]
         lines.append(f"  starts from {self.start_from}: {self.start_model}")
         if self.start_tokenizer != self.start_model:
@@ -112,7 +119,7 @@ class RunPlan:
             lines.append(f"       output_dir: {item.output_dir}")
             previous = item.name
         lines.append(f"  final model: {Path(self.output_dir) / FINAL_MODEL_DIR}")
-        return "\n".join(lines)
+        return redact_text("\n".join(lines))
 
 
 class Pipeline:
@@ -264,7 +271,7 @@ class Pipeline:
             except (ValueError, OSError) as exc:
                 problems.append((f"stage_configs.{item.name}", f"{type(exc).__name__}: {exc}"))
         if problems:
-            raise DryRunError(_unique(problems))
+            raise DryRunError(_reported(problems))
         return plan
 
     def check_inputs(self, plan: RunPlan) -> None:
@@ -280,7 +287,7 @@ class Pipeline:
             except ConfigError as exc:
                 problems.extend(exc.under(f"stage_configs.{item.name}").problems)
         if problems:
-            raise ConfigError.of(_unique(problems))
+            raise ConfigError.of(_reported(problems))
 
     def _model_problems(self, plan: RunPlan) -> list[tuple[str, str]]:
         """The starting model's config and tokenizer load (no weights); training stages need a chat template."""
@@ -339,7 +346,9 @@ class Pipeline:
             state = PipelineState.load(self.output_dir)
             plan = self.plan(stages, state)
             self.check_inputs(plan)
-            (self.output_dir / CONFIG_FILE).write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
+            (self.output_dir / CONFIG_FILE).write_text(
+                json.dumps(redact_record(to_dict(self.config)), indent=2) + "\n"
+            )
             log.info(
                 "pipeline: %s (%d of %d stages) from %s; outputs in %s",
                 " -> ".join(p.name for p in plan.stages),
@@ -451,10 +460,13 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _log_to_file(self) -> Iterator[None]:
-        """Copy the ``kfp_components`` logs to ``<output_dir>/pipeline_training.log`` while the run lasts."""
+        """Copy the ``kfp_components`` logs to ``<output_dir>/pipeline_training.log`` while the run lasts;
+        that file and every handler of the root logger redact secrets meanwhile (:class:`RedactSecrets`)."""
         logger = logging.getLogger("kfp_components")
         handler = logging.FileHandler(self.output_dir / LOG_FILE, encoding="utf-8")
         handler.setFormatter(logging.Formatter(FORMAT, datefmt="%Y-%m-%d %H:%M:%S"))
+        handler.addFilter(RedactSecrets())
+        redacting = add_secret_filter(logging.getLogger().handlers)
         level = logger.level
         logger.addHandler(handler)
         logger.setLevel(self.config.log_level.upper())
@@ -464,6 +476,7 @@ class Pipeline:
             logger.setLevel(level)
             logger.removeHandler(handler)
             handler.close()
+            remove_secret_filter(redacting)
 
 
 def stage_fingerprint(stage: BaseStage, upstream: str) -> str:
@@ -521,13 +534,14 @@ def _build_stages(config: PipelineConfig) -> dict[str, BaseStage]:
                 problems.extend(exc.under(path).problems)
         stages[name] = stage
     if problems:
-        raise ConfigError.of(_unique(problems))
+        raise ConfigError.of(_reported(problems))
     return stages
 
 
-def _unique(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """``problems`` without repeats (a config's own checks may run again in its stage's checks)."""
-    return list(dict.fromkeys(problems))
+def _reported(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``problems`` as they may be shown: without repeats (a config's own checks may run again in its
+    stage's checks) and without credentials (a message may quote a model reference or an exception)."""
+    return list(dict.fromkeys((path, redact_text(message)) for path, message in problems))
 
 
 def output_dir_problems(output_dir: Path) -> list[tuple[str, str]]:

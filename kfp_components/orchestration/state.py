@@ -3,7 +3,9 @@
 One entry per stage, keyed by its name. ``status`` is ``finished`` (with the stage's result), ``failed``
 (with the error) or ``running`` (a run that was killed). A finished entry is reused by a later run when the
 stage's fingerprint (its options and its input) is unchanged. The file is rewritten atomically after every
-change, so a crash never leaves it half written.
+change, so a crash never leaves it half written. What it holds is written without credentials (an error that
+quotes a signed URL, say, is kept with ``***`` in their place; see :func:`kfp_components.redaction.redact_record`);
+the fingerprint is a digest, never the options themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from kfp_components.redaction import redact_record
 from kfp_components.stages.base import StageResult
 
 STATE_FILE = "pipeline_state.json"
@@ -90,9 +93,11 @@ class PipelineState:
         self.stages[name].update(status="failed", finished_at=_now(), error=error)
 
     def save(self) -> None:
-        """Write the state atomically (a temporary file in the same folder, then a rename)."""
+        """Write the state, without credentials, atomically (a temporary file in the same folder, then a
+        rename)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps({"version": STATE_VERSION, "stages": self.stages}, indent=2, allow_nan=False)
+        stages = redact_record(self.stages)
+        text = json.dumps({"version": STATE_VERSION, "stages": stages}, indent=2, allow_nan=False)
         handle, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=self.path.parent)
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
