@@ -1,4 +1,4 @@
-"""Hostile data: huge rows and files in bounded memory, and short error messages."""
+"""Hostile data: huge rows and files in bounded memory, short error messages, and pvc:// links out of the claim."""
 
 from __future__ import annotations
 
@@ -199,6 +199,58 @@ def test_outputs_are_byte_identical_to_the_in_memory_stage(tmp_path):
     )
     assert result.train_sha256 == "c71f324aba898b670dbdf3d52c16f52dde2692fb7ded608c8ed5e6e06738679c"
     assert result.metrics["train_rows"] == 120 and result.metrics["eval_rows"] == 30
+
+
+# -- pvc:// ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def claim(tmp_path, monkeypatch):
+    root = tmp_path / "pvc"
+    (root / "workspace" / "data").mkdir(parents=True)
+    monkeypatch.setenv("KFP_COMPONENTS_PVC_ROOT", str(root))
+    outside = write_jsonl(tmp_path / "elsewhere" / "secret.jsonl", [chat("not yours")])
+    return root / "workspace", outside
+
+
+def test_pvc_file_link_out_of_the_claim_is_refused(tmp_path, claim):
+    root, outside = claim
+    (root / "data" / "link.jsonl").symlink_to(outside)
+    with pytest.raises(
+        DatasetError,
+        match=r"pvc://workspace/data/link.jsonl: the path is a symbolic link that leads out of claim 'workspace'",
+    ):
+        prepare_dataset(DatasetConfig("pvc://workspace/data/link.jsonl"), tmp_path / "t", tmp_path / "e")
+    assert not (tmp_path / "t").exists()
+
+
+def test_pvc_folder_holding_a_link_out_of_the_claim_is_refused(tmp_path, claim):
+    root, outside = claim
+    write_jsonl(root / "data" / "a.jsonl", [GOOD])
+    (root / "data" / "b.jsonl").symlink_to(outside)
+    with pytest.raises(
+        DatasetError, match=r"pvc://workspace/data: b.jsonl is a symbolic link that leads out of claim"
+    ):
+        prepare_dataset(DatasetConfig("pvc://workspace/data"), tmp_path / "t", tmp_path / "e")
+
+
+def test_pvc_folder_link_out_of_the_claim_is_refused(tmp_path, claim):
+    root, outside = claim
+    (root / "escape").symlink_to(outside.parent)
+    with pytest.raises(
+        DatasetError, match=r"pvc://workspace/escape: the path is a symbolic link that leads out"
+    ):
+        prepare_dataset(DatasetConfig("pvc://workspace/escape"), tmp_path / "t", tmp_path / "e")
+
+
+def test_pvc_links_inside_the_claim_are_followed(tmp_path, claim):
+    root, _ = claim
+    write_jsonl(root / "data" / "real.jsonl", [GOOD, chat("two")])
+    (root / "current.jsonl").symlink_to(root / "data" / "real.jsonl")
+    result = prepare_dataset(
+        DatasetConfig("pvc://workspace/current.jsonl", train_split_ratio=1.0), tmp_path / "t", tmp_path / "e"
+    )
+    assert result.metrics["train_rows"] == 2 and result.files == ["current.jsonl"]
 
 
 def test_row_errors_do_not_stop_a_jsonl_file(tmp_path):

@@ -29,7 +29,7 @@ from typing import IO, Any
 
 from kfp_components.data.config import DatasetConfig
 from kfp_components.data.errors import DatasetError
-from kfp_components.data.fetch import fetch
+from kfp_components.data.fetch import DownloadLimits, fetch
 from kfp_components.data.formats import FORMATS, MESSAGES, REQUIRED_KEYS, check_row, detect_row_format
 from kfp_components.data.readers import MAX_DEPTH, DataFile, Location, RowError, read_rows, shorten
 from kfp_components.data.uris import parse_dataset_uri
@@ -101,8 +101,9 @@ def prepare_dataset(
     train_path, eval_path = Path(train_path), Path(eval_path)
     started = time.monotonic()
     log.info("dataset: reading %s", uri.redacted())
+    limits = DownloadLimits(config.dataset_download_timeout_seconds, config.dataset_stall_timeout_seconds)
     with tempfile.TemporaryDirectory(prefix="kfp-dataset-", dir=scratch_dir) as scratch:
-        files = fetch(uri, Path(scratch), split=config.dataset_split)
+        files = fetch(uri, Path(scratch), split=config.dataset_split, limits=limits)
         log.info("dataset: %d file(s): %s", len(files), ", ".join(f.name for f in files[:10]))
         with tempfile.TemporaryFile(dir=scratch) as valid_rows:  # no name: nothing a download can clash with
             scan = _scan(files, config.data_format, config.dataset_on_invalid, valid_rows)
