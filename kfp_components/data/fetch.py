@@ -107,6 +107,11 @@ def _local_files(uri: DatasetURI) -> list[DataFile]:
             f"{uri.raw}: claim {uri.claim!r} is not mounted at {uri.claim_root()} "
             f"(mount it there or set {PVC_ROOT_ENV})"
         )
+    if uri.scheme == "pvc" and not path.resolve().is_relative_to(uri.claim_root().resolve()):
+        raise DatasetError(
+            f"{uri.raw}: the path is a symbolic link that leads out of claim {uri.claim!r}; give a path "
+            "inside the claim"
+        )
     if path.is_file():
         files = [DataFile(path, path.name)]
     elif path.is_dir():
@@ -124,11 +129,6 @@ def _inside_claim(uri: DatasetURI, files: list[DataFile]) -> list[DataFile]:
     mounted in the pod), so it is an error rather than followed or skipped.
     """
     root = uri.claim_root().resolve()
-    if not uri.local_path().resolve().is_relative_to(root):
-        raise DatasetError(
-            f"{uri.raw}: the path is a symbolic link that leads out of claim {uri.claim!r}; give a path "
-            "inside the claim"
-        )
     inside = []
     for data_file in files:
         real = data_file.path.resolve()

@@ -419,14 +419,6 @@ def _kept_lines(lines: Iterable[bytes], kept: Iterable[int] | None) -> Iterator[
             next_wanted = next(wanted, None)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _length_stats(counts: Counter[int], name: str) -> dict[str, float]:
     """min, mean, p50, p95 and max of the lengths counted in ``counts`` (length -> how many rows)."""
     if not counts:
