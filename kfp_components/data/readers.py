@@ -34,6 +34,8 @@ _READ_CHUNK = 1 << 20
 #: How close to the end of the text read so far a JSON error may come from the text being cut there.
 _CUT_MARGIN = 16
 _NON_SPACE = re.compile(r"[^ \t\r\n]")
+#: What follows an array element: ',' or ']' between optional white space.
+_SEPARATOR = re.compile(r"[ \t\r\n]*([,\]])[ \t\r\n]*")
 #: Magic numbers of compressed or archived files: what they are and what to do.
 _COMPRESSED = (
     (b"\x1f\x8b", "gzip-compressed", "decompress it (gunzip)"),
@@ -233,6 +235,10 @@ def _read_json_array(data_file: DataFile) -> Iterator[tuple[Location, Any]]:
             if _may_be_too_deep(text.text, start, end) and nesting_depth(value) > MAX_DEPTH:
                 value = RowError(_too_deep())
             yield location, value
+            separator = _SEPARATOR.match(text.text, end)
+            if separator and separator.end() < len(text.text):  # the common case, in one step
+                text.advance(separator.end() if separator.group(1) == "," else separator.start(1))
+                continue
             text.advance(end)
             if not text.skip_space():
                 continue  # not closed: said at the top of the loop
