@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -22,6 +24,10 @@ def msgs(*turns) -> dict:
 
 
 GOOD = chat()
+GOOD_TEXT = json.dumps(GOOD)
+DEEP = "[" * 5000 + "]" * 5000  # deeper than Python's parser recurses
+SURROGATE = '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a\\ud800"}]}'
+HUGE_INTEGER = '{"messages": [{"role": "user", "content": "q"}], "n": ' + "9" * 5000 + "}"
 
 CORPUS = {
     "bad_json.jsonl": (lines(GOOD, '{"messages": [', GOOD), "bad_json.jsonl:2: not valid JSON"),
@@ -93,6 +99,65 @@ CORPUS = {
         "array_bad_element.json:3: messages: no assistant turn",
     ),
     "not_parquet.parquet": (b"this is not parquet at all", "not_parquet.parquet: not a Parquet file"),
+    # hostile content: a clear error with file:line, never a traceback
+    "deep_nesting.jsonl": (
+        lines(GOOD, '{"messages": ' + DEEP + "}"),
+        "deep_nesting.jsonl:2: lists and objects nested more than 100 levels deep",
+    ),
+    "deep_but_parseable.jsonl": (
+        lines({**GOOD, "meta": json.loads("[" * 150 + "]" * 150)}),
+        "deep_but_parseable.jsonl:1: lists and objects nested more than 100 levels deep",
+    ),
+    "lone_surrogate.jsonl": (
+        lines(GOOD, SURROGATE),
+        "lone_surrogate.jsonl:2: messages[1].content: holds a lone UTF-16 surrogate",
+    ),
+    "huge_integer.jsonl": (
+        lines(HUGE_INTEGER),
+        "huge_integer.jsonl:1: a number has more than 4300 digits",
+    ),
+    "nan.jsonl": (
+        lines(GOOD_TEXT[:-1] + ', "score": NaN}'),
+        "nan.jsonl:1: not valid JSON: NaN is not a JSON value",
+    ),
+    "infinity.jsonl": (
+        lines(GOOD, GOOD_TEXT[:-1] + ', "score": -Infinity}'),
+        "infinity.jsonl:2: not valid JSON: -Infinity is not a JSON value",
+    ),
+    "gzip.jsonl": (
+        gzip.compress(lines(GOOD)),
+        "gzip.jsonl: the file is gzip-compressed; decompress it (gunzip)",
+    ),
+    "utf16.jsonl": (
+        lines(GOOD, GOOD).decode().encode("utf-16"),
+        "utf16.jsonl: the file is UTF-16 (little-endian) text; JSON files must be UTF-8",
+    ),
+    "utf16_big_endian_no_bom.jsonl": (
+        lines(GOOD).decode().encode("utf-16-be"),
+        "the file is UTF-16 (big-endian) text",
+    ),
+    "utf32.jsonl": (
+        lines(GOOD).decode().encode("utf-32"),
+        "utf32.jsonl: the file is UTF-32 (little-endian) text",
+    ),
+    "binary.jsonl": (b"\x00\x01\x02\x03 not text", "binary.jsonl: the file holds binary data (NUL bytes)"),
+    "array_deep.json": (
+        ("[\n" + GOOD_TEXT + ",\n" + DEEP + "\n]").encode(),
+        "array_deep.json:3: lists and objects nested more than 100 levels deep",
+    ),
+    "array_nan.json": (
+        ("[\n" + GOOD_TEXT + ",\n" + GOOD_TEXT[:-1] + ', "x": NaN}\n]').encode(),
+        "array_nan.json:3: not valid JSON: NaN is not a JSON value",
+    ),
+    "array_huge_integer.json": (
+        ("[\n" + HUGE_INTEGER + "\n]").encode(),
+        "array_huge_integer.json:2: a number has more than 4300 digits",
+    ),
+    "array_surrogate.json": (
+        ("[" + GOOD_TEXT + ",\n " + SURROGATE + "]").encode(),
+        "array_surrogate.json:2: messages[1].content: holds a lone UTF-16 surrogate",
+    ),
+    "array_utf16.json": (("[" + GOOD_TEXT + "]").encode("utf-16"), "array_utf16.json: the file is UTF-16"),
 }
 
 
@@ -107,6 +172,35 @@ def test_malformed_file_gives_the_expected_error_and_writes_nothing(tmp_path, na
         prepare_dataset(DatasetConfig(str(source)), out / "train.jsonl", out / "eval.jsonl")
     assert expected in str(raised.value)
     assert not out.exists() or not any(out.iterdir()), "no half-written output may be left behind"
+
+
+def test_hostile_rows_are_dropped_like_any_invalid_row(tmp_path, caplog):
+    source = tmp_path / "hostile.jsonl"
+    nan = GOOD_TEXT[:-1] + ', "score": NaN}'
+    source.write_bytes(lines(GOOD, '{"messages": ' + DEEP + "}", SURROGATE, HUGE_INTEGER, nan, chat("last")))
+    with caplog.at_level(logging.WARNING):
+        result = prepare_dataset(
+            DatasetConfig(str(source), dataset_on_invalid="drop", train_split_ratio=1.0),
+            tmp_path / "t.jsonl",
+            tmp_path / "e.jsonl",
+        )
+    assert result.metrics["rows_dropped"] == 4 and result.metrics["train_rows"] == 2
+    assert "hostile.jsonl:2: lists and objects nested more than 100 levels deep" in caplog.text
+
+    def strict(constant: str) -> None:
+        raise AssertionError(f"{constant} in the output")
+
+    kept = [
+        json.loads(line, parse_constant=strict) for line in (tmp_path / "t.jsonl").read_text().splitlines()
+    ]
+    assert kept == [GOOD, chat("last")]
+
+
+def test_nan_from_parquet_is_an_invalid_row_not_invalid_json_output(tmp_path):
+    path = tmp_path / "scores.parquet"
+    pq.write_table(pa.Table.from_pylist([{**GOOD, "score": 0.5}, {**GOOD, "score": float("nan")}]), path)
+    with pytest.raises(DatasetValidationError, match=r"scores.parquet: row 2: score: NaN or Infinity"):
+        prepare_dataset(DatasetConfig(str(path)), tmp_path / "t", tmp_path / "e")
 
 
 def test_error_lists_first_problems_and_counts_the_rest(tmp_path):

@@ -6,6 +6,7 @@ as ``set dataset_on_invalid: drop`` means the same option in a stage, a componen
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -36,6 +37,10 @@ class DatasetConfig(Options):
         seed: Seed of the shuffle behind the split and of a sampled subset.
         dataset_subset_size: Keep only this many valid rows (0: keep all).
         dataset_subset_mode: first (the first N valid rows) or sample (a seeded random sample of N).
+        dataset_download_timeout_seconds: Give up an http(s):// download that has not finished after this
+            long, retries included (0: no limit).
+        dataset_stall_timeout_seconds: Give up an http(s):// download attempt when less than 1 KiB arrives
+            in this long (a stalled or trickling server); the attempt is retried like a dropped connection.
     """
 
     dataset_name_or_path: str
@@ -46,6 +51,8 @@ class DatasetConfig(Options):
     seed: int = 42
     dataset_subset_size: int = 0
     dataset_subset_mode: SubsetMode = "first"
+    dataset_download_timeout_seconds: float = 3600.0
+    dataset_stall_timeout_seconds: float = 60.0
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the bad options. Cheap: call it before any download."""
@@ -71,9 +78,24 @@ class DatasetConfig(Options):
             problems.append(
                 ("dataset_subset_size", f"{self.dataset_subset_size} is negative (0 keeps every row)")
             )
+        timeout, stall = self.dataset_download_timeout_seconds, self.dataset_stall_timeout_seconds
+        if not _is_seconds(timeout):
+            problems.append(
+                ("dataset_download_timeout_seconds", f"expected a number of seconds, got {timeout!r}")
+            )
+        elif timeout < 0:
+            problems.append(("dataset_download_timeout_seconds", f"{timeout} is negative (0: no limit)"))
+        if not _is_seconds(stall):
+            problems.append(("dataset_stall_timeout_seconds", f"expected a number of seconds, got {stall!r}"))
+        elif stall <= 0:
+            problems.append(("dataset_stall_timeout_seconds", f"{stall} is not more than 0"))
         if not isinstance(self.dataset_split, str) or self.dataset_split != self.dataset_split.strip():
             problems.append(
                 ("dataset_split", f"expected a split name such as 'train', got {self.dataset_split!r}")
             )
         if problems:
             raise ConfigError.of(problems)
+
+
+def _is_seconds(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

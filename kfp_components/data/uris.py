@@ -27,6 +27,8 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 _HF_REPO = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+#: What an HTTP request line cannot carry: white space and control characters.
+_UNSAFE_URL_CHARACTER = re.compile(r"[\x00-\x20\x7f]")
 _SECRET_QUERY_KEYS = re.compile(r"(token|sig|signature|secret|password|key|credential|auth)", re.IGNORECASE)
 
 
@@ -117,9 +119,20 @@ def parse_dataset_uri(uri: str) -> DatasetURI:
             )
         return DatasetURI(scheme="s3", raw=uri, bucket=bucket, key=key.strip("/"))
     if scheme in ("http", "https"):
-        parts = urlsplit(uri)
+        try:
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018  # raises for a port that is not a number
+        except ValueError as exc:
+            raise DatasetError(f"dataset_name_or_path {redact_uri(uri)!r}: not a valid URL ({exc})") from None
         if not parts.hostname:
             raise DatasetError(f"dataset_name_or_path {redact_uri(uri)!r}: no host name")
+        unsafe = _UNSAFE_URL_CHARACTER.search(uri)
+        if unsafe:
+            what = "a space" if unsafe.group() == " " else f"the control character {unsafe.group()!r}"
+            raise DatasetError(
+                f"dataset_name_or_path {redact_uri(uri)!r}: the URL holds {what} (character "
+                f"{unsafe.start() + 1}); percent-encode it (a space is %20)"
+            )
         return DatasetURI(scheme=scheme, raw=uri, url=uri)
     if scheme == "pvc":
         claim, path = parse_pvc_uri(uri)
