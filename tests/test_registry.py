@@ -696,7 +696,7 @@ def test_secret_looking_hyperparameter_and_env_values_are_redacted(server, tmp_p
     assert (recorded["learning_rate"], recorded["max_tokens"]) == (2e-5, 4096)
     assert recorded["env"]["TOKENIZERS_PARALLELISM"] == "false"
     assert recorded["pod_env"][1] == {"name": "HF_HOME", "value": "/cache"}
-    assert recorded["torchrun_args"] == "--nproc_per_node=2 --hf_token=<redacted> HF_HOME=/cache"
+    assert recorded["torchrun_args"] == "--nproc_per_node=2 --hf_token=*** HF_HOME=/cache"
     register_model(config(server, version_name="v1"), record)
     json_path, card_path = write_provenance(record, tmp_path)
     secrets = [HF_TOKEN, HF_TOKEN[:12], SA_TOKEN, "wandb-0123", "k-0123", "v-0123", "AKIAIOSFODNN7EXAMPLE"]

@@ -16,9 +16,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from kfp_components.data.errors import DatasetError
+from kfp_components.redaction import redact_uris
 
 #: Where ``pvc://claim/path`` is looked for: ``$KFP_COMPONENTS_PVC_ROOT/<claim>/<path>``.
 PVC_ROOT_ENV = "KFP_COMPONENTS_PVC_ROOT"
@@ -29,7 +30,6 @@ _DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 #: What an HTTP request line cannot carry: white space and control characters.
 _UNSAFE_URL_CHARACTER = re.compile(r"[\x00-\x20\x7f]")
-_SECRET_QUERY_KEYS = re.compile(r"(token|sig|signature|secret|password|key|credential|auth)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -65,21 +65,9 @@ class DatasetURI:
 
 
 def redact_uri(uri: str) -> str:
-    """Remove user info and secret-looking query values from a URI so it can be logged."""
-    try:
-        parts = urlsplit(uri)
-    except ValueError:
-        return "<unparseable uri>"
-    if not parts.scheme or parts.scheme == "file":
-        return uri
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, "***" if _SECRET_QUERY_KEYS.search(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    """``uri`` fit for a log line: user info and secret-looking query values replaced (see
+    :func:`kfp_components.redaction.redact_uris`); everything else, ``hf://name@revision`` included, as given."""
+    return redact_uris(uri)
 
 
 def parse_pvc_uri(

@@ -5,7 +5,7 @@
 origin), and :func:`to_custom_properties` flattens it into the scalar custom properties the Model Registry
 accepts (string, int32, double and bool ``MetadataValue`` shapes; nested values as JSON strings).
 
-Secrets never get into any of them: each of the three passes the record through :func:`redact`, which
+Secrets never get into any of them: each of the three passes the record through :func:`kfp_components.redaction.redact_record`, which
 replaces the values of secret-looking keys and environment variables, the credentials in URIs (user info,
 signed query strings: :func:`kfp_components.data.uris.redact_uri`) and strings shaped like tokens.
 """
@@ -21,43 +21,16 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
-from kfp_components.data.uris import redact_uri
-from kfp_components.launch.manifest import looks_secret
 from kfp_components.mappings import flatten
+from kfp_components.redaction import redact_record
 
 PROVENANCE_FILE = "provenance.json"
 MODEL_CARD_FILE = "model_card.md"
 SCHEMA_VERSION = 1
 PACKAGES = ("kfp_components", "torch", "transformers", "kfp", "model-registry")
 NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
-REDACTED = "<redacted>"
 
-# A key *ending* in one of these words (hf_token, aws_secret_access_key), not max_tokens or tokenizer.
-_SECRET_KEY = re.compile(
-    r"(^|[_\-.])(token|secret|password|passwd|api[_-]?key|credentials?|authorization|access[_-]?key)$",
-    re.IGNORECASE,
-)
-#: An environment variable's name (``WANDB_API_KEY``): its value is redacted when the name looks secret
-#: (:func:`kfp_components.launch.manifest.looks_secret`, the rule the TrainJob's env follows).
-_ENV_NAME = re.compile(r"^[A-Z][A-Z0-9_]*$")
-#: Values shaped like credentials, wherever they appear: private keys, bearer headers, JWTs (Kubernetes
-#: service-account tokens), Hugging Face, AWS access key, GitHub, OpenAI-style and Slack tokens.
-_SECRET_VALUE = re.compile(
-    r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|\Z)"
-    r"|\b[Bb]earer\s+[A-Za-z0-9._~+/=-]{8,}"
-    r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"
-    r"|\bhf_[A-Za-z0-9]{30,}"
-    r"|\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"
-    r"|\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})"
-    r"|\bsk-[A-Za-z0-9_-]{20,}"
-    r"|\bxox[abprs]-[A-Za-z0-9-]{10,}",
-    re.DOTALL,
-)
-#: ``NAME=value`` (an env assignment, a ``--name=value`` flag) at the start of a string or after a space.
-_ASSIGNMENT = re.compile(r"(?:^|(?<=[\s,;]))(--?)?([A-Za-z_][A-Za-z0-9_.-]*)=([^\s,;]+)")
-_URI = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_]+")
 # MetadataIntValue.int_value is a string matching ^-?([1-9][0-9]{0,8}|0)$: at most nine digits.
 _INT_RANGE = (-999_999_999, 999_999_999)
@@ -90,64 +63,6 @@ def current_namespace() -> str:
         return ""
 
 
-def redact(value: Any) -> Any:
-    """A copy of ``value`` with its secrets replaced.
-
-    Replaced: the values of secret-looking keys (``hf_token``, ``password``, ...) and of secret-looking
-    environment variable names (``WANDB_API_KEY``: an upper-case key, or the ``value`` beside a ``name`` in a
-    Kubernetes-style env list); in every string, the credentials of URIs (``user:password@``, signed query
-    strings: ``X-Amz-Signature``, ``sig``, ``token``, ...), token-shaped values (see :data:`_SECRET_VALUE`)
-    and secret ``NAME=value`` assignments.
-    """
-    if isinstance(value, Mapping):
-        pair_name = value.get("name")
-        secret_pair = isinstance(pair_name, str) and "value" in value and _secret_name(pair_name)
-        return {
-            str(k): REDACTED
-            if v not in (None, "") and (_secret_name(str(k)) or (secret_pair and k == "value"))
-            else redact(v)
-            for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return redact_text(value)
-    return value
-
-
-def redact_text(text: str) -> str:
-    """``text`` with the credentials of its URIs, token-shaped values and secret assignments replaced."""
-    text = _URI.sub(lambda m: _redact_uri(m.group(0)), text)
-    text = _SECRET_VALUE.sub(REDACTED, text)
-    return _ASSIGNMENT.sub(
-        lambda m: f"{m.group(1) or ''}{m.group(2)}={REDACTED}" if _secret_name(m.group(2)) else m.group(0),
-        text,
-    )
-
-
-def _secret_name(name: str) -> bool:
-    """A key (any case, ``..._token``) or an environment variable name (``*KEY*``) that names a secret."""
-    return bool(_SECRET_KEY.search(name)) or (bool(_ENV_NAME.match(name)) and looks_secret(name))
-
-
-def _redact_uri(uri: str) -> str:
-    """:func:`~kfp_components.data.uris.redact_uri` where the URI carries credentials; else ``uri`` unchanged
-    (``redact_uri`` re-encodes every query, and a clean URI is kept exactly as given). ``hf://`` URIs carry
-    no credentials: their ``@`` marks a revision (``hf://squad@main``)."""
-    if uri.lower().startswith("hf://"):
-        return uri
-    cleaned = redact_uri(uri)
-    try:
-        before, after = urlsplit(uri), urlsplit(cleaned)
-    except ValueError:
-        return REDACTED
-    if before.netloc == after.netloc and parse_qsl(before.query, keep_blank_values=True) == parse_qsl(
-        after.query, keep_blank_values=True
-    ):
-        return uri
-    return cleaned
-
-
 def build_provenance(
     *,
     base_model: str,
@@ -176,7 +91,7 @@ def build_provenance(
         dataset_sha256: SHA-256 of the training file actually trained on.
         algorithm: sft, osft, dpo, lora, ...
         hyperparameters: Every training option. Like everything in the record, it goes through
-            :func:`redact`: secret-looking keys, env values, URI credentials and token-shaped values.
+            :func:`kfp_components.redaction.redact_record`: secret-looking keys, env values, URI credentials and token-shaped values.
         metrics: Training and evaluation metrics, e.g. ``{"train": {...}, "eval": {...}}`` or flat.
         pipeline_name, run_id: The KFP pipeline and run that produced the model.
         namespace: Kubernetes namespace; None reads it from the pod.
@@ -206,14 +121,14 @@ def build_provenance(
     }
     if extra:
         provenance["extra"] = dict(extra)
-    redacted: dict[str, Any] = redact(provenance)
+    redacted: dict[str, Any] = redact_record(provenance)
     return redacted
 
 
 def write_provenance(provenance: Mapping[str, Any], folder: str | Path) -> tuple[Path, Path]:
     """Write ``provenance.json`` and ``model_card.md`` into ``folder`` (redacted again, in case the record
     was built or extended by hand); returns both paths."""
-    provenance = redact(dict(provenance))
+    provenance = redact_record(dict(provenance))
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / PROVENANCE_FILE
@@ -313,7 +228,7 @@ def to_custom_properties(
     strings; None is dropped. Secret-looking keys are redacted again, in case the record was built by hand.
     """
     props: dict[str, str | int | float | bool] = {}
-    for key, value in flatten(redact(dict(provenance))).items():
+    for key, value in flatten(redact_record(dict(provenance))).items():
         name = safe_key(f"{prefix}_{key}" if prefix else key)
         if value is None:
             continue
