@@ -4,9 +4,12 @@ failures, a custom stage, config errors with key paths, and the CLI."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -483,6 +486,46 @@ def test_cli_exit_codes_and_error_lines(tiny, tmp_path):
         "error: --save_final_model: expected true or false"
     )
     assert main(["--config", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_a_second_run_on_the_same_output_dir_fails_at_once_naming_the_first(tiny, tmp_path):
+    """Before: both runs went ahead in the folder, rewriting each other's pipeline_state.json, stage outputs
+    and final_model."""
+    out = tmp_path / "run"
+    script = Path(sys.executable).parent / "fnsft-pipeline"
+    long_run = cli_args("sft.yaml", tiny, out, **{"stage_configs.sft.max_steps": 400})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(
+        [str(script), *long_run], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        metrics = out / "stages" / "01_sft" / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+            assert first.poll() is None and time.monotonic() < deadline, (
+                "the first run did not start training"
+            )
+            time.sleep(0.1)
+        state_before = (out / "pipeline_state.json").read_text()
+        second = subprocess.run(
+            [str(script), *cli_args("sft.yaml", tiny, out)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.startswith(
+            f"error: output_dir: {out} is in use by another run (pid {first.pid} on host "
+        )
+        assert "pipeline since" in second.stderr and "Traceback" not in second.stderr
+        assert (out / "pipeline_state.json").read_text() == state_before and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    # killed with -9, the first run's lock blocks nobody: the next run goes ahead
+    assert main(cli_args("sft.yaml", tiny, out)) == 0
+    assert state(out)["sft"]["status"] == "finished"
 
 
 # ------------------------------------------------------------------------------------------------------

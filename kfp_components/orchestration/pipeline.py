@@ -11,7 +11,8 @@
 3. links the last stage's model to ``<output_dir>/final_model`` and, if asked, deletes intermediate models.
 
 Logs go to the console (see :func:`kfp_components.logs.configure_logging`) and, for the duration of a run,
-to ``<output_dir>/pipeline_training.log``.
+to ``<output_dir>/pipeline_training.log``. A run holds the exclusive lock of its ``output_dir``
+(:mod:`kfp_components.locking`) throughout, so a second run on the same folder fails before it writes.
 
 No credential is written down: ``pipeline_config.json``, ``pipeline_state.json``, the log (every handler of
 the root logger gets :class:`~kfp_components.logs.RedactSecrets` while a run lasts), the plan and the errors
@@ -35,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from kfp_components.locking import hold_folder_lock
 from kfp_components.logs import FORMAT, RedactSecrets, add_secret_filter, remove_secret_filter
 from kfp_components.orchestration.config import PipelineConfig, load_pipeline_config
 from kfp_components.orchestration.state import PipelineError, PipelineState
@@ -336,13 +338,15 @@ class Pipeline:
 
         Raises:
             StageFailedError: a stage failed; earlier stages' outputs and state are kept.
+            ConfigError: a problem found before the first stage, or another run holds ``output_dir`` (its
+                lock, ``<output_dir>/.lock``, is held for the whole run).
         """
         if dry_run:
             for line in self.dry_run(stages).format().splitlines():
                 log.info("%s", line)
             return []
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with self._log_to_file():
+        # One run per output folder: a second run fails here, naming the first, before it writes anything.
+        with hold_folder_lock(self.output_dir, purpose="pipeline"), self._log_to_file():
             state = PipelineState.load(self.output_dir)
             plan = self.plan(stages, state)
             self.check_inputs(plan)

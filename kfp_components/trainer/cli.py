@@ -12,13 +12,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from kfp_components.cli_args import add_config_arguments, config_from_args
 from kfp_components.environment import ensure_writable_caches
+from kfp_components.locking import hold_folder_lock
 from kfp_components.logs import configure_logging
 from kfp_components.trainer.config import TrainingConfig
+from kfp_components.trainer.stopping import TrainingInterrupted
 from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger("kfp_components.trainer")
@@ -37,8 +40,9 @@ def build_training_config(argv: list[str] | None = None) -> tuple[TrainingConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train; a bad option or input (missing data, unknown model, ...) is one ``error: key: ...`` line and
-    exit code 2."""
+    """Train; a bad option or input (missing data, unknown model, an output_dir another run holds, ...) is
+    one ``error: key: ...`` line and exit code 2; a run stopped by SIGINT or SIGTERM is one ``stopped: ...``
+    line and exit code 130 or 143."""
     try:
         config, args = build_training_config(argv)
         configure_logging(args.log_level)
@@ -46,9 +50,24 @@ def main(argv: list[str] | None = None) -> int:
         from kfp_components.trainer.train import train
 
         train(config)
+    except KeyboardInterrupt as exc:  # a second Ctrl-C: the ranks are not in step, leave at once
+        return stopped(exc)
     except ConfigError as exc:
-        return input_error(exc)
-    return 0
+        code = input_error(exc)
+    except TrainingInterrupted as exc:
+        code = stopped(exc)
+    else:
+        code = 0
+    leave_process_group()  # after rank 0 has said why: every rank ends the same way
+    return code
+
+
+def leave_process_group() -> None:
+    """Leave torchrun's process group in order (see ``distributed.leave_process_group``), if one was joined."""
+    if "torch.distributed" in sys.modules:
+        from kfp_components.trainer.distributed import leave_process_group as leave
+
+        leave()
 
 
 def input_error(error: Exception) -> int:
@@ -56,6 +75,13 @@ def input_error(error: Exception) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"error: {error}", file=sys.stderr)
     return 2
+
+
+def stopped(error: TrainingInterrupted | KeyboardInterrupt) -> int:
+    """Print ``stopped: ...`` (once, from rank 0) and return the shell's exit code for the signal."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"stopped: {error or 'interrupted (SIGINT)'}", file=sys.stderr)
+    return error.exit_code if isinstance(error, TrainingInterrupted) else 128 + signal.SIGINT
 
 
 #: Where ``fnsft-train`` writes when neither a flag nor the config file names an output_dir.
@@ -95,18 +121,19 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
 
     prepared_dir = Path(config.output_dir) / "data"
     try:
-        prepared = prepare_dataset(
-            DatasetConfig(args.dataset_name_or_path, train_split_ratio=1.0, data_format="messages"),
-            prepared_dir / "train.jsonl",
-            prepared_dir / "eval.jsonl",
-        )
+        # the output folder is this run's from before the data is written into it until training ends
+        with hold_folder_lock(config.output_dir, purpose="fnsft-train"):
+            prepared = prepare_dataset(
+                DatasetConfig(args.dataset_name_or_path, train_split_ratio=1.0, data_format="messages"),
+                prepared_dir / "train.jsonl",
+                prepared_dir / "eval.jsonl",
+            )
+            config.data_path = str(prepared.train_path)
+            train(config)
     except (DatasetError, ConfigError) as exc:
         return input_error(exc)
-    config.data_path = str(prepared.train_path)
-    try:
-        train(config)
-    except ConfigError as exc:
-        return input_error(exc)
+    except (TrainingInterrupted, KeyboardInterrupt) as exc:
+        return stopped(exc)
     return 0
 
 

@@ -61,6 +61,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
+def leave_process_group(timeout: datetime.timedelta = datetime.timedelta(seconds=60)) -> None:
+    """Wait (up to ``timeout``) for every rank to get here, then leave the process group: for the end of a
+    run every rank ends the same way (done, an input error, a stop on a signal). A rank that exits with the
+    group open can take a peer that is still leaving down with SIGABRT (gloo), and torchrun stops the other
+    workers as soon as one exits, before they have said why."""
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier(async_op=True).wait(timeout=timeout)
+    except RuntimeError:  # a rank that never came: leave anyway
+        log.warning("leaving the process group without the other ranks after %s", timeout)
+    dist.destroy_process_group()
+
+
 def wrap_model(model: nn.Module, info: DistInfo, strategy: str, *, bf16: bool) -> nn.Module:
     """DDP, or FSDP2 with each decoder layer its own shard group; unchanged in a single process."""
     if not info.distributed:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,23 +17,48 @@ log = logging.getLogger("kfp_components.trainer")
 
 class MetricsLog:
     """Appends one JSON object per optimizer step, and one per evaluation (``step``, ``epoch``,
-    ``eval_loss``), to ``metrics.jsonl`` (main process only)."""
+    ``eval_loss``), to ``metrics.jsonl`` (main process only).
 
-    def __init__(self, path: Path, enabled: bool, *, truncate_after_step: int | None = None):
+    A fresh run starts the file empty. A resumed run keeps what its checkpoint knows, the step records up to
+    ``resumed_at`` and the evaluations in ``kept_evaluations`` (steps), and drops the rest (what the
+    interrupted attempt wrote after its checkpoint, and a last line it left half written), so the file
+    stays one clean series.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        enabled: bool,
+        *,
+        resumed_at: int | None = None,
+        kept_evaluations: Iterable[int] = (),
+    ):
         self.path = path
         self.enabled = enabled
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if truncate_after_step is not None and path.exists():
-                # a resumed run rewrites the steps after its checkpoint, so the file stays one clean series
-                kept = [
-                    line
-                    for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after_step
-                ]
-                path.write_text("".join(line + "\n" for line in kept))
-            elif truncate_after_step is None:
-                path.write_text("")
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resumed_at is None or not path.exists():
+            path.write_text("")
+            return
+        evaluations = set(kept_evaluations)
+        kept = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            try:
+                record = json.loads(line) if line.strip() else None
+            except ValueError:
+                log.warning("%s:%d: not a JSON record (an interrupted write); dropped", path, number)
+                continue
+            if not isinstance(record, dict):
+                continue
+            step = record.get("step", 0)
+            if ("eval_loss" in record and step in evaluations) or (
+                "eval_loss" not in record and step <= resumed_at
+            ):
+                kept.append(line)
+        rewritten = path.with_name(path.name + ".partial")  # a kill mid-rewrite keeps the old file whole
+        rewritten.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(rewritten, path)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:

@@ -14,12 +14,16 @@
    gradients; project OSFT gradients; clip; AdamW (skipped when fp16 gradients overflowed); project OSFT
    parameters; schedule the LR;
 5. log metrics per step, compute the eval loss at the end of every epoch and every ``eval_steps``, save
-   resumable checkpoints, and write the final HF checkpoint, its config and a summary.
+   resumable checkpoints, then the last checkpoint and the final HF checkpoint, then the final eval loss,
+   the run's config and a summary of the whole run (every attempt, when it was resumed).
+
+Around it: the run holds the lock of ``output_dir`` (one run per folder), a resume continues only a
+checkpoint of the same run (its fingerprint) and passes over damaged ones, and SIGINT or SIGTERM stop it
+after the current step with a checkpoint (``stopping``).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
@@ -27,6 +31,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,13 +40,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from kfp_components.locking import acquire_folder_lock, release_folder_lock
 from kfp_components.trainer import dpo, osft
 from kfp_components.trainer.batching import StepPlan, TokenBudgetSampler
 from kfp_components.trainer.checkpoint import (
+    CHECKPOINTS,
     TrainerState,
+    checkpoint_dir,
+    find_resumable_checkpoint,
     full_model_state_dict,
-    latest_checkpoint,
     load_checkpoint,
+    read_fingerprint,
+    remove_checkpoints,
     save_checkpoint,
     save_hf_model,
     use_default_permissions,
@@ -58,10 +68,12 @@ from kfp_components.trainer.distributed import (
     unwrap,
     wrap_model,
 )
+from kfp_components.trainer.fingerprint import fingerprint_differences, run_fingerprint
 from kfp_components.trainer.objectives import LanguageModelling, Objective
 from kfp_components.trainer.precision import Precision, finite_or_none
 from kfp_components.trainer.preflight import model_source, preflight_problems
 from kfp_components.trainer.progress import MetricsLog, Progress, no_transformers_progress_bars
+from kfp_components.trainer.stopping import StopOnSignal, TrainingInterrupted
 from kfp_components.trainer.tokenize import ChatTemplateError, SampleError, tokenize_jsonl
 from kfp_components.typed_config import ConfigError
 
@@ -95,18 +107,34 @@ class TrainingSummary:
     #: optimizer steps skipped because fp16 gradients overflowed
     skipped_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    #: the processes that trained this run: 1, plus one per resume
+    attempts: int = 1
 
 
 def train(config: TrainingConfig) -> TrainingSummary:
+    """Run one training (see the module's description); every rank of a torchrun job calls it.
+
+    Raises :class:`ConfigError` for bad options or inputs, another run holding ``output_dir``, or a
+    checkpoint that belongs to another run; :class:`TrainingInterrupted` after SIGINT or SIGTERM.
+    """
     started = time.monotonic()
     info = init_distributed()
     check_inputs(config, info)
+    lock_output_dir(config, info)
+    try:
+        with StopOnSignal() as stop:
+            return _train(config, info, stop, started)
+    finally:
+        if info.is_main:
+            release_folder_lock(config.output_dir)
+
+
+def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: float) -> TrainingSummary:
     if info.distributed and config.lora_r and config.distributed == "fsdp":
         # FSDP2 shards the base weights that merging LoRA needs whole; DDP keeps a full copy on each rank.
         raise ConfigError("distributed", "LoRA on several processes runs with distributed: ddp")
     output_dir = Path(config.output_dir)
-    if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    resume_from, fingerprint = plan_resume(config, info, output_dir)
     seed_everything(config.seed)
     precision = Precision(config.torch_dtype, info.device)
     if precision.note and info.is_main:
@@ -117,7 +145,6 @@ def train(config: TrainingConfig) -> TrainingSummary:
     if info.is_main:
         log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in objective.stats.items()))
 
-    resume_from = latest_checkpoint(output_dir) if config.resume else None
     model, save_dtype = load_model(config, info, precision=precision, from_checkpoint=resume_from is not None)
     model = wrap_model(model, info, config.distributed, bf16=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -144,25 +171,43 @@ def train(config: TrainingConfig) -> TrainingSummary:
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, info, precision=precision)
+        state.attempts += 1
+    earlier_seconds = state.elapsed_seconds  # the attempts before this one, up to the checkpoint
     metrics = MetricsLog(
         output_dir / "metrics.jsonl",
         info.is_main,
-        truncate_after_step=state.global_step if resume_from else None,
+        resumed_at=state.global_step if resume_from else None,
+        kept_evaluations=[int(e["step"]) for e in state.eval_history],
     )
     progress = Progress(
         total_steps, enabled=info.is_main, every=config.log_every_steps, initial=state.global_step
     )
-    checkpoint = functools.partial(
-        save_checkpoint,
-        output_dir,
-        model,
-        optimizer,
-        scheduler,
-        state,
-        info,
-        precision,
-        keep=config.keep_checkpoints,
-    )
+    saved_at = state.global_step if resume_from else None
+
+    def checkpoint() -> Path | None:
+        """Save a resumable checkpoint of this step (once; None when checkpointing is off)."""
+        nonlocal saved_at
+        if not config.checkpoint_every_steps:
+            return None
+        path = checkpoint_dir(output_dir, state.global_step)
+        if saved_at == state.global_step:
+            return path
+        state.elapsed_seconds = round(earlier_seconds + time.monotonic() - started, 3)
+        state.peak_memory_mib = max(state.peak_memory_mib, peak_memory_mib(info.device))
+        save_checkpoint(
+            output_dir,
+            model,
+            optimizer,
+            scheduler,
+            state,
+            info,
+            precision,
+            keep=config.keep_checkpoints,
+            fingerprint=fingerprint,
+        )
+        saved_at = state.global_step
+        return path
+
     if info.is_main:
         log.info(
             "training %s: %d steps (%d per epoch), %d trainable parameters, world size %d",
@@ -172,11 +217,10 @@ def train(config: TrainingConfig) -> TrainingSummary:
             sum(p.numel() for p in trainable),
             info.world_size,
         )
+    received = stop.requested(info)  # while loading
+    if received:
+        raise interrupted(received, state, total_steps, resume_from, config)
 
-    losses: list[float] = []
-    compute_tokens = 0
-    compute_seconds = 0.0
-    extra_metrics: dict[str, float] = {}
     model.train()
     while state.global_step < total_steps:
         plan = sampler.epoch_plan(state.epoch)
@@ -188,52 +232,59 @@ def train(config: TrainingConfig) -> TrainingSummary:
             state.step_in_epoch += 1
             state.samples_seen += step_plan.global_samples
             state.tokens_seen += step_plan.global_tokens
-            compute_tokens += step_plan.global_tokens
-            compute_seconds += step["seconds"]
+            state.step_seconds += step["seconds"]
             state.skipped_steps += step.get("step_skipped", False)
-            losses.append(step["loss"])
-            extra_metrics = {name: step[name] for name in objective.metric_names}
+            state.loss_sum += step["loss"]
+            state.last_loss = step["loss"]
+            state.last_metrics = {name: step[name] for name in objective.metric_names}
             record = {"step": state.global_step, "epoch": state.epoch, **step}
             metrics.write(record)
             progress.update(state.global_step, record)
 
+            if state.global_step >= total_steps:
+                break  # the last evaluation comes after the final model is saved
             end_of_epoch = state.step_in_epoch == len(plan)
             if evaluator and (end_of_epoch or _every(config.eval_steps, state.global_step)):
                 evaluate(evaluator, model, state, metrics)
-            if state.global_step >= total_steps:
-                break
             if _every(config.checkpoint_every_steps, state.global_step):
                 checkpoint()
+            received = stop.requested(info)
+            if received:
+                raise interrupted(received, state, total_steps, checkpoint(), config)
         else:
             state.epoch += 1
             state.step_in_epoch = 0
     progress.close()
 
-    if evaluator and not any(e["step"] == state.global_step for e in state.eval_history):
-        evaluate(evaluator, model, state, metrics)  # the end, unless its last step was just evaluated
-    if config.checkpoint_every_steps:
-        checkpoint()
+    # Save what the run has made before the final evaluation, so a failure there loses nothing.
+    saved = checkpoint()
     model_path = output_dir / FINAL_MODEL_DIR
     if config.save_final_model:
         export_final_model(model, config, tokenizer, model_path, info, save_dtype)
+    received = stop.requested(info)
+    if received:
+        raise interrupted(received, state, total_steps, saved, config)
+    if evaluator and not any(e["step"] == state.global_step for e in state.eval_history):
+        evaluate(evaluator, model, state, metrics)
     summary = TrainingSummary(
         algorithm=config.algorithm,
         steps=state.global_step,
         epochs=state.epoch + (1 if state.step_in_epoch else 0),
         samples_seen=state.samples_seen,
         tokens_seen=state.tokens_seen,
-        final_loss=losses[-1] if losses else math.nan,
-        mean_loss=sum(losses) / len(losses) if losses else math.nan,
-        tokens_per_second=compute_tokens / compute_seconds if compute_seconds else 0.0,
-        duration_seconds=round(time.monotonic() - started, 3),
+        final_loss=state.last_loss if state.last_loss is not None else math.nan,
+        mean_loss=state.loss_sum / state.global_step if state.global_step else math.nan,
+        tokens_per_second=state.tokens_seen / state.step_seconds if state.step_seconds else 0.0,
+        duration_seconds=round(earlier_seconds + time.monotonic() - started, 3),
         world_size=info.world_size,
         model_path=str(model_path) if config.save_final_model else "",
         data=objective.stats,
-        peak_memory_mib=peak_memory_mib(info.device),
+        peak_memory_mib=max(state.peak_memory_mib, peak_memory_mib(info.device)),
         eval_loss=state.eval_history[-1]["eval_loss"] if state.eval_history else None,
         eval_history=[{"step": e["step"], "eval_loss": e["eval_loss"]} for e in state.eval_history],
         skipped_steps=state.skipped_steps,
-        metrics=extra_metrics,
+        metrics=state.last_metrics,
+        attempts=state.attempts,
     )
     if info.is_main:
         write_json_atomically(output_dir / TRAINING_CONFIG_FILE, asdict(config))
@@ -247,6 +298,119 @@ def train(config: TrainingConfig) -> TrainingSummary:
         )
     barrier()
     return summary
+
+
+def lock_output_dir(config: TrainingConfig, info: DistInfo) -> None:
+    """Rank 0 takes the exclusive lock of ``output_dir`` for the run (see ``kfp_components.locking``);
+    when another run holds it, every rank raises the same :class:`ConfigError`, naming the holder."""
+    problems: list[tuple[str, str]] = []
+    if info.is_main:
+        try:
+            acquire_folder_lock(config.output_dir, purpose="training")
+        except ConfigError as exc:
+            problems = exc.problems
+    problems = broadcast_object(problems, info)
+    if problems:
+        raise ConfigError.of(problems)
+
+
+def plan_resume(
+    config: TrainingConfig, info: DistInfo, output_dir: Path
+) -> tuple[Path | None, dict[str, Any]]:
+    """The checkpoint to resume from (None: start at step 0) and this run's fingerprint, decided on rank 0
+    before anything loads.
+
+    With ``resume``, the newest intact checkpoint: newer damaged ones are passed over with a warning (and
+    moved aside to ``step-N.damaged``), and one written by another run (its fingerprint differs) is refused
+    with a :class:`ConfigError` naming every difference. Without ``resume``, a run that writes checkpoints
+    first removes those of an earlier run in ``output_dir``, so the two never mix.
+    """
+    if not (config.resume or config.checkpoint_every_steps):
+        return None, {}
+    chosen: Path | None = None
+    fingerprint: dict[str, Any] = {}
+    problems: list[tuple[str, str]] = []
+    if info.is_main:
+        fingerprint = run_fingerprint(config)
+        if config.resume:
+            chosen, damaged = find_resumable_checkpoint(output_dir)
+            problems = _resume_problems(output_dir, chosen, damaged, fingerprint)
+            if not problems:
+                for path, why in damaged:
+                    aside = path.with_name(path.name + ".damaged")
+                    shutil.rmtree(aside, ignore_errors=True)
+                    path.rename(aside)
+                    log.warning(
+                        "checkpoint %s is damaged (%s): moved aside to %s; resuming from %s",
+                        path.name,
+                        why,
+                        aside.name,
+                        chosen,
+                    )
+        else:
+            removed = remove_checkpoints(output_dir)
+            if removed:
+                log.warning(
+                    "resume is off: removed the %d checkpoint(s) an earlier run left in %s",
+                    removed,
+                    output_dir / CHECKPOINTS,
+                )
+    chosen, fingerprint, problems = broadcast_object((chosen, fingerprint, problems), info)
+    if problems:
+        raise ConfigError.of(problems)
+    if chosen is None and config.resume and info.is_main:
+        log.info("resume: no checkpoint in %s yet; starting at step 0", output_dir / CHECKPOINTS)
+    return chosen, fingerprint
+
+
+def _resume_problems(
+    output_dir: Path,
+    chosen: Path | None,
+    damaged: list[tuple[Path, str]],
+    fingerprint: dict[str, Any],
+) -> list[tuple[str, str]]:
+    if chosen is None:
+        if not damaged:
+            return []
+        details = "; ".join(f"{path.name}: {why}" for path, why in damaged)
+        return [
+            (
+                "resume",
+                f"no intact checkpoint in {output_dir / CHECKPOINTS} ({details}); remove the folder to "
+                "start over",
+            )
+        ]
+    differences = fingerprint_differences(read_fingerprint(chosen), fingerprint)
+    if not differences:
+        return []
+    details = "; ".join(f"{key}: {what}" for key, what in differences)
+    return [
+        (
+            "resume",
+            f"{chosen} belongs to another run ({details}); resume it with the options and data it was written "
+            "with, or set resume: false to start over (its checkpoints are then removed)",
+        )
+    ]
+
+
+def interrupted(
+    signal_number: int, state: TrainerState, total_steps: int, saved: Path | None, config: TrainingConfig
+) -> TrainingInterrupted:
+    """The error that ends a run stopped by a signal: where it stopped and how to continue."""
+    name = signal.Signals(signal_number).name
+    if state.global_step >= total_steps:
+        where = "after its last step, before the final evaluation"
+    elif state.global_step:
+        where = f"after step {state.global_step} of {total_steps}"
+    else:
+        where = "before its first step"
+    if saved is not None:
+        then = f"resume: true continues from the checkpoint {saved}"
+    elif not config.checkpoint_every_steps:
+        then = "no checkpoint (checkpoint_every_steps is 0), so a rerun starts over"
+    else:
+        then = "no checkpoint yet, so a rerun starts over"
+    return TrainingInterrupted(signal_number, f"training stopped by {name} {where}; {then}")
 
 
 def train_step(
