@@ -12,7 +12,8 @@ the files the process left and the last line of its log) and checks that the che
 resumes from is bit-identical to the uninterrupted run's at that step (every model and optimizer tensor
 and the trainer state) and that every step record that attempt writes (loss, learning rate, gradient norm)
 is the uninterrupted run's exactly. At the end it compares the final weights, every step's loss, the
-evaluations and the summary. The result goes to ``benchmarks/results/kill_resume.json``.
+evaluations and the summary. The result goes to ``benchmarks/results/kill_resume.json`` and its summary into
+``docs/reliability.md`` (``--render-only`` rewrites that section from the stored result).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ from typing import Any
 NAME = "kill_resume"
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_FILE = ROOT / "benchmarks" / "results" / f"{NAME}.json"
+REPORT = ROOT / "docs" / "reliability.md"
+BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.kill_resume --render-only -->"
+END = "<!-- END GENERATED -->"
+#: The figure the docs keep current (``make bench`` and the CLI's default).
+DEFAULT_KILLS = 33
 KINDS = ("random time", "within a step", "checkpoint write")
 #: trainer-state fields that must match the uninterrupted run (timing and attempt counts may not)
 STATE_FIELDS = (
@@ -51,7 +57,7 @@ STATE_FIELDS = (
 
 
 def run(
-    kills: int = 9,
+    kills: int = DEFAULT_KILLS,
     steps: int = 16,
     seed: int = 0,
     work_dir: Path | None = None,
@@ -396,15 +402,45 @@ def render(result: dict[str, Any]) -> str:
     )
 
 
+def report_text(text: str) -> str:
+    """``docs/reliability.md``'s ``text`` with the kill -9 section rewritten from the stored result."""
+    record = json.loads(RESULT_FILE.read_text())
+    machine = record["machine"]
+    described = (
+        ", ".join(f"{key} {value}" for key, value in machine.items())
+        if isinstance(machine, dict)
+        else machine
+    )
+    block = f"{render(record['result'])}\n\nMachine: {described}. Date: {record['date']}. Runtime: {record['result']['seconds']} s."
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{block}\n{END}{tail}"
+
+
+def write_report() -> None:
+    """Rewrite the kill -9 section of ``docs/reliability.md`` from the stored result."""
+    REPORT.write_text(report_text(REPORT.read_text()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.kill_resume", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("--kills", type=int, default=9, help="how many SIGKILLs (default 9)")
+    parser.add_argument(
+        "--kills", type=int, default=DEFAULT_KILLS, help=f"how many SIGKILLs (default {DEFAULT_KILLS})"
+    )
+    parser.add_argument(
+        "--render-only",
+        action="store_true",
+        help="rewrite docs/reliability.md's section from the stored result",
+    )
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps of the run (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill moments")
     parser.add_argument("--out", type=Path, default=RESULT_FILE, help=f"result file (default {RESULT_FILE})")
     args = parser.parse_args(argv)
+    if args.render_only:
+        write_report()
+        return 0
     from benchmarks.machine import describe_machine
 
     result = run(kills=args.kills, steps=args.steps, seed=args.seed)
@@ -413,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(render(result))
     print(f"wrote {args.out}")
+    if args.out == RESULT_FILE:
+        write_report()
     ok = result["resumed_bit_identical"] == result["kills"] and result["final_weights_identical"]
     return 0 if ok and result["losses_identical"] else 1
 

@@ -359,3 +359,48 @@ def test_lora_and_osft_targets_that_match_no_module_are_found_before_training(ti
         pipeline.run()  # the run's own up-front check: nothing trains
     assert len(info.value.problems) == 2
     assert not (tmp_path / "run" / "pipeline_state.json").exists()
+
+
+def test_sigterm_while_a_stage_trains_stops_cleanly_and_the_rerun_resumes(tiny, tmp_path):
+    """Before: the stage's signal surfaced as a failed stage with a traceback and exit code 1."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "run"
+    config = tmp_path / "chain.yaml"
+    sft = {
+        "dataset_name_or_path": CHAT,
+        "max_steps": 40,
+        "effective_batch_size": 8,
+        "max_seq_len": 256,
+        "max_tokens_per_gpu": 256,
+        "checkpoint_every_steps": 100,
+        "resume": True,
+    }
+    config.write_text(
+        yaml.safe_dump(
+            {"model_name_or_path": tiny, "output_dir": str(out), "torch_dtype": "float32", "stages": ["sft"]}
+            | {"stage_configs": {"sft": sft}}
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "kfp_components.orchestration", "--config", str(config)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "stages" / "01_sft" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not (metrics.exists() and metrics.read_text().count('"loss"') >= 2):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the stage did not start training in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 143, err
+    assert "stopped: training stopped by SIGTERM after step" in err and "Traceback" not in err
+    entry = json.loads((out / "pipeline_state.json").read_text())["stages"]["sft"]
+    assert entry["status"] == "failed" and "SIGTERM" in entry["error"]
+    assert list((out / "stages" / "01_sft" / "checkpoints").glob("step-*")), "the stop saved a checkpoint"
+    assert main(["--config", str(config)]) == 0, "the rerun resumes the stage and finishes it"
+    summary = json.loads((out / "stages" / "01_sft" / "summary.json").read_text())
+    assert summary["steps"] == 40 and summary["attempts"] == 2

@@ -18,3 +18,11 @@ def test_kill_9_at_random_moments_resumes_to_identical_weights(tmp_path):
     assert result["final_weights_identical"] and result["losses_identical"] and result["summaries_identical"]
     assert result["damaged_checkpoints_seen"] == 0
     assert [d["kind"] for d in result["details"]] == ["random time", "within a step", "checkpoint write"]
+
+
+def test_reliability_page_shows_the_stored_kill_figures():
+    from benchmarks.kill_resume import REPORT, report_text
+
+    assert report_text(REPORT.read_text()) == REPORT.read_text(), (
+        "docs/reliability.md is stale: run `python -m benchmarks.kill_resume --render-only`"
+    )

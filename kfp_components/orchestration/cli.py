@@ -23,6 +23,7 @@ from kfp_components.orchestration.config import load_pipeline_config, parse_over
 from kfp_components.orchestration.pipeline import FINAL_MODEL_DIR, Pipeline
 from kfp_components.orchestration.state import PipelineError
 from kfp_components.redaction import redact_text
+from kfp_components.trainer.stopping import TrainingInterrupted
 from kfp_components.typed_config import ConfigError, parse_cli_value
 
 log = logging.getLogger("kfp_components.orchestration")
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except PipelineError as exc:
         print(f"error: {redact_text(str(exc))}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as exc:  # SIGINT/SIGTERM while a stage trained: it saved a checkpoint
+        print(f"stopped: {redact_text(str(exc))}", file=sys.stderr)
+        return exc.exit_code
     final = Path(config.output_dir) / FINAL_MODEL_DIR
     shown = final if save_final_model and final.is_dir() else results[-1].model_path
     print(f"pipeline finished: {' -> '.join(r.stage_name for r in results)}; final model: {shown}")

@@ -44,6 +44,7 @@ from kfp_components.redaction import redact_record, redact_text
 from kfp_components.stages import registry
 from kfp_components.stages.base import BaseStage, StageResult, config_class_of
 from kfp_components.stages.training import TrainingStage
+from kfp_components.trainer.stopping import TrainingInterrupted
 from kfp_components.typed_config import ConfigError, to_dict
 
 log = logging.getLogger("kfp_components.orchestration")
@@ -412,8 +413,9 @@ class Pipeline:
             with _log_level(stage.config.log_level):
                 result = stage.execute(model, tokenizer, previous)
             result = _checked_result(result, item.name, model)
-        except KeyboardInterrupt:
-            state.fail(item.name, "interrupted")
+        except (KeyboardInterrupt, TrainingInterrupted) as exc:
+            # a signal: the stage saved what it could (a training stage, a checkpoint); a rerun resumes it
+            state.fail(item.name, str(exc) or "interrupted")
             state.save()
             raise
         except Exception as exc:
