@@ -205,7 +205,10 @@ class _Registration:
             if not made:
                 artifact = self.calls.run("look up the model artifact", self.find_artifact(version))
             theirs = dict(version.custom_properties or {})
-            if made or theirs == self.properties or self.same_run(identity, theirs, artifact):
+            # Equal properties identify this call's own create whose answer was lost; across calls, only
+            # the run identity does (properties carry a registration time to the second, so two runs with no
+            # identity registered within one second would otherwise look alike).
+            if made or (created and theirs == self.properties) or self.same_run(identity, theirs, artifact):
                 return self.complete(model, version, artifact, created)
             if self.config.on_existing_version == "fail":
                 raise VersionExistsError(
