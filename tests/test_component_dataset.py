@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 import json
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import pytest
 from kfp import local
 
 from kfp_components.components.dataset import dataset_download
+from kfp_components.data import DatasetConfig
 from kfp_components.testing.servers import http_file_server
 
 from conftest import chat, write_jsonl
@@ -58,3 +61,18 @@ def test_component_failure_names_the_line(kfp_local, tmp_path, capfd):
     with pytest.raises(RuntimeError, match="dataset-download"):
         dataset_download(dataset_name_or_path=str(bad))
     assert "bad.jsonl:2: messages[0].role: 'wizard' is not one of" in capfd.readouterr().out
+
+
+def test_component_arguments_are_the_dataset_options_by_name_and_default():
+    """One name and one default per option: the component's arguments are DatasetConfig's fields."""
+    outputs = {"train_dataset", "eval_dataset", "metrics"}
+    arguments = {
+        name: parameter.default
+        for name, parameter in inspect.signature(dataset_download.python_func).parameters.items()
+        if name not in outputs
+    }
+    options = {
+        field.name: field.default if field.default is not dataclasses.MISSING else inspect.Parameter.empty
+        for field in dataclasses.fields(DatasetConfig)
+    }
+    assert arguments == options

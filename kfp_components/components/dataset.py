@@ -23,6 +23,8 @@ def dataset_download(
     seed: int = 42,
     dataset_subset_size: int = 0,
     dataset_subset_mode: str = "first",
+    dataset_download_timeout_seconds: float = 3600.0,
+    dataset_stall_timeout_seconds: float = 60.0,
 ) -> NamedTuple(  # type: ignore[valid-type]  # the form KFP reads for named outputs
     "DatasetOutputs", [("train_sha256", str), ("data_format", str), ("train_rows", int), ("eval_rows", int)]
 ):
@@ -42,6 +44,10 @@ def dataset_download(
         seed: Seed for the split and for a sampled subset.
         dataset_subset_size: Keep only this many valid rows; 0 keeps all.
         dataset_subset_mode: first (first N rows) or sample (seeded random sample of N rows).
+        dataset_download_timeout_seconds: Give up an http(s):// download that has not finished after this
+            long, retries included (0: no limit).
+        dataset_stall_timeout_seconds: Give up an http(s):// download attempt when less than 1 KiB arrives
+            in this long (a stalled or trickling server); the attempt is retried like a dropped connection.
 
     Returns:
         train_dataset, eval_dataset: JSONL files, one row per line, in the detected format.
@@ -68,6 +74,8 @@ def dataset_download(
             "seed": seed,
             "dataset_subset_size": dataset_subset_size,
             "dataset_subset_mode": dataset_subset_mode,
+            "dataset_download_timeout_seconds": dataset_download_timeout_seconds,
+            "dataset_stall_timeout_seconds": dataset_stall_timeout_seconds,
         },
     )
     result = prepare_dataset(config, train_dataset.path, eval_dataset.path)
