@@ -152,3 +152,13 @@ def test_columns_that_cannot_be_sent_as_json_are_named(tmp_path):
         rewards = http_rewards(tmp_path, server.url)
         with pytest.raises(RewardError, match=r"cannot be sent as JSON: .*bytes"):
             rewards.score(["p"], ["a"], {"blob": [b"\x00"]})
+
+
+def test_the_dry_run_check_reaches_the_endpoint(tmp_path):
+    from kfp_components.rewards import check_reward_set
+
+    with reward_server(token=TOKEN) as server:
+        rewards = http_rewards(tmp_path, server.url, retries=0)
+        problems = check_reward_set(rewards, {"prompt": "What is 2 + 2?", "answer": "4"})
+    assert len(problems) == 1 and "the endpoint answered HTTP 401" in problems[0]
+    assert server.bodies[0]["answer"] == ["4"] and server.bodies[0]["prompts"] == ["What is 2 + 2?"]
