@@ -8,7 +8,7 @@ of the weights, nothing to sync after an update), on a CPU, a GPU, under DDP and
 * One left-padded, batched prefill (attention mask, position ids counted from each row's first real token),
   then one token at a time with the KV cache (the ``DynamicCache`` the model returns from the prefill).
 * Sampling: temperature, then top-k (0 = off), then top-p (1 = off), then a draw from the remaining
-  distribution with the ``torch.Generator`` passed in. The same generator state gives the same completions,
+  distribution (inverse CDF: one uniform number per row) with the ``torch.Generator`` passed in. The same generator state gives the same completions,
   so a run is reproducible and a resumed run continues exactly when its checkpoint holds the generator's
   state. Greedy decoding is not offered: ``temperature`` must be > 0 (a policy-gradient update needs samples
   from the policy; ``top_k=1`` gives the argmax where a test needs it).
@@ -141,7 +141,9 @@ def sample_next_tokens(
     logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator
 ) -> torch.Tensor:
     """One token per row of ``logits`` (rows x vocabulary): temperature, top-k, top-p, then a draw."""
-    logits = logits.float() / options.temperature
+    logits = logits.float()
+    if options.temperature != 1:
+        logits = logits / options.temperature
     vocab = logits.shape[-1]
     if 0 < options.top_k < vocab:
         kth = torch.topk(logits, options.top_k, dim=-1).values[:, -1:]
@@ -152,8 +154,14 @@ def sample_next_tokens(
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always stays (mass_before 0)
         sorted_logits = sorted_logits.masked_fill(mass_before >= options.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF draw: one uniform number per row, the first token whose cumulative probability exceeds it
+    # (a token of zero probability never does). The same distribution as torch.multinomial, 10-20 times
+    # faster on a CPU (see docs/online.md).
+    cdf = logits.softmax(dim=-1).cumsum(dim=-1)
+    total = cdf[:, -1:]
+    draw = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
+    draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
+    return torch.searchsorted(cdf, draw, right=True).squeeze(-1)
 
 
 @dataclass
