@@ -35,7 +35,9 @@ PROMPTS = ["What is 2 + 3?", "Tell me a story about a small cat that", "Hi"]
 
 
 def load(arch: str = "qwen2") -> tuple[Any, Any]:
-    path = tiny_model_path(arch)
+    # weights 10 times the default's scale: attention sharp enough that a wrong position id or a wrong
+    # cache entry changes the argmax (with the default's near-uniform attention it rarely does)
+    path = tiny_model_path(arch, initializer_range=0.2)
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
@@ -81,10 +83,11 @@ def test_completions_are_grouped_per_prompt_with_finish_reasons(tiny):
     assert len({tuple(c.completion_ids) for c in completions}) > 1, "samples differ within a group"
 
 
-def test_top_k_1_is_argmax_decoding_through_the_cache_with_left_padding(tiny):
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_top_k_1_is_argmax_decoding_through_the_cache_with_left_padding(arch):
     """Prompts of different lengths in one batch (left padding), decoded with the KV cache, give exactly
     the argmax continuation computed independently with full forward passes."""
-    model, tokenizer = tiny
+    model, tokenizer = load(arch)
     prompts = encode(tokenizer, PROMPTS)
     completions = generate(
         model, tokenizer, prompts, num_generations=2, max_new_tokens=12, top_k=1, eos_ids=()
@@ -198,9 +201,8 @@ def test_rows_that_leave_the_batch_do_not_change_the_others(tiny):
             ]
         )
     assert results[0] == results[1] == results[2]
-    assert {reason for _, reason in results[0]} == {"eos", "length"} or len(
-        {len(i) for i, _ in results[0]}
-    ) > 1
+    assert {reason for _, reason in results[0]} == {"eos"}
+    assert len({len(ids) for ids, _ in results[0]}) >= 4  # rows ended at different steps
 
 
 def test_model_runs_in_eval_mode_without_grad_and_its_mode_comes_back(tiny):
