@@ -68,7 +68,7 @@ def generation_throughput(
     ours = HFRollouts(model, tokenizer, device, eos_ids=())
 
     def run_ours() -> None:
-        completions = ours.generate(prompts, options, torch.Generator(device=device).manual_seed(seed))
+        completions = ours.generate(prompts, options, [seed + i for i in range(len(prompts))])
         assert all(len(c.completion_ids) == max_new_tokens for c in completions)
 
     width = max(len(p) for p in prompts)
@@ -133,9 +133,7 @@ def early_stop_throughput(
         )
 
         def run(rollouts: HFRollouts = rollouts, label: str = label) -> None:
-            completions = rollouts.generate(
-                prompts, options, torch.Generator(device=device).manual_seed(seed)
-            )
+            completions = rollouts.generate(prompts, options, [seed + i for i in range(len(prompts))])
             lengths[label] = [len(c.completion_ids) for c in completions]
 
         runs[label] = run

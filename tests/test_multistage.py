@@ -354,7 +354,7 @@ def _set(data: dict, path: str, value: object) -> None:
             {"stage_configs.sft.dataset_name_or_path": KeyError},
             "stage_configs.sft.dataset_name_or_path: required option is missing",
         ),
-        ({"stages": ["sft", "foo"]}, "stages[1]: no stage named 'foo'; available stages: dpo, osft, sft"),
+        ({"stages": ["sft", "foo"]}, "stages[1]: no stage named 'foo'; available stages: dpo, osft, rl, sft"),
         ({"stages": ["sft", "dpp"]}, "stages[1]: no stage named 'dpp'; did you mean dpo? available stages"),
         (
             {"stage_configs.dpo.type": "dpp"},
@@ -542,8 +542,8 @@ class _Echo(BaseStage):
 
 
 def test_stage_registry_rules():
-    with pytest.raises(ValueError, match=r"'rl' is taken by kfp_components.stages.planned.RLStage"):
-        Pipeline.register_stage("rl", _Echo)
+    with pytest.raises(ValueError, match=r"'rlaif' is taken by kfp_components.stages.planned.RLAIFStage"):
+        Pipeline.register_stage("rlaif", _Echo)
     with pytest.raises(ValueError, match=r"taken by kfp_components.stages.sft.SFTStage"):
         Pipeline.register_stage("sft", _Echo)
     with pytest.raises(TypeError, match="not a subclass of BaseStage"):

@@ -52,7 +52,12 @@ def encode(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def generate(model: Any, tokenizer: Any, prompts: list[list[int]], seed: int = 0, **options: Any) -> list:
     rollouts = HFRollouts(model, tokenizer, CPU, eos_ids=options.pop("eos_ids", None))
-    return rollouts.generate(prompts, SamplingOptions(**options), torch.Generator().manual_seed(seed))
+    return rollouts.generate(prompts, SamplingOptions(**options), seeds_for(prompts, seed))
+
+
+def seeds_for(prompts: list, seed: int = 0) -> list[int]:
+    """One seed per prompt, derived from ``seed``."""
+    return [seed * 1000 + i for i in range(len(prompts))]
 
 
 def greedy(model: Any, prompt: list[int], steps: int) -> list[int]:
@@ -108,24 +113,25 @@ def test_left_padding_does_not_change_a_rows_output(tiny):
     assert batched[1].completion_ids == alone[0].completion_ids
 
 
-def test_same_seed_same_completions_other_seed_differs_and_the_generator_resumes(tiny):
+def test_same_seed_same_completions_other_seed_differs_and_the_batch_does_not_matter(tiny):
+    """A prompt's completions depend on its seed only: not on the other prompts of the batch or its place in
+    it (so one process and several ranks, and a resumed run, sample the same)."""
     model, tokenizer = tiny
     prompts = encode(tokenizer, PROMPTS)
     options = SamplingOptions(num_generations=3, max_new_tokens=8)
     rollouts = HFRollouts(model, tokenizer, CPU)
     ids = lambda completions: [c.completion_ids for c in completions]  # noqa: E731
-    first = ids(rollouts.generate(prompts, options, torch.Generator().manual_seed(7)))
-    assert first == ids(rollouts.generate(prompts, options, torch.Generator().manual_seed(7)))
-    assert first != ids(rollouts.generate(prompts, options, torch.Generator().manual_seed(8)))
-    # a run that saved the generator's state after its first rollout continues exactly on resume
-    generator = torch.Generator().manual_seed(7)
-    rollouts.generate(prompts, options, generator)
-    saved = generator.get_state()
-    uninterrupted = ids(rollouts.generate(prompts, options, generator))
-    resumed_generator = torch.Generator()
-    resumed_generator.set_state(saved)
-    assert ids(rollouts.generate(prompts, options, resumed_generator)) == uninterrupted
-    assert uninterrupted != first
+    seeds = seeds_for(prompts, 7)
+    first = ids(rollouts.generate(prompts, options, seeds))
+    assert first == ids(rollouts.generate(prompts, options, seeds))
+    assert first != ids(rollouts.generate(prompts, options, seeds_for(prompts, 8)))
+    # the last prompt alone, then first in a reversed batch: the same completions as in the first batch
+    alone = ids(rollouts.generate(prompts[-1:], options, seeds[-1:]))
+    assert alone == first[-3:]
+    reversed_batch = ids(rollouts.generate(prompts[::-1], options, seeds[::-1]))
+    assert reversed_batch[:3] == first[-3:]
+    # the rows of one group differ from each other (each row has its own draws)
+    assert len({tuple(c) for c in first[:3]}) > 1
 
 
 def test_eos_of_the_generation_config_ends_a_row(tiny):
@@ -197,7 +203,7 @@ def test_rows_that_leave_the_batch_do_not_change_the_others(tiny):
         results.append(
             [
                 (c.completion_ids, c.finish_reason)
-                for c in rollouts.generate(prompts, options, torch.Generator())
+                for c in rollouts.generate(prompts, options, seeds_for(prompts))
             ]
         )
     assert results[0] == results[1] == results[2]
@@ -222,7 +228,7 @@ def test_model_runs_in_eval_mode_without_grad_and_its_mode_comes_back(tiny):
     try:
         rollouts = HFRollouts(model, tokenizer, CPU, autocast, eos_ids=())
         rollouts.generate(
-            encode(tokenizer, ["Hi"]), SamplingOptions(num_generations=1, max_new_tokens=4), torch.Generator()
+            encode(tokenizer, ["Hi"]), SamplingOptions(num_generations=1, max_new_tokens=4), [0]
         )
     finally:
         handle.remove()
@@ -238,7 +244,8 @@ def test_sampling_keeps_to_top_k_and_top_p():
     generator = torch.Generator().manual_seed(0)
 
     def draws(**options: Any) -> torch.Tensor:
-        return sample_next_tokens(logits, SamplingOptions(**options), generator)
+        uniforms = torch.rand((logits.shape[0], 1), generator=generator)
+        return sample_next_tokens(logits, SamplingOptions(**options), uniforms)
 
     counts = torch.bincount(draws(top_k=2), minlength=4)
     assert counts[2:].sum() == 0 and counts[0] > counts[1] > 0
@@ -254,17 +261,14 @@ def test_sampling_keeps_to_top_k_and_top_p():
 
 
 @pytest.mark.parametrize("uniform", [0.0, 1 - 2**-24])
-def test_a_token_of_zero_probability_is_never_drawn_even_at_the_ends_of_the_uniform_range(
-    monkeypatch, uniform
-):
+def test_a_token_of_zero_probability_is_never_drawn_even_at_the_ends_of_the_uniform_range(uniform):
     logits = torch.tensor(
         [[float("-inf"), 1.0, 2.0, float("-inf")], [0.5, 3.0, float("-inf"), float("-inf")]]
     )
-    real_rand = torch.rand
-    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.full_like(real_rand(*a, **k), uniform))
-    drawn = sample_next_tokens(logits, SamplingOptions(), torch.Generator())
+    uniforms = torch.full((2, 1), uniform)
+    drawn = sample_next_tokens(logits, SamplingOptions(), uniforms)
     assert drawn.tolist() == ([1, 0] if uniform == 0 else [2, 1])
-    drawn = sample_next_tokens(logits, SamplingOptions(top_k=1), torch.Generator())
+    drawn = sample_next_tokens(logits, SamplingOptions(top_k=1), uniforms)
     assert drawn.tolist() == [2, 1]
 
 
@@ -289,11 +293,13 @@ def test_bad_prompts_are_refused(tiny):
     model, tokenizer = tiny
     rollouts = HFRollouts(model, tokenizer, CPU)
     with pytest.raises(ValueError, match="prompt 1 has no tokens"):
-        rollouts.generate([[1, 2], []], SamplingOptions(), torch.Generator())
+        rollouts.generate([[1, 2], []], SamplingOptions(), [0, 1])
     with pytest.raises(ValueError, match="prompt 0 must be a list of int token ids"):
-        rollouts.generate([["a"]], SamplingOptions(), torch.Generator())  # type: ignore[list-item]
+        rollouts.generate([["a"]], SamplingOptions(), [0])  # type: ignore[list-item]
     with pytest.raises(ValueError, match="no prompts"):
-        rollouts.generate([], SamplingOptions(), torch.Generator())
+        rollouts.generate([], SamplingOptions(), [])
+    with pytest.raises(ValueError, match="1 seeds for 2 prompts"):
+        rollouts.generate([[1], [2]], SamplingOptions(), [0])
 
 
 # DDP and FSDP2 (2 processes, gloo) -----------------------------------------------------------------------
@@ -333,9 +339,7 @@ def _worker(out: Path) -> None:
         rollouts = HFRollouts(wrapped, tokenizer, CPU, eos_ids=rank_eos_ids(info.rank))
         modules = fsdp_modules(wrapped)
         gathers[0] = 0
-        completions = rollouts.generate(
-            prompts, SamplingOptions(**DIST_OPTIONS), torch.Generator().manual_seed(3)
-        )
+        completions = rollouts.generate(prompts, SamplingOptions(**DIST_OPTIONS), seeds_for(prompts, 3))
         entry: dict[str, Any] = {
             "completions": [[c.completion_ids, c.finish_reason] for c in completions],
             "all_gathers": gathers[0],
@@ -384,7 +388,7 @@ def test_ddp_and_fsdp2_generate_what_one_process_generates_and_fsdp2_gathers_onc
         alone = HFRollouts(model, tokenizer, CPU, eos_ids=rank_eos_ids(rank)).generate(
             encode(tokenizer, DIST_PROMPTS[rank]),
             SamplingOptions(**DIST_OPTIONS),
-            torch.Generator().manual_seed(3),
+            seeds_for(DIST_PROMPTS[rank], 3),
         )
         expected = [[c.completion_ids, c.finish_reason] for c in alone]
         for strategy in ("ddp", "fsdp"):
@@ -556,23 +560,20 @@ def test_vllm_engine_arguments_and_completions(fake_vllm, monkeypatch):
         temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=3, stop_strings=("</s>",), num_generations=4
     )
     prompts = [[1, 2, 3], [4, 5]]
-    completions = backend.generate(prompts, options, torch.Generator().manual_seed(0))
+    completions = backend.generate(prompts, options, [11, 2**40 + 5])
     ((sent, params),) = llm.calls
     assert sent == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4, 5]}]
     for p in params:
         assert (p.n, p.temperature, p.top_p, p.top_k, p.max_tokens) == (4, 0.7, 0.9, -1, 3)
         assert p.stop == ["</s>"] and p.include_stop_str_in_output is True
-    assert params[0].seed != params[1].seed  # one seed per prompt, from the generator
+    assert [p.seed for p in params] == [11, (2**40 + 5) % (2**31 - 1)]  # each prompt's own seed
     assert [c.prompt_index for c in completions] == [0] * 4 + [1] * 4
     assert [c.finish_reason for c in completions[:4]] == ["length", "eos", "stop", "eos"]
     assert completions[0].completion_ids == [params[0].seed % 97, 5, 6] and completions[0].truncated
     assert completions[2].text == "a</s>"
     assert all(isinstance(c, Completion) and c.prompt_ids == prompts[c.prompt_index] for c in completions)
-    # the same generator state gives the same seeds (so a resumed run samples what the first run would)
-    backend.generate(prompts, options, torch.Generator().manual_seed(0))
-    assert [p.seed for p in llm.calls[1][1]] == [p.seed for p in params]
-    backend.generate(prompts, SamplingOptions(top_k=5, num_generations=1), torch.Generator())
-    assert llm.calls[2][1][0].top_k == 5 and llm.calls[2][1][0].stop is None
+    backend.generate(prompts, SamplingOptions(top_k=5, num_generations=1), [0, 1])
+    assert llm.calls[1][1][0].top_k == 5 and llm.calls[1][1][0].stop is None
 
 
 def test_vllm_refuses_an_unknown_finish_reason(fake_vllm):

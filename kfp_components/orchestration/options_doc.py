@@ -37,7 +37,7 @@ def options_markdown() -> str:
         _table(PipelineConfig),
         "### Every stage (`stage_configs.<name>`)\n",
         _table(StageConfig),
-        "### Every training stage (sft, osft, dpo): data and launch\n",
+        f"### Every training stage ({', '.join(_training_stages())}): data and launch\n",
         _table(TrainingData, TrainingStageConfig),
         "### Training options by stage\n",
         "| stage | option groups (tables below) | data format |\n| --- | --- | --- |",
@@ -53,6 +53,11 @@ def options_markdown() -> str:
         summary = (group.__doc__ or "").strip().splitlines()[0]
         parts.append(f"#### `{group.__name__}`: {summary} (stages: {', '.join(users)})\n")
         parts.append(_table(group))
+    for name, stage in BUILTIN_STAGES.items():
+        own = _table(stage.config_class)
+        if own.count("\n") > 2:
+            parts.append(f"#### Options of the `{name}` stage only\n")
+            parts.append(own)
     parts.append("### Aliases\n")
     parts.append(
         "Other names accepted for an option (the names of the modular fine-tuning guide and of Hugging Face "
@@ -76,6 +81,10 @@ def options_markdown() -> str:
         declared = _table(stage.config_class)
         parts.append(declared if declared.count("\n") > 2 else "Only the options every stage has.\n")
     return "\n".join(parts).rstrip() + "\n"
+
+
+def _training_stages() -> list[str]:
+    return [n for n, s in BUILTIN_STAGES.items() if issubclass(s.config_class, TrainingStageConfig)]
 
 
 def _table(*classes: type) -> str:

@@ -1,5 +1,4 @@
-"""Stages the multi-stage YAML may name that this version cannot run yet: ``rl``, ``rlaif`` and
-``cot_distillation``.
+"""Stages the multi-stage YAML may name that this version cannot run yet: ``rlaif`` and ``cot_distillation``.
 
 Their options are recognised, so a dry run of a whole chain checks every key (``reasoning_dataset_path``,
 ``teacher_model_path``, ``teacher_model_type`` of ``cot_distillation``, as users' configs already have them)
@@ -14,11 +13,6 @@ from typing import Any, ClassVar, Literal
 
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
 from kfp_components.typed_config import ConfigError
-
-
-@dataclass(kw_only=True)
-class RLStageConfig(StageConfig):
-    """Options of the rl stage (reinforcement learning with reward models); not available in this version."""
 
 
 @dataclass(kw_only=True)
@@ -64,12 +58,6 @@ class UnavailableStage(BaseStage):
 
     def execute(self, model: str, tokenizer: str, previous_result: StageResult | None) -> StageResult:
         raise self.unavailable()
-
-
-class RLStage(UnavailableStage):
-    stage_name: ClassVar[str] = "rl"
-    config_class: ClassVar[type[StageConfig]] = RLStageConfig
-    description = "reinforcement learning with reward models"
 
 
 class RLAIFStage(UnavailableStage):

@@ -9,17 +9,22 @@ import re
 from kfp_components.stages.base import BaseStage, config_class_of
 from kfp_components.stages.dpo import DPOStage
 from kfp_components.stages.osft import OSFTStage
-from kfp_components.stages.planned import CoTDistillationStage, RLAIFStage, RLStage, UnavailableStage
+from kfp_components.stages.planned import CoTDistillationStage, RLAIFStage, UnavailableStage
+from kfp_components.stages.rl import RLStage
 from kfp_components.stages.sft import SFTStage
 from kfp_components.typed_config import ConfigError
 
 #: Stages whose options are recognised but which this version cannot run (see ``stages.planned``).
 RESERVED_STAGES: dict[str, type[UnavailableStage]] = {
-    "rl": RLStage,
     "rlaif": RLAIFStage,
     "cot_distillation": CoTDistillationStage,
 }
-BUILTIN_STAGES: dict[str, type[BaseStage]] = {"sft": SFTStage, "osft": OSFTStage, "dpo": DPOStage}
+BUILTIN_STAGES: dict[str, type[BaseStage]] = {
+    "sft": SFTStage,
+    "osft": OSFTStage,
+    "dpo": DPOStage,
+    "rl": RLStage,
+}
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _registry: dict[str, type[BaseStage]] = {**BUILTIN_STAGES, **RESERVED_STAGES}

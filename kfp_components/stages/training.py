@@ -180,11 +180,17 @@ class TrainingStage(BaseStage):
         #: datasets prepared by :meth:`check_inputs` for the coming :meth:`execute`
         self._prepared: dict[str, PreparedDataset] = {}
 
+    def engine_algorithm(self) -> Algorithm:
+        """The engine's ``algorithm`` for this stage (the class's, unless the stage's options choose it)."""
+        return self.algorithm
+
     def validate_config(self) -> None:
         """The engine's checks across option groups (through a :class:`TrainingConfig` with placeholder
         paths), so every rule of the engine applies here too."""
-        if self.algorithm not in ALGORITHMS:
-            raise TypeError(f"{type(self).__name__}.algorithm {self.algorithm!r} is not one of {ALGORITHMS}")
+        if self.engine_algorithm() not in ALGORITHMS:
+            raise TypeError(
+                f"{type(self).__name__}.algorithm {self.engine_algorithm()!r} is not one of {ALGORITHMS}"
+            )
         config = self.training_config(
             "<model>", "<data>", "<eval data>" if self.config.eval_dataset_name_or_path else ""
         )
@@ -240,7 +246,7 @@ class TrainingStage(BaseStage):
             data_path=data_path,
             eval_data_path=eval_data_path,
             output_dir=self.config.output_dir,
-            algorithm=self.algorithm,
+            algorithm=self.engine_algorithm(),
             **training_options(self.config),
         )
 
@@ -261,7 +267,7 @@ class TrainingStage(BaseStage):
         )
         self.log.info(
             "training %s from %s on %s (%d rows)",
-            self.algorithm,
+            self.engine_algorithm(),
             model,
             train_data.source,
             train_data.metrics["train_rows"],
@@ -314,7 +320,7 @@ class TrainingStage(BaseStage):
         """Check every dataset of the stage (fetched and validated into a temporary folder) and run the
         engine's preflight on them."""
         plan = super().dry_run(model, tokenizer)
-        plan["algorithm"] = self.algorithm
+        plan["algorithm"] = self.engine_algorithm()
         processes = self.config.nproc_per_node
         plan["launch"] = f"torchrun, {processes} process(es)" if processes else "in the pipeline's process"
         with tempfile.TemporaryDirectory(prefix="kfp-dry-run-") as scratch:

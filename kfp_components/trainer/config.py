@@ -4,7 +4,7 @@ multi-stage YAML.
 Options come in groups that the stage configs reuse, so an option has one name and one meaning everywhere:
 
 * :class:`OptimOptions`: data handling, batching, optimizer, schedule, precision, distribution, checkpoints;
-* :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`: what each method adds.
+* :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`, :class:`RLOptions`: what each method adds.
 
 :class:`TrainingConfig` is all of them plus what one run needs (model, data, output, algorithm). Every field
 is a command-line flag of ``python -m kfp_components.trainer`` (``--learning_rate 2e-5``) and a key of its
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from kfp_components.typed_config import ConfigError, Options
 
-Algorithm = Literal["sft", "osft", "dpo"]
+#: The online algorithms: the model generates, rewards score, a policy-gradient step learns.
+RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp"]
+RL_ALGORITHMS: tuple[str, ...] = get_args(RLAlgorithm)
+Algorithm = Literal["sft", "osft", "dpo", "grpo", "rloo", "reinforce_pp"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 TorchDtype = Literal["bfloat16", "float16", "float32"]
 #: Attention kernels transformers can load a model with.
@@ -210,7 +213,22 @@ class LoRAOptions(Options):
 
 
 @dataclass(kw_only=True)
-class DPOOptions(Options):
+class OSFTConstraintOptions(Options):
+    """OSFT's constraint around another method (dpo, grpo, rloo, reinforce_pp).
+
+    Attributes:
+        osft_constraint: Train inside the OSFT constraint: the base model's top singular subspace stays
+            frozen (uses unfreeze_rank_ratio and target_patterns).
+    """
+
+    osft_constraint: bool = False
+
+    def validate(self) -> None:
+        """A flag: nothing to check on its own (see :meth:`TrainingConfig.validate` for combinations)."""
+
+
+@dataclass(kw_only=True)
+class DPOOptions(OSFTConstraintOptions):
     """Direct Preference Optimization.
 
     Attributes:
@@ -219,15 +237,12 @@ class DPOOptions(Options):
         label_smoothing: Assumed share of flipped preference labels (conservative DPO; sigmoid loss only).
         ref_model_name_or_path: Reference model (default: the model training starts from). Its log-probs are
             computed once, before training, so it never sits in memory beside the policy.
-        osft_constraint: Preference-tune inside the OSFT constraint: the base model's top singular subspace
-            stays frozen (uses unfreeze_rank_ratio and target_patterns).
     """
 
     beta: float = 0.1
     loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
     label_smoothing: float = 0.0
     ref_model_name_or_path: str = ""
-    osft_constraint: bool = False
 
     def validate(self) -> None:
         if self.beta <= 0:
@@ -238,22 +253,121 @@ class DPOOptions(Options):
             raise ConfigError("label_smoothing", "applies to loss_type sigmoid only")
 
 
+@dataclass(kw_only=True)
+class RLOptions(OSFTConstraintOptions):
+    """Online reinforcement learning: GRPO, RLOO and REINFORCE++ (see docs/online.md).
+
+    One step generates ``num_generations`` completions for each of ``effective_batch_size /
+    num_generations`` prompts from the current model, scores them with the reward functions, and makes
+    ``num_iterations`` optimizer updates on them.
+
+    Attributes:
+        reward_functions: What scores a completion, summed with reward_weights: a shipped reward
+            (exact_match, format_regex, overlong_penalty, reward_model, http) by name or as a mapping with
+            its options ({function: format_regex, pattern: ...}), or your own as module:function or
+            path/to/file.py:function, called as fn(prompts, completions, **columns) -> list of float or None.
+        reward_weights: One weight per reward function (empty: 1.0 each).
+        num_generations: Completions per prompt (a group); effective_batch_size counts completions and
+            must be a multiple of it.
+        max_new_tokens: Longest completion in tokens; longer ones stop there and count as truncated.
+        temperature: Sampling temperature (> 0).
+        top_p: Nucleus sampling: sample from the smallest set of tokens whose probability reaches top_p.
+        top_k: Sample from the k most likely tokens (0: no limit).
+        stop_strings: A completion ends after the first of these strings (as well as at end-of-sequence).
+        mask_truncated_completions: Truncated completions (no end-of-sequence within max_new_tokens) get no
+            loss; penalise them instead with the overlong_penalty reward.
+        rollout_backend: What generates: hf (the training model itself, with a KV cache) or vllm (a colocated
+            vLLM engine, GPU only, weights synced after each update; the vllm extra).
+        vllm_gpu_memory_utilization: With rollout_backend vllm: the share of GPU memory the colocated engine
+            may take (weights, KV cache); the rest is the trainer's.
+        scale_rewards: Advantage scaling of grpo: group (divide by the group's reward std), batch (by the
+            whole step's std) or none (mean-centred only, as Dr. GRPO).
+        epsilon_low: Clip the probability ratio below at 1 - epsilon_low.
+        epsilon_high: Clip the probability ratio above at 1 + epsilon_high (higher than epsilon_low:
+            DAPO's clip-higher).
+        loss_aggregation: token (every completion token of the step weighs the same), sequence (the mean
+            over each completion's tokens, then over completions) or dr_grpo (the token sum over
+            max_new_tokens times the completions).
+        num_iterations: Optimizer updates on each step's completions (more than 1: the probability ratio
+            to the generating policy moves away from 1 and clipping applies).
+        reinforce_pp_baseline: reinforce_pp only: none (REINFORCE++) or group (subtract each group's mean
+            reward first, REINFORCE++ with a group baseline).
+        kl_coef: Weight of the KL penalty to the reference model (the model training starts from; with
+            LoRA the model without its adapter); 0 turns it off and no reference model is loaded.
+        kl_in: Where the KL penalty goes: loss (the k3 estimate added to the loss, as GRPO) or reward (the
+            k1 estimate subtracted from every token's reward, as REINFORCE++).
+        kl_target: 0: kl_coef stays fixed; above 0: kl_coef adapts (proportional controller) to keep the
+            KL per completion (summed over its tokens, in nats) near this target.
+        kl_horizon: Steps over which the adaptive controller corrects (larger: slower changes).
+    """
+
+    reward_functions: list[str | dict[str, Any]] = field(default_factory=list)
+    reward_weights: list[float] = field(default_factory=list)
+    num_generations: int = 8
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_strings: list[str] = field(default_factory=list)
+    mask_truncated_completions: bool = False
+    rollout_backend: Literal["hf", "vllm"] = "hf"
+    vllm_gpu_memory_utilization: float = 0.3
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    loss_aggregation: Literal["token", "sequence", "dr_grpo"] = "token"
+    num_iterations: int = 1
+    reinforce_pp_baseline: Literal["none", "group"] = "none"
+    kl_coef: float = 0.0
+    kl_in: Literal["loss", "reward"] = "loss"
+    kl_target: float = 0.0
+    kl_horizon: int = 10000
+
+    def validate(self) -> None:
+        _at_least(self, ("num_generations", "max_new_tokens", "num_iterations", "kl_horizon"), 1)
+        _at_least(self, ("top_k", "kl_coef", "kl_target", "epsilon_low", "epsilon_high"), 0)
+        if self.temperature <= 0:
+            raise ConfigError("temperature", f"must be positive (sampling), got {self.temperature}")
+        if not 0 < self.vllm_gpu_memory_utilization < 1:
+            raise ConfigError(
+                "vllm_gpu_memory_utilization", f"must be in (0, 1), got {self.vllm_gpu_memory_utilization}"
+            )
+        if not 0 < self.top_p <= 1:
+            raise ConfigError("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.epsilon_low >= 1:
+            raise ConfigError(
+                "epsilon_low", f"must be below 1 (the ratio clips at 1 - epsilon_low), got {self.epsilon_low}"
+            )
+        if self.reward_functions or self.reward_weights:
+            from kfp_components.rewards import parse_references  # light: no torch, nothing loaded
+
+            parse_references(self.reward_functions, self.reward_weights or None)
+        for i, stop in enumerate(self.stop_strings):
+            if not isinstance(stop, str) or not stop:
+                raise ConfigError(f"stop_strings[{i}]", f"expected a non-empty string, got {stop!r}")
+        if self.kl_target and not self.kl_coef:
+            raise ConfigError("kl_target", "adapts kl_coef, which is 0 (KL off); set an initial kl_coef")
+
+
 #: Options every run must set.
 REQUIRED = ("model_name_or_path", "data_path", "output_dir")
 
 
 @dataclass(kw_only=True)
-class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions):
+class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptions):
     """Options of one training run: the model, the data, where outputs go, the method, and every option of
-    :class:`OptimOptions`, :class:`OSFTOptions`, :class:`LoRAOptions` and :class:`DPOOptions`.
+    :class:`OptimOptions`, :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions` and
+    :class:`RLOptions`.
 
     Attributes:
         model_name_or_path: Hugging Face model id or local folder of the starting checkpoint.
         data_path: JSONL file from the dataset stage: `messages` rows for sft and osft, `preference` rows
-            (prompt, chosen, rejected) for dpo.
+            (prompt, chosen, rejected) for dpo, `prompt` rows (prompt, optional answer and other columns
+            for the reward functions) for grpo, rloo and reinforce_pp.
         output_dir: Where checkpoints, metrics and the final model go (final model in ``<output_dir>/final``).
-        algorithm: sft (full fine-tuning, or LoRA when lora_r > 0), osft (Orthogonal Subspace Fine-Tuning) or
-            dpo (Direct Preference Optimization).
+        algorithm: sft (full fine-tuning, or LoRA when lora_r > 0), osft (Orthogonal Subspace Fine-Tuning),
+            dpo (Direct Preference Optimization), or the online algorithms grpo (Group Relative Policy
+            Optimization), rloo (REINFORCE Leave-One-Out) and reinforce_pp (REINFORCE++).
         eval_data_path: Optional JSONL in the same format as data_path: its loss is computed at the end of
             every epoch (and every eval_steps) and reported as eval_loss.
     """
@@ -272,6 +386,7 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions):
             OSFTOptions.validate,
             LoRAOptions.validate,
             DPOOptions.validate,
+            RLOptions.validate,
             TrainingConfig._check_combinations,
         ):
             try:
@@ -284,12 +399,51 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions):
     def _check_combinations(self) -> None:
         if self.algorithm == "osft" and self.lora_r:
             raise ConfigError("lora_r", "LoRA and OSFT are alternatives; set lora_r to 0 for osft")
-        if self.algorithm == "dpo" and self.osft_constraint and self.lora_r:
-            raise ConfigError("lora_r", "osft_constraint and LoRA are alternatives; set lora_r to 0")
         if self.eval_steps and not self.eval_data_path:
             raise ConfigError("eval_steps", "needs eval data (eval_data_path)")
+        if self.algorithm in ("dpo", *RL_ALGORITHMS) and self.osft_constraint and self.lora_r:
+            raise ConfigError("lora_r", "osft_constraint and LoRA are alternatives; set lora_r to 0")
+        if self.is_online:
+            self._check_online()
+
+    def _check_online(self) -> None:
+        if not self.reward_functions:
+            raise ConfigError(
+                "reward_functions", f"{self.algorithm} needs at least one reward function to learn from"
+            )
+        if self.effective_batch_size % self.num_generations:
+            raise ConfigError(
+                "effective_batch_size",
+                f"{self.effective_batch_size} completions per step is not a multiple of num_generations "
+                f"{self.num_generations} (each prompt gets a whole group)",
+            )
+        group_needed = self.algorithm in ("grpo", "rloo") or self.reinforce_pp_baseline == "group"
+        if group_needed and self.num_generations < 2:
+            what = "reinforce_pp_baseline: group" if self.algorithm == "reinforce_pp" else self.algorithm
+            raise ConfigError(
+                "num_generations",
+                f"{what} compares the completions of one prompt with each other and needs at least 2 per "
+                f"prompt, got {self.num_generations}",
+            )
+        if self.max_new_tokens >= self.max_seq_len:
+            raise ConfigError(
+                "max_new_tokens",
+                f"{self.max_new_tokens} leaves no room for the prompt within max_seq_len {self.max_seq_len}",
+            )
+        if self.eval_data_path:
+            raise ConfigError(
+                "eval_data_path",
+                f"{self.algorithm} reports the reward of every step; an eval loss applies to sft, osft and dpo",
+            )
+
+    @property
+    def is_online(self) -> bool:
+        """Whether the algorithm learns from the model's own generations (grpo, rloo, reinforce_pp)."""
+        return self.algorithm in RL_ALGORITHMS
 
     @property
     def uses_osft(self) -> bool:
-        """OSFT itself, or DPO inside the OSFT constraint."""
-        return self.algorithm == "osft" or (self.algorithm == "dpo" and self.osft_constraint)
+        """OSFT itself, or DPO or an online algorithm inside the OSFT constraint."""
+        return self.algorithm == "osft" or (
+            self.algorithm in ("dpo", *RL_ALGORITHMS) and self.osft_constraint
+        )

@@ -10,6 +10,7 @@ import contextlib
 import datetime
 import logging
 import os
+import resource
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -159,3 +160,10 @@ def broadcast_object(value: T, info: DistInfo) -> T:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: GPU memory allocated by torch, or the CPU process's peak RSS."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

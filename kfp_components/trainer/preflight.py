@@ -28,8 +28,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kfp_components.data.formats import MESSAGES, PREFERENCE, check_row, detect_row_format
-from kfp_components.trainer.config import TrainingConfig
+from kfp_components.data.formats import MESSAGES, PREFERENCE, PROMPT, check_row, detect_row_format
+from kfp_components.trainer.config import RL_ALGORITHMS, TrainingConfig
 from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,12 @@ ROWS_CHECKED = 20
 #: Problems reported per data file (the rest are counted).
 PROBLEMS_SHOWN_PER_FILE = 5
 #: The row format each algorithm trains on.
-DATA_FORMAT_BY_ALGORITHM = {"sft": MESSAGES, "osft": MESSAGES, "dpo": PREFERENCE}
+DATA_FORMAT_BY_ALGORITHM = {
+    "sft": MESSAGES,
+    "osft": MESSAGES,
+    "dpo": PREFERENCE,
+    **dict.fromkeys(RL_ALGORITHMS, PROMPT),
+}
 #: The module each flash attention kernel needs (and the pip package that provides it).
 FLASH_ATTENTION_MODULES = {
     "flash_attention_2": ("flash_attn", "flash-attn"),
@@ -64,6 +69,8 @@ def preflight_problems(
         problems.append(("output_dir", f"{config.output_dir} is a file; expected a folder (or no such path)"))
     if check_model:
         problems += model_problems(config)
+        if config.is_online and not any(key.startswith(("data_path", "reward_")) for key, _ in problems):
+            problems += reward_problems(config)
     if check_environment:
         problems += environment_problems(config)
     return problems
@@ -330,3 +337,34 @@ def environment_problems(config: TrainingConfig) -> Problems:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0]
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def reward_problems(config: TrainingConfig) -> Problems:
+    """The online algorithms' reward functions load (imported, reward models and endpoints found) and score
+    the first prompt row of ``data_path`` with a stand-in completion."""
+    from kfp_components.rewards import RewardError, check_reward_set, load_reward_set
+
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model_source(config.model_name_or_path))
+    except Exception:  # reported by model_problems; a reward that needs the tokenizer says so below
+        tokenizer = None
+    try:
+        reward_set = load_reward_set(
+            config.reward_functions,
+            config.reward_weights or None,
+            base_dir=None,
+            tokenizer=tokenizer,
+            device="cpu",
+        )
+    except (RewardError, ConfigError) as exc:
+        return exc.problems if isinstance(exc, ConfigError) else [("reward_functions", str(exc))]
+    with open(config.data_path, "rb") as lines:
+        first = next((row for raw in lines if (row := _parse_row(raw)[0]) is not None), None)
+    if not isinstance(first, dict):
+        return []  # an empty or unreadable file is data_path's problem
+    return [("reward_functions", problem) for problem in check_reward_set(reward_set, first)]

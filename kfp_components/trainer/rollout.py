@@ -8,10 +8,13 @@ of the weights, nothing to sync after an update), on a CPU, a GPU, under DDP and
 * One left-padded, batched prefill (attention mask, position ids counted from each row's first real token),
   then one token at a time with the KV cache (the ``DynamicCache`` the model returns from the prefill).
 * Sampling: temperature, then top-k (0 = off), then top-p (1 = off), then a draw from the remaining
-  distribution (inverse CDF: one uniform number per row) with the ``torch.Generator`` passed in. The same generator state gives the same completions,
-  so a run is reproducible and a resumed run continues exactly when its checkpoint holds the generator's
-  state. Greedy decoding is not offered: ``temperature`` must be > 0 (a policy-gradient update needs samples
-  from the policy; ``top_k=1`` gives the argmax where a test needs it).
+  distribution (inverse CDF: one uniform number per row). Every prompt comes with a seed; each of its rows
+  draws from its own generator, seeded by the prompt's seed and the row's number within the group. So a
+  completion depends on its prompt, its seed and the model only, never on which other prompts share the
+  batch, how the step's prompts were split over the ranks, or when finished rows left the batch: one
+  process and several sample the same completions, and a resumed run samples what it would have. Greedy
+  decoding is not offered: ``temperature`` must be > 0 (a policy-gradient update needs samples from the
+  policy; ``top_k=1`` gives the argmax where a test needs it).
 * A row ends at an EOS token (the tokenizer's ``eos_token_id`` and every id of the model's
   ``generation_config.eos_token_id``; the EOS is kept as the completion's last id, finish reason ``"eos"``),
   at a stop string (found in the decoded tail of the row after each token; the completion ends with the
@@ -31,6 +34,7 @@ numbers of tokens. The cost: each rank holds a full copy of the (compute-dtype) 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -101,10 +105,10 @@ class RolloutBackend(Protocol):
     name: str
 
     def generate(
-        self, prompts: Sequence[list[int]], options: SamplingOptions, generator: torch.Generator
+        self, prompts: Sequence[list[int]], options: SamplingOptions, seeds: Sequence[int]
     ) -> list[Completion]:
         """num_generations completions per prompt, grouped: completions of prompt i are contiguous,
-        in prompt order."""
+        in prompt order. ``seeds[i]`` alone decides the random draws of prompt i's completions."""
         ...
 
     def sync_weights(self, model: nn.Module) -> None:
@@ -123,6 +127,14 @@ def check_prompts(prompts: Sequence[Sequence[int]]) -> None:
             raise ValueError(f"generate: prompt {index} must be a list of int token ids")
 
 
+def check_seeds(seeds: Sequence[int], prompts: Sequence[Sequence[int]]) -> None:
+    """One int seed per prompt."""
+    if len(seeds) != len(prompts):
+        raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
+    if not all(isinstance(seed, int) and not isinstance(seed, bool) for seed in seeds):
+        raise ValueError("generate: seeds must be ints")
+
+
 def eos_token_ids(tokenizer: Any, model: nn.Module) -> frozenset[int]:
     """The tokenizer's EOS id and every EOS id of the model's generation config."""
     ids: set[int] = set()
@@ -137,10 +149,27 @@ def eos_token_ids(tokenizer: Any, model: nn.Module) -> frozenset[int]:
     return frozenset(ids)
 
 
+def row_generators(seeds: Sequence[int], num_generations: int) -> list[torch.Generator]:
+    """One CPU generator per row (prompt i's j-th completion), seeded from ``seeds[i]`` and ``j``."""
+    generators = []
+    for seed in seeds:
+        for j in range(num_generations):
+            digest = hashlib.sha256(f"{int(seed)}:{j}".encode()).digest()
+            generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1))
+    return generators
+
+
+def draw_uniforms(generators: Sequence[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One uniform number in [0, 1) from each generator, as a ``(rows, 1)`` float32 tensor on ``device``."""
+    values = torch.cat([torch.rand(1, generator=generator) for generator in generators])
+    return values.reshape(-1, 1).to(device, non_blocking=True)
+
+
 def sample_next_tokens(
-    logits: torch.Tensor, options: SamplingOptions, generator: torch.Generator
+    logits: torch.Tensor, options: SamplingOptions, uniforms: torch.Tensor
 ) -> torch.Tensor:
-    """One token per row of ``logits`` (rows x vocabulary): temperature, top-k, top-p, then a draw."""
+    """One token per row of ``logits`` (rows x vocabulary): temperature, top-k, top-p, then the inverse-CDF
+    draw of each row's uniform number (``(rows, 1)``, see :func:`draw_uniforms`)."""
     logits = logits.float()
     if options.temperature != 1:
         logits = logits / options.temperature
@@ -159,7 +188,7 @@ def sample_next_tokens(
     # faster on a CPU (see docs/online.md).
     cdf = logits.softmax(dim=-1).cumsum(dim=-1)
     total = cdf[:, -1:]
-    draw = torch.rand(total.shape, generator=generator, device=total.device, dtype=total.dtype) * total
+    draw = uniforms.to(device=total.device, dtype=total.dtype) * total
     draw = torch.minimum(draw, torch.nextafter(total, torch.zeros_like(total)))  # strictly below the total
     return torch.searchsorted(cdf, draw, right=True).squeeze(-1)
 
@@ -211,14 +240,11 @@ class HFRollouts:
         """Nothing to do: generation reads the live model."""
 
     def generate(
-        self, prompts: Sequence[list[int]], options: SamplingOptions, generator: torch.Generator
+        self, prompts: Sequence[list[int]], options: SamplingOptions, seeds: Sequence[int]
     ) -> list[Completion]:
         check_prompts(prompts)
-        if generator.device.type != self.device.type:
-            raise ValueError(
-                f"generate: the sampling generator is on {generator.device}, the model on {self.device}; "
-                "create it with torch.Generator(device=...) on the model's device"
-            )
+        check_seeds(seeds, prompts)
+        generators = row_generators(seeds, options.num_generations)
         rows = [
             _Row(prompt_index=index, prompt_ids=list(prompt))
             for index, prompt in enumerate(prompts)
@@ -228,14 +254,14 @@ class HFRollouts:
         self.model.eval()
         try:
             with torch.no_grad(), gathered_for_generation(self.model):
-                self._decode(rows, options, generator)
+                self._decode(rows, options, generators)
         finally:
             self.model.train(was_training)
         return [self._completion(row, options) for row in rows]
 
     # The decode loop ------------------------------------------------------------------------------------
 
-    def _decode(self, rows: list[_Row], options: SamplingOptions, generator: torch.Generator) -> None:
+    def _decode(self, rows: list[_Row], options: SamplingOptions, generators: list[torch.Generator]) -> None:
         width = max(len(row.prompt_ids) for row in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
@@ -251,7 +277,8 @@ class HFRollouts:
         stops = options.stop_strings
         tail = _TAIL_TOKENS_PER_CHAR * max((len(s) for s in stops), default=0) + _TAIL_EXTRA_TOKENS
         for step in range(options.max_new_tokens):
-            tokens = sample_next_tokens(logits, options, generator)
+            uniforms = draw_uniforms([generators[index] for index in batch], self.device)
+            tokens = sample_next_tokens(logits, options, uniforms)
             active = 0
             for token, index in zip(tokens.tolist(), batch, strict=True):
                 row = rows[index]

@@ -8,9 +8,9 @@ Written against the vLLM API that TRL's colocate mode uses (vLLM 0.17 to 0.25):
   prompts); a single process gets the rendezvous variables torch.distributed needs set here.
 * ``LLM.generate(prompts, sampling_params=[...], use_tqdm=False)`` with each prompt as token ids
   (``TokensPrompt(prompt_token_ids=...)``) and one ``SamplingParams(n=num_generations, temperature, top_p,
-  top_k (-1: off), max_tokens, stop, include_stop_str_in_output=True, seed)`` per prompt. Each prompt's seed
-  is drawn from the trainer's sampling generator, so the generator's state (saved in checkpoints) decides
-  the samples, as with the ``hf`` backend.
+  top_k (-1: off), max_tokens, stop, include_stop_str_in_output=True, seed)`` per prompt, with the prompt's
+  own seed (as the ``hf`` backend, which draws each completion from the prompt's seed): the step and the
+  prompt decide the samples, however the prompts were batched or split over the ranks.
 * Finish reasons: vLLM's ``"length"`` is ``"length"``; its ``"stop"`` is ``"stop"`` when ``stop_reason``
   is a stop string and ``"eos"`` when it is None (the EOS token) or a token id (an EOS of the generation
   config). The stop string stays in the text, as in the ``hf`` backend.
@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from kfp_components.trainer.rollout import Completion, SamplingOptions, check_prompts
+from kfp_components.trainer.rollout import Completion, SamplingOptions, check_prompts, check_seeds
 
-#: The most a per-prompt seed drawn from the sampling generator may be (vLLM takes any int; this keeps it
-#: within a signed 32-bit range every engine version accepts).
+#: Per-prompt seeds are taken modulo this bound (vLLM takes any int; this keeps them within a signed
+#: 32-bit range every engine version accepts).
 _SEED_BOUND = 2**31 - 1
 
 
@@ -87,10 +87,10 @@ class VLLMRollouts:
         )
 
     def generate(
-        self, prompts: Sequence[list[int]], options: SamplingOptions, generator: torch.Generator
+        self, prompts: Sequence[list[int]], options: SamplingOptions, seeds: Sequence[int]
     ) -> list[Completion]:
         check_prompts(prompts)
-        seeds = torch.randint(0, _SEED_BOUND, (len(prompts),), generator=generator, device=generator.device)
+        check_seeds(seeds, prompts)
         params = [
             self._sampling_params(
                 n=options.num_generations,
@@ -101,9 +101,9 @@ class VLLMRollouts:
                 stop=list(options.stop_strings) or None,
                 include_stop_str_in_output=True,
                 skip_special_tokens=True,
-                seed=int(seed),
+                seed=int(seed) % _SEED_BOUND,
             )
-            for seed in seeds.tolist()
+            for seed in seeds
         ]
         inputs = [self._tokens_prompt(prompt_token_ids=list(prompt)) for prompt in prompts]
         outputs = self.llm.generate(inputs, sampling_params=params, use_tqdm=False)

@@ -29,13 +29,13 @@ import logging
 import math
 import os
 import random
-import resource
 import shutil
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -65,11 +65,13 @@ from kfp_components.trainer.distributed import (
     broadcast_object,
     gradient_sync,
     init_distributed,
+    peak_memory_mib,
     unwrap,
     wrap_model,
 )
 from kfp_components.trainer.fingerprint import fingerprint_differences, run_fingerprint
 from kfp_components.trainer.objectives import LanguageModelling, Objective
+from kfp_components.trainer.online import OnlineSteps, build_online_steps
 from kfp_components.trainer.precision import Precision, finite_or_none
 from kfp_components.trainer.preflight import model_source, preflight_problems
 from kfp_components.trainer.progress import MetricsLog, Progress, no_transformers_progress_bars
@@ -141,9 +143,9 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
         log.info("%s", precision.note)
 
     tokenizer = load_tokenizer(config.model_name_or_path)
-    objective, eval_objective = build_objectives(config, tokenizer, info, precision)
+    steps, eval_objective = build_steps(config, tokenizer, info, precision)
     if info.is_main:
-        log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in objective.stats.items()))
+        log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in steps.stats.items()))
 
     model, save_dtype = load_model(config, info, precision=precision, from_checkpoint=resume_from is not None)
     model = wrap_model(model, info, config.distributed, bf16=False)
@@ -155,23 +157,17 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
         eps=config.adam_epsilon,
         weight_decay=config.weight_decay,
     )
-    sampler = TokenBudgetSampler(
-        objective.lengths,
-        objective.loss_units,
-        effective_batch_size=config.effective_batch_size,
-        max_tokens_per_gpu=config.max_tokens_per_gpu,
-        world_size=info.world_size,
-        rank=info.rank,
-        seed=config.seed,
-    )
-    total_steps = planned_steps(config, sampler.steps_per_epoch())
-    scheduler = build_scheduler(optimizer, config, total_steps)
+    total_steps = planned_steps(config, steps.steps_per_epoch())
+    scheduler = build_scheduler(optimizer, config, total_steps * steps.updates_per_step)
     evaluator = Evaluator(eval_objective, config, info, precision) if eval_objective else None
+    if isinstance(steps, OnlineSteps):
+        steps.attach(model, load_reference_model(config, info))
 
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, info, precision=precision)
         state.attempts += 1
+        steps.load_state_dict(state.extra)
     earlier_seconds = state.elapsed_seconds  # the attempts before this one, up to the checkpoint
     metrics = MetricsLog(
         output_dir / "metrics.jsonl",
@@ -194,6 +190,7 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
             return path
         state.elapsed_seconds = round(earlier_seconds + time.monotonic() - started, 3)
         state.peak_memory_mib = max(state.peak_memory_mib, peak_memory_mib(info.device))
+        state.extra.update(steps.state_dict())
         save_checkpoint(
             output_dir,
             model,
@@ -213,7 +210,7 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
             "training %s: %d steps (%d per epoch), %d trainable parameters, world size %d",
             config.algorithm,
             total_steps,
-            sampler.steps_per_epoch(),
+            steps.steps_per_epoch(),
             sum(p.numel() for p in trainable),
             info.world_size,
         )
@@ -223,20 +220,19 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
 
     model.train()
     while state.global_step < total_steps:
-        plan = sampler.epoch_plan(state.epoch)
+        plan = steps.epoch_plan(state.epoch)
         for step_plan in plan[state.step_in_epoch :]:
-            step = train_step(
-                model, objective, step_plan, optimizer, scheduler, precision, trainable, config, info
-            )
+            update = Updater(model, optimizer, scheduler, precision, trainable, config)
+            step = steps.run(model, step_plan, state.global_step, update)
             state.global_step += 1
             state.step_in_epoch += 1
-            state.samples_seen += step_plan.global_samples
-            state.tokens_seen += step_plan.global_tokens
+            state.samples_seen += step["samples"]
+            state.tokens_seen += step["tokens"]
             state.step_seconds += step["seconds"]
             state.skipped_steps += step.get("step_skipped", False)
             state.loss_sum += step["loss"]
             state.last_loss = step["loss"]
-            state.last_metrics = {name: step[name] for name in objective.metric_names}
+            state.last_metrics = {name: step[name] for name in steps.metric_names if name in step}
             record = {"step": state.global_step, "epoch": state.epoch, **step}
             metrics.write(record)
             progress.update(state.global_step, record)
@@ -278,7 +274,7 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
         duration_seconds=round(earlier_seconds + time.monotonic() - started, 3),
         world_size=info.world_size,
         model_path=str(model_path) if config.save_final_model else "",
-        data=objective.stats,
+        data=steps.stats,
         peak_memory_mib=max(state.peak_memory_mib, peak_memory_mib(info.device)),
         eval_loss=state.eval_history[-1]["eval_loss"] if state.eval_history else None,
         eval_history=[{"step": e["step"], "eval_loss": e["eval_loss"]} for e in state.eval_history],
@@ -413,20 +409,107 @@ def interrupted(
     return TrainingInterrupted(signal_number, f"training stopped by {name} {where}; {then}")
 
 
+@dataclass
+class Updater:
+    """One optimizer update from the accumulated gradients, the same for every algorithm: unscale fp16
+    gradients, project OSFT gradients, clip, AdamW (skipped when fp16 gradients overflowed), schedule the
+    LR, project OSFT parameters. Calling it returns (grad norm, whether the optimizer stepped, the LR used).
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    precision: Precision
+    trainable: list[nn.Parameter]
+    config: TrainingConfig
+
+    def __call__(self) -> tuple[float | None, bool, float]:
+        lr = self.optimizer.param_groups[0]["lr"]  # the LR this update uses (the scheduler moves it after)
+        self.precision.unscale(self.optimizer)  # true gradients from here on
+        if self.config.uses_osft:
+            osft.project_osft_gradients(self.model)
+        grad_norm = _clip(self.trainable, self.config.max_grad_norm)
+        stepped = self.precision.step(self.optimizer)  # False: fp16 gradients overflowed, nothing changed
+        if stepped:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.config.uses_osft and stepped:
+            osft.project_osft_parameters(self.model)
+        return finite_or_none(grad_norm), stepped, lr
+
+
+class StepSource(Protocol):
+    """What the loop trains on: the steps of an epoch, and how to run one (offline data or online rollouts)."""
+
+    metric_names: tuple[str, ...]
+    #: optimizer updates per step (the scheduler's steps)
+    updates_per_step: int
+
+    @property
+    def stats(self) -> dict[str, float]: ...
+
+    def steps_per_epoch(self) -> int: ...
+
+    def epoch_plan(self, epoch: int) -> Sequence[Any]: ...
+
+    def run(self, model: nn.Module, step_plan: Any, global_step: int, update: Updater) -> dict[str, Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class OfflineSteps:
+    """Steps over a fixed dataset (sft, osft, dpo): the token-budget sampler's plan and :func:`train_step`."""
+
+    updates_per_step = 1
+
+    def __init__(self, objective: Objective, config: TrainingConfig, info: DistInfo, precision: Precision):
+        self.objective = objective
+        self.config = config
+        self.info = info
+        self.precision = precision
+        self.metric_names = objective.metric_names
+        self.sampler = TokenBudgetSampler(
+            objective.lengths,
+            objective.loss_units,
+            effective_batch_size=config.effective_batch_size,
+            max_tokens_per_gpu=config.max_tokens_per_gpu,
+            world_size=info.world_size,
+            rank=info.rank,
+            seed=config.seed,
+        )
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.objective.stats
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch()
+
+    def epoch_plan(self, epoch: int) -> list[StepPlan]:
+        return self.sampler.epoch_plan(epoch)
+
+    def run(self, model: nn.Module, step_plan: StepPlan, global_step: int, update: Updater) -> dict[str, Any]:
+        return train_step(model, self.objective, step_plan, update, self.precision, self.info)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
 def train_step(
     model: nn.Module,
     objective: Objective,
     step_plan: StepPlan,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
+    update: Updater,
     precision: Precision,
-    trainable: list[nn.Parameter],
-    config: TrainingConfig,
     info: DistInfo,
 ) -> dict[str, Any]:
     """One optimizer step over the micro-batches of ``step_plan`` on this rank; returns the step's metrics."""
     started = time.monotonic()
-    lr = optimizer.param_groups[0]["lr"]  # the LR this step uses (the scheduler moves it after the step)
     loss_scale = precision.loss_scale
     # loss sum, dummy micro-batches, then the sums of the objective's metrics
     totals = torch.zeros(2 + len(objective.metric_names), dtype=torch.float64, device=info.device)
@@ -440,16 +523,7 @@ def train_step(
             precision.backward(loss)
         totals[0] += loss.detach().double() * num_items
         totals[2:] += metric_sums
-    precision.unscale(optimizer)  # true gradients from here on
-    if config.uses_osft:
-        osft.project_osft_gradients(model)
-    grad_norm = _clip(trainable, config.max_grad_norm)
-    stepped = precision.step(optimizer)  # False: fp16 gradients overflowed, nothing changed
-    if stepped:
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    if config.uses_osft and stepped:
-        osft.project_osft_parameters(model)
+    grad_norm, stepped, lr = update()
 
     loss_sum, dummies, *metric_totals = all_reduce_sum(totals).tolist()
     units = max(step_plan.global_label_tokens, 1)
@@ -457,7 +531,7 @@ def train_step(
     record = {
         "loss": loss_sum / units,
         "lr": lr,
-        "grad_norm": finite_or_none(grad_norm),
+        "grad_norm": grad_norm,
         "tokens": step_plan.global_tokens,
         "loss_units": step_plan.global_label_tokens,
         **{n: v / units for n, v in zip(objective.metric_names, metric_totals, strict=True)},
@@ -490,6 +564,30 @@ def check_inputs(config: TrainingConfig, info: DistInfo) -> None:
     problems = broadcast_object(problems, info)
     if problems:
         raise ConfigError.of(problems)
+
+
+def build_steps(
+    config: TrainingConfig, tokenizer: Any, info: DistInfo, precision: Precision
+) -> tuple[StepSource, Objective | None]:
+    """What the loop trains on (the data's objective, or the online algorithm's rollouts) and the eval
+    objective when there is eval data."""
+    if config.is_online:
+        return build_online_steps(config, tokenizer, info, precision), None
+    objective, eval_objective = build_objectives(config, tokenizer, info, precision)
+    return OfflineSteps(objective, config, info, precision), eval_objective
+
+
+def load_reference_model(config: TrainingConfig, info: DistInfo) -> nn.Module | None:
+    """The frozen reference of an online run with KL on: the starting model, sharded like the policy under
+    FSDP2. None when KL is off, or with LoRA (the policy without its adapter is the reference)."""
+    if not (config.is_online and config.kl_coef > 0) or config.lora_r:
+        return None
+    reference = _load_plain_model(config.model_name_or_path, config, info)
+    reference.requires_grad_(False)
+    reference.eval()
+    if info.distributed and config.distributed == "fsdp":
+        reference = wrap_model(reference, info, "fsdp", bf16=False)
+    return reference
 
 
 def build_objectives(
@@ -813,12 +911,6 @@ def write_json_atomically(path: Path, value: Any) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(value, indent=2))
     os.replace(partial, path)
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def _clip(parameters: list[nn.Parameter], max_norm: float) -> float:
