@@ -18,7 +18,15 @@ from benchmarks.machine import describe_machine
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REPORT = ROOT / "docs" / "performance.md"
-BENCHMARKS = ["dataset_validation", "tokenization", "packing", "osft_step", "continual", "kill_resume"]
+BENCHMARKS = [
+    "dataset_validation",
+    "tokenization",
+    "packing",
+    "osft_step",
+    "continual",
+    "kill_resume",
+    "grpo",
+]
 
 
 def main() -> None:

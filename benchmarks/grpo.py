@@ -1,0 +1,661 @@
+"""GRPO against TRL's ``GRPOTrainer``: time per step (generation and update apart) and the reward curve.
+
+Both trainers get the same tiny Qwen2-shaped model (built locally by :mod:`kfp_components.testing.tiny_model`
+and saved to one folder both load), the same bundled prompts (``examples/arithmetic_prompts.jsonl``), the
+same reward functions (:mod:`benchmarks.grpo_rewards`) and the same options (:class:`GRPOBenchmark`, mapped to
+each side by :func:`ours_options` and :func:`trl_arguments`), on this machine's CPU in fp32, one after the
+other, each in a fresh process. Also: generation tokens/s of the project's rollout loop against plain
+``model.generate`` on the same batch.
+
+TRL is not a dependency of this project: it runs in its own virtual environment, whose interpreter is
+``$TRL_PYTHON`` (default ``../scratch-trl/bin/python`` next to the repository), made with::
+
+    python3.11 -m venv ../scratch-trl
+    ../scratch-trl/bin/pip install -c constraints.txt torch==2.13.0   # the CPU build, as `make setup`
+    ../scratch-trl/bin/pip install -c constraints.txt trl
+
+python -m benchmarks.run grpo              # both sides; results/grpo.json, docs/grpo.png, docs/performance.md
+python -m benchmarks.grpo --sides trl      # one side only (the other stays "not measured")
+python -m benchmarks.grpo --render-only    # plot and docs/performance.md from the stored result
+python -m benchmarks.grpo --write-prompts  # rewrite examples/arithmetic_prompts.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+NAME = "grpo"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PLOT = ROOT / "docs" / "grpo.png"
+PROMPTS = ROOT / "examples" / "arithmetic_prompts.jsonl"
+REWARDS_FILE = ROOT / "benchmarks" / "grpo_rewards.py"
+TRL_RUNNER = ROOT / "benchmarks" / "grpo_trl.py"
+DEFAULT_TRL_PYTHON = ROOT.parent / "scratch-trl" / "bin" / "python"
+SIDES = ("trl", "ours")
+#: The model both sides train: Qwen2-shaped, random weights, a tokenizer trained locally.
+MODEL: dict[str, int] = {"hidden_size": 64, "num_layers": 2, "intermediate_size": 128, "vocab_size": 1024}
+#: Our ``loss_aggregation`` and the TRL ``loss_type`` that normalises the same way: token = every completion
+#: token of the step (TRL: dapo, the global accumulated batch), sequence = mean over each completion's tokens,
+#: then over completions (TRL: grpo), dr_grpo = a constant max_new_tokens x completions (TRL: dr_grpo).
+LOSS_TYPES = {"token": "dapo", "sequence": "grpo", "dr_grpo": "dr_grpo"}
+#: Steps averaged for the "first" and "last" reward of a curve.
+CURVE_ENDS = 3
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def arithmetic_prompts(count: int = 200, seed: int = 13) -> list[dict[str, str]]:
+    """``count`` distinct single-step arithmetic prompts with their answer (deterministic in ``seed``).
+
+    Sums and differences of numbers up to 20 (differences never negative) and products of 2..12.
+    """
+    rng = random.Random(seed)
+    seen: set[tuple[int, str, int]] = set()
+    rows: list[dict[str, str]] = []
+    while len(rows) < count:
+        op = rng.choice("+-*")
+        if op == "*":
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+        else:
+            a, b = rng.randint(0, 20), rng.randint(0, 20)
+            if op == "-" and b > a:
+                a, b = b, a
+        if (a, op, b) in seen:
+            continue
+        seen.add((a, op, b))
+        answer = a + b if op == "+" else a - b if op == "-" else a * b
+        symbol = "x" if op == "*" else op
+        rows.append({"prompt": f"What is {a} {symbol} {b}? Answer with the number.", "answer": str(answer)})
+    return rows
+
+
+def write_prompts(path: Path = PROMPTS) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in arithmetic_prompts()))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ options
+@dataclasses.dataclass(frozen=True)
+class GRPOBenchmark:
+    """The options both sides run with (names as the project's trainer spells them)."""
+
+    num_generations: int = 8
+    prompts_per_step: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 1e-2
+    max_steps: int = 20
+    scale_rewards: str = "group"
+    loss_aggregation: str = "token"
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    num_iterations: int = 1
+    kl_coef: float = 0.0
+    reward_functions: tuple[str, ...] = ("digit_share", "exact_match")
+    reward_weights: tuple[float, ...] = (1.0, 0.0)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Completions per optimizer step."""
+        return self.num_generations * self.prompts_per_step
+
+    def __post_init__(self) -> None:
+        if self.loss_aggregation not in LOSS_TYPES:
+            raise ValueError(
+                f"loss_aggregation must be one of {sorted(LOSS_TYPES)}, got {self.loss_aggregation!r}"
+            )
+        if len(self.reward_functions) != len(self.reward_weights):
+            raise ValueError("reward_functions and reward_weights must have the same length")
+
+
+def ours_options(bench: GRPOBenchmark, model: str, data: str, output_dir: str) -> dict[str, Any]:
+    """The project trainer's options (a ``TrainingConfig`` mapping) for ``bench``."""
+    return {
+        "model_name_or_path": model,
+        "data_path": data,
+        "output_dir": output_dir,
+        "algorithm": "grpo",
+        "num_generations": bench.num_generations,
+        "effective_batch_size": bench.effective_batch_size,
+        "max_new_tokens": bench.max_new_tokens,
+        "temperature": bench.temperature,
+        "top_p": bench.top_p,
+        "top_k": bench.top_k,
+        "scale_rewards": bench.scale_rewards,
+        "loss_aggregation": bench.loss_aggregation,
+        "epsilon_low": bench.epsilon_low,
+        "epsilon_high": bench.epsilon_high,
+        "num_iterations": bench.num_iterations,
+        "kl_coef": bench.kl_coef,
+        "reward_functions": [f"{REWARDS_FILE}:{name}" for name in bench.reward_functions],
+        "reward_weights": list(bench.reward_weights),
+        "learning_rate": bench.learning_rate,
+        "max_steps": bench.max_steps,
+        "lr_scheduler": "constant",
+        "warmup_steps": 0,
+        "adam_beta1": bench.adam_beta1,
+        "adam_beta2": bench.adam_beta2,
+        "adam_epsilon": bench.adam_epsilon,
+        "weight_decay": bench.weight_decay,
+        "max_grad_norm": bench.max_grad_norm,
+        "seed": bench.seed,
+        "torch_dtype": "float32",
+        "log_every_steps": 1,
+        "save_final_model": False,
+    }
+
+
+def trl_arguments(bench: GRPOBenchmark, output_dir: str) -> dict[str, Any]:
+    """TRL ``GRPOConfig`` keyword arguments for ``bench``: one generation batch of ``effective_batch_size``
+    completions per optimizer step, no vLLM, CPU, fp32 (TRL's default is bf16)."""
+    return {
+        "output_dir": output_dir,
+        "num_generations": bench.num_generations,
+        "per_device_train_batch_size": bench.effective_batch_size,
+        "gradient_accumulation_steps": 1,
+        "max_completion_length": bench.max_new_tokens,
+        "temperature": bench.temperature,
+        "top_p": bench.top_p,
+        "top_k": bench.top_k,
+        "scale_rewards": bench.scale_rewards,
+        "loss_type": LOSS_TYPES[bench.loss_aggregation],
+        "epsilon": bench.epsilon_low,
+        "epsilon_high": bench.epsilon_high,
+        "num_iterations": bench.num_iterations,
+        "beta": bench.kl_coef,
+        "reward_weights": list(bench.reward_weights),
+        "mask_truncated_completions": False,
+        "learning_rate": bench.learning_rate,
+        "max_steps": bench.max_steps,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "adam_beta1": bench.adam_beta1,
+        "adam_beta2": bench.adam_beta2,
+        "adam_epsilon": bench.adam_epsilon,
+        "weight_decay": bench.weight_decay,
+        "max_grad_norm": bench.max_grad_norm,
+        "seed": bench.seed,
+        "use_vllm": False,
+        "use_cpu": True,
+        "bf16": False,
+        "fp16": False,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ running
+def trl_python() -> Path:
+    """The interpreter of TRL's virtual environment (``$TRL_PYTHON``), checked to exist."""
+    path = Path(os.environ.get("TRL_PYTHON") or DEFAULT_TRL_PYTHON)
+    if not path.exists():
+        raise SystemExit(
+            f"TRL's virtual environment is missing: {path} does not exist; make it as the docstring of "
+            "benchmarks/grpo.py says, or point TRL_PYTHON at a Python that has trl"
+        )
+    return path
+
+
+def run_trl(bench: GRPOBenchmark, model_dir: Path, work: Path) -> dict[str, Any]:
+    """One TRL run in its own interpreter; per-step timings and rewards (see ``benchmarks/grpo_trl.py``)."""
+    work.mkdir(parents=True, exist_ok=True)
+    job = {
+        "model": str(model_dir),
+        "prompts": str(PROMPTS),
+        "rewards_file": str(REWARDS_FILE),
+        "reward_functions": list(bench.reward_functions),
+        "grpo_config": trl_arguments(bench, str(work / "output")),
+        "output": str(work / "result.json"),
+    }
+    (work / "job.json").write_text(json.dumps(job, indent=2))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("PYTHONPATH", None)  # nothing of this project's environment leaks into TRL's
+    completed = subprocess.run(
+        [str(trl_python()), str(TRL_RUNNER), str(work / "job.json")],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if completed.returncode:
+        raise RuntimeError(f"the TRL run failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    result = json.loads((work / "result.json").read_text())
+    for step in result["steps"]:
+        step["generation_tokens_per_second"] = (
+            step["completion_tokens"] / step["generation_seconds"] if step["generation_seconds"] else None
+        )
+    return {"config": job["grpo_config"], **result}
+
+
+def ours_steps(
+    metrics_rows: Sequence[dict[str, Any]], reward_functions: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Per-step records in the benchmark's shape from the rows of our ``metrics.jsonl``."""
+    steps = []
+    for row in metrics_rows:
+        if "reward" not in row or "generation_seconds" not in row:
+            continue  # an evaluation row
+        seconds = row.get("seconds", row["generation_seconds"] + row.get("training_seconds", 0.0))
+        tokens_per_second = row.get("generation_tokens_per_second")
+        rewards = {}
+        for name in reward_functions:
+            for key in (f"reward/{name}/mean", f"reward/{name}"):
+                if key in row:
+                    rewards[name] = row[key]
+                    break
+        steps.append(
+            {
+                "step": row["step"],
+                "seconds": seconds,
+                "generation_seconds": row["generation_seconds"],
+                "update_seconds": seconds - row["generation_seconds"],
+                "completion_tokens": (
+                    tokens_per_second * row["generation_seconds"] if tokens_per_second is not None else None
+                ),
+                "generation_tokens_per_second": tokens_per_second,
+                "reward": row["reward"],
+                "rewards": rewards,
+                "completion_length": row.get("completion_length_mean"),
+            }
+        )
+    return steps
+
+
+def _train_ours(options: dict[str, Any]) -> dict[str, Any]:
+    """Run the project's trainer with ``options`` (in a fresh process) and read its metrics."""
+    import logging
+
+    import torch
+
+    from kfp_components.trainer.config import TrainingConfig
+    from kfp_components.trainer.train import train
+    from kfp_components.typed_config import from_dict
+
+    logging.getLogger("kfp_components").setLevel(logging.WARNING)
+    config = from_dict(TrainingConfig, options)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    train(config)
+    run_seconds, run_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+    metrics = Path(options["output_dir"]) / "metrics.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return {
+        "run_seconds": run_seconds,
+        "run_cpu_seconds": run_cpu_seconds,
+        "rows": rows,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def run_ours(bench: GRPOBenchmark, model_dir: Path, work: Path) -> dict[str, Any]:
+    """One run of the project's GRPO trainer in a fresh process."""
+    from kfp_components.trainer.config import ALGORITHMS
+
+    if "grpo" not in ALGORITHMS:
+        raise SystemExit(f"this trainer has no algorithm grpo yet (it has {', '.join(ALGORITHMS)})")
+    options = ours_options(bench, str(model_dir), str(PROMPTS), str(work / "output"))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        measured = pool.submit(_train_ours, options).result()
+    return {
+        "config": options,
+        "run_seconds": measured["run_seconds"],
+        "run_cpu_seconds": measured["run_cpu_seconds"],
+        "torch_threads": measured["torch_threads"],
+        "steps": ours_steps(measured["rows"], bench.reward_functions),
+    }
+
+
+def _generation_speed(model_dir: str, bench: GRPOBenchmark, repeats: int) -> dict[str, Any]:
+    """Completion tokens/s of ``HFRollouts.generate`` and of ``model.generate`` on one batch (best of
+    ``repeats``, alternating): the first ``prompts_per_step`` prompts, ``num_generations`` each."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kfp_components.trainer.rollout import HFRollouts, SamplingOptions
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()[: bench.prompts_per_step]]
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=True, add_generation_prompt=True
+        )
+        for row in rows
+    ]
+    prompts = [
+        list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts
+    ]
+    options = SamplingOptions(
+        temperature=bench.temperature,
+        top_p=bench.top_p,
+        top_k=bench.top_k,
+        max_new_tokens=bench.max_new_tokens,
+        num_generations=bench.num_generations,
+    )
+    rollouts = HFRollouts(model, tokenizer, torch.device("cpu"))
+    eos = set(model.generation_config.eos_token_id or [])
+    if isinstance(model.generation_config.eos_token_id, int):
+        eos = {model.generation_config.eos_token_id}
+    pad = tokenizer.pad_token_id
+    batch = [ids for ids in prompts for _ in range(bench.num_generations)]
+    width = max(map(len, batch))
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
+    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
+    ours: list[float] = []
+    plain: list[float] = []
+    for repeat in range(repeats):
+        started = time.perf_counter()
+        completions = rollouts.generate(prompts, options, torch.Generator().manual_seed(repeat))
+        ours.append(sum(len(c.completion_ids) for c in completions) / (time.perf_counter() - started))
+        torch.manual_seed(repeat)
+        started = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                do_sample=True,
+                temperature=bench.temperature,
+                top_p=bench.top_p,
+                top_k=bench.top_k,
+                max_new_tokens=bench.max_new_tokens,
+                pad_token_id=pad,
+            )
+        seconds = time.perf_counter() - started
+        tokens = 0
+        for row in output[:, width:].tolist():
+            ends = [i for i, token in enumerate(row) if token in eos]
+            tokens += ends[0] + 1 if ends else len(row)
+        plain.append(tokens / seconds)
+    return {
+        "batch": len(batch),
+        "max_new_tokens": bench.max_new_tokens,
+        "repeats": repeats,
+        "rollout_tokens_per_second": round(max(ours), 1),
+        "generate_tokens_per_second": round(max(plain), 1),
+        "ratio": round(max(ours) / max(plain), 3),
+    }
+
+
+def generation_speed(model_dir: Path, bench: GRPOBenchmark, repeats: int = 3) -> dict[str, Any]:
+    """Our rollout loop against ``model.generate`` on the same batch, in a fresh process."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(_generation_speed, str(model_dir), bench, repeats).result()
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def summarise(steps: Sequence[dict[str, Any]], run_cpu_seconds: float | None = None) -> dict[str, Any]:
+    """Median step, generation and update seconds and the fastest step; generation share of all step time;
+    generation tokens/s; CPU seconds of the whole run per step; mean reward (and exact match) over the first
+    and the last :data:`CURVE_ENDS` steps."""
+    seconds = sum(s["seconds"] for s in steps)
+    generation = sum(s["generation_seconds"] for s in steps)
+    tokens = [s["completion_tokens"] for s in steps]
+    head, tail = steps[:CURVE_ENDS], steps[-CURVE_ENDS:]
+    return {
+        "steps": len(steps),
+        "step_seconds": statistics.median(s["seconds"] for s in steps),
+        "fastest_step_seconds": min(s["seconds"] for s in steps),
+        "generation_seconds": statistics.median(s["generation_seconds"] for s in steps),
+        "update_seconds": statistics.median(s["update_seconds"] for s in steps),
+        "generation_share": generation / seconds,
+        "generation_tokens_per_second": (
+            sum(tokens) / generation if generation and all(t is not None for t in tokens) else None
+        ),
+        "cpu_seconds_per_step": run_cpu_seconds / len(steps) if run_cpu_seconds is not None else None,
+        "reward_first": _mean([s["reward"] for s in head]),
+        "reward_last": _mean([s["reward"] for s in tail]),
+        "exact_match_last": _mean([s["rewards"].get("exact_match") for s in tail]),
+    }
+
+
+def compare(sides: dict[str, dict[str, Any] | None], speed: dict[str, Any] | None) -> dict[str, Any]:
+    """The issue's goals: our step time at most 0.8x TRL's, an equal or better reward after the same steps,
+    our rollout not slower than ``model.generate``. None where a side was not measured."""
+    trl, ours = sides.get("trl"), sides.get("ours")
+    both = trl is not None and ours is not None
+    step_ratio = ours["summary"]["step_seconds"] / trl["summary"]["step_seconds"] if both else None
+    cpu = [side["summary"]["cpu_seconds_per_step"] for side in (ours, trl) if side is not None]
+    return {
+        "step_ratio": step_ratio,
+        "cpu_ratio": cpu[0] / cpu[1] if both and None not in cpu else None,
+        "step_goal_met": step_ratio <= 0.8 if step_ratio is not None else None,
+        "reward_goal_met": ours["summary"]["reward_last"] >= trl["summary"]["reward_last"] if both else None,
+        "generation_goal_met": speed["ratio"] >= 1.0 if speed else None,
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the run
+def run(sides: Sequence[str] = SIDES, bench: GRPOBenchmark | None = None) -> dict[str, Any]:
+    """Both sides (or ``sides``) on one freshly built tiny model; what ``benchmarks.run`` stores."""
+    bench = bench or GRPOBenchmark()
+    unknown = set(sides) - set(SIDES)
+    if unknown:
+        raise ValueError(f"unknown side(s) {sorted(unknown)}; choose from {SIDES}")
+    if "trl" in sides:
+        trl_python()  # before building anything
+    from kfp_components.testing.tiny_model import build_tiny_model
+
+    results: dict[str, dict[str, Any] | None] = {}
+    speed = None
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = build_tiny_model(work / "model", "qwen2", seed=bench.seed, **MODEL)
+        for side in SIDES:
+            if side not in sides:
+                results[side] = None
+                continue
+            print(f"grpo: {side} ...", flush=True)
+            runner = run_trl if side == "trl" else run_ours
+            measured = runner(bench, model_dir, work / side)
+            summary = summarise(measured["steps"], measured["run_cpu_seconds"])
+            results[side] = {**measured, "summary": summary}
+        if "ours" in sides:
+            speed = generation_speed(model_dir, bench)
+    return {
+        "benchmark": dataclasses.asdict(bench),
+        "model": {"arch": "qwen2", **MODEL},
+        "prompts": str(PROMPTS.relative_to(ROOT)),
+        "sides": results,
+        "generation": speed,
+        "goals": compare(results, speed),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _goal(value: bool | None) -> str:
+    return "not measured" if value is None else ("met" if value else "not met")
+
+
+def _ratios(step_ratio: float | None, cpu_ratio: float | None) -> str:
+    if step_ratio is None:
+        return ""
+    cpu = f"; CPU seconds per step {cpu_ratio:.2f}x" if cpu_ratio is not None else ""
+    return f" ({step_ratio:.2f}x{cpu})"
+
+
+def render(result: dict[str, Any]) -> str:
+    """The section of docs/performance.md."""
+    bench, model = result["benchmark"], result["model"]
+    trl = result["sides"].get("trl")
+    versions = trl["versions"] if trl else {}
+    lines = [
+        "## GRPO against TRL",
+        "",
+        f"GRPO on a tiny Qwen2-shaped model (hidden {model['hidden_size']}, {model['num_layers']} layers, "
+        f"intermediate {model['intermediate_size']}, vocab {model['vocab_size']}; random weights) with the "
+        f"bundled arithmetic prompts (`{result['prompts']}`), fp32 on the CPU, both sides one after the other "
+        f"in fresh processes: {bench['max_steps']} steps of {bench['prompts_per_step']} prompts x "
+        f"{bench['num_generations']} completions of at most {bench['max_new_tokens']} tokens, temperature "
+        f"{bench['temperature']}, learning rate {bench['learning_rate']:g} (constant), loss aggregation "
+        f"{bench['loss_aggregation']} (TRL `loss_type={LOSS_TYPES[bench['loss_aggregation']]}`), scale_rewards "
+        f"{bench['scale_rewards']}, kl_coef {bench['kl_coef']:g}, num_iterations {bench['num_iterations']}. "
+        "Reward: the share of digits among the completion's non-space characters (graded; an answer is a "
+        "number); exact match of the last number against the answer is recorded with weight 0. "
+        "Generation is the sampling call alone (TRL: `_generate_single_turn`, its `model.generate`); update "
+        "is the rest of the step (rewards, log-probs, loss, backward, optimizer). Step, generation and update "
+        "times are medians over the steps; the machine is shared, so other load only adds time: the fastest "
+        "step and the CPU seconds of the whole run (loading the model included, every thread) per step are "
+        "less sensitive to it. Reward and exact match are means over the first and the last steps.",
+        "",
+        "| trainer | step (s) | fastest step (s) | generation (s) | update (s) | generation share | "
+        f"generation tokens/s | CPU s per step | reward, first {CURVE_ENDS} steps | reward, last {CURVE_ENDS} "
+        f"steps | exact match, last {CURVE_ENDS} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    labels = {"trl": f"TRL {versions.get('trl', '')} `GRPOTrainer`".replace("  ", " "), "ours": "this engine"}
+    for side in SIDES:
+        measured = result["sides"].get(side)
+        if measured is None:
+            lines.append(f"| {labels[side]} | not measured | | | | | | | | | |")
+            continue
+        s = measured["summary"]
+        lines.append(
+            f"| {labels[side]} | {_seconds(s['step_seconds'])} | {_seconds(s['fastest_step_seconds'])} | "
+            f"{_seconds(s['generation_seconds'])} | {_seconds(s['update_seconds'])} | "
+            f"{s['generation_share']:.0%} | {_number(s['generation_tokens_per_second'], 0)} | "
+            f"{_number(s['cpu_seconds_per_step'], 2)} | {_number(s['reward_first'])} | "
+            f"{_number(s['reward_last'])} | {_number(s['exact_match_last'], 2)} |"
+        )
+    goals, speed = result["goals"], result.get("generation")
+    ratio = goals["step_ratio"]
+    lines += [
+        "",
+        "![Reward per step and step time, TRL and this engine](grpo.png)",
+        "",
+        f"Goals: step time at most 0.8x TRL's: {_goal(goals['step_goal_met'])}"
+        + _ratios(ratio, goals["cpu_ratio"])
+        + f"; equal or better reward after the same steps: {_goal(goals['reward_goal_met'])}; generation "
+        f"not slower than `model.generate`: {_goal(goals['generation_goal_met'])}"
+        + (
+            f" ({speed['rollout_tokens_per_second']:,.0f} vs {speed['generate_tokens_per_second']:,.0f} "
+            f"completion tokens/s, batch {speed['batch']}, best of {speed['repeats']})"
+            if speed
+            else ""
+        )
+        + ".",
+    ]
+    if versions:
+        lines += [
+            "",
+            "TRL side: "
+            + ", ".join(f"{name} {version}" for name, version in versions.items())
+            + " in its own "
+            "virtual environment (not a dependency).",
+        ]
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], path: Path = PLOT) -> None:
+    """Reward per step (left) and step time split into generation and update (right), both sides."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (reward, timing) = plt.subplots(1, 2, figsize=(11, 4))
+    colours = {"trl": "tab:orange", "ours": "tab:blue"}
+    names = {"trl": "TRL GRPOTrainer", "ours": "this engine"}
+    for side in SIDES:
+        measured = result["sides"].get(side)
+        if measured is None:
+            continue
+        steps = measured["steps"]
+        x = [s["step"] for s in steps]
+        colour, name = colours[side], names[side]
+        reward.plot(x, [s["reward"] for s in steps], "-o", color=colour, markersize=3, label=name)
+        timing.plot(x, [s["seconds"] for s in steps], "-", color=colour, label=f"{name}: step")
+        timing.plot(
+            x, [s["generation_seconds"] for s in steps], "--", color=colour, label=f"{name}: generation"
+        )
+    reward.set_ylabel("mean reward (digit share)")
+    reward.set_title("Reward per step")
+    timing.set_ylabel("seconds")
+    timing.set_title("Step time and its generation part")
+    timing.set_ylim(bottom=0)
+    for ax in (reward, timing):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("GRPO on a tiny model, CPU: TRL vs this engine")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report() -> None:
+    """The plot from the stored result (``benchmarks.run`` renders docs/performance.md)."""
+    path = RESULTS / f"{NAME}.json"
+    if not path.exists():
+        raise SystemExit(f"no results yet: run `python -m benchmarks.grpo` first ({path})")
+    plot(json.loads(path.read_text())["result"])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="trainers to run")
+    parser.add_argument("--render-only", action="store_true", help="plot and render from the stored result")
+    parser.add_argument("--write-prompts", action="store_true", help=f"rewrite {PROMPTS.relative_to(ROOT)}")
+    args = parser.parse_args(argv)
+    if args.write_prompts:
+        print(f"grpo: wrote {write_prompts().relative_to(ROOT)}")
+        return
+    if not args.render_only:
+        import datetime
+
+        from benchmarks.machine import describe_machine
+
+        result = run(args.sides)
+        record = {"result": result, "machine": describe_machine(), "date": datetime.date.today().isoformat()}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(render(result))
+    write_report()
+    from benchmarks.run import render as render_performance
+
+    render_performance()
+    print(f"grpo: wrote {PLOT.relative_to(ROOT)} and docs/performance.md")
+
+
+if __name__ == "__main__":
+    main()
