@@ -46,6 +46,8 @@ REWARDS_FILE = ROOT / "benchmarks" / "grpo_rewards.py"
 TRL_RUNNER = ROOT / "benchmarks" / "grpo_trl.py"
 DEFAULT_TRL_PYTHON = ROOT.parent / "scratch-trl" / "bin" / "python"
 SIDES = ("trl", "ours")
+#: The seed of the model's random weights (the same model for every run).
+MODEL_SEED = 0
 #: The model both sides train: Qwen2-shaped, random weights, a tokenizer trained locally.
 MODEL: dict[str, int] = {"hidden_size": 64, "num_layers": 2, "intermediate_size": 128, "vocab_size": 1024}
 #: Our ``loss_aggregation`` and the TRL ``loss_type`` that normalises the same way: token = every completion
@@ -113,7 +115,12 @@ class GRPOBenchmark:
     adam_epsilon: float = 1e-8
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    seed: int = 0
+    #: Each side runs once per seed (sampling, data order); rewards are compared on their mean.
+    seeds: tuple[int, ...] = (0, 1, 2)
+    #: Torch (OpenMP) threads of both sides. One: on a small shared machine two threads spend most of a
+    #: tiny model's step waiting for each other (measured: 40x slower sampling under load), which would
+    #: measure the neighbours, not the trainers.
+    torch_threads: int = 1
 
     @property
     def effective_batch_size(self) -> int:
@@ -129,8 +136,8 @@ class GRPOBenchmark:
             raise ValueError("reward_functions and reward_weights must have the same length")
 
 
-def ours_options(bench: GRPOBenchmark, model: str, data: str, output_dir: str) -> dict[str, Any]:
-    """The project trainer's options (a ``TrainingConfig`` mapping) for ``bench``."""
+def ours_options(bench: GRPOBenchmark, model: str, data: str, output_dir: str, seed: int) -> dict[str, Any]:
+    """The project trainer's options (a ``TrainingConfig`` mapping) for ``bench``, run with ``seed``."""
     return {
         "model_name_or_path": model,
         "data_path": data,
@@ -159,16 +166,20 @@ def ours_options(bench: GRPOBenchmark, model: str, data: str, output_dir: str) -
         "adam_epsilon": bench.adam_epsilon,
         "weight_decay": bench.weight_decay,
         "max_grad_norm": bench.max_grad_norm,
-        "seed": bench.seed,
+        "seed": seed,
         "torch_dtype": "float32",
         "log_every_steps": 1,
         "save_final_model": False,
     }
 
 
-def trl_arguments(bench: GRPOBenchmark, output_dir: str) -> dict[str, Any]:
+def trl_arguments(bench: GRPOBenchmark, output_dir: str, seed: int) -> dict[str, Any]:
     """TRL ``GRPOConfig`` keyword arguments for ``bench``: one generation batch of ``effective_batch_size``
-    completions per optimizer step, no vLLM, CPU, fp32 (TRL's default is bf16)."""
+    completions, reused for ``num_iterations`` optimizer updates; no vLLM, CPU, fp32 (TRL's default is bf16).
+
+    TRL's ``max_steps`` counts optimizer updates, ours counts steps of ``num_iterations`` updates each on one
+    generation batch, so TRL gets ``max_steps * num_iterations`` (:func:`per_generation` groups them back).
+    """
     return {
         "output_dir": output_dir,
         "num_generations": bench.num_generations,
@@ -187,7 +198,7 @@ def trl_arguments(bench: GRPOBenchmark, output_dir: str) -> dict[str, Any]:
         "reward_weights": list(bench.reward_weights),
         "mask_truncated_completions": False,
         "learning_rate": bench.learning_rate,
-        "max_steps": bench.max_steps,
+        "max_steps": bench.max_steps * bench.num_iterations,
         "lr_scheduler_type": "constant",
         "warmup_steps": 0,
         "adam_beta1": bench.adam_beta1,
@@ -195,7 +206,7 @@ def trl_arguments(bench: GRPOBenchmark, output_dir: str) -> dict[str, Any]:
         "adam_epsilon": bench.adam_epsilon,
         "weight_decay": bench.weight_decay,
         "max_grad_norm": bench.max_grad_norm,
-        "seed": bench.seed,
+        "seed": seed,
         "use_vllm": False,
         "use_cpu": True,
         "bf16": False,
@@ -220,7 +231,27 @@ def trl_python() -> Path:
     return path
 
 
-def run_trl(bench: GRPOBenchmark, model_dir: Path, work: Path) -> dict[str, Any]:
+def _thread_env(bench: GRPOBenchmark) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(bench.torch_threads), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _set_threads(torch_threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(torch_threads)
+
+
+def _fresh_process(bench: GRPOBenchmark) -> ProcessPoolExecutor:
+    """One worker process, started fresh, running torch with ``bench``'s threads."""
+    return ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_set_threads,
+        initargs=(bench.torch_threads,),
+    )
+
+
+def run_trl(bench: GRPOBenchmark, model_dir: Path, work: Path, seed: int) -> dict[str, Any]:
     """One TRL run in its own interpreter; per-step timings and rewards (see ``benchmarks/grpo_trl.py``)."""
     work.mkdir(parents=True, exist_ok=True)
     job = {
@@ -228,11 +259,12 @@ def run_trl(bench: GRPOBenchmark, model_dir: Path, work: Path) -> dict[str, Any]
         "prompts": str(PROMPTS),
         "rewards_file": str(REWARDS_FILE),
         "reward_functions": list(bench.reward_functions),
-        "grpo_config": trl_arguments(bench, str(work / "output")),
+        "grpo_config": trl_arguments(bench, str(work / "output"), seed),
         "output": str(work / "result.json"),
+        "torch_threads": bench.torch_threads,
     }
     (work / "job.json").write_text(json.dumps(job, indent=2))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, **_thread_env(bench), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)  # nothing of this project's environment leaks into TRL's
     completed = subprocess.run(
         [str(trl_python()), str(TRL_RUNNER), str(work / "job.json")],
@@ -244,42 +276,66 @@ def run_trl(bench: GRPOBenchmark, model_dir: Path, work: Path) -> dict[str, Any]
     if completed.returncode:
         raise RuntimeError(f"the TRL run failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
     result = json.loads((work / "result.json").read_text())
-    for step in result["steps"]:
-        step["generation_tokens_per_second"] = (
-            step["completion_tokens"] / step["generation_seconds"] if step["generation_seconds"] else None
+    result["updates"] = result.pop("steps")
+    steps = per_generation(result["updates"], bench.num_iterations)
+    return {"seed": seed, "config": job["grpo_config"], "steps": steps, **result}
+
+
+def per_generation(updates: Sequence[dict[str, Any]], num_iterations: int) -> list[dict[str, Any]]:
+    """TRL's per-update records grouped into our steps (one generation batch, ``num_iterations`` updates):
+    times and tokens add up; the reward is the one logged with the group's generation (its first update)."""
+    steps = []
+    for start in range(0, len(updates), num_iterations):
+        group = updates[start : start + num_iterations]
+        seconds = sum(u["seconds"] for u in group)
+        generation = sum(u["generation_seconds"] for u in group)
+        tokens = sum(u["completion_tokens"] for u in group)
+        steps.append(
+            {
+                "step": start // num_iterations + 1,
+                "seconds": seconds,
+                "generation_seconds": generation,
+                "update_seconds": seconds - generation,
+                "completion_tokens": tokens,
+                "generation_tokens_per_second": tokens / generation if generation else None,
+                "reward": group[0]["reward"],
+                "rewards": group[0]["rewards"],
+            }
         )
-    return {"config": job["grpo_config"], **result}
+    return steps
+
+
+#: What the benchmark reads from each step row of our ``metrics.jsonl``.
+OURS_STEP_KEYS = ("step", "seconds", "generation_seconds", "generation_tokens_per_second", "reward")
 
 
 def ours_steps(
     metrics_rows: Sequence[dict[str, Any]], reward_functions: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Per-step records in the benchmark's shape from the rows of our ``metrics.jsonl``."""
+    """Per-step records in the benchmark's shape from the rows of our ``metrics.jsonl`` (evaluation rows,
+    which carry ``eval_loss``, are left out); a step row without what the benchmark reads is an error."""
     steps = []
     for row in metrics_rows:
-        if "reward" not in row or "generation_seconds" not in row:
-            continue  # an evaluation row
-        seconds = row.get("seconds", row["generation_seconds"] + row.get("training_seconds", 0.0))
-        tokens_per_second = row.get("generation_tokens_per_second")
-        rewards = {}
-        for name in reward_functions:
-            for key in (f"reward/{name}/mean", f"reward/{name}"):
-                if key in row:
-                    rewards[name] = row[key]
-                    break
+        if "eval_loss" in row:
+            continue
+        missing = [key for key in OURS_STEP_KEYS if key not in row]
+        if missing:
+            raise ValueError(f"metrics.jsonl: step {row.get('step', '?')} has no {', '.join(missing)}")
+        generation = row["generation_seconds"]
         steps.append(
             {
                 "step": row["step"],
-                "seconds": seconds,
-                "generation_seconds": row["generation_seconds"],
-                "update_seconds": seconds - row["generation_seconds"],
-                "completion_tokens": (
-                    tokens_per_second * row["generation_seconds"] if tokens_per_second is not None else None
-                ),
-                "generation_tokens_per_second": tokens_per_second,
+                "seconds": row["seconds"],
+                "generation_seconds": generation,
+                "update_seconds": row["seconds"] - generation,
+                "completion_tokens": row["generation_tokens_per_second"] * generation,
+                "generation_tokens_per_second": row["generation_tokens_per_second"],
                 "reward": row["reward"],
-                "rewards": rewards,
-                "completion_length": row.get("completion_length_mean"),
+                "rewards": {
+                    name: row[f"reward/{name}/mean"]
+                    for name in reward_functions
+                    if f"reward/{name}/mean" in row
+                },
             }
         )
     return steps
@@ -310,17 +366,17 @@ def _train_ours(options: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run_ours(bench: GRPOBenchmark, model_dir: Path, work: Path) -> dict[str, Any]:
+def run_ours(bench: GRPOBenchmark, model_dir: Path, work: Path, seed: int) -> dict[str, Any]:
     """One run of the project's GRPO trainer in a fresh process."""
     from kfp_components.trainer.config import ALGORITHMS
 
     if "grpo" not in ALGORITHMS:
         raise SystemExit(f"this trainer has no algorithm grpo yet (it has {', '.join(ALGORITHMS)})")
-    options = ours_options(bench, str(model_dir), str(PROMPTS), str(work / "output"))
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    options = ours_options(bench, str(model_dir), str(PROMPTS), str(work / "output"), seed)
+    with _fresh_process(bench) as pool:
         measured = pool.submit(_train_ours, options).result()
     return {
+        "seed": seed,
         "config": options,
         "run_seconds": measured["run_seconds"],
         "run_cpu_seconds": measured["run_cpu_seconds"],
@@ -402,8 +458,7 @@ def _generation_speed(model_dir: str, bench: GRPOBenchmark, repeats: int) -> dic
 
 def generation_speed(model_dir: Path, bench: GRPOBenchmark, repeats: int = 3) -> dict[str, Any]:
     """Our rollout loop against ``model.generate`` on the same batch, in a fresh process."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+    with _fresh_process(bench) as pool:
         return pool.submit(_generation_speed, str(model_dir), bench, repeats).result()
 
 
@@ -438,6 +493,32 @@ def summarise(steps: Sequence[dict[str, Any]], run_cpu_seconds: float | None = N
     }
 
 
+def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One side over its runs (one per seed): times from every step of every run (:func:`summarise` on them
+    all; CPU seconds of all runs over all their steps); rewards are the mean over the runs of each run's
+    first and last steps, with each run's last reward by seed; ``reward_curve`` is the mean per step."""
+    cpu = [run.get("run_cpu_seconds") for run in runs]
+    pooled = [step for run in runs for step in run["steps"]]
+    summary = summarise(pooled, sum(c for c in cpu if c is not None) if None not in cpu else None)
+    each = [summarise(run["steps"]) for run in runs]
+    summary.update(
+        {
+            "runs": len(runs),
+            "reward_first": statistics.mean(s["reward_first"] for s in each),
+            "reward_last": statistics.mean(s["reward_last"] for s in each),
+            "exact_match_last": _mean([s["exact_match_last"] for s in each]),
+            "reward_last_by_seed": [
+                [run["seed"], s["reward_last"]] for run, s in zip(runs, each, strict=True)
+            ],
+            "reward_curve": [
+                statistics.mean(run["steps"][i]["reward"] for run in runs)
+                for i in range(min(len(run["steps"]) for run in runs))
+            ],
+        }
+    )
+    return summary
+
+
 def compare(sides: dict[str, dict[str, Any] | None], speed: dict[str, Any] | None) -> dict[str, Any]:
     """The issue's goals: our step time at most 0.8x TRL's, an equal or better reward after the same steps,
     our rollout not slower than ``model.generate``. None where a side was not measured."""
@@ -469,21 +550,26 @@ def run(sides: Sequence[str] = SIDES, bench: GRPOBenchmark | None = None) -> dic
     speed = None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = build_tiny_model(work / "model", "qwen2", seed=bench.seed, **MODEL)
+        model_dir = build_tiny_model(work / "model", "qwen2", seed=MODEL_SEED, **MODEL)
         for side in SIDES:
             if side not in sides:
                 results[side] = None
                 continue
-            print(f"grpo: {side} ...", flush=True)
             runner = run_trl if side == "trl" else run_ours
-            measured = runner(bench, model_dir, work / side)
-            summary = summarise(measured["steps"], measured["run_cpu_seconds"])
-            results[side] = {**measured, "summary": summary}
+            runs = []
+            for seed in bench.seeds:
+                print(f"grpo: {side}, seed {seed} ...", flush=True)
+                runs.append(runner(bench, model_dir, work / f"{side}-{seed}", seed))
+            results[side] = {
+                "runs": runs,
+                "summary": summarise_runs(runs),
+                "versions": runs[0].get("versions"),
+            }
         if "ours" in sides:
             speed = generation_speed(model_dir, bench)
     return {
         "benchmark": dataclasses.asdict(bench),
-        "model": {"arch": "qwen2", **MODEL},
+        "model": {"arch": "qwen2", "seed": MODEL_SEED, **MODEL},
         "prompts": str(PROMPTS.relative_to(ROOT)),
         "sides": results,
         "generation": speed,
@@ -521,8 +607,9 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"GRPO on a tiny Qwen2-shaped model (hidden {model['hidden_size']}, {model['num_layers']} layers, "
         f"intermediate {model['intermediate_size']}, vocab {model['vocab_size']}; random weights) with the "
-        f"bundled arithmetic prompts (`{result['prompts']}`), fp32 on the CPU, both sides one after the other "
-        f"in fresh processes: {bench['max_steps']} steps of {bench['prompts_per_step']} prompts x "
+        f"bundled arithmetic prompts (`{result['prompts']}`), fp32 on the CPU with {bench['torch_threads']} torch "
+        f"thread(s), both sides one after the other, each run in a fresh process, one run per seed "
+        f"({', '.join(map(str, bench['seeds']))}): {bench['max_steps']} steps of {bench['prompts_per_step']} prompts x "
         f"{bench['num_generations']} completions of at most {bench['max_new_tokens']} tokens, temperature "
         f"{bench['temperature']}, learning rate {bench['learning_rate']:g} (constant), loss aggregation "
         f"{bench['loss_aggregation']} (TRL `loss_type={LOSS_TYPES[bench['loss_aggregation']]}`), scale_rewards "
@@ -531,9 +618,10 @@ def render(result: dict[str, Any]) -> str:
         "number); exact match of the last number against the answer is recorded with weight 0. "
         "Generation is the sampling call alone (TRL: `_generate_single_turn`, its `model.generate`); update "
         "is the rest of the step (rewards, log-probs, loss, backward, optimizer). Step, generation and update "
-        "times are medians over the steps; the machine is shared, so other load only adds time: the fastest "
-        "step and the CPU seconds of the whole run (loading the model included, every thread) per step are "
-        "less sensitive to it. Reward and exact match are means over the first and the last steps.",
+        "times are medians over every step of every run; the machine is shared, so other load only adds "
+        "time: the fastest step and the CPU seconds of the whole runs (loading the model included) per step "
+        "are less sensitive to it. Reward and exact match: the mean over the runs of each run's first and "
+        "last steps.",
         "",
         "| trainer | step (s) | fastest step (s) | generation (s) | update (s) | generation share | "
         f"generation tokens/s | CPU s per step | reward, first {CURVE_ENDS} steps | reward, last {CURVE_ENDS} "
@@ -554,9 +642,19 @@ def render(result: dict[str, Any]) -> str:
             f"{_number(s['cpu_seconds_per_step'], 2)} | {_number(s['reward_first'])} | "
             f"{_number(s['reward_last'])} | {_number(s['exact_match_last'], 2)} |"
         )
+    by_seed = [
+        f"{labels[side]} "
+        + ", ".join(f"{value:.3f}" for _, value in result["sides"][side]["summary"]["reward_last_by_seed"])
+        for side in SIDES
+        if result["sides"].get(side) is not None
+    ]
     goals, speed = result["goals"], result.get("generation")
     ratio = goals["step_ratio"]
     lines += [
+        "",
+        f"Reward over the last {CURVE_ENDS} steps, run by run (seeds {', '.join(map(str, bench['seeds']))}): "
+        + "; ".join(by_seed)
+        + ".",
         "",
         "![Reward per step and step time, TRL and this engine](grpo.png)",
         "",
@@ -598,18 +696,24 @@ def plot(result: dict[str, Any], path: Path = PLOT) -> None:
         measured = result["sides"].get(side)
         if measured is None:
             continue
-        steps = measured["steps"]
-        x = [s["step"] for s in steps]
         colour, name = colours[side], names[side]
-        reward.plot(x, [s["reward"] for s in steps], "-o", color=colour, markersize=3, label=name)
+        for run in measured["runs"]:
+            steps = run["steps"]
+            reward.plot(
+                [s["step"] for s in steps], [s["reward"] for s in steps], "-", color=colour, alpha=0.25
+            )
+        curve = measured["summary"]["reward_curve"]
+        reward.plot(range(1, len(curve) + 1), curve, "-o", color=colour, markersize=3, label=f"{name}: mean")
+        steps = measured["runs"][0]["steps"]
+        x = [s["step"] for s in steps]
         timing.plot(x, [s["seconds"] for s in steps], "-", color=colour, label=f"{name}: step")
         timing.plot(
             x, [s["generation_seconds"] for s in steps], "--", color=colour, label=f"{name}: generation"
         )
-    reward.set_ylabel("mean reward (digit share)")
-    reward.set_title("Reward per step")
+    reward.set_ylabel("reward (digit share), mean of the step's completions")
+    reward.set_title("Reward per step: each seed (faint) and their mean")
     timing.set_ylabel("seconds")
-    timing.set_title("Step time and its generation part")
+    timing.set_title("Step time and its generation part (first seed)")
     timing.set_ylim(bottom=0)
     for ax in (reward, timing):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

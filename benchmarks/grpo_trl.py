@@ -8,7 +8,7 @@ this project), so it imports nothing from the project::
 ``JOB.json`` holds ``model`` (a local folder), ``prompts`` (JSONL of ``{"prompt", "answer"}`` rows),
 ``rewards_file`` and ``reward_functions`` (functions of that file), ``grpo_config`` (keyword arguments of
 ``GRPOConfig``, mapped from the benchmark's options by ``benchmarks.grpo.trl_arguments``) and ``output``
-(where the result JSON goes).
+(where the result JSON goes) and ``torch_threads``.
 
 Timing: a callback takes the wall-clock time of each optimizer step (``on_step_begin`` to ``on_step_end``);
 a subclass times ``GRPOTrainer._generate_single_turn`` (the ``model.generate`` call with its padding and
@@ -47,6 +47,7 @@ def main(job_path: str) -> None:
     from trl import GRPOConfig, GRPOTrainer
 
     job = json.loads(Path(job_path).read_text())
+    torch.set_num_threads(job["torch_threads"])
     rows = [json.loads(line) for line in Path(job["prompts"]).read_text().splitlines() if line.strip()]
     # Conversational prompts: TRL renders them with the chat template, generation prompt on, as the project's
     # trainer renders a text prompt.

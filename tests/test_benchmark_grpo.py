@@ -27,7 +27,6 @@ SAME_VALUE = [
     ("kl_coef", "beta"),
     ("reward_weights", "reward_weights"),
     ("learning_rate", "learning_rate"),
-    ("max_steps", "max_steps"),
     ("lr_scheduler", "lr_scheduler_type"),
     ("warmup_steps", "warmup_steps"),
     ("adam_beta1", "adam_beta1"),
@@ -53,7 +52,6 @@ UNUSUAL = grpo.GRPOBenchmark(
     num_iterations=2,
     kl_coef=0.04,
     reward_weights=(0.5, 2.0),
-    seed=7,
 )
 
 
@@ -90,15 +88,16 @@ def test_a_completion_of_another_type_is_an_error():
 )
 def test_trl_loss_type_follows_the_loss_aggregation(aggregation, loss_type):
     bench = dataclasses.replace(UNUSUAL, loss_aggregation=aggregation)
-    assert grpo.trl_arguments(bench, "out")["loss_type"] == loss_type
+    assert grpo.trl_arguments(bench, "out", seed=0)["loss_type"] == loss_type
 
 
 def test_both_sides_get_the_same_values():
-    ours = grpo.ours_options(UNUSUAL, "model", "data.jsonl", "out")
-    trl = grpo.trl_arguments(UNUSUAL, "out")
+    ours = grpo.ours_options(UNUSUAL, "model", "data.jsonl", "out", seed=7)
+    trl = grpo.trl_arguments(UNUSUAL, "out", seed=7)
     for ours_key, trl_key in SAME_VALUE:
         assert ours[ours_key] == trl[trl_key], (ours_key, trl_key)
     assert ours["effective_batch_size"] == 12  # completions per step: 3 prompts x 4 generations
+    assert (ours["max_steps"], trl["max_steps"]) == (9, 18)  # TRL counts updates: 2 per generation batch
     assert ours["algorithm"] == "grpo" and ours["loss_aggregation"] == "dr_grpo"
     assert ours["torch_dtype"] == "float32"
     assert ours["reward_functions"] == [
@@ -108,7 +107,7 @@ def test_both_sides_get_the_same_values():
 
 
 def test_trl_runs_one_generation_per_step_on_the_cpu_in_fp32_without_vllm():
-    trl = grpo.trl_arguments(UNUSUAL, "out")
+    trl = grpo.trl_arguments(UNUSUAL, "out", seed=7)
     assert trl["gradient_accumulation_steps"] == 1  # one generation batch of all completions per step
     assert (trl["use_vllm"], trl["use_cpu"], trl["bf16"], trl["fp16"]) == (False, True, False, False)
     assert trl["logging_steps"] == 1 and trl["mask_truncated_completions"] is False
@@ -123,7 +122,7 @@ def test_trl_accepts_the_arguments():
         "import json, sys; from trl import GRPOConfig; c = GRPOConfig(**json.loads(sys.argv[1])); "
         "print(json.dumps([c.generation_batch_size, c.steps_per_generation, c.loss_type, c.beta, c.bf16]))"
     )
-    arguments = grpo.trl_arguments(UNUSUAL, "out")
+    arguments = grpo.trl_arguments(UNUSUAL, "out", seed=7)
     completed = subprocess.run(
         [str(python), "-c", script, json.dumps(arguments)], capture_output=True, text=True, check=True
     )
@@ -138,7 +137,9 @@ def test_project_trainer_accepts_the_options(tmp_path):
         pytest.skip("the trainer has no algorithm grpo yet")
     data = tmp_path / "prompts.jsonl"
     data.write_text(grpo.PROMPTS.read_text())
-    config = from_dict(TrainingConfig, grpo.ours_options(UNUSUAL, "model", str(data), str(tmp_path / "out")))
+    config = from_dict(
+        TrainingConfig, grpo.ours_options(UNUSUAL, "model", str(data), str(tmp_path / "out"), seed=0)
+    )
     assert config.algorithm == "grpo"
 
 
@@ -167,23 +168,53 @@ def test_our_metrics_rows_become_steps():
             "training_seconds": 0.5,
             "generation_tokens_per_second": 100.0,
             "reward": 0.25,
+            "reward/digit_share/mean": 0.25,
             "reward/exact_match/mean": 0.5,
         },
         {"step": 1, "epoch": 0, "eval_loss": 1.0},
-        {
-            "step": 2,
-            "generation_seconds": 1.0,
-            "training_seconds": 2.0,
-            "reward": 0.5,
-            "reward/exact_match": 1.0,
-        },
     ]
     steps = grpo.ours_steps(rows, ["digit_share", "exact_match"])
-    assert [s["step"] for s in steps] == [1, 2]
-    assert steps[0]["update_seconds"] == 0.5 and steps[0]["completion_tokens"] == 150.0
-    assert steps[0]["rewards"] == {"exact_match": 0.5}
-    assert steps[1]["seconds"] == 3.0 and steps[1]["update_seconds"] == 2.0  # no `seconds`: the two parts
-    assert steps[1]["completion_tokens"] is None and steps[1]["rewards"] == {"exact_match": 1.0}
+    assert steps == [
+        {
+            "step": 1,
+            "seconds": 2.0,
+            "generation_seconds": 1.5,
+            "update_seconds": 0.5,
+            "completion_tokens": 150.0,
+            "generation_tokens_per_second": 100.0,
+            "reward": 0.25,
+            "rewards": {"digit_share": 0.25, "exact_match": 0.5},
+        }
+    ]
+
+
+def test_a_step_row_without_timings_is_an_error():
+    with pytest.raises(ValueError, match="step 3 has no generation_seconds, generation_tokens_per_second"):
+        grpo.ours_steps([{"step": 3, "seconds": 1.0, "reward": 0.0}], ["digit_share"])
+
+
+def test_trl_updates_are_grouped_by_generation_batch():
+    updates = [
+        {
+            "step": i + 1,
+            "seconds": 2.0,
+            "generation_seconds": g,
+            "completion_tokens": t,
+            "reward": r,
+            "rewards": {},
+        }
+        for i, (g, t, r) in enumerate([(1.0, 100, 0.1), (0.0, 0, None), (1.5, 90, 0.3), (0.0, 0, None)])
+    ]
+    steps = grpo.per_generation(updates, num_iterations=2)
+    assert [(s["step"], s["seconds"], s["generation_seconds"], s["update_seconds"]) for s in steps] == [
+        (1, 4.0, 1.0, 3.0),
+        (2, 4.0, 1.5, 2.5),
+    ]
+    assert [(s["completion_tokens"], s["generation_tokens_per_second"], s["reward"]) for s in steps] == [
+        (100, 100.0, 0.1),
+        (90, 60.0, 0.3),
+    ]
+    assert grpo.per_generation(updates[:2], num_iterations=1)[1]["generation_tokens_per_second"] is None
 
 
 def _steps(seconds: list[float], generation: list[float], rewards: list[float]) -> list[dict]:
@@ -214,15 +245,19 @@ def test_summary_takes_medians_shares_and_curve_ends():
     assert grpo.summarise(steps, run_cpu_seconds=10.0)["cpu_seconds_per_step"] == 2.0
 
 
+def _side(rewards_by_seed: list[list[float]], seconds: float, generation: float, cpu: float) -> dict:
+    runs = [
+        {"seed": seed, "steps": _steps([seconds] * 4, [generation] * 4, rewards), "run_cpu_seconds": cpu}
+        for seed, rewards in enumerate(rewards_by_seed)
+    ]
+    return {"runs": runs, "summary": grpo.summarise_runs(runs), "versions": {"trl": "9.9"}}
+
+
 def _result(ours: bool) -> dict:
-    trl_steps = _steps([2.0] * 4, [1.0] * 4, [0.0, 0.1, 0.2, 0.3])
-    trl_summary = grpo.summarise(trl_steps, run_cpu_seconds=16.0)
-    sides: dict = {"trl": {"steps": trl_steps, "summary": trl_summary, "versions": {"trl": "9.9"}}}
-    sides["ours"] = None
+    sides: dict = {"trl": _side([[0.0, 0.1, 0.2, 0.3], [0.0, 0.1, 0.2, 0.3]], 2.0, 1.0, 16.0), "ours": None}
     speed = None
     if ours:
-        our_steps = _steps([1.5] * 4, [0.5] * 4, [0.0, 0.2, 0.3, 0.4])
-        sides["ours"] = {"steps": our_steps, "summary": grpo.summarise(our_steps, run_cpu_seconds=12.0)}
+        sides["ours"] = _side([[0.0, 0.2, 0.3, 0.4], [0.0, 0.2, 0.3, 0.4]], 1.5, 0.5, 12.0)
         speed = {
             "rollout_tokens_per_second": 900,
             "generate_tokens_per_second": 1000,
@@ -230,14 +265,30 @@ def _result(ours: bool) -> dict:
             "batch": 8,
             "repeats": 3,
         }
+    bench = dataclasses.replace(grpo.GRPOBenchmark(), seeds=(0, 1))
     return {
-        "benchmark": dataclasses.asdict(grpo.GRPOBenchmark()),
-        "model": {"arch": "qwen2", **grpo.MODEL},
+        "benchmark": dataclasses.asdict(bench),
+        "model": {"arch": "qwen2", "seed": 0, **grpo.MODEL},
         "prompts": "examples/arithmetic_prompts.jsonl",
         "sides": sides,
         "generation": speed,
         "goals": grpo.compare(sides, speed),
     }
+
+
+def test_runs_are_pooled_for_times_and_averaged_for_rewards():
+    runs = [
+        {"seed": 0, "steps": _steps([1, 1, 1, 1], [0.5] * 4, [0.0, 0.1, 0.2, 0.3]), "run_cpu_seconds": 4.0},
+        {"seed": 1, "steps": _steps([3, 3, 3, 3], [0.5] * 4, [0.0, 0.3, 0.4, 0.5]), "run_cpu_seconds": 12.0},
+    ]
+    summary = grpo.summarise_runs(runs)
+    assert summary["runs"] == 2 and summary["steps"] == 8
+    assert summary["step_seconds"] == 2 and summary["fastest_step_seconds"] == 1
+    assert summary["cpu_seconds_per_step"] == 2.0
+    assert summary["reward_first"] == pytest.approx((0.1 + 0.7 / 3) / 2)
+    assert summary["reward_last"] == pytest.approx((0.2 + 0.4) / 2)
+    assert summary["reward_last_by_seed"] == [[0, pytest.approx(0.2)], [1, pytest.approx(0.4)]]
+    assert summary["reward_curve"] == pytest.approx([0.0, 0.2, 0.3, 0.4])
 
 
 def test_goals_compare_step_time_reward_and_generation():
@@ -262,6 +313,7 @@ def test_report_with_both_sides_states_each_goal(tmp_path):
     text = grpo.render(result)
     assert "| this engine | 1.500 | 1.500 | 0.500 | 1.000 | 33% | 200 | 3.00 | 0.167 | 0.300 | 0.00 |" in text
     assert "step time at most 0.8x TRL's: met (0.75x; CPU seconds per step 0.75x)" in text
+    assert "run by run (seeds 0, 1): TRL 9.9 `GRPOTrainer` 0.200, 0.200; this engine 0.300, 0.300." in text
     assert "generation not slower than `model.generate`: not met (900 vs 1,000 completion tokens/s" in text
     grpo.plot(result, tmp_path / "grpo.png")
     assert (tmp_path / "grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
