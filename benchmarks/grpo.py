@@ -3,9 +3,9 @@
 Both trainers get the same tiny Qwen2-shaped model (built locally by :mod:`kfp_components.testing.tiny_model`
 and saved to one folder both load), the same bundled prompts (``examples/arithmetic_prompts.jsonl``), the
 same reward functions (:mod:`benchmarks.grpo_rewards`) and the same options (:class:`GRPOBenchmark`, mapped to
-each side by :func:`ours_options` and :func:`trl_arguments`), on this machine's CPU in fp32, one after the
-other, each in a fresh process. Also: generation tokens/s of the project's rollout loop against plain
-``model.generate`` on the same batch.
+each side by :func:`ours_options` and :func:`trl_arguments`), on this machine's CPU in fp32 with one torch
+thread, once per seed, the two sides taking turns, each run in a fresh process. Also: generation tokens/s of
+the project's rollout loop against plain ``model.generate`` on the same batch.
 
 TRL is not a dependency of this project: it runs in its own virtual environment, whose interpreter is
 ``$TRL_PYTHON`` (default ``../scratch-trl/bin/python`` next to the repository), made with::
@@ -551,20 +551,21 @@ def run(sides: Sequence[str] = SIDES, bench: GRPOBenchmark | None = None) -> dic
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_tiny_model(work / "model", "qwen2", seed=MODEL_SEED, **MODEL)
-        for side in SIDES:
-            if side not in sides:
-                results[side] = None
-                continue
-            runner = run_trl if side == "trl" else run_ours
-            runs = []
-            for seed in bench.seeds:
+        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES if side in sides}
+        for (
+            seed
+        ) in bench.seeds:  # the sides take turns, so load from elsewhere on the machine hits both alike
+            for side, done in runs.items():
                 print(f"grpo: {side}, seed {seed} ...", flush=True)
-                runs.append(runner(bench, model_dir, work / f"{side}-{seed}", seed))
-            results[side] = {
-                "runs": runs,
-                "summary": summarise_runs(runs),
-                "versions": runs[0].get("versions"),
-            }
+                runner = run_trl if side == "trl" else run_ours
+                done.append(runner(bench, model_dir, work / f"{side}-{seed}", seed))
+        for side in SIDES:
+            done = runs.get(side, [])
+            results[side] = (
+                {"runs": done, "summary": summarise_runs(done), "versions": done[0].get("versions")}
+                if done
+                else None
+            )
         if "ours" in sides:
             speed = generation_speed(model_dir, bench)
     return {
@@ -608,7 +609,7 @@ def render(result: dict[str, Any]) -> str:
         f"GRPO on a tiny Qwen2-shaped model (hidden {model['hidden_size']}, {model['num_layers']} layers, "
         f"intermediate {model['intermediate_size']}, vocab {model['vocab_size']}; random weights) with the "
         f"bundled arithmetic prompts (`{result['prompts']}`), fp32 on the CPU with {bench['torch_threads']} torch "
-        f"thread(s), both sides one after the other, each run in a fresh process, one run per seed "
+        f"thread(s), the two sides taking turns, each run in a fresh process, one run per seed "
         f"({', '.join(map(str, bench['seeds']))}): {bench['max_steps']} steps of {bench['prompts_per_step']} prompts x "
         f"{bench['num_generations']} completions of at most {bench['max_new_tokens']} tokens, temperature "
         f"{bench['temperature']}, learning rate {bench['learning_rate']:g} (constant), loss aggregation "
@@ -710,7 +711,7 @@ def plot(result: dict[str, Any], path: Path = PLOT) -> None:
         timing.plot(
             x, [s["generation_seconds"] for s in steps], "--", color=colour, label=f"{name}: generation"
         )
-    reward.set_ylabel("reward (digit share), mean of the step's completions")
+    reward.set_ylabel("reward (digit share)")
     reward.set_title("Reward per step: each seed (faint) and their mean")
     timing.set_ylabel("seconds")
     timing.set_title("Step time and its generation part (first seed)")
