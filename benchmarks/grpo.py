@@ -386,78 +386,47 @@ def run_ours(bench: GRPOBenchmark, model_dir: Path, work: Path, seed: int) -> di
 
 
 def _generation_speed(model_dir: str, bench: GRPOBenchmark, repeats: int) -> dict[str, Any]:
-    """Completion tokens/s of ``HFRollouts.generate`` and of ``model.generate`` on one batch (best of
-    ``repeats``, alternating): the first ``prompts_per_step`` prompts, ``num_generations`` each."""
+    """:func:`benchmarks.generation.generation_throughput` on the benchmark's model and step shape."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kfp_components.trainer.rollout import HFRollouts, SamplingOptions
+    from benchmarks.generation import generation_throughput
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     rows = [json.loads(line) for line in PROMPTS.read_text().splitlines()[: bench.prompts_per_step]]
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": row["prompt"]}], tokenize=True, add_generation_prompt=True
-        )
-        for row in rows
-    ]
-    prompts = [
-        list(p["input_ids"]) if isinstance(p, dict) or hasattr(p, "keys") else list(p) for p in prompts
-    ]
-    options = SamplingOptions(
+    rendered = tokenizer.apply_chat_template(
+        [[{"role": "user", "content": row["prompt"]}] for row in rows],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    prompt_tokens = max(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in rendered)
+    measured = generation_throughput(
+        model,
+        tokenizer,
+        batch_size=bench.effective_batch_size,
+        prompt_tokens=prompt_tokens,
+        max_new_tokens=bench.max_new_tokens,
         temperature=bench.temperature,
         top_p=bench.top_p,
         top_k=bench.top_k,
-        max_new_tokens=bench.max_new_tokens,
-        num_generations=bench.num_generations,
+        repeats=repeats,
     )
-    rollouts = HFRollouts(model, tokenizer, torch.device("cpu"))
-    eos = set(model.generation_config.eos_token_id or [])
-    if isinstance(model.generation_config.eos_token_id, int):
-        eos = {model.generation_config.eos_token_id}
-    pad = tokenizer.pad_token_id
-    batch = [ids for ids in prompts for _ in range(bench.num_generations)]
-    width = max(map(len, batch))
-    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch])
-    attention_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch])
-    ours: list[float] = []
-    plain: list[float] = []
-    for repeat in range(repeats):
-        started = time.perf_counter()
-        completions = rollouts.generate(prompts, options, torch.Generator().manual_seed(repeat))
-        ours.append(sum(len(c.completion_ids) for c in completions) / (time.perf_counter() - started))
-        torch.manual_seed(repeat)
-        started = time.perf_counter()
-        with torch.no_grad():
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                do_sample=True,
-                temperature=bench.temperature,
-                top_p=bench.top_p,
-                top_k=bench.top_k,
-                max_new_tokens=bench.max_new_tokens,
-                pad_token_id=pad,
-            )
-        seconds = time.perf_counter() - started
-        tokens = 0
-        for row in output[:, width:].tolist():
-            ends = [i for i, token in enumerate(row) if token in eos]
-            tokens += ends[0] + 1 if ends else len(row)
-        plain.append(tokens / seconds)
     return {
-        "batch": len(batch),
-        "max_new_tokens": bench.max_new_tokens,
+        "batch": measured["batch_size"],
+        "prompt_tokens": measured["prompt_tokens_max"],
+        "max_new_tokens": measured["max_new_tokens"],
         "repeats": repeats,
-        "rollout_tokens_per_second": round(max(ours), 1),
-        "generate_tokens_per_second": round(max(plain), 1),
-        "ratio": round(max(ours) / max(plain), 3),
+        "rollout_tokens_per_second": round(measured["ours_tokens_per_second"], 1),
+        "generate_tokens_per_second": round(measured["generate_tokens_per_second"], 1),
+        "ratio": round(measured["ours_over_generate"], 3),
     }
 
 
-def generation_speed(model_dir: Path, bench: GRPOBenchmark, repeats: int = 3) -> dict[str, Any]:
-    """Our rollout loop against ``model.generate`` on the same batch, in a fresh process."""
+def generation_speed(model_dir: Path, bench: GRPOBenchmark, repeats: int = 5) -> dict[str, Any]:
+    """Our rollout loop against ``model.generate`` on a batch of one step's shape (``effective_batch_size``
+    rows, prompts as long as the rendered prompts, ``max_new_tokens`` each: EOS off on both sides, so both
+    generate the same tokens), in a fresh process."""
     with _fresh_process(bench) as pool:
         return pool.submit(_generation_speed, str(model_dir), bench, repeats).result()
 
@@ -665,7 +634,9 @@ def render(result: dict[str, Any]) -> str:
         f"not slower than `model.generate`: {_goal(goals['generation_goal_met'])}"
         + (
             f" ({speed['rollout_tokens_per_second']:,.0f} vs {speed['generate_tokens_per_second']:,.0f} "
-            f"completion tokens/s, batch {speed['batch']}, best of {speed['repeats']})"
+            f"tokens/s: `benchmarks.generation.generation_throughput`, {speed['batch']} rows of up to "
+            f"{speed['prompt_tokens']} prompt tokens, {speed['max_new_tokens']} new tokens each with EOS off, "
+            f"median of {speed['repeats']})"
             if speed
             else ""
         )

@@ -263,6 +263,8 @@ def _result(ours: bool) -> dict:
             "generate_tokens_per_second": 1000,
             "ratio": 0.9,
             "batch": 8,
+            "prompt_tokens": 26,
+            "max_new_tokens": 32,
             "repeats": 3,
         }
     bench = dataclasses.replace(grpo.GRPOBenchmark(), seeds=(0, 1))
@@ -314,7 +316,8 @@ def test_report_with_both_sides_states_each_goal(tmp_path):
     assert "| this engine | 1.500 | 1.500 | 0.500 | 1.000 | 33% | 200 | 3.00 | 0.167 | 0.300 | 0.00 |" in text
     assert "step time at most 0.8x TRL's: met (0.75x; CPU seconds per step 0.75x)" in text
     assert "run by run (seeds 0, 1): TRL 9.9 `GRPOTrainer` 0.200, 0.200; this engine 0.300, 0.300." in text
-    assert "generation not slower than `model.generate`: not met (900 vs 1,000 completion tokens/s" in text
+    assert "generation not slower than `model.generate`: not met (900 vs 1,000 tokens/s" in text
+    assert "8 rows of up to 26 prompt tokens, 32 new tokens each with EOS off, median of 3)" in text
     grpo.plot(result, tmp_path / "grpo.png")
     assert (tmp_path / "grpo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
