@@ -464,15 +464,18 @@ def summarise(steps: Sequence[dict[str, Any]], run_cpu_seconds: float | None = N
 
 def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One side over its runs (one per seed): times from every step of every run (:func:`summarise` on them
-    all; CPU seconds of all runs over all their steps); rewards are the mean over the runs of each run's
+    all; CPU seconds of all runs over all their steps); ``outside_steps_seconds``, the mean wall-clock time of
+    a run spent outside its steps (loading, start-up, the end); rewards are the mean over the runs of each run's
     first and last steps, with each run's last reward by seed; ``reward_curve`` is the mean per step."""
     cpu = [run.get("run_cpu_seconds") for run in runs]
     pooled = [step for run in runs for step in run["steps"]]
     summary = summarise(pooled, sum(c for c in cpu if c is not None) if None not in cpu else None)
     each = [summarise(run["steps"]) for run in runs]
+    outside = [run["run_seconds"] - sum(step["seconds"] for step in run["steps"]) for run in runs]
     summary.update(
         {
             "runs": len(runs),
+            "outside_steps_seconds": statistics.mean(outside),
             "reward_first": statistics.mean(s["reward_first"] for s in each),
             "reward_last": statistics.mean(s["reward_last"] for s in each),
             "exact_match_last": _mean([s["exact_match_last"] for s in each]),
@@ -590,26 +593,29 @@ def render(result: dict[str, Any]) -> str:
         "is the rest of the step (rewards, log-probs, loss, backward, optimizer). Step, generation and update "
         "times are medians over every step of every run; the machine is shared, so other load only adds "
         "time: the fastest step and the CPU seconds of the whole runs (loading the model included) per step "
-        "are less sensitive to it. Reward and exact match: the mean over the runs of each run's first and "
+        "are less sensitive to it. *Outside the steps*: the wall-clock seconds of a run, from loading the "
+        "model to the end of training, not spent in its steps (loading, start-up, the end; mean of the runs). "
+        "Reward and exact match: the mean over the runs of each run's first and "
         "last steps.",
         "",
         "| trainer | step (s) | fastest step (s) | generation (s) | update (s) | generation share | "
-        f"generation tokens/s | CPU s per step | reward, first {CURVE_ENDS} steps | reward, last {CURVE_ENDS} "
+        f"generation tokens/s | CPU s per step | outside the steps (s) | reward, first {CURVE_ENDS} steps | reward, last {CURVE_ENDS} "
         f"steps | exact match, last {CURVE_ENDS} |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     labels = {"trl": f"TRL {versions.get('trl', '')} `GRPOTrainer`".replace("  ", " "), "ours": "this engine"}
     for side in SIDES:
         measured = result["sides"].get(side)
         if measured is None:
-            lines.append(f"| {labels[side]} | not measured | | | | | | | | | |")
+            lines.append(f"| {labels[side]} | not measured | | | | | | | | | | |")
             continue
         s = measured["summary"]
         lines.append(
             f"| {labels[side]} | {_seconds(s['step_seconds'])} | {_seconds(s['fastest_step_seconds'])} | "
             f"{_seconds(s['generation_seconds'])} | {_seconds(s['update_seconds'])} | "
             f"{s['generation_share']:.0%} | {_number(s['generation_tokens_per_second'], 0)} | "
-            f"{_number(s['cpu_seconds_per_step'], 2)} | {_number(s['reward_first'])} | "
+            f"{_number(s['cpu_seconds_per_step'], 2)} | {_number(s['outside_steps_seconds'], 2)} | "
+            f"{_number(s['reward_first'])} | "
             f"{_number(s['reward_last'])} | {_number(s['exact_match_last'], 2)} |"
         )
     by_seed = [

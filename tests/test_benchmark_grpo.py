@@ -247,7 +247,12 @@ def test_summary_takes_medians_shares_and_curve_ends():
 
 def _side(rewards_by_seed: list[list[float]], seconds: float, generation: float, cpu: float) -> dict:
     runs = [
-        {"seed": seed, "steps": _steps([seconds] * 4, [generation] * 4, rewards), "run_cpu_seconds": cpu}
+        {
+            "seed": seed,
+            "steps": _steps([seconds] * 4, [generation] * 4, rewards),
+            "run_cpu_seconds": cpu,
+            "run_seconds": 4 * seconds + 1.0,
+        }
         for seed, rewards in enumerate(rewards_by_seed)
     ]
     return {"runs": runs, "summary": grpo.summarise_runs(runs), "versions": {"trl": "9.9"}}
@@ -280,13 +285,23 @@ def _result(ours: bool) -> dict:
 
 def test_runs_are_pooled_for_times_and_averaged_for_rewards():
     runs = [
-        {"seed": 0, "steps": _steps([1, 1, 1, 1], [0.5] * 4, [0.0, 0.1, 0.2, 0.3]), "run_cpu_seconds": 4.0},
-        {"seed": 1, "steps": _steps([3, 3, 3, 3], [0.5] * 4, [0.0, 0.3, 0.4, 0.5]), "run_cpu_seconds": 12.0},
+        {
+            "seed": 0,
+            "steps": _steps([1] * 4, [0.5] * 4, [0.0, 0.1, 0.2, 0.3]),
+            "run_cpu_seconds": 4,
+            "run_seconds": 5,
+        },
+        {
+            "seed": 1,
+            "steps": _steps([3] * 4, [0.5] * 4, [0.0, 0.3, 0.4, 0.5]),
+            "run_cpu_seconds": 12,
+            "run_seconds": 15,
+        },
     ]
     summary = grpo.summarise_runs(runs)
     assert summary["runs"] == 2 and summary["steps"] == 8
     assert summary["step_seconds"] == 2 and summary["fastest_step_seconds"] == 1
-    assert summary["cpu_seconds_per_step"] == 2.0
+    assert summary["cpu_seconds_per_step"] == 2.0 and summary["outside_steps_seconds"] == 2.0
     assert summary["reward_first"] == pytest.approx((0.1 + 0.7 / 3) / 2)
     assert summary["reward_last"] == pytest.approx((0.2 + 0.4) / 2)
     assert summary["reward_last_by_seed"] == [[0, pytest.approx(0.2)], [1, pytest.approx(0.4)]]
@@ -303,7 +318,7 @@ def test_goals_compare_step_time_reward_and_generation():
 def test_report_with_one_side_says_the_other_is_not_measured():
     text = grpo.render(_result(ours=False))
     assert (
-        "| TRL 9.9 `GRPOTrainer` | 2.000 | 2.000 | 1.000 | 1.000 | 50% | 100 | 4.00 | 0.100 | 0.200 | 0.00 |"
+        "| TRL 9.9 `GRPOTrainer` | 2.000 | 2.000 | 1.000 | 1.000 | 50% | 100 | 4.00 | 1.00 | 0.100 | 0.200 | 0.00 |"
         in text
     )
     assert "| this engine | not measured |" in text
@@ -313,7 +328,10 @@ def test_report_with_one_side_says_the_other_is_not_measured():
 def test_report_with_both_sides_states_each_goal(tmp_path):
     result = _result(ours=True)
     text = grpo.render(result)
-    assert "| this engine | 1.500 | 1.500 | 0.500 | 1.000 | 33% | 200 | 3.00 | 0.167 | 0.300 | 0.00 |" in text
+    assert (
+        "| this engine | 1.500 | 1.500 | 0.500 | 1.000 | 33% | 200 | 3.00 | 1.00 | 0.167 | 0.300 | 0.00 |"
+        in text
+    )
     assert "step time at most 0.8x TRL's: met (0.75x; CPU seconds per step 0.75x)" in text
     assert "run by run (seeds 0, 1): TRL 9.9 `GRPOTrainer` 0.200, 0.200; this engine 0.300, 0.300." in text
     assert "generation not slower than `model.generate`: not met (900 vs 1,000 tokens/s" in text
