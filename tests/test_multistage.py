@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "multistage"
 CHAT = str(SAMPLES / "chat.jsonl")
 PREFERENCE = str(SAMPLES / "preference.jsonl")
+PROMPTS = str(SAMPLES / "prompts.jsonl")
 #: What makes the examples' real-model settings small enough for a tiny model on a CPU.
 SMALL = {
     "max_steps": 2,
@@ -47,6 +48,8 @@ SMALL = {
     "dataset_split": "",  # the bundled samples are single files: no splits
     "eval_dataset_split": "",
 }
+#: And what the rl stage needs beside: whole groups of few completions, short ones.
+SMALL_RL = {"num_generations": 2, "max_new_tokens": 4}
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +73,11 @@ def example_overrides(name: str, tiny: str, output_dir: Path, **extra: object) -
         "torch_dtype": "float32",
     }
     for stage in data["stages"]:
-        sample = PREFERENCE if stage == "dpo" else CHAT
+        sample = {"dpo": PREFERENCE, "rl": PROMPTS}.get(stage, CHAT)
         overrides[f"stage_configs.{stage}.dataset_name_or_path"] = sample
         if "eval_dataset_name_or_path" in data["stage_configs"][stage]:
             overrides[f"stage_configs.{stage}.eval_dataset_name_or_path"] = sample
-        for key, value in SMALL.items():
+        for key, value in {**SMALL, **(SMALL_RL if stage == "rl" else {})}.items():
             overrides[f"stage_configs.{stage}.{key}"] = value
     overrides.update(extra)
     return overrides
@@ -108,7 +111,7 @@ def weights(path: str | Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["sft.yaml", "sft_dpo.yaml", "sft_osft.yaml"])
+@pytest.mark.parametrize("name", ["sft.yaml", "sft_dpo.yaml", "sft_osft.yaml", "sft_grpo.yaml"])
 def test_example_dry_run_prints_the_plan_and_trains_nothing(name, tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main([*cli_args(name, tiny, out), "--dry_run"]) == 0
@@ -121,6 +124,8 @@ def test_example_dry_run_prints_the_plan_and_trains_nothing(name, tiny, tmp_path
     assert "(messages, 40 rows)" in printed
     if "dpo" in stages:
         assert "(preference, 15 rows)" in printed
+    if "rl" in stages:
+        assert "(prompt, 40 rows)" in printed and "algorithm: grpo" in printed
     assert not out.exists(), "a dry run writes nothing"
 
 
@@ -186,6 +191,84 @@ def test_sft_then_dpo_end_to_end_and_reruns_what_changed(tiny, tmp_path):
     Pipeline(load_pipeline_config(EXAMPLES / "sft_dpo.yaml", changed)).run()
     again = mtimes()
     assert again[0] != after[0] and again[1] != after[1], "a changed stage re-runs every stage after it"
+
+
+def test_rl_dry_run_calls_the_reward_functions_on_a_prompt_row(tiny, tmp_path, capsys):
+    """A dry run finds a reward function that cannot score before anything trains: here one that needs a
+    column the prompt rows do not have."""
+    rewards = tmp_path / "my_rewards.py"
+    rewards.write_text("def by_level(prompts, completions, level):\n    return [float(x) for x in level]\n")
+    out = tmp_path / "run"
+    args = cli_args(
+        "sft_grpo.yaml", tiny, out, **{"stage_configs.rl.reward_functions": f"[{rewards}:by_level]"}
+    )
+    assert main([*args, "--dry_run"]) == 2
+    error = capsys.readouterr().err
+    assert "stage_configs.rl.reward_functions" in error and "by_level" in error and "level" in error
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_sft_then_grpo_raises_the_exact_match_reward(tiny, tmp_path):
+    """The sft_grpo example on a task a tiny model can learn in seconds: "What is a + 0?" (or 0 + b), whose
+    answer is the digit in the question. SFT teaches the format (a digit, then the end of the turn); GRPO's
+    exact-match reward then rises above what any fixed answer earns (2 of 19 prompts share an answer)."""
+    pairs = [(a, 0) for a in range(10)] + [(0, b) for b in range(1, 10)]
+    question = "What is {} + {}?".format
+    sft_data, rl_data = tmp_path / "sft.jsonl", tmp_path / "rl.jsonl"
+    sft_data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": question(a, b)},
+                        {"role": "assistant", "content": str(a + b)},
+                    ]
+                }
+            )
+            + "\n"
+            for a, b in pairs
+        )
+    )
+    rl_data.write_text(
+        "".join(json.dumps({"prompt": question(a, b), "answer": str(a + b)}) + "\n" for a, b in pairs)
+    )
+    out = tmp_path / "run"
+    overrides = example_overrides(
+        "sft_grpo.yaml",
+        tiny,
+        out,
+        **{
+            "stage_configs.sft.dataset_name_or_path": str(sft_data),
+            "stage_configs.sft.max_steps": 0,
+            "stage_configs.sft.num_train_epochs": 4,
+            "stage_configs.sft.effective_batch_size": 3,
+            "stage_configs.sft.learning_rate": 1e-2,
+            "stage_configs.sft.warmup_steps": 0,
+            "stage_configs.sft.lr_scheduler": "constant",
+            "stage_configs.rl.dataset_name_or_path": str(rl_data),
+            "stage_configs.rl.reward_functions": ["exact_match"],
+            "stage_configs.rl.reward_weights": [1.0],
+            "stage_configs.rl.num_generations": 8,
+            "stage_configs.rl.effective_batch_size": 152,
+            "stage_configs.rl.max_new_tokens": 4,
+            "stage_configs.rl.max_steps": 60,
+            "stage_configs.rl.learning_rate": 3e-3,
+            "stage_configs.rl.kl_coef": 0.0,
+            "stage_configs.rl.checkpoint_every_steps": 0,
+            "stage_configs.rl.max_tokens_per_gpu": 2048,
+        },
+    )
+    sft, rl = Pipeline(load_pipeline_config(EXAMPLES / "sft_grpo.yaml", overrides)).run()
+    assert rl.input_model == sft.model_path
+    rewards = [
+        json.loads(line)["reward"]
+        for line in (out / "stages" / "02_rl" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rewards) == 60
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.05 and last > 2 / 19 + 0.05, rewards
+    assert rl.metrics["metrics.reward"] == rewards[-1]
 
 
 def test_sft_then_osft_end_to_end_with_cleanup(tiny, tmp_path, capsys):

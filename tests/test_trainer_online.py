@@ -4,6 +4,7 @@ constraint holds, and bad input stops the run before any update."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_trainer_rollout import FakeLLM, fake_vllm  # noqa: F401  (a fixture)
 
 from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.trainer.config import TrainingConfig
@@ -86,11 +88,34 @@ def rise(rewards: list[float], window: int = 3) -> float:
     ],
     ids=["grpo", "rloo", "reinforce_pp"],
 )
-def test_each_algorithm_raises_the_reward(prompts, tmp_path, overrides):
+def test_each_algorithm_raises_the_reward(prompts, tmp_path, overrides, caplog):
+    caplog.set_level(logging.INFO, logger="kfp_components.trainer")
     summary = train(online_config(prompts, tmp_path, **overrides))
     rewards = rewards_of(tmp_path)
     assert summary.steps == 10 and len(rewards) == 10
     assert rise(rewards) > 0.1, rewards
+    assert summary.metrics["reward"] == rewards[-1]
+    # what a pod's log shows every step: the reward, the KL and where the time went
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 10/10")]
+    assert (
+        lines and f"reward {rewards[-1]:.4f}" in lines[0] and " kl " in lines[0] and "generation" in lines[0]
+    )
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in (
+        "reward_std",
+        "reward/share_of_a/mean",
+        "kl",
+        "entropy",
+        "clip_fraction",
+        "completion_length_mean",
+        "completion_length_max",
+        "truncated_share",
+        "generation_seconds",
+        "training_seconds",
+        "generation_tokens_per_second",
+        "training_tokens_per_second",
+    ):
+        assert isinstance(record[key], int | float), key
 
 
 def test_grpo_inside_the_osft_constraint_keeps_the_frozen_subspace(prompts, tmp_path):
@@ -252,3 +277,38 @@ def test_two_processes_match_one(prompts, tmp_path, strategy, overrides):
     differences = torch.cat([(w2[name] - tensor).abs().flatten() for name, tensor in w1.items()])
     assert differences.max() <= bound
     assert (differences > 1e-6).float().mean() < 0.002
+
+
+@pytest.mark.parametrize("lora_r", [0, 4], ids=["reference-model", "lora-adapter-off"])
+def test_the_reference_is_the_starting_model(prompts, tmp_path, lora_r):
+    """KL against the reference is exactly 0 on the first step (the policy is the reference: a separate copy
+    of the starting model, or the LoRA policy with its adapter disabled) and grows as the policy learns."""
+    train(online_config(prompts, tmp_path, kl_coef=0.1, lora_r=lora_r, max_steps=4, learning_rate=2e-2))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows[-1]["kl"] > 1e-4 and rows[-1]["kl_coef"] == 0.1
+
+
+@pytest.mark.usefixtures("fake_vllm")
+def test_vllm_rollouts_are_wired_into_the_step(prompts, tmp_path):
+    """With rollout_backend vllm, the step sends its prompts' token ids with one seed each to the engine, learns
+    from what the engine returns, and loads the updated weights into the engine after every update (and once
+    at the start, for a resumed policy). The engine is the stand-in of tests/test_trainer_rollout.py, checked
+    against vLLM's documented API; vLLM itself cannot run here."""
+    FakeLLM.instances.clear()
+    config = online_config(prompts, tmp_path, rollout_backend="vllm", max_steps=2, num_iterations=2)
+    train(config)
+    (engine,) = FakeLLM.instances
+    assert engine.kwargs["model"] == config.model_name_or_path
+    assert engine.kwargs["max_model_len"] == config.max_seq_len
+    assert len(engine.calls) == 2  # one generate call per step
+    sent, params = engine.calls[0]
+    assert len(sent) == config.effective_batch_size // config.num_generations
+    assert all(p.n == config.num_generations and p.max_tokens == config.max_new_tokens for p in params)
+    assert len({p.seed for p in params}) == len(params)  # each prompt its own seed
+    names = {name for name, _ in engine.loaded}
+    assert "lm_head.weight" in names
+    loads = sum(1 for name, _ in engine.loaded if name == "lm_head.weight")
+    assert loads == 1 + 2 * 2  # at the start, then after each of 2 updates of 2 steps
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["truncated_share"] == pytest.approx(0.25)

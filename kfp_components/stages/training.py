@@ -218,6 +218,8 @@ class TrainingStage(BaseStage):
             str(prepared["eval_"].train_path) if "eval_" in prepared else "",
         )
         found = preflight.preflight_problems(config, check_model=False)
+        if config.is_online and not found:
+            found += preflight.reward_problems(config)  # loaded, and called on the first prompt row
         hf_config, problem = preflight.load_model_config(model)
         if problem is None:
             found += preflight.target_problems(config, hf_config)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -66,6 +67,15 @@ class MetricsLog:
                 out.write(json.dumps(record) + "\n")
 
 
+def _online_text(record: dict[str, Any]) -> str:
+    """Reward, KL and where the step's time went, for an online algorithm's log line."""
+    return (
+        f" reward {record.get('reward', math.nan):.4f} (std {record.get('reward_std', math.nan):.4f})"
+        f" kl {record['kl']:.4f} completion length {record['completion_length_mean']:.1f}"
+        f" generation {record['generation_seconds']:.1f} s, training {record['training_seconds']:.1f} s,"
+    )
+
+
 class Progress:
     """A tqdm bar when stderr is a terminal; otherwise a log line every ``every`` steps."""
 
@@ -85,15 +95,24 @@ class Progress:
     def update(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        online = "reward" in record or "reward_none_share" in record  # grpo, rloo, reinforce_pp
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+            shown = {"loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+            if online:
+                shown = {
+                    "reward": f"{record.get('reward', math.nan):.4f}",
+                    "kl": f"{record['kl']:.4f}",
+                    **shown,
+                }
+            self.bar.set_postfix(shown)
         elif step % self.every == 0 or step == self.total:
             grad_norm = record["grad_norm"]
             log.info(
-                "step %d/%d loss %.4f lr %.3g grad_norm %s tokens/s %.0f%s",
+                "step %d/%d%s loss %.4f lr %.3g grad_norm %s tokens/s %.0f%s",
                 step,
                 self.total,
+                _online_text(record) if online else "",
                 record["loss"],
                 record["lr"],
                 "inf" if grad_norm is None else f"{grad_norm:.3f}",
