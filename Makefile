@@ -33,11 +33,12 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	@touch $@
 	@echo "setup: $(VENV) is ready"
 
+# One pytest worker per core (pytest-xdist; each worker computes on one thread, see tests/conftest.py).
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n auto --dist worksteal
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n auto --dist worksteal -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -199,9 +199,11 @@ def test_rl_dry_run_calls_the_reward_functions_on_a_prompt_row(tiny, tmp_path, c
     rewards = tmp_path / "my_rewards.py"
     rewards.write_text("def by_level(prompts, completions, level):\n    return [float(x) for x in level]\n")
     out = tmp_path / "run"
-    args = cli_args(
-        "sft_grpo.yaml", tiny, out, **{"stage_configs.rl.reward_functions": f"[{rewards}:by_level]"}
-    )
+    overrides = {
+        "stage_configs.rl.reward_functions": f"[{rewards}:by_level]",
+        "stage_configs.rl.reward_weights": "[1.0]",
+    }
+    args = cli_args("sft_grpo.yaml", tiny, out, **overrides)
     assert main([*args, "--dry_run"]) == 2
     error = capsys.readouterr().err
     assert "stage_configs.rl.reward_functions" in error and "by_level" in error and "level" in error

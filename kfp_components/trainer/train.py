@@ -1,6 +1,7 @@
 """The training loop: read it top to bottom.
 
-``train(config)`` runs SFT (full or LoRA), OSFT or DPO in one process or under torchrun (DDP or FSDP2):
+``train(config)`` runs SFT (full or LoRA), OSFT, DPO or an online algorithm (GRPO, RLOO, REINFORCE++) in one
+process or under torchrun (DDP or FSDP2):
 
 1. check the inputs (``preflight``); join the process group; load the tokenizer and tokenise the data
    (chat template, assistant-only labels), and the eval data when there is some;
@@ -13,6 +14,9 @@
    (``precision``) with the loss normalised by the label tokens of the whole global batch; unscale fp16
    gradients; project OSFT gradients; clip; AdamW (skipped when fp16 gradients overflowed); project OSFT
    parameters; schedule the LR;
+   An online algorithm's step (``online.OnlineSteps``) first generates completions of its prompts with the
+   current model and scores them, then packs them like SFT data and makes ``num_iterations`` such updates
+   with the policy-gradient loss (see ``online``); the optimizer update itself is the same (``Updater``);
 5. log metrics per step, compute the eval loss at the end of every epoch and every ``eval_steps``, save
    resumable checkpoints, then the last checkpoint and the final HF checkpoint, then the final eval loss,
    the run's config and a summary of the whole run (every attempt, when it was resumed).
@@ -160,14 +164,14 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
     total_steps = planned_steps(config, steps.steps_per_epoch())
     scheduler = build_scheduler(optimizer, config, total_steps * steps.updates_per_step)
     evaluator = Evaluator(eval_objective, config, info, precision) if eval_objective else None
-    if isinstance(steps, OnlineSteps):
-        steps.attach(model, load_reference_model(config, info))
 
     state = TrainerState()
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, scheduler, info, precision=precision)
         state.attempts += 1
         steps.load_state_dict(state.extra)
+    if isinstance(steps, OnlineSteps):  # after a resume, so a vLLM engine starts from the resumed weights
+        steps.attach(model, load_reference_model(config, info))
     earlier_seconds = state.elapsed_seconds  # the attempts before this one, up to the checkpoint
     metrics = MetricsLog(
         output_dir / "metrics.jsonl",
