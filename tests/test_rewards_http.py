@@ -44,8 +44,8 @@ def test_no_more_requests_in_flight_than_max_concurrency(tmp_path):
         scores = rewards.score(["p"] * 9, ["x" * i for i in range(9)], {})
         elapsed = time.monotonic() - started
     assert scores.total == [float(i) for i in range(9)]
-    assert server.max_in_flight == 3  # bounded, and used: 9 requests of 0.2 s took about 3 rounds
-    assert 0.55 < elapsed < 1.5
+    assert server.max_in_flight == 3  # bounded, and used
+    assert elapsed > 0.55  # 9 requests of 0.2 s, 3 at a time: at least 3 rounds (no upper bound: load varies)
 
 
 def test_a_500_is_retried_and_then_succeeds(tmp_path, caplog, monkeypatch):

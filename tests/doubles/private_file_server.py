@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
+
+from kfp_components.testing.servers import serving
 
 
 @dataclass(frozen=True)
@@ -84,12 +85,6 @@ def private_file_server(
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", port), functools.partial(Handler, directory=str(root)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.host = f"127.0.0.1:{server.server_address[1]}"
-    try:
+    with serving(server) as host:
+        state.host = host
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)

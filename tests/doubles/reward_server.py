@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from kfp_components.testing.servers import serving
+
 
 @dataclass
 class RewardServer:
@@ -100,13 +102,6 @@ def reward_server(
         daemon_threads = True
         request_queue_size = 64  # the default backlog of 5 drops connections of a burst (a 1 s SYN retry)
 
-    server = Server(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/score"
-    try:
+    with serving(Server(("127.0.0.1", 0), Handler)) as host:
+        state.url = f"http://{host}/score"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
