@@ -154,7 +154,7 @@ def test_resume_continues_exactly(prompts, tmp_path):
         keep_checkpoints=5,
         kl_coef=0.05,
         kl_target=0.01,
-        kl_horizon=4,
+        kl_horizon=64,
         num_iterations=2,
         lr_scheduler="cosine",
     )
@@ -168,6 +168,32 @@ def test_resume_continues_exactly(prompts, tmp_path):
         for key in ("reward", "loss", "kl", "kl_coef", "lr", "completion_length_mean"):
             assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-7), (key, before, after)
     assert len({r["kl_coef"] for r in first}) > 1  # the controller moved, and resumed where it was
+    # Ziegler et al.'s controller on the KL per completion, its horizon in completions (16 per step)
+    coef = 0.05
+    for row in first:
+        assert row["kl_coef"] == pytest.approx(coef, rel=1e-9)
+        coef *= 1 + min(max(row["kl_per_completion"] / 0.01 - 1, -0.2), 0.2) * 16 / 64
+
+
+def test_a_step_whose_completions_are_all_masked_learns_nothing_and_does_not_fail(prompts, tmp_path):
+    """Every completion truncated and masked: micro-batches without a loss token still run backward (so
+    DDP/FSDP2 would still reduce), the loss is 0 and the weights do not move."""
+    from safetensors.torch import load_file
+
+    config = online_config(
+        prompts,
+        tmp_path,
+        mask_truncated_completions=True,
+        max_new_tokens=2,
+        max_steps=2,
+        save_final_model=True,
+    )
+    train(config)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["truncated_share"] == 1.0 and r["loss"] == 0.0 and r["loss_units"] == 0 for r in rows)
+    before = load_file(tiny_model_path("qwen2", 0) / "model.safetensors")
+    after = load_file(tmp_path / "final" / "model.safetensors")
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
 
 
 # --- bad input stops the run before any update ---------------------------------------------------------

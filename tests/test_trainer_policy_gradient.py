@@ -663,3 +663,14 @@ def test_a_micro_batch_without_loss_tokens_gives_zero_loss_and_zero_gradients(ag
     (grad,) = torch.autograd.grad(loss, logps)
     assert float(loss.detach()) == 0 and grad.tolist() == [0.0, 0.0]
     assert all(float(value) == 0 for value in sums.values())
+
+
+def test_a_row_without_targets_gives_zero_log_probs_that_stay_in_the_graph():
+    """A dummy micro-batch (or one whose completions are all masked) must still backpropagate: under DDP and
+    FSDP2 every rank's backward takes part in the gradient reduction."""
+    logits = torch.randn(3, 7, requires_grad=True)
+    targets = torch.full((3,), -100)
+    logps, entropy = token_logps_and_entropy(logits, targets, temperature=0.7)
+    assert logps.tolist() == [0.0, 0.0, 0.0] and entropy is not None and entropy.tolist() == [0.0, 0.0, 0.0]
+    logps.sum().backward()
+    assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0

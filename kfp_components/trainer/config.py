@@ -298,7 +298,8 @@ class RLOptions(OSFTConstraintOptions):
             k1 estimate subtracted from every token's reward, as REINFORCE++).
         kl_target: 0: kl_coef stays fixed; above 0: kl_coef adapts (proportional controller) to keep the
             KL per completion (summed over its tokens, in nats) near this target.
-        kl_horizon: Steps over which the adaptive controller corrects (larger: slower changes).
+        kl_horizon: Completions over which the adaptive controller corrects (Ziegler et al.'s horizon;
+            larger: slower changes). Each step moves kl_coef by at most 20% x completions / kl_horizon.
     """
 
     reward_functions: list[str | dict[str, Any]] = field(default_factory=list)

@@ -292,7 +292,8 @@ class OnlineSteps:
     def batch(self, samples: list[TokenizedSample], indices: list[int]) -> tuple[MicroBatch, torch.Tensor]:
         """A packed micro-batch and the completion index of each of its tokens (-1: no loss)."""
         if not indices:
-            return dummy_micro_batch(self.pad_token_id), torch.full((1,), -1, dtype=torch.long)
+            dummy = dummy_micro_batch(self.pad_token_id)
+            return dummy, torch.full((1,), -1, dtype=torch.long, device=self.info.device)
         micro_batch = collate(samples, indices)
         ids = pg.packed_sequence_ids(
             micro_batch.position_ids, micro_batch.targets, micro_batch.sample_indices
@@ -462,6 +463,7 @@ class OnlineSteps:
             "grad_norm": grad_norm,
             **self.reward_statistics(rollouts),
             "kl": kl,
+            "kl_per_completion": kl_per_completion if self.config.kl_coef > 0 else 0.0,
             "kl_coef": self.kl.coef,
             "entropy": total.get("entropy", 0.0) / tokens,
             "clip_fraction": (total.get("clipped_low", 0.0) + total.get("clipped_high", 0.0)) / tokens,
@@ -484,8 +486,8 @@ class OnlineSteps:
         }
         if not all(stepped for _, stepped, _ in updates):
             record["step_skipped"] = True
-        if self.kl.adaptive:
-            self.kl.update(kl_per_completion / iterations, 1)
+        if self.kl.adaptive:  # Ziegler et al.: the horizon counts completions
+            self.kl.update(kl_per_completion, len(rollouts))
         return record
 
 

@@ -447,8 +447,9 @@ def token_logps_and_entropy(
                 entropy_chunks.append(normaliser.detach() - expected)
                 del probabilities
     zeros = torch.zeros(targets.numel(), dtype=torch.float32, device=logits.device)
-    selected = torch.cat(logp_chunks) if logp_chunks else zeros[:0]
-    logps = zeros.index_copy(0, rows, selected)
+    # With no target at all (a dummy micro-batch, or completions all masked): zeros that stay in the graph,
+    # so backward still reaches every parameter (and DDP/FSDP2 still reduce their gradients).
+    logps = zeros.index_copy(0, rows, torch.cat(logp_chunks)) if logp_chunks else logits[:, 0].float() * 0.0
     entropy = None
     if with_entropy:
         entropy = zeros.index_copy(0, rows, torch.cat(entropy_chunks) if entropy_chunks else zeros[:0])
