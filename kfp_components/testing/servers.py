@@ -21,7 +21,9 @@ def serving(server: HTTPServer) -> Iterator[str]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"{server.server_address[0]}:{server.server_address[1]}"
+        address = server.server_address[0]
+        host = address.decode() if isinstance(address, bytes) else address
+        yield f"{host}:{server.server_port}"
     finally:
         server.shutdown()
         server.server_close()
