@@ -81,7 +81,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tu
             metavar = "VALUE"
         kwargs: dict[str, Any] = {
             "default": argparse.SUPPRESS,
-            "help": helps.get(field.name, "") + shown,
+            # argparse %-formats help texts: a literal "%" in a docstring must reach it as "%%"
+            "help": (helps.get(field.name, "") + shown).replace("%", "%%"),
             "metavar": metavar,
             "action": _StoreAsTyped,
             "dest": field.name,

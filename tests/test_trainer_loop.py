@@ -475,3 +475,16 @@ def test_help_lists_required_options_first_with_allowed_values_and_aliases(tmp_p
     path.write_text(yaml.safe_dump({"lr_scheduler_type": "linear", "gradient_checkpointing": True}))
     cfg, _ = build_training_config(["--config", str(path), *required, "--lr_scheduler", "constant"])
     assert cfg.lr_scheduler == "constant" and cfg.activation_checkpointing is True  # the flag wins
+
+
+def test_a_percent_sign_in_an_option_help_does_not_break_help(monkeypatch, capsys):
+    """argparse %-formats help texts; a docstring's "20% x" once made --help raise a TypeError."""
+    from kfp_components import cli_args
+
+    real = cli_args.field_help
+    monkeypatch.setattr(
+        cli_args, "field_help", lambda cls: {**real(cls), "kl_horizon": "moves by at most 20% x n / horizon"}
+    )
+    with pytest.raises(SystemExit):
+        build_training_config(["--help"])
+    assert "moves by at most 20% x n / horizon" in capsys.readouterr().out

@@ -299,7 +299,8 @@ class RLOptions(OSFTConstraintOptions):
         kl_target: 0: kl_coef stays fixed; above 0: kl_coef adapts (proportional controller) to keep the
             KL per completion (summed over its tokens, in nats) near this target.
         kl_horizon: Completions over which the adaptive controller corrects (Ziegler et al.'s horizon;
-            larger: slower changes). Each step moves kl_coef by at most 20% x completions / kl_horizon.
+            larger: slower changes). A step changes kl_coef by a factor within 1 +- 0.2 x completions /
+            kl_horizon.
     """
 
     reward_functions: list[str | dict[str, Any]] = field(default_factory=list)
