@@ -23,6 +23,7 @@ stage's options only as its fingerprint, a digest.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -533,7 +534,8 @@ def _build_stages(config: PipelineConfig) -> dict[str, BaseStage]:
         stage_config.stage_name = stage_config.stage_name or name
         stage_config.output_dir = stage_config.output_dir or config.default_stage_dir(name)
         stage = stage_class(stage_config)
-        for check in (stage_config.validate, stage.validate_config):
+        link = functools.partial(stage.link_earlier_stages, dict(stages))  # the stages listed before it
+        for check in (stage_config.validate, link, stage.validate_config):
             try:
                 check()
             except ConfigError as exc:

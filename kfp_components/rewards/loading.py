@@ -219,7 +219,7 @@ def _build(options: Options, *, base_dir: Path | None, tokenizer: Any, device: s
         if isinstance(options, RewardModelOptions):
             from kfp_components.rewards.reward_model import RewardModelReward
 
-            return RewardModelReward(options, device=device)
+            return RewardModelReward(options, device=device, policy_tokenizer=tokenizer)
         if isinstance(options, HttpRewardOptions):
             return HttpReward(options)
     except RewardError:

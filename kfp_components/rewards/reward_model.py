@@ -7,16 +7,71 @@ models were trained, a messages prompt joined to one text. The score is the logi
 (``num_labels: 1``), or of ``label_index`` when it has several. Samples are scored in batches of
 ``batch_size``, sorted by length to keep padding small, under ``torch.inference_mode`` on ``device``.
 
+The reward model reads text, never the policy's token ids: when its tokenizer differs from the policy's
+(another vocabulary or chat template), the completion's text is re-tokenised with the reward model's own
+tokenizer and template; this is logged once per reward model (:func:`tokenizer_difference` says how they
+differ). :func:`reward_model_problems` checks a checkpoint without loading its weights: a single score
+(``num_labels: 1``, or a ``label_index``) and a tokenizer.
+
 torch and transformers are imported when a reward model is loaded, never when this package is imported.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from kfp_components.typed_config import ConfigError, Options
+
+log = logging.getLogger(__name__)
+#: Reward models whose re-tokenisation has been logged in this process.
+_ANNOUNCED: set[str] = set()
+
+
+def tokenizer_difference(reward_tokenizer: Any, policy_tokenizer: Any) -> str:
+    """How the reward model's tokenizer differs from the policy's ("" when they are the same): either may be
+    a tokenizer or a reference (folder or hub id) to load one from."""
+    from transformers import AutoTokenizer
+
+    reward = AutoTokenizer.from_pretrained(reward_tokenizer) if isinstance(reward_tokenizer, str) else reward_tokenizer
+    policy = AutoTokenizer.from_pretrained(policy_tokenizer) if isinstance(policy_tokenizer, str) else policy_tokenizer
+    differences = []
+    if reward.get_vocab() != policy.get_vocab():
+        differences.append("vocabulary")
+    if getattr(reward, "chat_template", None) != getattr(policy, "chat_template", None):
+        differences.append("chat template")
+    if not differences:
+        return ""
+    return (
+        f"its tokenizer differs from the policy's ({' and '.join(differences)}): each completion's text is "
+        "re-tokenised with the reward model's tokenizer"
+    )
+
+
+def reward_model_problems(model: str, *, label_index: int | None = None) -> list[str]:
+    """What makes ``model`` unusable as a reward model, found from its config and tokenizer alone (no
+    weights): not loadable, not a single score (``num_labels`` other than 1 without ``label_index``)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(model)
+        AutoTokenizer.from_pretrained(model)
+    except Exception as exc:
+        return [f"{model}: cannot be loaded: {type(exc).__name__}: {exc}"]
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(name.endswith("ForSequenceClassification") for name in architectures):
+        return [
+            f"{model} is not a sequence-classification checkpoint (architectures: "
+            f"{', '.join(architectures) or 'none'}); train one with algorithm: reward_model"
+        ]
+    labels = int(config.num_labels)
+    if label_index is None and labels != 1:
+        return [f"{model} has {labels} labels, not a single score; set label_index (0 to {labels - 1})"]
+    if label_index is not None and label_index >= labels:
+        return [f"label_index {label_index} is out of range: {model} has {labels} labels"]
+    return []
 
 
 @dataclass
@@ -58,7 +113,7 @@ class RewardModelOptions(Options):
 class RewardModelReward:
     """Scores with a sequence-classification model (see the module docstring)."""
 
-    def __init__(self, options: RewardModelOptions, device: str = "cpu"):
+    def __init__(self, options: RewardModelOptions, device: str = "cpu", policy_tokenizer: Any = None):
         import torch
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -88,6 +143,11 @@ class RewardModelReward:
         self.pad_id = int(pad_id)
         self.model = model.to(self.device).eval()
         self.has_template = bool(getattr(self.tokenizer, "chat_template", None))
+        #: how the reward model's tokenizer differs from the policy's ("" when the same or not known)
+        self.retokenises = tokenizer_difference(self.tokenizer, policy_tokenizer) if policy_tokenizer else ""
+        if self.retokenises and options.model not in _ANNOUNCED:
+            _ANNOUNCED.add(options.model)
+            log.info("reward model %s: %s", options.model, self.retokenises)
 
     def encode(self, prompt: Any, completion: str) -> list[int]:
         """The token ids the model reads for one sample."""

@@ -1,5 +1,5 @@
-"""Stages of a multi-stage fine-tuning pipeline: the base classes, the built-in stages (sft, osft, dpo) and
-the registry of stage names. ``docs/multistage.md`` describes them."""
+"""Stages of a multi-stage fine-tuning pipeline: the base classes, the built-in stages (sft, osft, dpo,
+reward_model, rl) and the registry of stage names. ``docs/multistage.md`` describes them."""
 
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
 from kfp_components.stages.dpo import DPOStage, DPOStageConfig
@@ -12,6 +12,7 @@ from kfp_components.stages.registry import (
     register_stage,
     unregister_stage,
 )
+from kfp_components.stages.reward_model import RewardModelStage, RewardModelStageConfig
 from kfp_components.stages.sft import SFTStage, SFTStageConfig
 from kfp_components.stages.training import TrainingData, TrainingStage, TrainingStageConfig
 
@@ -23,6 +24,8 @@ __all__ = [
     "DPOStageConfig",
     "OSFTStage",
     "OSFTStageConfig",
+    "RewardModelStage",
+    "RewardModelStageConfig",
     "SFTStage",
     "SFTStageConfig",
     "StageConfig",

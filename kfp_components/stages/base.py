@@ -15,6 +15,7 @@ import logging
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from kfp_components.typed_config import ConfigError, Options, to_dict
@@ -138,6 +139,13 @@ class BaseStage(ABC):
         without touching models or data; raise :class:`ConfigError` with key paths relative to the stage
         (``beta``, not ``stage_configs.dpo.beta``). The pipeline calls it for every stage before the first
         stage starts. The default checks nothing more."""
+        return None
+
+    def link_earlier_stages(self, earlier: Mapping[str, BaseStage]) -> None:
+        """Resolve options that name an earlier stage's output (the rl stage's ``reward_model_path:
+        stage:<name>``); ``earlier`` holds the stages listed before this one, by name. The pipeline calls it
+        once, when it builds the stages, before :meth:`validate_config`; raise :class:`ConfigError` for a
+        reference to a stage that is not there. The default has nothing to resolve."""
         return None
 
     def check_inputs(self, model: str, tokenizer: str) -> None:

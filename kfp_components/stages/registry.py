@@ -10,6 +10,7 @@ from kfp_components.stages.base import BaseStage, config_class_of
 from kfp_components.stages.dpo import DPOStage
 from kfp_components.stages.osft import OSFTStage
 from kfp_components.stages.planned import CoTDistillationStage, RLAIFStage, UnavailableStage
+from kfp_components.stages.reward_model import RewardModelStage
 from kfp_components.stages.rl import RLStage
 from kfp_components.stages.sft import SFTStage
 from kfp_components.typed_config import ConfigError
@@ -23,6 +24,7 @@ BUILTIN_STAGES: dict[str, type[BaseStage]] = {
     "sft": SFTStage,
     "osft": OSFTStage,
     "dpo": DPOStage,
+    "reward_model": RewardModelStage,
     "rl": RLStage,
 }
 

@@ -5,15 +5,36 @@ the dataset stage's ``prompt`` rows, whose other columns (``answer``, ...) reach
 reward function given as ``path/to/file.py:function`` is found like every other relative path of the YAML:
 from the folder ``fnsft-pipeline`` runs in. The reference model of the KL penalty is the stage's input
 model.
+
+``reward_model_path`` adds a reward model's score as one more reward, after ``reward_functions``: a folder or
+hub id, or ``stage:<name>``, the reward model an earlier ``reward_model`` stage of the pipeline trains
+(``<its output_dir>/final``). Before that stage has run, the checks of a dry run and of the pipeline's start
+leave the reward model out (it does not exist yet) and check the other reward functions.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
+from kfp_components.stages.base import BaseStage
+from kfp_components.stages.reward_model import RewardModelStage
 from kfp_components.stages.training import TrainingStage, TrainingStageConfig
-from kfp_components.trainer.config import Algorithm, OptimOptions, OSFTOptions, RLAlgorithm, RLOptions
+from kfp_components.trainer.config import (
+    Algorithm,
+    OptimOptions,
+    OSFTOptions,
+    RLAlgorithm,
+    RLOptions,
+    TrainingConfig,
+)
+from kfp_components.typed_config import ConfigError
+
+#: How ``reward_model_path`` names the reward model of an earlier stage: ``stage:<name>``.
+STAGE_REFERENCE = "stage:"
 
 
 @dataclass(kw_only=True)
@@ -30,7 +51,7 @@ class RLStageConfig(TrainingStageConfig, OptimOptions, RLOptions, OSFTOptions):
 
 
 class RLStage(TrainingStage):
-    """Learn from the model's own completions, scored by reward functions."""
+    """Learn from the model's own completions, scored by reward functions and a reward model."""
 
     stage_name: ClassVar[str] = "rl"
     config_class: ClassVar[type[RLStageConfig]] = RLStageConfig
@@ -38,5 +59,74 @@ class RLStage(TrainingStage):
 
     config: RLStageConfig
 
+    def __init__(self, config: RLStageConfig):
+        super().__init__(config)
+        #: (stage name, folder) of the reward model an earlier stage trains, when reward_model_path names one
+        self.reward_model_stage: tuple[str, Path] | None = None
+
     def engine_algorithm(self) -> Algorithm:
         return self.config.algorithm
+
+    def link_earlier_stages(self, earlier: Mapping[str, BaseStage]) -> None:
+        reference = self.config.reward_model_path
+        if not reference.startswith(STAGE_REFERENCE):
+            return
+        name = reference[len(STAGE_REFERENCE) :]
+        stage = earlier.get(name)
+        if not isinstance(stage, RewardModelStage):
+            candidates = [n for n, s in earlier.items() if isinstance(s, RewardModelStage)]
+            found = f"the reward_model stages before it: {', '.join(candidates)}" if candidates else (
+                "no reward_model stage comes before it"
+            )
+            what = "is not a reward_model stage" if stage is not None else "is not a stage listed before this one"
+            raise ConfigError("reward_model_path", f"{reference}: {name!r} {what} ({found})")
+        self.reward_model_stage = (name, stage.reward_model_dir)
+
+    def reward_model_reference(self) -> str:
+        """``reward_model_path`` as the engine reads it: a ``stage:<name>`` reference resolved to the folder."""
+        reference = self.config.reward_model_path
+        if not reference.startswith(STAGE_REFERENCE):
+            return reference
+        if self.reward_model_stage is None:
+            raise ConfigError(
+                "reward_model_path",
+                f"{reference} names a pipeline stage; outside a pipeline give the reward model's folder",
+            )
+        return str(self.reward_model_stage[1])
+
+    def training_config(self, model: str, data_path: str, eval_data_path: str = "") -> TrainingConfig:
+        config = super().training_config(model, data_path, eval_data_path)
+        config.reward_model_path = self.reward_model_reference()
+        return config
+
+    def _reward_model_pending(self) -> bool:
+        """Whether the reward model comes from an earlier stage that has not written it yet."""
+        return self.reward_model_stage is not None and not (self.reward_model_stage[1] / "config.json").is_file()
+
+    def reward_problems(self, config: TrainingConfig) -> list[tuple[str, str]]:
+        if not self._reward_model_pending():
+            return super().reward_problems(config)
+        # The reward model does not exist yet: check the other reward functions, if any.
+        if not config.reward_functions:
+            return []
+        return super().reward_problems(dataclasses.replace(config, reward_model_path=""))
+
+    def dry_run(self, model: str, tokenizer: str) -> dict[str, Any]:
+        plan = super().dry_run(model, tokenizer)
+        if self.config.reward_model_path:
+            plan["reward_model"] = self._describe_reward_model(tokenizer or model)
+        return plan
+
+    def _describe_reward_model(self, policy_tokenizer: str) -> str:
+        path = self.reward_model_reference()
+        if self._reward_model_pending():
+            assert self.reward_model_stage is not None
+            return f"{path} (trained by stage {self.reward_model_stage[0]!r} first)"
+        from kfp_components.rewards.reward_model import tokenizer_difference
+
+        try:
+            difference = tokenizer_difference(path, policy_tokenizer)
+        except (OSError, ValueError) as exc:  # the engine's preflight names the load error
+            return f"{path} ({type(exc).__name__})"
+        return f"{path} ({difference})" if difference else path
+

@@ -219,12 +219,19 @@ class TrainingStage(BaseStage):
         )
         found = preflight.preflight_problems(config, check_model=False)
         if config.is_online and not found:
-            found += preflight.reward_problems(config)  # loaded, and called on the first prompt row
+            found += self.reward_problems(config)
         hf_config, problem = preflight.load_model_config(model)
         if problem is None:
             found += preflight.target_problems(config, hf_config)
         keys = {"data_path": "dataset_name_or_path", "eval_data_path": "eval_dataset_name_or_path"}
         return [(keys.get(key, key), message) for key, message in found if key != "model_name_or_path"]
+
+    def reward_problems(self, config: TrainingConfig) -> list[tuple[str, str]]:
+        """An online algorithm's rewards: loaded, and called on the first prompt row (see
+        :func:`kfp_components.trainer.preflight.reward_problems`)."""
+        from kfp_components.trainer import preflight
+
+        return preflight.reward_problems(config)
 
     def _prepare_all(self, data_dir: Path) -> dict[str, PreparedDataset]:
         """The training data and, when set, the eval data, prepared into ``data_dir``; a :class:`ConfigError`

@@ -83,7 +83,7 @@ class TrainerState:
     tokens_seen: int = 0
     #: optimizer steps skipped because fp16 gradients overflowed
     skipped_steps: int = 0
-    #: every evaluation so far: ``{"step", "epoch", "eval_loss"}``
+    #: every evaluation so far: ``{"step", "epoch", "eval_loss", "eval_<metric>"...}``
     eval_history: list[dict[str, float]] = field(default_factory=list)
     #: the sum of every step's loss (for the summary's mean loss); the last step's loss and metrics
     loss_sum: float = 0.0

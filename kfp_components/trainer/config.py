@@ -4,7 +4,8 @@ multi-stage YAML.
 Options come in groups that the stage configs reuse, so an option has one name and one meaning everywhere:
 
 * :class:`OptimOptions`: data handling, batching, optimizer, schedule, precision, distribution, checkpoints;
-* :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`, :class:`RLOptions`: what each method adds.
+* :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`, :class:`RewardModelTrainingOptions`,
+  :class:`RLOptions`: what each method adds.
 
 :class:`TrainingConfig` is all of them plus what one run needs (model, data, output, algorithm). Every field
 is a command-line flag of ``python -m kfp_components.trainer`` (``--learning_rate 2e-5``) and a key of its
@@ -22,7 +23,7 @@ from kfp_components.typed_config import ConfigError, Options
 #: The online algorithms: the model generates, rewards score, a policy-gradient step learns.
 RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp"]
 RL_ALGORITHMS: tuple[str, ...] = get_args(RLAlgorithm)
-Algorithm = Literal["sft", "osft", "dpo", "grpo", "rloo", "reinforce_pp"]
+Algorithm = Literal["sft", "osft", "dpo", "reward_model", "grpo", "rloo", "reinforce_pp"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 TorchDtype = Literal["bfloat16", "float16", "float32"]
 #: Attention kernels transformers can load a model with.
@@ -266,7 +267,13 @@ class RLOptions(OSFTConstraintOptions):
             (exact_match, format_regex, overlong_penalty, reward_model, http) by name or as a mapping with
             its options ({function: format_regex, pattern: ...}), or your own as module:function or
             path/to/file.py:function, called as fn(prompts, completions, **columns) -> list of float or None.
-        reward_weights: One weight per reward function (empty: 1.0 each).
+        reward_weights: One weight per reward function (empty: 1.0 each); with reward_model_path, one more
+            for the reward model, last.
+        reward_model_path: Folder or hub id of an AutoModelForSequenceClassification checkpoint (a single
+            score, num_labels 1) whose score is one more reward, after reward_functions (the same as adding
+            {function: reward_model, model: <path>} last). In a pipeline, stage:<name> names the reward model
+            an earlier reward_model stage trains. Its tokenizer may differ from the policy's: the
+            completion's text is re-tokenised with the reward model's own tokenizer and chat template.
         num_generations: Completions per prompt (a group); effective_batch_size counts completions and
             must be a multiple of it.
         max_new_tokens: Longest completion in tokens; longer ones stop there and count as truncated.
@@ -305,6 +312,7 @@ class RLOptions(OSFTConstraintOptions):
 
     reward_functions: list[str | dict[str, Any]] = field(default_factory=list)
     reward_weights: list[float] = field(default_factory=list)
+    reward_model_path: str = ""
     num_generations: int = 8
     max_new_tokens: int = 256
     temperature: float = 1.0
@@ -340,15 +348,48 @@ class RLOptions(OSFTConstraintOptions):
             raise ConfigError(
                 "epsilon_low", f"must be below 1 (the ratio clips at 1 - epsilon_low), got {self.epsilon_low}"
             )
-        if self.reward_functions or self.reward_weights:
+        if self.reward_functions or self.reward_weights or self.reward_model_path:
             from kfp_components.rewards import parse_references  # light: no torch, nothing loaded
 
-            parse_references(self.reward_functions, self.reward_weights or None)
+            if self.reward_weights and len(self.reward_weights) != len(self.all_reward_functions):
+                what = f"{len(self.reward_functions)} reward function(s)"
+                if self.reward_model_path:
+                    what += " and the reward model of reward_model_path (its weight last)"
+                raise ConfigError(
+                    "reward_weights",
+                    f"{len(self.reward_weights)} weight(s) for {what}: give one weight for each",
+                )
+            parse_references(self.all_reward_functions, self.reward_weights or None)
         for i, stop in enumerate(self.stop_strings):
             if not isinstance(stop, str) or not stop:
                 raise ConfigError(f"stop_strings[{i}]", f"expected a non-empty string, got {stop!r}")
         if self.kl_target and not self.kl_coef:
             raise ConfigError("kl_target", "adapts kl_coef, which is 0 (KL off); set an initial kl_coef")
+
+    @property
+    def all_reward_functions(self) -> list[str | dict[str, Any]]:
+        """``reward_functions``, then the reward model of ``reward_model_path`` when one is set."""
+        functions = list(self.reward_functions)
+        if self.reward_model_path:
+            functions.append({"function": "reward_model", "model": self.reward_model_path})
+        return functions
+
+
+@dataclass(kw_only=True)
+class RewardModelTrainingOptions(Options):
+    """Reward-model training (``algorithm: reward_model``): a scalar head on a causal LM learns from
+    preference pairs with the Bradley-Terry loss ``-log sigmoid(r_chosen - r_rejected - margin)``, the
+    margin read per pair from the rows' optional ``margin`` column (0 when absent). See docs/rl.md.
+
+    Attributes:
+        center_rewards_coef: Weight of the centering term ``coef * (r_chosen + r_rejected)^2`` per pair
+            (Eisenstein et al. 2023), which keeps the scores near 0; 0: off.
+    """
+
+    center_rewards_coef: float = 0.0
+
+    def validate(self) -> None:
+        _at_least(self, ("center_rewards_coef",), 0)
 
 
 #: Options every run must set.
@@ -356,22 +397,28 @@ REQUIRED = ("model_name_or_path", "data_path", "output_dir")
 
 
 @dataclass(kw_only=True)
-class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptions):
+class TrainingConfig(
+    OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RewardModelTrainingOptions, RLOptions
+):
     """Options of one training run: the model, the data, where outputs go, the method, and every option of
-    :class:`OptimOptions`, :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions` and
-    :class:`RLOptions`.
+    :class:`OptimOptions`, :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`,
+    :class:`RewardModelTrainingOptions` and :class:`RLOptions`.
 
     Attributes:
         model_name_or_path: Hugging Face model id or local folder of the starting checkpoint.
         data_path: JSONL file from the dataset stage: `messages` rows for sft and osft, `preference` rows
-            (prompt, chosen, rejected) for dpo, `prompt` rows (prompt, optional answer and other columns
+            (prompt, chosen, rejected; reward_model also reads an optional margin) for dpo and reward_model,
+            `prompt` rows (prompt, optional answer and other columns
             for the reward functions) for grpo, rloo and reinforce_pp.
         output_dir: Where checkpoints, metrics and the final model go (final model in ``<output_dir>/final``).
         algorithm: sft (full fine-tuning, or LoRA when lora_r > 0), osft (Orthogonal Subspace Fine-Tuning),
-            dpo (Direct Preference Optimization), or the online algorithms grpo (Group Relative Policy
+            dpo (Direct Preference Optimization), reward_model (a scalar-head reward model trained on
+            preference pairs, saved as an AutoModelForSequenceClassification checkpoint), or the online
+            algorithms grpo (Group Relative Policy
             Optimization), rloo (REINFORCE Leave-One-Out) and reinforce_pp (REINFORCE++).
         eval_data_path: Optional JSONL in the same format as data_path: its loss is computed at the end of
-            every epoch (and every eval_steps) and reported as eval_loss.
+            every epoch (and every eval_steps) and reported as eval_loss (reward_model: eval_accuracy and
+            eval_margin too).
     """
 
     model_name_or_path: str
@@ -388,6 +435,7 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptio
             OSFTOptions.validate,
             LoRAOptions.validate,
             DPOOptions.validate,
+            RewardModelTrainingOptions.validate,
             RLOptions.validate,
             TrainingConfig._check_combinations,
         ):
@@ -401,6 +449,10 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptio
     def _check_combinations(self) -> None:
         if self.algorithm == "osft" and self.lora_r:
             raise ConfigError("lora_r", "LoRA and OSFT are alternatives; set lora_r to 0 for osft")
+        if self.algorithm == "reward_model" and self.osft_constraint:
+            raise ConfigError("osft_constraint", "applies to dpo and the online algorithms, not reward_model")
+        if self.algorithm == "reward_model" and self.qlora:
+            raise ConfigError("qlora", "reward_model trains with full weights or LoRA, not QLoRA")
         if self.eval_steps and not self.eval_data_path:
             raise ConfigError("eval_steps", "needs eval data (eval_data_path)")
         if self.algorithm in ("dpo", *RL_ALGORITHMS) and self.osft_constraint and self.lora_r:
@@ -409,9 +461,11 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptio
             self._check_online()
 
     def _check_online(self) -> None:
-        if not self.reward_functions:
+        if not self.all_reward_functions:
             raise ConfigError(
-                "reward_functions", f"{self.algorithm} needs at least one reward function to learn from"
+                "reward_functions",
+                f"{self.algorithm} needs something to learn from: at least one reward function, or a reward "
+                "model (reward_model_path)",
             )
         if self.effective_batch_size % self.num_generations:
             raise ConfigError(

@@ -8,7 +8,7 @@ call them before starting anything expensive. What is checked:
 
 * the options validate (every problem of :meth:`TrainingConfig.validate`);
 * ``data_path`` and ``eval_data_path`` are files and their first :data:`ROWS_CHECKED` rows are in the format
-  the algorithm trains on (``messages`` for sft and osft, ``preference`` for dpo; the row checks of
+  the algorithm trains on (``messages`` for sft and osft, ``preference`` for dpo and reward_model; the row checks of
   :mod:`kfp_components.data.formats`);
 * ``output_dir`` is not a file;
 * with ``check_model``: ``model_name_or_path`` (and a DPO ``ref_model_name_or_path``) resolves: a local
@@ -43,6 +43,7 @@ DATA_FORMAT_BY_ALGORITHM = {
     "sft": MESSAGES,
     "osft": MESSAGES,
     "dpo": PREFERENCE,
+    "reward_model": PREFERENCE,
     **dict.fromkeys(RL_ALGORITHMS, PROMPT),
 }
 #: The module each flash attention kernel needs (and the pip package that provides it).
@@ -344,8 +345,11 @@ def _first_line(error: BaseException) -> str:
 
 def reward_problems(config: TrainingConfig) -> Problems:
     """The online algorithms' reward functions load (imported, reward models and endpoints found) and score
-    the first prompt row of ``data_path`` with a stand-in completion."""
+    the first prompt row of ``data_path`` with a stand-in completion. The reward model of
+    ``reward_model_path`` is checked first from its config (a single score), and its tokenizer compared with
+    the policy's (a difference is logged: completions are re-tokenised)."""
     from kfp_components.rewards import RewardError, check_reward_set, load_reward_set
+    from kfp_components.rewards.reward_model import reward_model_problems
 
     try:
         from transformers import AutoTokenizer
@@ -353,9 +357,16 @@ def reward_problems(config: TrainingConfig) -> Problems:
         tokenizer = AutoTokenizer.from_pretrained(model_source(config.model_name_or_path))
     except Exception:  # reported by model_problems; a reward that needs the tokenizer says so below
         tokenizer = None
+    if config.reward_model_path:
+        if config.reward_model_path.startswith("stage:"):
+            return [("reward_model_path", f"{config.reward_model_path} names a pipeline stage; the training "
+                     "engine needs the reward model's folder or hub id")]
+        found = reward_model_problems(model_source(config.reward_model_path))
+        if found:
+            return [("reward_model_path", problem) for problem in found]
     try:
         reward_set = load_reward_set(
-            config.reward_functions,
+            config.all_reward_functions,
             config.reward_weights or None,
             base_dir=None,
             tokenizer=tokenizer,

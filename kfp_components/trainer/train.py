@@ -1,6 +1,6 @@
 """The training loop: read it top to bottom.
 
-``train(config)`` runs SFT (full or LoRA), OSFT, DPO or an online algorithm (GRPO, RLOO, REINFORCE++) in one
+``train(config)`` runs SFT (full or LoRA), OSFT, DPO, reward-model training or an online algorithm (GRPO, RLOO, REINFORCE++) in one
 process or under torchrun (DDP or FSDP2):
 
 1. check the inputs (``preflight``); join the process group; load the tokenizer and tokenise the data
@@ -28,6 +28,7 @@ after the current step with a checkpoint (``stopping``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from kfp_components.locking import acquire_folder_lock, release_folder_lock
-from kfp_components.trainer import dpo, osft
+from kfp_components.trainer import dpo, osft, reward_modeling
 from kfp_components.trainer.batching import StepPlan, TokenBudgetSampler
 from kfp_components.trainer.checkpoint import (
     CHECKPOINTS,
@@ -109,6 +110,7 @@ class TrainingSummary:
     peak_memory_mib: float
     #: the last eval loss (None without eval data); every evaluation is in ``eval_history``
     eval_loss: float | None = None
+    #: every evaluation: step, eval_loss and the objective's metrics on the eval data (``eval_accuracy``, ...)
     eval_history: list[dict[str, float]] = field(default_factory=list)
     #: optimizer steps skipped because fp16 gradients overflowed
     skipped_steps: int = 0
@@ -151,7 +153,9 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
     if info.is_main:
         log.info("data: %s", ", ".join(f"{k}={v:g}" for k, v in steps.stats.items()))
 
-    model, save_dtype = load_model(config, info, precision=precision, from_checkpoint=resume_from is not None)
+    model, save_dtype = load_model(
+        config, info, precision=precision, from_checkpoint=resume_from is not None, tokenizer=tokenizer
+    )
     model = wrap_model(model, info, config.distributed, bf16=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -281,7 +285,7 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
         data=steps.stats,
         peak_memory_mib=max(state.peak_memory_mib, peak_memory_mib(info.device)),
         eval_loss=state.eval_history[-1]["eval_loss"] if state.eval_history else None,
-        eval_history=[{"step": e["step"], "eval_loss": e["eval_loss"]} for e in state.eval_history],
+        eval_history=[{k: v for k, v in e.items() if k != "epoch"} for e in state.eval_history],
         skipped_steps=state.skipped_steps,
         metrics=state.last_metrics,
         attempts=state.attempts,
@@ -576,6 +580,10 @@ def build_steps(
     """What the loop trains on (the data's objective, or the online algorithm's rollouts) and the eval
     objective when there is eval data."""
     if config.is_online:
+        if config.reward_model_path:  # the reward model is one more reward function, last
+            config = dataclasses.replace(
+                config, reward_functions=config.all_reward_functions, reward_model_path=""
+            )
         return build_online_steps(config, tokenizer, info, precision), None
     objective, eval_objective = build_objectives(config, tokenizer, info, precision)
     return OfflineSteps(objective, config, info, precision), eval_objective
@@ -637,8 +645,17 @@ def build_objectives(
             )
             for key, (key_pairs, stats) in pairs.items()
         }
+    elif config.algorithm == "reward_model":
+        objectives = {}
+        for key, path in paths.items():
+            reward_pairs, stats = _reward_pairs(config, key, path, tokenizer)
+            objectives[key] = reward_modeling.RewardModelling(
+                reward_pairs, stats, center_rewards_coef=config.center_rewards_coef, pad_token_id=pad_id
+            )
     else:
-        raise ConfigError("algorithm", f"expected one of sft, osft, dpo, got {config.algorithm!r}")
+        raise ConfigError(
+            "algorithm", f"expected one of sft, osft, dpo, reward_model, got {config.algorithm!r}"
+        )
     return objectives["data_path"], objectives.get("eval_data_path")
 
 
@@ -666,8 +683,21 @@ def _preference_pairs(config: TrainingConfig, key: str, path: str, tokenizer: An
     return pairs, stats
 
 
+def _reward_pairs(config: TrainingConfig, key: str, path: str, tokenizer: Any):
+    try:
+        pairs, stats = reward_modeling.tokenize_reward_pairs(
+            path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong
+        )
+    except (SampleError, ChatTemplateError) as exc:
+        raise ConfigError(key, str(exc)) from None
+    if not pairs:
+        raise ConfigError(key, f"{path}: no usable preference pairs after tokenisation ({stats})")
+    return pairs, stats
+
+
 class Evaluator:
-    """The mean loss per loss unit (label token; DPO: pair) on the eval data, packed as in training.
+    """The mean loss per loss unit (label token; DPO, reward_model: pair) on the eval data, packed as in
+    training, and the means of the objective's metrics (``eval_<name>``).
 
     Every rank must call it at the same steps: the ranks share the micro-batches and sum their losses.
     """
@@ -689,31 +719,37 @@ class Evaluator:
         self.plan = sampler.epoch_plan(0)
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module) -> float:
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        """``eval_loss`` and ``eval_<metric>`` for each of the objective's metrics."""
         device = self.info.device
         model.eval()
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        names = self.objective.metric_names
+        totals = torch.zeros(1 + len(names), dtype=torch.float64, device=device)
         units = 0
         one = torch.tensor(1.0, device=device)
         for step_plan in self.plan:
             for indices in step_plan.micro_batches:
                 with self.precision.autocast():
-                    loss, _ = self.objective.loss(model, self.objective.batch(indices), one, device)
-                total += loss.double()
+                    loss, metric_sums = self.objective.loss(model, self.objective.batch(indices), one, device)
+                totals[0] += loss.double()
+                totals[1:] += metric_sums
             units += step_plan.global_label_tokens
         model.train()
-        return float(all_reduce_sum(total).item()) / max(units, 1)
+        means = [value / max(units, 1) for value in all_reduce_sum(totals).tolist()]
+        return dict(zip(("eval_loss", *(f"eval_{n}" for n in names)), means, strict=True))
 
 
 def evaluate(evaluator: Evaluator, model: nn.Module, state: TrainerState, metrics: MetricsLog) -> float:
-    """Compute the eval loss now and record it (``metrics.jsonl``, the state's history, the log)."""
-    eval_loss = evaluator(model)
-    record = {"step": state.global_step, "epoch": state.epoch, "eval_loss": eval_loss}
+    """Compute the eval loss (and metrics) now and record them (``metrics.jsonl``, the state's history, the
+    log); returns the eval loss."""
+    results = evaluator(model)
+    record = {"step": state.global_step, "epoch": state.epoch, **results}
     state.eval_history.append(record)
     metrics.write(record)
     if evaluator.info.is_main:
-        log.info("step %d eval loss %.4f", state.global_step, eval_loss)
-    return eval_loss
+        shown = ", ".join(f"{k.replace('_', ' ')} {v:.4f}" for k, v in results.items())
+        log.info("step %d %s", state.global_step, shown)
+    return results["eval_loss"]
 
 
 def _load_plain_model(name_or_path: str, config: TrainingConfig, info: DistInfo) -> nn.Module:
@@ -752,12 +788,15 @@ def load_model(
     *,
     precision: Precision | None = None,
     from_checkpoint: bool = False,
+    tokenizer: Any = None,
 ) -> tuple[nn.Module, torch.dtype]:
     """The model in fp32 master weights on this rank's device, with OSFT or LoRA, Liger and checkpointing.
 
     ``precision``: under a 16-bit autocast, OSFT caches its frozen weights in that dtype (half the memory).
     ``from_checkpoint``: a training checkpoint is loaded into the model next (resume), so OSFT skips the SVDs
     (the checkpoint holds the frozen and trainable factors).
+    ``reward_model``: an ``AutoModelForSequenceClassification`` with one label (``tokenizer``'s pad token,
+    loaded from the model when not given, becomes its ``pad_token_id``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -767,10 +806,13 @@ def load_model(
     kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": config.attn_implementation}
     if config.qlora:
         kwargs.update(_qlora_kwargs(info))
+    model: Any  # a PreTrainedModel (peft: PeftModel)
     with no_transformers_progress_bars():
-        model: Any = AutoModelForCausalLM.from_pretrained(
-            source, **kwargs
-        )  # a PreTrainedModel (peft: PeftModel)
+        if config.algorithm == "reward_model":
+            tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model_name_or_path)
+            model = reward_modeling.load_reward_model(source, tokenizer, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if not config.qlora:  # a 4-bit model is placed by its device_map
         model.to(info.device)  # before OSFT, so the SVDs run on the GPU
     if config.use_liger:
@@ -828,7 +870,8 @@ def _apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        task_type="CAUSAL_LM",
+        # SEQ_CLS: peft trains the new scalar head fully (modules_to_save) beside the adapters
+        task_type="SEQ_CLS" if config.algorithm == "reward_model" else "CAUSAL_LM",
         target_modules=targets[0] if targets == ["all-linear"] else targets,
     )
     return get_peft_model(model, lora)
