@@ -109,7 +109,8 @@ class RLStage(TrainingStage):
         # The reward model does not exist yet: check the other reward functions, if any.
         if not config.reward_functions:
             return []
-        return super().reward_problems(dataclasses.replace(config, reward_model_path=""))
+        weights = config.reward_weights[:-1]  # the reward model's weight is the last
+        return super().reward_problems(dataclasses.replace(config, reward_model_path="", reward_weights=weights))
 
     def dry_run(self, model: str, tokenizer: str) -> dict[str, Any]:
         plan = super().dry_run(model, tokenizer)
