@@ -51,11 +51,15 @@ def test_sft_then_reward_model_then_rl_end_to_end(tmp_path):
     assert reward_model.artifacts["reward_model"] == str(rm_stage / "final")
     config = json.loads((rm_stage / "final" / "config.json").read_text())
     assert config["architectures"] == ["Qwen2ForSequenceClassification"] and len(config["id2label"]) == 1
-    evals = [r for r in map(json.loads, (rm_stage / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r]
+    evals = [
+        r for r in map(json.loads, (rm_stage / "metrics.jsonl").read_text().splitlines()) if "eval_loss" in r
+    ]
     assert evals and {"eval_accuracy", "eval_margin"} <= evals[-1].keys()
     used = json.loads((out / "stages" / "03_rl" / "training_config.json").read_text())
     assert used["reward_model_path"] == str(rm_stage / "final")
-    rl_metrics = [json.loads(line) for line in (out / "stages" / "03_rl" / "metrics.jsonl").read_text().splitlines()]
+    rl_metrics = [
+        json.loads(line) for line in (out / "stages" / "03_rl" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert len(rl_metrics) == 2 and all("reward" in r for r in rl_metrics)
     # once the reward model exists, the dry run compares its tokenizer with the policy's (the same here)
     details = pipeline.stages["rl"].dry_run(sft.model_path, sft.model_path)
@@ -76,7 +80,9 @@ def test_a_reward_model_reference_to_a_wrong_stage_is_named(tmp_path, change, me
 
 
 def test_reward_model_stage_on_prompt_rows_fails_before_training(tmp_path):
-    change = {"stage_configs.reward_model.dataset_name_or_path": str(ROOT / "examples" / "arithmetic_prompts.jsonl")}
+    change = {
+        "stage_configs.reward_model.dataset_name_or_path": str(ROOT / "examples" / "arithmetic_prompts.jsonl")
+    }
     pipeline = Pipeline(load_pipeline_config(EXAMPLE, overrides(tmp_path, **change)))
     with pytest.raises(Exception, match=r"stage_configs\.reward_model\.dataset_name_or_path.*preference"):
         pipeline.dry_run()
@@ -85,7 +91,12 @@ def test_reward_model_stage_on_prompt_rows_fails_before_training(tmp_path):
 def test_an_rl_stage_without_any_reward_is_named(tmp_path):
     data = yaml.safe_load(EXAMPLE.read_text())
     assert data["stages"] == ["sft", "reward_model", "rl"]
-    change = {"stage_configs.rl.reward_model_path": "", "stage_configs.rl.reward_functions": [],
-              "stage_configs.rl.reward_weights": []}
-    with pytest.raises(ConfigError, match=r"stage_configs\.rl\.reward_functions: grpo needs something to learn"):
+    change = {
+        "stage_configs.rl.reward_model_path": "",
+        "stage_configs.rl.reward_functions": [],
+        "stage_configs.rl.reward_weights": [],
+    }
+    with pytest.raises(
+        ConfigError, match=r"stage_configs\.rl\.reward_functions: grpo needs something to learn"
+    ):
         Pipeline(load_pipeline_config(EXAMPLE, overrides(tmp_path, **change)))

@@ -187,14 +187,23 @@ def test_bad_input_is_named_before_training(tmp_path):
     assert "data_path" in problems_of(rm_config(tmp_path / "a", data=messages))
     assert "trains on 'preference' rows" in problems_of(rm_config(tmp_path / "a", data=messages))
     prompts = str(ROOT / "examples" / "arithmetic_prompts.jsonl")
-    online = dict(algorithm="grpo", data_path=prompts, num_generations=2, effective_batch_size=4,
-                  max_new_tokens=4)
+    online = dict(
+        algorithm="grpo", data_path=prompts, num_generations=2, effective_batch_size=4, max_new_tokens=4
+    )
     with pytest.raises(ConfigError, match="reward_functions: grpo needs something to learn from"):
         rm_config(tmp_path / "b", **online).validate()
-    with pytest.raises(ConfigError, match=r"reward_weights: 1 weight\(s\) for 1 reward function\(s\) and the "
-                       "reward model"):
-        rm_config(tmp_path / "b", reward_functions=["exact_match"], reward_weights=[1.0],
-                  reward_model_path="some/model", **online).validate()
+    with pytest.raises(
+        ConfigError,
+        match=r"reward_weights: 1 weight\(s\) for 1 reward function\(s\) and the "
+        "reward model",
+    ):
+        rm_config(
+            tmp_path / "b",
+            reward_functions=["exact_match"],
+            reward_weights=[1.0],
+            reward_model_path="some/model",
+            **online,
+        ).validate()
     # a classifier with two labels and no label_index
     two_labels = tmp_path / "two_labels"
     base = tiny_model_path("qwen2", 0)

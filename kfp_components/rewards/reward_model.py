@@ -35,8 +35,16 @@ def tokenizer_difference(reward_tokenizer: Any, policy_tokenizer: Any) -> str:
     a tokenizer or a reference (folder or hub id) to load one from."""
     from transformers import AutoTokenizer
 
-    reward = AutoTokenizer.from_pretrained(reward_tokenizer) if isinstance(reward_tokenizer, str) else reward_tokenizer
-    policy = AutoTokenizer.from_pretrained(policy_tokenizer) if isinstance(policy_tokenizer, str) else policy_tokenizer
+    reward = (
+        AutoTokenizer.from_pretrained(reward_tokenizer)
+        if isinstance(reward_tokenizer, str)
+        else reward_tokenizer
+    )
+    policy = (
+        AutoTokenizer.from_pretrained(policy_tokenizer)
+        if isinstance(policy_tokenizer, str)
+        else policy_tokenizer
+    )
     differences = []
     if reward.get_vocab() != policy.get_vocab():
         differences.append("vocabulary")

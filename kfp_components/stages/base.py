@@ -14,8 +14,8 @@ import dataclasses
 import logging
 import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from kfp_components.typed_config import ConfigError, Options, to_dict

@@ -75,10 +75,16 @@ class RLStage(TrainingStage):
         stage = earlier.get(name)
         if not isinstance(stage, RewardModelStage):
             candidates = [n for n, s in earlier.items() if isinstance(s, RewardModelStage)]
-            found = f"the reward_model stages before it: {', '.join(candidates)}" if candidates else (
-                "no reward_model stage comes before it"
+            found = (
+                f"the reward_model stages before it: {', '.join(candidates)}"
+                if candidates
+                else ("no reward_model stage comes before it")
             )
-            what = "is not a reward_model stage" if stage is not None else "is not a stage listed before this one"
+            what = (
+                "is not a reward_model stage"
+                if stage is not None
+                else "is not a stage listed before this one"
+            )
             raise ConfigError("reward_model_path", f"{reference}: {name!r} {what} ({found})")
         self.reward_model_stage = (name, stage.reward_model_dir)
 
@@ -101,7 +107,9 @@ class RLStage(TrainingStage):
 
     def _reward_model_pending(self) -> bool:
         """Whether the reward model comes from an earlier stage that has not written it yet."""
-        return self.reward_model_stage is not None and not (self.reward_model_stage[1] / "config.json").is_file()
+        return (
+            self.reward_model_stage is not None and not (self.reward_model_stage[1] / "config.json").is_file()
+        )
 
     def reward_problems(self, config: TrainingConfig) -> list[tuple[str, str]]:
         if not self._reward_model_pending():
@@ -110,7 +118,9 @@ class RLStage(TrainingStage):
         if not config.reward_functions:
             return []
         weights = config.reward_weights[:-1]  # the reward model's weight is the last
-        return super().reward_problems(dataclasses.replace(config, reward_model_path="", reward_weights=weights))
+        return super().reward_problems(
+            dataclasses.replace(config, reward_model_path="", reward_weights=weights)
+        )
 
     def dry_run(self, model: str, tokenizer: str) -> dict[str, Any]:
         plan = super().dry_run(model, tokenizer)
@@ -130,4 +140,3 @@ class RLStage(TrainingStage):
         except (OSError, ValueError) as exc:  # the engine's preflight names the load error
             return f"{path} ({type(exc).__name__})"
         return f"{path} ({difference})" if difference else path
-

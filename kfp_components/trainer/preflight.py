@@ -359,8 +359,13 @@ def reward_problems(config: TrainingConfig) -> Problems:
         tokenizer = None
     if config.reward_model_path:
         if config.reward_model_path.startswith("stage:"):
-            return [("reward_model_path", f"{config.reward_model_path} names a pipeline stage; the training "
-                     "engine needs the reward model's folder or hub id")]
+            return [
+                (
+                    "reward_model_path",
+                    f"{config.reward_model_path} names a pipeline stage; the training "
+                    "engine needs the reward model's folder or hub id",
+                )
+            ]
         found = reward_model_problems(model_source(config.reward_model_path))
         if found:
             return [("reward_model_path", problem) for problem in found]

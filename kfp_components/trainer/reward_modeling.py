@@ -277,9 +277,11 @@ def load_reward_model(source: str, tokenizer: Any, **kwargs: Any) -> nn.Module:
 
     config = AutoConfig.from_pretrained(source)
     labels = int(getattr(config, "num_labels", 1))
-    if getattr(config, "architectures", None) and any(
-        a.endswith("ForSequenceClassification") for a in config.architectures
-    ) and labels != 1:
+    if (
+        getattr(config, "architectures", None)
+        and any(a.endswith("ForSequenceClassification") for a in config.architectures)
+        and labels != 1
+    ):
         raise ValueError(
             f"{source} is a sequence-classification model with {labels} labels; a reward model has one"
         )
@@ -325,7 +327,9 @@ def reward_scores(
             tokens += pairs[index].length
             continue
         if group:
-            result[group] = packed_scores(model, pack_reward_pairs(pairs, group), device).view(-1, 2).double().cpu()
+            result[group] = (
+                packed_scores(model, pack_reward_pairs(pairs, group), device).view(-1, 2).double().cpu()
+            )
         if index is not None:
             group, tokens = [index], pairs[index].length
     return result
