@@ -439,7 +439,10 @@ def _set(data: dict, path: str, value: object) -> None:
             {"stage_configs.sft.dataset_name_or_path": KeyError},
             "stage_configs.sft.dataset_name_or_path: required option is missing",
         ),
-        ({"stages": ["sft", "foo"]}, "stages[1]: no stage named 'foo'; available stages: dpo, osft, reward_model, rl, sft"),
+        (
+            {"stages": ["sft", "foo"]},
+            "stages[1]: no stage named 'foo'; available stages: dpo, osft, reward_model, rl, sft",
+        ),
         ({"stages": ["sft", "dpp"]}, "stages[1]: no stage named 'dpp'; did you mean dpo? available stages"),
         (
             {"stage_configs.dpo.type": "dpp"},
