@@ -510,7 +510,7 @@ def _build_stages(config: PipelineConfig) -> dict[str, BaseStage]:
         config.validate()
     except ConfigError as exc:
         problems.extend(exc.problems)
-    stages = {}
+    stages: dict[str, BaseStage] = {}
     for position, name in enumerate(config.stages):
         path = f"stage_configs.{name}"
         stage_config = config.stage_configs.get(name)
