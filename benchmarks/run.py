@@ -3,6 +3,9 @@
 python -m benchmarks.run                 # all benchmarks
 python -m benchmarks.run dataset_validation
 python -m benchmarks.run --render-only   # re-render docs/performance.md
+
+The GPU figures (``benchmarks/results/gpu.json``) are measured on a CUDA machine by ``python -m
+benchmarks.gpu`` and only rendered here; without that file the GPU section says they are not measured yet.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib
 import json
 from pathlib import Path
 
+from benchmarks import gpu
 from benchmarks.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +41,11 @@ def main() -> None:
     parser.add_argument("--render-only", action="store_true")
     args = parser.parse_args()
     unknown = set(args.names) - set(BENCHMARKS)
+    if "gpu" in unknown:
+        parser.error(
+            "gpu runs on a CUDA machine (python -m benchmarks.gpu --out gpu.json); copy its JSON to "
+            "benchmarks/results/gpu.json, then --render-only"
+        )
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     if not args.render_only:
@@ -79,17 +88,7 @@ def report() -> str:
         module = importlib.import_module(f"benchmarks.{name}")
         machine = ", ".join(f"{k} {v}" for k, v in record["machine"].items())
         sections += [module.render(record["result"]), "", f"Machine: {machine}. Date: {record['date']}.", ""]
-    if not any(
-        json.loads(p.read_text())["machine"].get("gpu", "none") != "none" for p in RESULTS.glob("*.json")
-    ):
-        sections += [
-            "## On a GPU",
-            "",
-            "Not measured: every figure above comes from a CPU, and no GPU was available for these measurements. "
-            "Training throughput (tokens/s) and MFU on a ~0.5B model with and without Liger kernels remain to be "
-            "recorded on a CUDA GPU.",
-            "",
-        ]
+    sections += [gpu.render_stored(RESULTS / "gpu.json"), ""]
     return "\n".join(sections)
 
 
