@@ -355,7 +355,7 @@ def reward_problems(config: TrainingConfig) -> Problems:
         tokenizer = None
     try:
         reward_set = load_reward_set(
-            config.reward_functions,
+            config.all_reward_functions,
             config.reward_weights or None,
             base_dir=None,
             tokenizer=tokenizer,

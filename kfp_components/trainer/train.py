@@ -1,6 +1,7 @@
 """The training loop: read it top to bottom.
 
-``train(config)`` runs SFT (full or LoRA), OSFT, DPO or an online algorithm (GRPO, RLOO, REINFORCE++) in one
+``train(config)`` runs SFT (full or LoRA), OSFT, DPO or an online algorithm (GRPO, RLOO, REINFORCE++, PPO,
+A2C; the last two with a value model, ``value_model``, saved in every checkpoint beside the policy) in one
 process or under torchrun (DDP or FSDP2):
 
 1. check the inputs (``preflight``); join the process group; load the tokenizer and tokenise the data
@@ -60,7 +61,7 @@ from kfp_components.trainer.checkpoint import (
     save_hf_model,
     use_default_permissions,
 )
-from kfp_components.trainer.config import TrainingConfig
+from kfp_components.trainer.config import VALUE_ALGORITHMS, TrainingConfig
 from kfp_components.trainer.distributed import (
     DistInfo,
     all_reduce_max,
@@ -81,6 +82,7 @@ from kfp_components.trainer.preflight import model_source, preflight_problems
 from kfp_components.trainer.progress import MetricsLog, Progress, no_transformers_progress_bars
 from kfp_components.trainer.stopping import StopOnSignal, TrainingInterrupted
 from kfp_components.trainer.tokenize import ChatTemplateError, SampleError, tokenize_jsonl
+from kfp_components.trainer.value_model import build_critic
 from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger("kfp_components.trainer")
@@ -165,13 +167,18 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
     scheduler = build_scheduler(optimizer, config, total_steps * steps.updates_per_step)
     evaluator = Evaluator(eval_objective, config, info, precision) if eval_objective else None
 
+    critic = build_critic(config, info, tokenizer) if config.algorithm in VALUE_ALGORITHMS else None
+    critic_state = (critic.module, critic.optimizer) if critic is not None else None
+
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, info, precision=precision)
+        state = load_checkpoint(
+            resume_from, model, optimizer, scheduler, info, precision=precision, value_model=critic_state
+        )
         state.attempts += 1
         steps.load_state_dict(state.extra)
     if isinstance(steps, OnlineSteps):  # after a resume, so a vLLM engine starts from the resumed weights
-        steps.attach(model, load_reference_model(config, info))
+        steps.attach(model, load_reference_model(config, info), critic)
     earlier_seconds = state.elapsed_seconds  # the attempts before this one, up to the checkpoint
     metrics = MetricsLog(
         output_dir / "metrics.jsonl",
@@ -205,6 +212,7 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
             precision,
             keep=config.keep_checkpoints,
             fingerprint=fingerprint,
+            value_model=critic_state,
         )
         saved_at = state.global_step
         return path
