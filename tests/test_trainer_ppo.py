@@ -1,12 +1,11 @@
-"""PPO and A2C train for real on a tiny model with a value model: the reward rises (a rule reward, and a
-reward model trained here from preference pairs), the value loss falls, A2C's update is the hand-computed
+"""PPO and A2C train for real on a tiny model with a value model: the reward rises with a rule reward, the
+value loss falls, A2C's update is the hand-computed
 A2C gradient, two processes match one, a resume matches an uninterrupted run, and bad options stop the run
 before anything loads."""
 
 from __future__ import annotations
 
 import json
-import random
 import re
 import shutil
 import textwrap
@@ -16,7 +15,6 @@ import pytest
 import torch
 from test_trainer_online import REWARDS, online_config, rise
 
-from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.trainer.config import TrainingConfig
 from kfp_components.trainer.train import train
 from kfp_components.typed_config import ConfigError
@@ -82,77 +80,6 @@ def test_value_algorithms_raise_the_reward_and_the_value_loss_falls(prompts, tmp
         assert any(r["value_clip_fraction"] > 0 for r in rows)
     else:
         assert last["passes"] == 1 and last["value_clip_fraction"] == 0 and last["clip_fraction"] == 0
-
-
-REWARD_MODEL_WORDS = ["banana", "alpaca", "salad", "cat", "tree", "sun", "dog", "bird", "lemon", "rock"]
-
-
-@pytest.fixture(scope="module")
-def reward_model(tmp_path_factory) -> Path:
-    """A tiny AutoModelForSequenceClassification trained here (Bradley-Terry) on preference pairs where the
-    completion with more 'a' wins: it scores completions the way the share_of_a rule does."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    base = tiny_model_path("qwen2", 0)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    rng = random.Random(0)
-
-    def text(share: float) -> str:
-        return " ".join(("a" if rng.random() < share else rng.choice(REWARD_MODEL_WORDS)) for _ in range(6))
-
-    def encode(completion: str) -> dict:
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Say something."}, {"role": "assistant", "content": completion}],
-            tokenize=False,
-        )
-        return tokenizer(rendered, return_tensors="pt")
-
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        high, low = sorted((rng.random(), rng.random()), reverse=True)
-        chosen, rejected = model(**encode(text(high))).logits[0, 0], model(**encode(text(low))).logits[0, 0]
-        loss = -torch.nn.functional.logsigmoid(chosen - rejected)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.eval()
-    with torch.no_grad():
-        many, few = (
-            model(**encode("a a a a a a")).logits[0, 0],
-            model(**encode("cat dog sun tree")).logits[0, 0],
-        )
-    assert many > few
-    folder = tmp_path_factory.mktemp("reward_model")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["ppo", "a2c"])
-def test_value_algorithms_learn_from_a_reward_model(prompts, tmp_path, reward_model, algorithm):
-    """The reward model's score is the reward (reward_model_path, no rule function); the value model starts
-    from the reward model; the reward rises and so does the share of 'a' the reward model learnt to like."""
-    options = {"num_iterations": 2} if algorithm == "ppo" else {}
-    train(
-        value_config(
-            prompts,
-            tmp_path,
-            algorithm=algorithm,
-            reward_functions=[],
-            reward_model_path=str(reward_model),
-            value_model_init="reward_model",
-            max_steps=8,
-            **options,
-        )
-    )
-    rows = rows_of(tmp_path)
-    rewards = [r["reward"] for r in rows]
-    assert rise(rewards) > 0.5 * (max(rewards) - min(rewards)) > 0, rewards
-    assert "reward/reward_model/mean" in rows[-1]
 
 
 def test_a2c_update_is_the_hand_computed_a2c_gradient(prompts, tmp_path):
