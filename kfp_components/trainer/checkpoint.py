@@ -219,9 +219,11 @@ def save_checkpoint(
     *,
     keep: int,
     fingerprint: dict[str, Any],
+    value_model: tuple[nn.Module, torch.optim.Optimizer] | None = None,
 ) -> Path:
     """Write a resumable checkpoint of the current step (every rank calls it), then keep the newest
-    ``keep``."""
+    ``keep``. ``value_model``: the critic of ppo and a2c and its optimizer, saved beside the policy's
+    (``value_model`` and ``value_optimizer`` in the same sharded checkpoint)."""
     final = checkpoint_dir(output_dir, state.global_step)
     partial = final.with_name(final.name + ".partial")
     if info.is_main:
@@ -229,10 +231,11 @@ def save_checkpoint(
         partial.mkdir(parents=True)
     barrier()
     model_state, optim_state = get_state_dict(model, optimizer)
+    states: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
+    if value_model is not None:
+        states["value_model"], states["value_optimizer"] = get_state_dict(*value_model)
     with silence_single_process_warning():
-        dcp.save(
-            {"model": model_state, "optimizer": optim_state}, checkpoint_id=str(partial / MODEL_OPTIMIZER)
-        )
+        dcp.save(states, checkpoint_id=str(partial / MODEL_OPTIMIZER))
     torch.save(_rng_state(), partial / f"rng_rank{info.rank}.pt")
     if info.is_main:
         torch.save(scheduler.state_dict(), partial / SCHEDULER)
@@ -265,11 +268,14 @@ def load_checkpoint(
     info: DistInfo,
     *,
     precision: Precision | None = None,
+    value_model: tuple[nn.Module, torch.optim.Optimizer] | None = None,
 ) -> TrainerState:
-    """Load checkpoint ``path`` into the model, optimizer, scheduler, loss scaler and RNGs; return its
-    state."""
+    """Load checkpoint ``path`` into the model, optimizer, scheduler, loss scaler and RNGs (and the value
+    model and its optimizer, when given); return its state."""
     model_state, optim_state = get_state_dict(model, optimizer)
     state_dict: dict[str, Any] = {"model": model_state, "optimizer": optim_state}
+    if value_model is not None:
+        state_dict["value_model"], state_dict["value_optimizer"] = get_state_dict(*value_model)
     with silence_single_process_warning():
         dcp.load(
             state_dict,
@@ -279,6 +285,13 @@ def load_checkpoint(
     set_state_dict(
         model, optimizer, model_state_dict=state_dict["model"], optim_state_dict=state_dict["optimizer"]
     )
+    if value_model is not None:
+        set_state_dict(
+            value_model[0],
+            value_model[1],
+            model_state_dict=state_dict["value_model"],
+            optim_state_dict=state_dict["value_optimizer"],
+        )
     scheduler.load_state_dict(torch.load(path / SCHEDULER, weights_only=True))
     if precision is not None and (path / GRAD_SCALER).exists():
         precision.load_state_dict(torch.load(path / GRAD_SCALER, weights_only=True))

@@ -21,9 +21,11 @@ from typing import Any, ClassVar, Literal, get_args
 from kfp_components.typed_config import ConfigError, Options
 
 #: The online algorithms: the model generates, rewards score, a policy-gradient step learns.
-RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp"]
+RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp", "ppo", "a2c"]
 RL_ALGORITHMS: tuple[str, ...] = get_args(RLAlgorithm)
-Algorithm = Literal["sft", "osft", "dpo", "reward_model", "grpo", "rloo", "reinforce_pp"]
+#: The online algorithms with a value model (a critic) and GAE advantages.
+VALUE_ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "trpo")
+Algorithm = Literal["sft", "osft", "dpo", "reward_model", "grpo", "rloo", "reinforce_pp", "ppo", "a2c"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 TorchDtype = Literal["bfloat16", "float16", "float32"]
 #: Attention kernels transformers can load a model with.
@@ -256,7 +258,7 @@ class DPOOptions(OSFTConstraintOptions):
 
 @dataclass(kw_only=True)
 class RLOptions(OSFTConstraintOptions):
-    """Online reinforcement learning: GRPO, RLOO and REINFORCE++ (see docs/online.md).
+    """Online reinforcement learning: GRPO, RLOO, REINFORCE++, PPO and A2C (see docs/online.md, docs/rl.md).
 
     One step generates ``num_generations`` completions for each of ``effective_batch_size /
     num_generations`` prompts from the current model, scores them with the reward functions, and makes
@@ -295,20 +297,53 @@ class RLOptions(OSFTConstraintOptions):
         loss_aggregation: token (every completion token of the step weighs the same), sequence (the mean
             over each completion's tokens, then over completions) or dr_grpo (the token sum over
             max_new_tokens times the completions).
-        num_iterations: Optimizer updates on each step's completions (more than 1: the probability ratio
-            to the generating policy moves away from 1 and clipping applies).
+        num_iterations: Passes over each step's completions, each of num_mini_batches optimizer updates
+            (more than 1: the probability ratio to the generating policy moves away from 1 and clipping
+            applies). Default: 4 for ppo, 1 otherwise (a2c needs 1). Aliases: ppo_epochs, num_ppo_epochs.
+        num_mini_batches: Optimizer updates per pass: the step's completions are split into this many
+            mini-batches (reshuffled every pass); effective_batch_size must split evenly over them and the
+            ranks. a2c needs 1.
         reinforce_pp_baseline: reinforce_pp only: none (REINFORCE++) or group (subtract each group's mean
             reward first, REINFORCE++ with a group baseline).
         kl_coef: Weight of the KL penalty to the reference model (the model training starts from; with
             LoRA the model without its adapter); 0 turns it off and no reference model is loaded.
         kl_in: Where the KL penalty goes: loss (the k3 estimate added to the loss, as GRPO) or reward (the
-            k1 estimate subtracted from every token's reward, as REINFORCE++).
+            kl_estimator estimate subtracted from every token's reward, as REINFORCE++ and PPO). Default:
+            loss for grpo and rloo, reward for reinforce_pp, ppo and a2c.
+        kl_estimator: The per-token KL estimate in the reward of ppo and a2c: k1 (log-ratio) or k3
+            (exp(-d) + d - 1, never negative). reinforce_pp uses k1.
         kl_target: 0: kl_coef stays fixed; above 0: kl_coef adapts (proportional controller) to keep the
             KL per completion (summed over its tokens, in nats) near this target.
         kl_horizon: Completions over which the adaptive controller corrects (Ziegler et al.'s horizon;
             larger: slower changes). A step changes kl_coef by a factor within 1 +- 0.2 x completions /
             kl_horizon.
+        value_model_init: ppo and a2c: what the separate value model (critic) starts from: policy (the
+            policy's starting checkpoint with a new scalar head) or reward_model (reward_model_path's
+            checkpoint, head included). See docs/rl.md.
+        value_learning_rate: Peak learning rate of the value model's AdamW (0: learning_rate); it follows
+            the policy's schedule.
+        gamma: Discount of the token rewards in GAE (ppo, a2c).
+        gae_lambda: GAE's lambda (1: Monte Carlo returns minus the values; 0: one-step TD).
+        vf_coef: Weight of the value loss beside the policy loss. Default 0.1; a2c uses 0.5 when it is not
+            set.
+        value_clip: Clip the new values to within this distance of the values at generation in the value
+            loss (PPO's clipped value loss; 0: no clipping). a2c does not clip.
+        entropy_coef: Weight of the entropy bonus (subtracted from the loss; 0: none). a2c uses 0.01 when it
+            is not set.
+        early_stop_kl: ppo: stop a step's remaining passes once a pass's approximate KL to the generating
+            policy (per token) is above this (0: never).
+        reward_clip: ppo, a2c: clip each completion's score to [-reward_clip, reward_clip] (0: no clipping).
+        whiten_rewards: ppo, a2c: scale the token rewards (score and KL) by their standard deviation over
+            the step.
+        missing_eos_penalty: ppo, a2c: subtracted from the score of a completion cut at max_new_tokens
+            without an end of sequence.
+        whiten_advantages: ppo, a2c: whiten the GAE advantages over every completion token of the step.
     """
+
+    option_aliases: ClassVar[dict[str, str]] = {
+        "ppo_epochs": "num_iterations",
+        "num_ppo_epochs": "num_iterations",
+    }
 
     reward_functions: list[str | dict[str, Any]] = field(default_factory=list)
     reward_weights: list[float] = field(default_factory=list)
@@ -326,16 +361,51 @@ class RLOptions(OSFTConstraintOptions):
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
     loss_aggregation: Literal["token", "sequence", "dr_grpo"] = "token"
-    num_iterations: int = 1
+    num_iterations: int | None = None
+    num_mini_batches: int = 1
     reinforce_pp_baseline: Literal["none", "group"] = "none"
     kl_coef: float = 0.0
-    kl_in: Literal["loss", "reward"] = "loss"
+    kl_in: Literal["loss", "reward"] | None = None
+    kl_estimator: Literal["k1", "k3"] = "k1"
     kl_target: float = 0.0
     kl_horizon: int = 10000
+    value_model_init: Literal["policy", "reward_model"] = "policy"
+    value_learning_rate: float = 0.0
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    vf_coef: float | None = None
+    value_clip: float = 0.2
+    entropy_coef: float | None = None
+    early_stop_kl: float = 0.0
+    reward_clip: float = 0.0
+    whiten_rewards: bool = False
+    missing_eos_penalty: float = 0.0
+    whiten_advantages: bool = True
+
+    @property
+    def all_reward_functions(self) -> list[str | dict[str, Any]]:
+        """reward_functions, then reward_model_path's reward model when it is set."""
+        extra: list[str | dict[str, Any]] = (
+            [{"function": "reward_model", "model": self.reward_model_path}] if self.reward_model_path else []
+        )
+        return [*self.reward_functions, *extra]
 
     def validate(self) -> None:
-        _at_least(self, ("num_generations", "max_new_tokens", "num_iterations", "kl_horizon"), 1)
+        _at_least(self, ("num_generations", "max_new_tokens", "num_mini_batches", "kl_horizon"), 1)
+        if self.num_iterations is not None:
+            _at_least(self, ("num_iterations",), 1)
         _at_least(self, ("top_k", "kl_coef", "kl_target", "epsilon_low", "epsilon_high"), 0)
+        _at_least(
+            self,
+            ("value_learning_rate", "value_clip", "early_stop_kl", "reward_clip", "missing_eos_penalty"),
+            0,
+        )
+        for name in ("vf_coef", "entropy_coef"):
+            if getattr(self, name) is not None:
+                _at_least(self, (name,), 0)
+        for name in ("gamma", "gae_lambda"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ConfigError(name, f"must be in [0, 1], got {getattr(self, name)}")
         if self.temperature <= 0:
             raise ConfigError("temperature", f"must be positive (sampling), got {self.temperature}")
         if not 0 < self.vllm_gpu_memory_utilization < 1:
@@ -366,14 +436,6 @@ class RLOptions(OSFTConstraintOptions):
         if self.kl_target and not self.kl_coef:
             raise ConfigError("kl_target", "adapts kl_coef, which is 0 (KL off); set an initial kl_coef")
 
-    @property
-    def all_reward_functions(self) -> list[str | dict[str, Any]]:
-        """``reward_functions``, then the reward model of ``reward_model_path`` when one is set."""
-        functions = list(self.reward_functions)
-        if self.reward_model_path:
-            functions.append({"function": "reward_model", "model": self.reward_model_path})
-        return functions
-
 
 @dataclass(kw_only=True)
 class RewardModelTrainingOptions(Options):
@@ -396,6 +458,16 @@ class RewardModelTrainingOptions(Options):
 REQUIRED = ("model_name_or_path", "data_path", "output_dir")
 
 
+def algorithm_defaults(algorithm: str) -> dict[str, Any]:
+    """The values of the per-algorithm options (``None`` in the classes) for ``algorithm``."""
+    return {
+        "num_iterations": 4 if algorithm == "ppo" else 1,
+        "kl_in": "loss" if algorithm in ("grpo", "rloo") else "reward",
+        "vf_coef": 0.5 if algorithm == "a2c" else 0.1,
+        "entropy_coef": 0.01 if algorithm == "a2c" else 0.0,
+    }
+
+
 @dataclass(kw_only=True)
 class TrainingConfig(
     OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RewardModelTrainingOptions, RLOptions
@@ -414,8 +486,9 @@ class TrainingConfig(
         algorithm: sft (full fine-tuning, or LoRA when lora_r > 0), osft (Orthogonal Subspace Fine-Tuning),
             dpo (Direct Preference Optimization), reward_model (a scalar-head reward model trained on
             preference pairs, saved as an AutoModelForSequenceClassification checkpoint), or the online
-            algorithms grpo (Group Relative Policy
-            Optimization), rloo (REINFORCE Leave-One-Out) and reinforce_pp (REINFORCE++).
+            algorithms grpo (Group Relative Policy Optimization), rloo (REINFORCE Leave-One-Out),
+            reinforce_pp (REINFORCE++), and with a value model ppo (Proximal Policy Optimization) and a2c
+            (Advantage Actor-Critic).
         eval_data_path: Optional JSONL in the same format as data_path: its loss is computed at the end of
             every epoch (and every eval_steps) and reported as eval_loss (reward_model: eval_accuracy and
             eval_margin too).
@@ -426,6 +499,19 @@ class TrainingConfig(
     output_dir: str
     algorithm: Algorithm = "sft"
     eval_data_path: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.resolve_algorithm_defaults()
+
+    def resolve_algorithm_defaults(self) -> None:
+        """Fill the options whose default depends on the algorithm (None: not set): ``num_iterations`` (ppo
+        4, else 1), ``kl_in`` (loss for grpo and rloo, else reward), ``vf_coef`` (a2c 0.5, else 0.1) and
+        ``entropy_coef`` (a2c 0.01, else 0)."""
+        defaults = algorithm_defaults(self.algorithm)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing the bad options (the first problem of each option group)."""
@@ -490,6 +576,34 @@ class TrainingConfig(
             raise ConfigError(
                 "eval_data_path",
                 f"{self.algorithm} reports the reward of every step; an eval loss applies to sft, osft and dpo",
+            )
+        parts = self.num_mini_batches
+        if self.effective_batch_size % parts or (self.effective_batch_size // parts) < 1:
+            raise ConfigError(
+                "num_mini_batches",
+                f"{parts} mini-batches do not split effective_batch_size {self.effective_batch_size} evenly",
+            )
+        if self.algorithm in VALUE_ALGORITHMS:
+            self._check_value_algorithm()
+
+    def _check_value_algorithm(self) -> None:
+        if self.algorithm == "a2c":
+            for name in ("num_iterations", "num_mini_batches"):
+                if getattr(self, name) != 1:
+                    raise ConfigError(
+                        name,
+                        f"a2c makes one update per rollout batch: {name} must be 1, got {getattr(self, name)} "
+                        "(use ppo for several updates per batch)",
+                    )
+        if self.value_model_init == "reward_model" and not self.reward_model_path:
+            raise ConfigError(
+                "value_model_init", "reward_model needs reward_model_path (the reward model to start from)"
+            )
+        if self.torch_dtype == "float16":
+            raise ConfigError(
+                "torch_dtype",
+                f"{self.algorithm} trains a value model beside the policy, which float16 loss scaling does "
+                "not cover; use bfloat16 or float32",
             )
 
     @property

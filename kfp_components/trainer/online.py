@@ -1,4 +1,4 @@
-"""The steps of the online algorithms (grpo, rloo, reinforce_pp): generate, score, learn.
+"""The steps of the online algorithms (grpo, rloo, reinforce_pp, ppo, a2c): generate, score, learn.
 
 One step, on every rank of a torchrun job (``train`` runs the loop around it, as for SFT and DPO):
 
@@ -14,13 +14,22 @@ One step, on every rank of a torchrun job (``train`` runs the loop around it, as
    on) and, with ``num_iterations > 1``, the generating policy's;
 5. **advantages** (``policy_gradient``): group-normalised (grpo), leave-one-out (rloo) or whitened returns
    with the KL in the reward (reinforce_pp); a completion without a score gets none;
-6. **learn**: ``num_iterations`` optimizer updates over the micro-batches, with the clipped policy loss
-   normalised by the whole step's completion tokens (or completions), so every rank count gives the same
-   update; then the adaptive KL coefficient moves toward its target.
+6. **learn**: ``num_iterations`` passes over the step's completions, each of ``num_mini_batches``
+   optimizer updates (mini-batches reshuffled every pass), with the clipped policy loss normalised by the
+   update's completion tokens (or completions) over all ranks, so every rank count gives the same update;
+   then the adaptive KL coefficient moves toward its target.
+
+The value algorithms (ppo, a2c) have a critic (``value_model.Critic``) and their step is, in order:
+rollouts -> old log-probs, reference log-probs and values (no gradients) -> token rewards (the shaped score
+at each completion's last token, the KL penalty on every token) -> GAE advantages and returns -> the policy
+phase -> the critic phase. ppo and a2c run the two phases as one backward (policy loss + ``vf_coef`` x value
+loss; the critic has its own optimizer); :meth:`OnlineSteps.critic_update` runs the critic's passes alone,
+for an algorithm whose policy step is not a gradient step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -42,7 +51,7 @@ from kfp_components.trainer.batching import (
     collate,
     dummy_micro_batch,
 )
-from kfp_components.trainer.config import TrainingConfig
+from kfp_components.trainer.config import VALUE_ALGORITHMS, TrainingConfig
 from kfp_components.trainer.distributed import (
     DistInfo,
     all_reduce_max,
@@ -72,6 +81,53 @@ class Rollout:
     total: float | None  # their weighted sum; None when no function scored it
     #: a reward function's failure on this rank: (reference, message, sample index, prompt)
     error: tuple[str, str, int | None, Any] | None = None
+
+
+@dataclass
+class StepTensors:
+    """What the updates of a step read, per micro-batch of one plan (one tensor per micro-batch, each of
+    its tokens): fixed before the first update."""
+
+    advantages: list[torch.Tensor]
+    old: list[torch.Tensor] | None = None  # log-probs of the generating policy
+    ref: list[torch.Tensor] | None = None  # log-probs of the reference model
+    values: list[torch.Tensor] | None = None  # the critic's values at generation (value algorithms)
+    returns: list[torch.Tensor] | None = None  # GAE returns (value algorithms)
+
+    def fields(self) -> dict[str, list[torch.Tensor]]:
+        names = ("advantages", "old", "ref", "values", "returns")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclass
+class Update:
+    """One optimizer update's inputs: this rank's micro-batches and their tensors, and the update's counts
+    over all ranks (the loss normalisers)."""
+
+    batches: list[tuple[MicroBatch, torch.Tensor]]
+    tensors: StepTensors
+    label_tokens: int
+    completions: int
+    #: each completion's tensors by name, gathered from every rank (built for mini-batches, once per step)
+    pieces: dict[str, dict[int, torch.Tensor]] | None = None
+
+
+def by_completion(tensors: list[torch.Tensor], ids: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Per-micro-batch, per-token tensors cut into each completion's tokens (in order), on the CPU."""
+    out: dict[int, torch.Tensor] = {}
+    for tensor, sequence_ids in zip(tensors, ids, strict=True):
+        for completion in torch.unique(sequence_ids[sequence_ids >= 0]).tolist():
+            out[int(completion)] = tensor[sequence_ids == completion].detach().cpu()
+    return out
+
+
+def assemble(pieces: dict[int, torch.Tensor], sequence_ids: torch.Tensor) -> torch.Tensor:
+    """A per-token tensor for a packed row from each completion's pieces (0 on tokens without loss)."""
+    dtype = next(iter(pieces.values())).dtype if pieces else torch.float32
+    out = torch.zeros(sequence_ids.numel(), dtype=dtype, device=sequence_ids.device)
+    for completion in torch.unique(sequence_ids[sequence_ids >= 0]).tolist():
+        out[sequence_ids == completion] = pieces[int(completion)].to(sequence_ids.device)
+    return out
 
 
 def prompt_seed(seed: int, step: int, row: int) -> int:
@@ -133,7 +189,9 @@ class OnlineSteps:
             num_generations=config.num_generations,
         )
         self.kl = pg.KLController(coef=config.kl_coef, target=config.kl_target, horizon=config.kl_horizon)
-        self.updates_per_step = config.num_iterations
+        self.passes = int(config.num_iterations or 1)
+        self.updates_per_step = self.passes * config.num_mini_batches
+        self.value_based = config.algorithm in VALUE_ALGORITHMS
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.reward_names = list(rewards.names)
         self.metric_names = (
@@ -145,9 +203,11 @@ class OnlineSteps:
             "clip_fraction",
             "completion_length_mean",
             "truncated_share",
+            *(("score_mean", "value_loss", "explained_variance", "approx_kl") if self.value_based else ()),
         )
         self.backend: Any = None
         self.reference: nn.Module | None = None
+        self.critic: Any = None  # value_model.Critic of the value algorithms
 
     @property
     def stats(self) -> dict[str, float]:
@@ -167,11 +227,15 @@ class OnlineSteps:
         if "kl" in state:
             self.kl.load_state_dict(state["kl"])
 
-    def attach(self, model: nn.Module, reference: nn.Module | None) -> None:
-        """The (wrapped) policy to generate with, and the reference model when KL is on."""
+    def attach(self, model: nn.Module, reference: nn.Module | None, critic: Any = None) -> None:
+        """The (wrapped) policy to generate with, the reference model when KL is on, and the critic of the
+        value algorithms (``value_model.Critic``)."""
         from kfp_components.trainer.rollout import HFRollouts
 
+        if self.value_based and critic is None:
+            raise ValueError(f"{self.config.algorithm} needs its value model (critic)")
         self.reference = reference
+        self.critic = critic
         if self.config.rollout_backend == "vllm":
             from kfp_components.trainer.rollout_vllm import VLLMRollouts
 
@@ -206,37 +270,133 @@ class OnlineSteps:
 
         learn_started = time.monotonic()
         samples = [self.sample(r) for r in rollouts]
-        plan = TokenBudgetSampler.from_samples(
+        plan = self.plans(samples, global_step, parts=1, epoch=0)[0]
+        batches = [self.batch(samples, indices) for indices in plan.micro_batches]
+        old, ref = self.fixed_logps(model, batches)
+        extra: dict[str, float] = {}
+        if self.value_based:
+            tensors, kl_rewarded, extra = self.value_advantages(model, rollouts, batches, old, ref)
+        else:
+            advantages, kl_rewarded = self.advantages(rollouts, batches, old, ref)
+            tensors = StepTensors(advantages=advantages, old=old, ref=ref)
+        with_loss = sum(1 for s in samples if s.num_label_tokens)
+        whole = Update(batches, tensors, plan.global_label_tokens, with_loss)
+        sums: dict[str, float] = {}
+        updates: list[tuple[float | None, bool, float]] = []
+        passes_run = 0
+        for pass_index in range(self.passes):
+            pass_sums: dict[str, float] = {}
+            for chunk in self.mini_batches(samples, whole, global_step, pass_index):
+                pass_sums = _added(pass_sums, self.learn(model, chunk))
+                updates.append(update())
+                self.critic_step(updates[-1], pass_sums)
+                self.backend.sync_weights(model)
+            sums = _added(sums, pass_sums)
+            passes_run += 1
+            if self.stop_early(pass_sums):
+                break
+        training_seconds = all_reduce_max(time.monotonic() - learn_started, self.info.device)
+        if kl_rewarded is not None:
+            sums["kl"] = kl_rewarded * passes_run
+        extra["passes"] = passes_run
+        return self.record(
+            rollouts,
+            plan,
+            sums,
+            updates,
+            generation_seconds,
+            training_seconds,
+            time.monotonic() - started,
+            extra,
+        )
+
+    def plans(
+        self, samples: list[TokenizedSample], global_step: int, parts: int, epoch: int
+    ) -> list[StepPlan]:
+        """The step's completions in ``parts`` updates (mini-batches), planned by the token-budget sampler
+        and balanced over the ranks; ``epoch`` reshuffles them (one per pass)."""
+        return TokenBudgetSampler.from_samples(
             samples,
-            effective_batch_size=len(samples),
+            effective_batch_size=len(samples) // parts,
             max_tokens_per_gpu=self.config.max_tokens_per_gpu,
             world_size=self.info.world_size,
             rank=self.info.rank,
             seed=self.config.seed + global_step,
-        ).epoch_plan(0)[0]
-        batches = [self.batch(samples, indices) for indices in plan.micro_batches]
-        old, ref = self.fixed_logps(model, batches)
-        advantages, kl_rewarded = self.advantages(rollouts, batches, old, ref)
-        with_loss = sum(1 for s in samples if s.num_label_tokens)
-        normaliser = pg.loss_normaliser(
-            self.config.loss_aggregation,
-            completion_tokens=max(plan.global_label_tokens, 1),
-            completions=max(with_loss, 1),
-            max_new_tokens=self.config.max_new_tokens,
+        ).epoch_plan(epoch)
+
+    def mini_batches(
+        self, samples: list[TokenizedSample], whole: Update, global_step: int, pass_index: int
+    ) -> list[Update]:
+        """The updates of one pass: the whole step (``num_mini_batches`` 1), or its completions reshuffled
+        into ``num_mini_batches`` mini-batches, each with its micro-batches, their tensors and its counts."""
+        parts = self.config.num_mini_batches
+        if parts == 1:
+            return [whole]
+        if whole.pieces is None:  # each completion's tensors, from every rank, once per step
+            ids = [sequence_ids for _, sequence_ids in whole.batches]
+            local = {name: by_completion(values, ids) for name, values in whole.tensors.fields().items()}
+            gathered = gather_objects([local], self.info)
+            whole.pieces = {
+                name: {c: t for rank_part in gathered for c, t in rank_part[name].items()} for name in local
+            }
+        pieces = whole.pieces
+        chunks = []
+        for plan in self.plans(samples, global_step, parts=parts, epoch=pass_index + 1):
+            batches = [self.batch(samples, indices) for indices in plan.micro_batches]
+            tensors = StepTensors(
+                **{
+                    name: [assemble(pieces[name], sequence_ids) for _, sequence_ids in batches]
+                    for name in pieces
+                }
+            )
+            mine = sum(1 for indices in plan.micro_batches for i in indices if samples[i].num_label_tokens)
+            completions = int(all_reduce_sum(torch.tensor([float(mine)], device=self.info.device))[0])
+            chunks.append(Update(batches, tensors, plan.global_label_tokens, completions))
+        return chunks
+
+    def stop_early(self, pass_sums: dict[str, float]) -> bool:
+        """Whether a pass's approximate KL to the generating policy (per token, over all ranks) is above
+        ``early_stop_kl``: the same answer on every rank."""
+        if not self.config.early_stop_kl or "approx_kl" not in pass_sums:
+            return False
+        totals = all_reduce_sum(
+            torch.tensor(
+                [pass_sums["approx_kl"], pass_sums["tokens"]], dtype=torch.float64, device=self.info.device
+            )
         )
+        return float(totals[0] / totals[1].clamp(min=1)) > self.config.early_stop_kl
+
+    def critic_step(self, update: tuple[float | None, bool, float], sums: dict[str, float]) -> None:
+        """The critic's optimizer update after the policy's, at the policy's schedule factor."""
+        if self.critic is None:
+            return
+        _, stepped, lr = update
+        if stepped:
+            norm = self.critic.step(lr / self.config.learning_rate)
+            sums["value_grad_norm"] = sums.get("value_grad_norm", 0.0) + norm / self.info.world_size
+            sums["value_updates"] = sums.get("value_updates", 0.0) + 1.0 / self.info.world_size
+
+    def critic_update(
+        self,
+        samples: list[TokenizedSample],
+        whole: Update,
+        global_step: int,
+        passes: int,
+        lr_scale: float,
+    ) -> dict[str, float]:
+        """The critic's value-loss passes on their own (``passes`` x ``num_mini_batches`` updates of the
+        value model only), for an algorithm whose policy step is not a gradient step; returns this rank's
+        metric sums (``value_loss``, ``value_clipped``, ``value_tokens``, ...)."""
+        if self.critic is None:
+            raise ValueError(f"{self.config.algorithm} has no value model")
         sums: dict[str, float] = {}
-        updates = []
-        for _ in range(self.config.num_iterations):
-            for key, value in self.learn(model, batches, advantages, old, ref, normaliser).items():
-                sums[key] = sums.get(key, 0.0) + value
-            updates.append(update())
-            self.backend.sync_weights(model)
-        training_seconds = all_reduce_max(time.monotonic() - learn_started, self.info.device)
-        if kl_rewarded is not None:
-            sums["kl"] = kl_rewarded * self.config.num_iterations
-        return self.record(
-            rollouts, plan, sums, updates, generation_seconds, training_seconds, time.monotonic() - started
-        )
+        for pass_index in range(passes):
+            for chunk in self.mini_batches(samples, whole, global_step, pass_index):
+                sums = _added(sums, self.learn(None, chunk))
+                norm = self.critic.step(lr_scale)
+                sums["value_grad_norm"] = sums.get("value_grad_norm", 0.0) + norm / self.info.world_size
+                sums["value_updates"] = sums.get("value_updates", 0.0) + 1.0 / self.info.world_size
+        return sums
 
     def generate(self, local: list[int], global_step: int) -> list[Completion]:
         """This rank's completions; each prompt's draws come from a seed of (seed, step, prompt), so they do
@@ -283,6 +443,7 @@ class OnlineSteps:
         """The completion as a training sample: its prompt labelled -100, and all of it when it is truncated
         and ``mask_truncated_completions`` is set."""
         masked = self.config.mask_truncated_completions and rollout.finish_reason == "length"
+        masked = masked or (self.value_based and rollout.total is None)  # no score: no loss at all
         completion_labels = [IGNORE_INDEX] * len(rollout.completion_ids) if masked else rollout.completion_ids
         return TokenizedSample(
             input_ids=rollout.prompt_ids + rollout.completion_ids,
@@ -303,7 +464,7 @@ class OnlineSteps:
     # ------------------------------------------------------------------------------------------------
 
     def token_logps(
-        self, model: nn.Module, batch: MicroBatch, with_entropy: bool = False
+        self, model: nn.Module, batch: MicroBatch, with_entropy: bool = False, entropy_grad: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-token log-probabilities (of the sampling distribution, temperature included) and entropies."""
         device = self.info.device
@@ -318,6 +479,7 @@ class OnlineSteps:
             batch.targets.to(device),
             temperature=self.config.temperature,
             with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
         )
 
     @torch.no_grad()
@@ -328,7 +490,7 @@ class OnlineSteps:
         ``num_iterations > 1``, or for the KL in the reward) and the reference model's (KL on)."""
         kl_on = self.config.kl_coef > 0
         old = None
-        if self.config.num_iterations > 1 or (kl_on and self.config.kl_in == "reward"):
+        if self.updates_per_step > 1 or (kl_on and self.config.kl_in == "reward"):
             old = [self.token_logps(model, b)[0] for b, _ in batches]
         ref = None
         if kl_on:
@@ -388,6 +550,84 @@ class OnlineSteps:
             per_completion = pg.rloo_advantages(rewards, self.config.num_generations)
         return [pg.per_token(per_completion, i).float() for i in ids], kl_sum
 
+    @torch.no_grad()
+    def value_advantages(
+        self,
+        model: nn.Module,
+        rollouts: list[Rollout],
+        batches: list[tuple[MicroBatch, torch.Tensor]],
+        old: list[torch.Tensor] | None,
+        ref: list[torch.Tensor] | None,
+    ) -> tuple[StepTensors, float | None, dict[str, float]]:
+        """The value algorithms' tensors of a step: the critic's values, the token rewards (the shaped score
+        at each completion's last token, minus ``kl_coef`` x the per-token KL with ``kl_in: reward``), GAE
+        advantages (whitened over the step with ``whiten_advantages``) and returns; the summed KL of this
+        rank's tokens (``kl_in: reward``) and the step's value metrics (the same on every rank)."""
+        config = self.config
+        device = self.info.device
+        ids = [sequence_ids for _, sequence_ids in batches]
+        values = []
+        for batch, _ in batches:
+            with self.precision.autocast():
+                values.append(self.critic.values(batch.input_ids, batch.position_ids).float())
+        scores = torch.tensor(
+            [math.nan if r.total is None else r.total for r in rollouts], dtype=torch.float64, device=device
+        )
+        truncated = torch.tensor([r.finish_reason == "length" for r in rollouts], device=device)
+        shaped = pg.shape_scores(
+            scores, truncated, missing_eos_penalty=config.missing_eos_penalty, reward_clip=config.reward_clip
+        )
+        kl: list[torch.Tensor | None] = [None] * len(batches)
+        kl_sum = None
+        if ref is not None and old is not None and config.kl_in == "reward":
+            kl = [
+                torch.where(i >= 0, pg.kl_per_token(o, r, config.kl_estimator), 0.0).double()
+                for o, r, i in zip(old, ref, ids, strict=True)
+            ]
+            kl_sum = float(sum(float(k.sum()) for k in kl if k is not None))
+        token_rewards = [
+            pg.reinforce_pp_token_rewards(shaped, i, k, self.kl.coef) for i, k in zip(ids, kl, strict=True)
+        ]
+        masks = [i >= 0 for i in ids]
+        if config.whiten_rewards:
+            sizes = [len(i) for i in ids]
+            joined = pg.whiten(
+                torch.cat(token_rewards), torch.cat(masks), reduce=all_reduce_sum, shift_mean=False
+            )
+            token_rewards = list(torch.split(joined, sizes))
+        gae = [
+            pg.gae_advantages(r, v, i, gamma=config.gamma, lam=config.gae_lambda)
+            for r, v, i in zip(token_rewards, values, ids, strict=True)
+        ]
+        advantages = [a for a, _ in gae]
+        returns = [r for _, r in gae]
+        mask = torch.cat(masks)
+        joined_advantages = torch.cat(advantages)
+        _, variance = pg.masked_moments(joined_advantages, mask, reduce=all_reduce_sum)
+        value_mean, _ = pg.masked_moments(torch.cat(values), mask, reduce=all_reduce_sum)
+        returns_mean, _ = pg.masked_moments(torch.cat(returns), mask, reduce=all_reduce_sum)
+        if config.whiten_advantages:
+            sizes = [len(i) for i in ids]
+            advantages = list(torch.split(pg.whiten(joined_advantages, mask, reduce=all_reduce_sum), sizes))
+        scored = shaped[~torch.isnan(shaped)]
+        metrics = {
+            "score_mean": float(scored.mean()) if scored.numel() else math.nan,
+            "value_mean": float(value_mean),
+            "returns_mean": float(returns_mean),
+            "advantages_std": float(variance.sqrt()),
+            "explained_variance": pg.explained_variance(
+                torch.cat(values), torch.cat(returns), mask, reduce=all_reduce_sum
+            ),
+        }
+        tensors = StepTensors(
+            advantages=[a.float() for a in advantages],
+            old=old,
+            ref=ref,
+            values=values,
+            returns=[r.float() for r in returns],
+        )
+        return tensors, kl_sum, metrics
+
     def reward_statistics(self, rollouts: list[Rollout]) -> dict[str, float]:
         """The step's reward metrics over every rank's completions (see ``RewardScores.statistics``)."""
         from kfp_components.rewards import RewardScores
@@ -395,43 +635,81 @@ class OnlineSteps:
         per_function = {name: [r.rewards[name] for r in rollouts] for name in self.reward_names}
         return RewardScores(per_function, [r.total for r in rollouts]).statistics()
 
-    def learn(
-        self,
-        model: nn.Module,
-        batches: list[tuple[MicroBatch, torch.Tensor]],
-        advantages: list[torch.Tensor],
-        old: list[torch.Tensor] | None,
-        ref: list[torch.Tensor] | None,
-        normaliser: float,
-    ) -> dict[str, float]:
-        """Forward and backward every micro-batch of this rank once (the gradients accumulate for one
-        update); returns this rank's metric sums."""
+    def learn(self, model: nn.Module | None, chunk: Update) -> dict[str, float]:
+        """Forward and backward every micro-batch of this rank in ``chunk`` once (the gradients accumulate
+        for one update); returns this rank's metric sums. ``model`` None: the critic's value loss only."""
+        config = self.config
         # DDP and FSDP2 average the gradients over the ranks, so each rank divides by its share of the
-        # step's normaliser: the update is that of the whole step in one process.
-        per_rank = normaliser / self.info.world_size
-        kl_in_loss = ref is not None and self.config.kl_in == "loss"
+        # update's normaliser: the update is that of the whole update in one process.
+        world = self.info.world_size
+        normaliser = pg.loss_normaliser(
+            config.loss_aggregation,
+            completion_tokens=max(chunk.label_tokens, 1),
+            completions=max(chunk.completions, 1),
+            max_new_tokens=config.max_new_tokens,
+        )
+        per_rank = normaliser / world
+        per_rank_tokens = max(chunk.label_tokens, 1) / world
+        tensors = chunk.tensors
+        ref, old = tensors.ref, tensors.old
+        kl_in_loss = ref is not None and config.kl_in == "loss"
+        entropy_coef = float(config.entropy_coef or 0.0) if self.value_based else 0.0
+        vf_coef = float(config.vf_coef or 0.0)
         sums: dict[str, float] = {}
-        for i, (batch, sequence_ids) in enumerate(batches):
-            with gradient_sync(model, enabled=i == len(batches) - 1):
-                logps, entropy = self.token_logps(model, batch, with_entropy=True)
-                loss, metric_sums = pg.policy_loss(
-                    logps,
-                    old[i] if old is not None else logps.detach(),
-                    advantages[i],
-                    sequence_ids,
-                    ratio_level="sequence" if self.config.algorithm == "rloo" else "token",
-                    epsilon_low=self.config.epsilon_low,
-                    epsilon_high=self.config.epsilon_high,
-                    aggregation=self.config.loss_aggregation,
-                    normaliser=per_rank,
-                    ref_logps=ref[i] if kl_in_loss and ref is not None else None,
-                    kl_coef=self.kl.coef if kl_in_loss else 0.0,
-                    entropies=entropy,
-                )
+        last = len(chunk.batches) - 1
+        for i, (batch, sequence_ids) in enumerate(chunk.batches):
+            with contextlib.ExitStack() as stack:
+                if model is not None:
+                    stack.enter_context(gradient_sync(model, enabled=i == last))
+                if self.critic is not None:
+                    stack.enter_context(gradient_sync(self.critic.module, enabled=i == last))
+                loss = torch.zeros((), device=self.info.device)
+                if model is not None:
+                    logps, entropy = self.token_logps(
+                        model, batch, with_entropy=True, entropy_grad=entropy_coef > 0
+                    )
+                    policy, metric_sums = pg.policy_loss(
+                        logps,
+                        old[i] if old is not None else logps.detach(),
+                        tensors.advantages[i],
+                        sequence_ids,
+                        ratio_level="sequence" if config.algorithm == "rloo" else "token",
+                        epsilon_low=config.epsilon_low,
+                        epsilon_high=config.epsilon_high,
+                        aggregation=config.loss_aggregation,
+                        normaliser=per_rank,
+                        ref_logps=ref[i] if kl_in_loss and ref is not None else None,
+                        kl_coef=self.kl.coef if kl_in_loss else 0.0,
+                        entropies=entropy,
+                    )
+                    if entropy_coef and entropy is not None:
+                        policy = (
+                            policy - entropy_coef * (entropy * (sequence_ids >= 0)).sum() / per_rank_tokens
+                        )
+                    loss = loss + policy
+                    for key, value in metric_sums.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                    if old is not None:  # approximate KL(generating || current), k3 on the sampled tokens
+                        approx = pg.kl_per_token(old[i], logps.detach(), "k3")
+                        sums["approx_kl"] = sums.get("approx_kl", 0.0) + float(
+                            torch.where(sequence_ids >= 0, approx, 0.0).double().sum()
+                        )
+                if self.critic is not None and tensors.values is not None and tensors.returns is not None:
+                    with self.precision.autocast():
+                        values = self.critic.values(batch.input_ids, batch.position_ids)
+                    critic_loss, value_sums = pg.value_loss(
+                        values,
+                        tensors.values[i],
+                        tensors.returns[i],
+                        sequence_ids,
+                        value_clip=config.value_clip if config.algorithm != "a2c" else 0.0,
+                        normaliser=per_rank_tokens,
+                    )
+                    loss = loss + vf_coef * critic_loss
+                    for key, value in value_sums.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
                 self.precision.backward(loss)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / self.info.world_size
-            for key, value in metric_sums.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach()) / world
         return sums
 
     def record(
@@ -443,6 +721,7 @@ class OnlineSteps:
         generation_seconds: float,
         training_seconds: float,
         seconds: float,
+        extra: dict[str, float] | None = None,
     ) -> dict[str, Any]:
         """The step's metrics (``metrics.jsonl``), the same on every rank; then the KL controller's update."""
         names = sorted(sums)
@@ -484,11 +763,30 @@ class OnlineSteps:
             "tokens_per_second": plan.global_tokens / max(seconds, 1e-9),
             "memory_mib": peak_memory_mib(self.info.device),
         }
+        if self.value_based:
+            value_tokens = max(total.get("value_tokens", 0.0), 1.0)
+            value_updates = max(total.get("value_updates", 0.0), 1.0)
+            record.update(
+                {
+                    "value_loss": total.get("value_loss", 0.0) / value_tokens,
+                    "value_clip_fraction": total.get("value_clipped", 0.0) / value_tokens,
+                    "value_grad_norm": total.get("value_grad_norm", 0.0) / value_updates,
+                    "approx_kl": total.get("approx_kl", 0.0) / tokens,
+                }
+            )
+        record.update(extra or {})
         if not all(stepped for _, stepped, _ in updates):
             record["step_skipped"] = True
         if self.kl.adaptive:  # Ziegler et al.: the horizon counts completions
             self.kl.update(kl_per_completion, len(rollouts))
         return record
+
+
+def _added(into: dict[str, float], more: dict[str, float]) -> dict[str, float]:
+    """``into`` with ``more``'s values added key by key."""
+    for key, value in more.items():
+        into[key] = into.get(key, 0.0) + value
+    return into
 
 
 def build_online_steps(
@@ -513,7 +811,7 @@ def build_online_steps(
         raise ConfigError("data_path", f"{config.data_path}: no usable prompts ({prompts.stats})")
     try:
         rewards = load_reward_set(
-            config.reward_functions,
+            config.all_reward_functions,
             config.reward_weights or None,
             base_dir=None,
             tokenizer=tokenizer,

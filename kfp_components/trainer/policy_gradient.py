@@ -71,6 +71,8 @@ __all__ = [
     "SCALE_REWARDS",
     "KLController",
     "Reduce",
+    "explained_variance",
+    "gae_advantages",
     "group_advantages",
     "kl_per_token",
     "loss_normaliser",
@@ -82,7 +84,9 @@ __all__ = [
     "reinforce_pp_token_rewards",
     "reverse_cumsum_per_sequence",
     "rloo_advantages",
+    "shape_scores",
     "token_logps_and_entropy",
+    "value_loss",
     "whiten",
 ]
 
@@ -245,11 +249,13 @@ def whiten(
     variance: Tensor | float | None = None,
     reduce: Reduce | None = None,
     eps: float = 1e-8,
+    shift_mean: bool = True,
 ) -> Tensor:
     """``(values - mean) * rsqrt(max(variance, eps))`` on ``mask``, 0 elsewhere.
 
     The moments are those given, or else the population moments of ``values[mask]`` (over all ranks with
-    ``reduce``; see :func:`masked_moments`).
+    ``reduce``; see :func:`masked_moments`). ``shift_mean=False`` only scales: the mean is added back
+    (``whiten_rewards``, as TRL's ``masked_whiten(shift_mean=False)``).
     """
     if (mean is None) != (variance is None):
         raise ValueError("whiten: give both mean and variance, or neither")
@@ -258,6 +264,8 @@ def whiten(
     mean_t = torch.as_tensor(mean, dtype=torch.float64, device=values.device)
     variance_t = torch.as_tensor(variance, dtype=torch.float64, device=values.device)
     whitened = (values.to(torch.float64) - mean_t) * variance_t.clamp(min=eps).rsqrt()
+    if not shift_mean:
+        whitened = whitened + mean_t
     return torch.where(mask.to(torch.bool), whitened, 0.0).to(values.dtype)
 
 
@@ -411,6 +419,7 @@ def token_logps_and_entropy(
     *,
     temperature: float = 1.0,
     with_entropy: bool = True,
+    entropy_grad: bool = False,
     chunk_tokens: int = 512,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token log-probs of ``targets`` (differentiable) and entropies (detached) from packed logits.
@@ -418,7 +427,8 @@ def token_logps_and_entropy(
     ``logits`` ``(T, V)`` or ``(1, T, V)`` in any float dtype; ``targets`` ``(T,)`` or ``(1, T)``, -100 for no
     loss (a MicroBatch's ``targets``, already shifted). Both are of the distribution ``softmax(logits /
     temperature)``, the one rollouts sample from. Returns float32 ``(T,)`` tensors, 0 where the target is
-    -100 (entropy ``None`` unless ``with_entropy``).
+    -100 (entropy ``None`` unless ``with_entropy``). ``entropy_grad``: the entropy is differentiable too
+    (an entropy bonus in the loss; it keeps each chunk's probabilities for the backward pass).
 
     Only the rows with a target are computed, ``chunk_tokens`` at a time in float32: the float32 copies
     kept for the backward pass add up to one ``(tokens with a target, V)`` tensor, the forward and backward
@@ -441,10 +451,11 @@ def token_logps_and_entropy(
         normaliser = torch.logsumexp(scaled, dim=-1)
         logp_chunks.append(scaled.gather(-1, targets[chunk].unsqueeze(-1)).squeeze(-1) - normaliser)
         if with_entropy:
-            with torch.no_grad():  # H = logsumexp - sum(p * x), the sum as a batched dot product
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+                # H = logsumexp - sum(p * x), the sum as a batched dot product
                 probabilities = torch.softmax(scaled, dim=-1)
                 expected = torch.bmm(probabilities.unsqueeze(1), scaled.unsqueeze(2)).reshape(-1)
-                entropy_chunks.append(normaliser.detach() - expected)
+                entropy_chunks.append((normaliser if entropy_grad else normaliser.detach()) - expected)
                 del probabilities
     zeros = torch.zeros(targets.numel(), dtype=torch.float32, device=logits.device)
     # With no target at all (a dummy micro-batch, or completions all masked): zeros that stay in the graph,
@@ -452,7 +463,10 @@ def token_logps_and_entropy(
     logps = zeros.index_copy(0, rows, torch.cat(logp_chunks)) if logp_chunks else logits[:, 0].float() * 0.0
     entropy = None
     if with_entropy:
-        entropy = zeros.index_copy(0, rows, torch.cat(entropy_chunks) if entropy_chunks else zeros[:0])
+        if entropy_chunks:
+            entropy = zeros.index_copy(0, rows, torch.cat(entropy_chunks))
+        else:
+            entropy = zeros if not entropy_grad else logits[:, 0].float() * 0.0
     return logps, entropy
 
 
@@ -553,5 +567,124 @@ def policy_loss(
             "ratio": masked_sum(ratio_d),
             "kl": masked_sum(kl),
             "entropy": masked_sum(entropies),
+        }
+    return loss, sums
+
+
+# --------------------------------------------------------------------------------------------------------
+# Value algorithms (ppo, a2c): scores, token rewards, GAE, the value loss
+# --------------------------------------------------------------------------------------------------------
+
+
+def shape_scores(
+    scores: Tensor, truncated: Tensor, *, missing_eos_penalty: float = 0.0, reward_clip: float = 0.0
+) -> Tensor:
+    """The score each completion gets at its last token: ``scores`` (N,) (NaN = no score) minus
+    ``missing_eos_penalty`` where ``truncated`` (cut at max_new_tokens, no end-of-sequence), then clipped to
+    ``[-reward_clip, reward_clip]`` when ``reward_clip > 0``. NaN stays NaN."""
+    if missing_eos_penalty < 0 or reward_clip < 0:
+        raise ValueError(
+            f"missing_eos_penalty {missing_eos_penalty} and reward_clip {reward_clip} must be >= 0"
+        )
+    shaped = scores - missing_eos_penalty * truncated.to(scores.dtype)
+    if reward_clip > 0:
+        shaped = shaped.clamp(-reward_clip, reward_clip)  # NaN passes through clamp unchanged
+    return shaped
+
+
+def _padded_per_sequence(sequence_ids: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+    """(mask, segment of each loss token, its position within its completion, longest completion)."""
+    mask, local, counts = _segments(sequence_ids)
+    segment = local[mask]
+    order = torch.arange(segment.numel(), device=sequence_ids.device)
+    first = torch.full((counts.numel(),), segment.numel(), dtype=torch.long, device=sequence_ids.device)
+    first = first.scatter_reduce(0, segment, order, reduce="amin")
+    within = order - first[segment]
+    return mask, segment, within, int(counts.max()) if counts.numel() else 0
+
+
+def gae_advantages(
+    token_rewards: Tensor, values: Tensor, sequence_ids: Tensor, *, gamma: float, lam: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) within each completion of a packed row.
+
+    ``token_rewards``, ``values`` and ``sequence_ids`` are per token (T,); a completion's loss tokens are
+    its actions in order, ``values[t]`` the critic's estimate before action ``t``, and the value after the
+    last action is 0 (the episode ends). ``delta_t = r_t + gamma V_{t+1} - V_t``,
+    ``A_t = delta_t + gamma lam A_{t+1}``, never across two completions. Returns ``(advantages, returns)``
+    in float64 with ``returns = advantages + values``; 0 on tokens without loss.
+    """
+    _check_same_shape(token_rewards=token_rewards, values=values, sequence_ids=sequence_ids)
+    mask, segment, within, longest = _padded_per_sequence(sequence_ids)
+    count = int(segment.max()) + 1 if segment.numel() else 0
+    device = values.device
+    rewards = torch.zeros(count, longest + 1, dtype=torch.float64, device=device)
+    value = torch.zeros(count, longest + 1, dtype=torch.float64, device=device)
+    rewards[segment, within] = token_rewards[mask].detach().to(torch.float64)
+    value[segment, within] = values[mask].detach().to(torch.float64)  # the column past the end stays 0
+    advantages = torch.zeros_like(value)
+    running = torch.zeros(count, dtype=torch.float64, device=device)
+    for t in range(longest - 1, -1, -1):
+        delta = rewards[:, t] + gamma * value[:, t + 1] - value[:, t]
+        running = delta + gamma * lam * running
+        advantages[:, t] = running
+    out = torch.zeros(sequence_ids.numel(), dtype=torch.float64, device=device)
+    out[mask] = advantages[segment, within]
+    returns = torch.where(mask, out + values.detach().to(torch.float64), 0.0)
+    return out, returns
+
+
+def explained_variance(
+    values: Tensor, returns: Tensor, mask: Tensor, *, reduce: Reduce | None = None
+) -> float:
+    """``1 - Var(returns - values) / Var(returns)`` over ``mask`` (all ranks with ``reduce``): 1 for a
+    perfect critic, 0 for one that predicts the mean, negative for a worse one; NaN when the returns do not
+    vary."""
+    _, residual = masked_moments(returns.double() - values.double(), mask, reduce=reduce)
+    _, spread = masked_moments(returns, mask, reduce=reduce)
+    return float(1 - residual / spread) if float(spread) > 0 else math.nan
+
+
+VALUE_METRIC_NAMES = ("value_tokens", "value_loss", "value_clipped")
+"""Keys of :func:`value_loss`'s metric sums."""
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    sequence_ids: Tensor,
+    *,
+    value_clip: float,
+    normaliser: float | Tensor,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The critic's loss on one packed micro-batch: per token ``0.5 * (V - R)^2``, or with ``value_clip > 0``
+    PPO's clipped form ``0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2)``; summed over the loss
+    tokens and divided by ``normaliser`` (the loss tokens of the update over all ranks, so the losses of every
+    micro-batch of every rank add up to the token mean). Returns the loss and float64 sums keyed by
+    :data:`VALUE_METRIC_NAMES` (``value_clipped``: tokens where the clipped term is the larger one).
+    """
+    _check_same_shape(values=values, old_values=old_values, returns=returns, sequence_ids=sequence_ids)
+    if value_clip < 0:
+        raise ValueError(f"value_clip: {value_clip} must be >= 0 (0: no clipping)")
+    if float(normaliser) <= 0:
+        raise ValueError(f"normaliser: {float(normaliser)} must be > 0")
+    mask = sequence_ids >= 0
+    returns = returns.detach().to(values.dtype)
+    error = (values - returns).pow(2)
+    clipped_more = torch.zeros_like(mask)
+    if value_clip > 0:
+        old = old_values.detach().to(values.dtype)
+        clipped_values = old + torch.clamp(values - old, -value_clip, value_clip)
+        clipped_error = (clipped_values - returns).pow(2)
+        clipped_more = clipped_error > error
+        error = torch.maximum(error, clipped_error)
+    per_token_loss = 0.5 * torch.where(mask, error, torch.zeros((), dtype=values.dtype))
+    loss = per_token_loss.sum() / normaliser
+    with torch.no_grad():
+        sums = {
+            "value_tokens": mask.sum().to(torch.float64),
+            "value_loss": per_token_loss.detach().to(torch.float64).sum(),
+            "value_clipped": (clipped_more & mask).sum().to(torch.float64),
         }
     return loss, sums

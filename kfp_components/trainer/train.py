@@ -1,7 +1,8 @@
 """The training loop: read it top to bottom.
 
-``train(config)`` runs SFT (full or LoRA), OSFT, DPO, reward-model training or an online algorithm (GRPO, RLOO, REINFORCE++) in one
-process or under torchrun (DDP or FSDP2):
+``train(config)`` runs SFT (full or LoRA), OSFT, DPO, reward-model training or an online algorithm (GRPO,
+RLOO, REINFORCE++, PPO, A2C; the last two with a value model, ``value_model``, saved in every checkpoint
+beside the policy) in one process or under torchrun (DDP or FSDP2):
 
 1. check the inputs (``preflight``); join the process group; load the tokenizer and tokenise the data
    (chat template, assistant-only labels), and the eval data when there is some;
@@ -28,7 +29,6 @@ after the current step with a checkpoint (``stopping``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -61,7 +61,7 @@ from kfp_components.trainer.checkpoint import (
     save_hf_model,
     use_default_permissions,
 )
-from kfp_components.trainer.config import TrainingConfig
+from kfp_components.trainer.config import VALUE_ALGORITHMS, TrainingConfig
 from kfp_components.trainer.distributed import (
     DistInfo,
     all_reduce_max,
@@ -82,6 +82,7 @@ from kfp_components.trainer.preflight import model_source, preflight_problems
 from kfp_components.trainer.progress import MetricsLog, Progress, no_transformers_progress_bars
 from kfp_components.trainer.stopping import StopOnSignal, TrainingInterrupted
 from kfp_components.trainer.tokenize import ChatTemplateError, SampleError, tokenize_jsonl
+from kfp_components.trainer.value_model import build_critic
 from kfp_components.typed_config import ConfigError
 
 log = logging.getLogger("kfp_components.trainer")
@@ -169,13 +170,18 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
     scheduler = build_scheduler(optimizer, config, total_steps * steps.updates_per_step)
     evaluator = Evaluator(eval_objective, config, info, precision) if eval_objective else None
 
+    critic = build_critic(config, info, tokenizer) if config.algorithm in VALUE_ALGORITHMS else None
+    critic_state = (critic.module, critic.optimizer) if critic is not None else None
+
     state = TrainerState()
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, scheduler, info, precision=precision)
+        state = load_checkpoint(
+            resume_from, model, optimizer, scheduler, info, precision=precision, value_model=critic_state
+        )
         state.attempts += 1
         steps.load_state_dict(state.extra)
     if isinstance(steps, OnlineSteps):  # after a resume, so a vLLM engine starts from the resumed weights
-        steps.attach(model, load_reference_model(config, info))
+        steps.attach(model, load_reference_model(config, info), critic)
     earlier_seconds = state.elapsed_seconds  # the attempts before this one, up to the checkpoint
     metrics = MetricsLog(
         output_dir / "metrics.jsonl",
@@ -209,6 +215,7 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
             precision,
             keep=config.keep_checkpoints,
             fingerprint=fingerprint,
+            value_model=critic_state,
         )
         saved_at = state.global_step
         return path
@@ -580,10 +587,6 @@ def build_steps(
     """What the loop trains on (the data's objective, or the online algorithm's rollouts) and the eval
     objective when there is eval data."""
     if config.is_online:
-        if config.reward_model_path:  # the reward model is one more reward function, last
-            config = dataclasses.replace(
-                config, reward_functions=config.all_reward_functions, reward_model_path=""
-            )
         return build_online_steps(config, tokenizer, info, precision), None
     objective, eval_objective = build_objectives(config, tokenizer, info, precision)
     return OfflineSteps(objective, config, info, precision), eval_objective
