@@ -448,7 +448,9 @@ def test_unknown_enumerated_values_are_errors_not_fallbacks(tmp_path):
     cfg.algorithm = "grpo"
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     tokenizer = types.SimpleNamespace(pad_token_id=0)
-    with pytest.raises(ConfigError, match="algorithm: expected one of sft, osft, dpo, got 'grpo'"):
+    with pytest.raises(
+        ConfigError, match="algorithm: expected one of sft, osft, dpo, reward_model, got 'grpo'"
+    ):
         build_objectives(cfg, tokenizer, info, Precision("float32", info.device))
 
 

@@ -249,9 +249,16 @@ def test_a_reward_function_of_the_wrong_length_stops_before_any_update(prompts, 
     [
         ({"num_generations": 1, "effective_batch_size": 4}, r"num_generations: grpo compares .* at least 2"),
         ({"effective_batch_size": 10}, r"effective_batch_size: 10 completions per step is not a multiple"),
-        ({"reward_functions": []}, r"reward_functions: grpo needs at least one reward function"),
+        (
+            {"reward_functions": []},
+            r"reward_functions: grpo needs something to learn from: at least one reward function, or a reward "
+            r"model \(reward_model_path\)",
+        ),
         ({"temperature": 0.0}, r"temperature: must be positive"),
-        ({"reward_weights": [1.0, 2.0]}, r"reward_weights: has 2 weights for 1 reward functions"),
+        (
+            {"reward_weights": [1.0, 2.0]},
+            r"reward_weights: 2 weight\(s\) for 1 reward function\(s\): give one weight for each",
+        ),
         ({"effective_batch_size": 128}, r"effective_batch_size: .*fewer than one step needs"),
     ],
     ids=["one-generation", "not-a-multiple", "no-reward", "greedy", "weights", "too-few-prompts"],
