@@ -20,9 +20,9 @@ from typing import Any, ClassVar, Literal, get_args
 from kfp_components.typed_config import ConfigError, Options
 
 #: The online algorithms: the model generates, rewards score, a policy-gradient step learns.
-RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp"]
+RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp", "trpo"]
 RL_ALGORITHMS: tuple[str, ...] = get_args(RLAlgorithm)
-Algorithm = Literal["sft", "osft", "dpo", "grpo", "rloo", "reinforce_pp"]
+Algorithm = Literal["sft", "osft", "dpo", "grpo", "rloo", "reinforce_pp", "trpo"]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 TorchDtype = Literal["bfloat16", "float16", "float32"]
 #: Attention kernels transformers can load a model with.
@@ -301,6 +301,17 @@ class RLOptions(OSFTConstraintOptions):
         kl_horizon: Completions over which the adaptive controller corrects (Ziegler et al.'s horizon;
             larger: slower changes). A step changes kl_coef by a factor within 1 +- 0.2 x completions /
             kl_horizon.
+        max_kl: trpo: the trust region, the largest mean KL(old || new) per completion token (from full
+            logits, in nats) that one policy step may reach (> 0; the delta of the TRPO paper).
+        cg_iterations: trpo: conjugate-gradient iterations (Fisher-vector products) solving for the
+            natural-gradient direction.
+        cg_damping: trpo: added to the Fisher's diagonal (F + cg_damping I) to keep the solve stable.
+        line_search_steps: trpo: candidates of the backtracking line search (the full step, then shrunk by
+            line_search_shrink each time); when none keeps the KL within max_kl and improves the
+            surrogate, the policy stays as it was.
+        line_search_shrink: trpo: factor between line-search candidates, in (0, 1).
+        value_epochs: trpo: passes of the value model's loss over each step's completions, after the
+            policy's one natural-gradient step.
     """
 
     reward_functions: list[str | dict[str, Any]] = field(default_factory=list)
@@ -324,8 +335,15 @@ class RLOptions(OSFTConstraintOptions):
     kl_in: Literal["loss", "reward"] = "loss"
     kl_target: float = 0.0
     kl_horizon: int = 10000
+    max_kl: float = 0.01
+    cg_iterations: int = 10
+    cg_damping: float = 0.1
+    line_search_steps: int = 10
+    line_search_shrink: float = 0.5
+    value_epochs: int = 5
 
     def validate(self) -> None:
+        self._validate_trpo()
         _at_least(self, ("num_generations", "max_new_tokens", "num_iterations", "kl_horizon"), 1)
         _at_least(self, ("top_k", "kl_coef", "kl_target", "epsilon_low", "epsilon_high"), 0)
         if self.temperature <= 0:
@@ -350,6 +368,17 @@ class RLOptions(OSFTConstraintOptions):
         if self.kl_target and not self.kl_coef:
             raise ConfigError("kl_target", "adapts kl_coef, which is 0 (KL off); set an initial kl_coef")
 
+    def _validate_trpo(self) -> None:
+        if not self.max_kl > 0:
+            raise ConfigError(
+                "max_kl",
+                f"the trust region (delta) must be positive, got {self.max_kl}; trpo's default is 0.01",
+            )
+        _at_least(self, ("cg_iterations", "line_search_steps", "value_epochs"), 1)
+        _at_least(self, ("cg_damping",), 0)
+        if not 0 < self.line_search_shrink < 1:
+            raise ConfigError("line_search_shrink", f"must be in (0, 1), got {self.line_search_shrink}")
+
 
 #: Options every run must set.
 REQUIRED = ("model_name_or_path", "data_path", "output_dir")
@@ -369,7 +398,8 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptio
         output_dir: Where checkpoints, metrics and the final model go (final model in ``<output_dir>/final``).
         algorithm: sft (full fine-tuning, or LoRA when lora_r > 0), osft (Orthogonal Subspace Fine-Tuning),
             dpo (Direct Preference Optimization), or the online algorithms grpo (Group Relative Policy
-            Optimization), rloo (REINFORCE Leave-One-Out) and reinforce_pp (REINFORCE++).
+            Optimization), rloo (REINFORCE Leave-One-Out), reinforce_pp (REINFORCE++) and trpo (Trust
+            Region Policy Optimization; its options: max_kl and the ones after it in RLOptions).
         eval_data_path: Optional JSONL in the same format as data_path: its loss is computed at the end of
             every epoch (and every eval_steps) and reported as eval_loss.
     """
@@ -390,6 +420,7 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptio
             DPOOptions.validate,
             RLOptions.validate,
             TrainingConfig._check_combinations,
+            TrainingConfig._check_trpo,
         ):
             try:
                 check(self)
@@ -437,6 +468,29 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptio
                 "eval_data_path",
                 f"{self.algorithm} reports the reward of every step; an eval loss applies to sft, osft and dpo",
             )
+
+    def _check_trpo(self) -> None:
+        if self.algorithm != "trpo":
+            return
+        if self.distributed == "fsdp":
+            raise ConfigError(
+                "distributed",
+                "trpo needs every rank to hold the whole trainable set (its Fisher-vector products take "
+                "gradients of gradients, which do not reach FSDP2's sharded parameters): set distributed: "
+                "ddp (one process ignores it), with LoRA (lora_r > 0) for models whose trainable set does "
+                "not fit one device",
+            )
+        if self.num_iterations != 1:
+            raise ConfigError(
+                "num_iterations",
+                f"trpo takes one natural-gradient step per step's completions, got {self.num_iterations}; "
+                "the value model's passes are value_epochs",
+            )
+        raise ConfigError(
+            "algorithm",
+            "trpo's natural-gradient step (kfp_components.trainer.trpo) is not part of the online loop yet: "
+            "use grpo, rloo or reinforce_pp",
+        )
 
     @property
     def is_online(self) -> bool:
