@@ -150,6 +150,19 @@ def test_fisher_vector_product_and_cg_solution_match_the_exact_fisher_of_a_softm
     v = torch.randn(24, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     torch.testing.assert_close(product(v), damped @ v, rtol=1e-10, atol=1e-12)
 
+    # The same product over two micro-batches (each forward recomputed per product) and reduced by a hook.
+    halves = [
+        PolicyMicroBatch(lambda part=part: policy(x[part]), *(t[part] for t in fields))
+        for part in (slice(0, 10), slice(10, None))
+        for fields in [(batch.targets, batch.mask, batch.advantages, batch.old_logps)]
+    ]
+    calls = []
+    split = FisherVectorProduct(
+        params, halves, normaliser=n, damping=damping, reduce=lambda t: calls.append(1) or t
+    )
+    torch.testing.assert_close(split(v), damped @ v, rtol=1e-10, atol=1e-12)
+    assert len(calls) == 1  # one reduce per product, whatever the number of micro-batches
+
     solution, residual, iterations = conjugate_gradient(product, gradient, iterations=24)
     # CG stops once its residual is below 1e-5 of |g| (CG_RELATIVE_TOLERANCE is the square of that).
     true_residual = gradient - damped @ solution
@@ -172,7 +185,7 @@ def test_fisher_vector_product_equals_the_hessian_of_the_kl_on_lora_parameters_o
     params = trainable(model)
     sizes = [p.numel() for p in params]
     assert sum(sizes) == 128  # A (1 x 64) and B (64 x 1) of one layer's q_proj
-    batches = lm_batches(model, micro_batches=2, rows=1)
+    batches = lm_batches(model, micro_batches=1, rows=2)
     n = loss_tokens(batches)
 
     # H: the Hessian of the mean KL(old || theta) over the LoRA numbers, by torch.autograd.functional.
@@ -201,7 +214,7 @@ def test_fisher_vector_product_equals_the_hessian_of_the_kl_on_lora_parameters_o
     assert float((product(v) - expected).norm()) < 1e-6 * float(expected.norm())
 
     g = torch.randn(128, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    solution, _, _ = conjugate_gradient(product, g, iterations=128)
+    solution, _, _ = conjugate_gradient(product, g, iterations=60)
     damped = hessian + damping * torch.eye(128, dtype=torch.float64)
     assert float((damped @ solution - g).norm()) <= 2e-5 * float(g.norm())  # CG's tolerance: 1e-5 of |g|
 
@@ -508,6 +521,7 @@ def problems(**options: object) -> dict[str, str]:
         ({"cg_damping": -0.1}, "cg_damping", "negative"),
         ({"distributed": "fsdp"}, "distributed", "ddp"),
         ({"num_iterations": 2}, "num_iterations", "one natural-gradient step"),
+        ({"attn_implementation": "flash_attention_2"}, "attn_implementation", "no double backward"),
     ],
 )
 def test_bad_trpo_options_are_errors_naming_the_key(options, key, text):

@@ -480,6 +480,12 @@ class TrainingConfig(OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RLOptio
                 "ddp (one process ignores it), with LoRA (lora_r > 0) for models whose trainable set does "
                 "not fit one device",
             )
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(
+                "attn_implementation",
+                f"{self.attn_implementation} has no double backward, which trpo's Fisher-vector products "
+                "need: use sdpa (run on its math kernel for them) or eager",
+            )
         if self.num_iterations != 1:
             raise ConfigError(
                 "num_iterations",

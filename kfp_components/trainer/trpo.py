@@ -65,10 +65,17 @@ comes. Every rank makes the same number of ``reduce`` calls (one for the gradien
 product, one per candidate), whatever its number of micro-batches (none included).
 
 FSDP2 is not supported: its parameters are sharded DTensors that the forward replaces by all-gathered
-copies, and ``torch.autograd.grad`` with respect to the shards does not reach them (the gradient arrives
-through FSDP2's post-backward reduce-scatter hooks, which ``autograd.grad`` skips). The config refuses
-``algorithm: trpo`` with ``distributed: fsdp``; use ``ddp`` (with LoRA for models whose full trainable set
-does not fit one device).
+copies, and ``torch.autograd.grad`` with respect to the shards does not reach them (with two gloo ranks and
+torch 2.13: "The differentiated Tensor at index 1 appears to not have been used in the graph"; the gradient
+arrives only through FSDP2's post-backward hooks, which ``autograd.grad`` skips). The config refuses
+``algorithm: trpo`` with ``distributed: fsdp`` and the step refuses DTensor parameters; use ``ddp`` (with
+LoRA for models whose full trainable set does not fit one device).
+
+Attention: the fused scaled-dot-product kernels have no double backward, so the Fisher-vector products run
+the model's ``sdpa`` attention on PyTorch's math kernel (:func:`twice_differentiable_attention`: it keeps
+each head's T x T attention matrix for backward); ``flash_attention_2``/``3`` have no double backward at all
+and the config refuses them with trpo. Activation checkpointing (non-reentrant, as the trainer enables it)
+works with the double backward and gives the same products.
 
 The forwards must be deterministic (no dropout): the line search compares separate forwards of the old and
 the candidate parameters, and the Fisher's ``p_old`` comes from the forward it differentiates.
@@ -86,6 +93,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfp_components.typed_config import ConfigError
@@ -207,6 +215,13 @@ class _Space:
     def __init__(self, params: Sequence[nn.Parameter]) -> None:
         if not params:
             raise ValueError("natural_gradient_step needs at least one trainable parameter")
+        if any(isinstance(p, DTensor) for p in params):
+            # torch.autograd.grad does not reach FSDP2's shards ("appears to not have been used in the
+            # graph"); with allow_unused their gradients would silently be zero.
+            raise ValueError(
+                "natural_gradient_step got FSDP2-sharded (DTensor) parameters: TRPO needs every rank to hold "
+                "the whole trainable set (one process or DDP)"
+            )
         self.params = list(params)
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
