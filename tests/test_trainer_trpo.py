@@ -240,6 +240,9 @@ def test_a_step_keeps_the_measured_kl_within_max_kl_and_improves_the_surrogate(m
     kl_after, surrogate_after = measured(batches, old_logits)
     assert result.accepted
     assert 0 < kl_after <= max_kl
+    # The step is scaled to the trust region by the KL's curvature (not the damped one, which left this
+    # model's step at 1/30 of max_kl): the accepted step uses a good part of it.
+    assert kl_after > 0.25 * max_kl
     assert result.kl == pytest.approx(kl_after, rel=1e-3)
     assert surrogate_after > surrogate_before
     assert result.actual_improvement == pytest.approx(surrogate_after - surrogate_before, rel=1e-3)

@@ -19,8 +19,9 @@ loss is. One step:
    backward: with ``p_old = softmax(logits).detach()`` from the same forward, ``KL(p_old || softmax(logits))``
    is 0 with gradient 0 at ``theta_old`` and Hessian ``F``, so ``F v = grad((grad KL_bar) . v)``. Summed over
    micro-batches and ranks, projected, plus ``cg_damping * v``.
-3. The step ``s * sqrt(2 max_kl / s^T (F + cg_damping I) s)`` reaches the trust region's border in the
-   quadratic model of the KL.
+3. The step ``s * sqrt(2 max_kl / s^T F s)`` reaches the trust region's border in the quadratic model of
+   the KL (``F`` without the damping: the damping steers the direction, the KL's own curvature sets the
+   length; scaled by the damped curvature, a step of the tiny test model reached 1/30 of max_kl).
 4. Backtracking line search: fractions ``1, shrink, shrink^2, ...`` (``line_search_steps`` of them) of the
    step; the first whose exact ``KL_bar`` is at most ``max_kl`` and whose surrogate is above
    ``L(theta_old)`` is kept. When none is, every parameter is copied back from the saved ``theta_old``:
@@ -491,7 +492,10 @@ def natural_gradient_step(
     direction, residual_vector, iterations = conjugate_gradient(fisher, gradient, cg_iterations)
     residual = float(residual_vector.norm()) / gradient_norm
     del residual_vector
-    curvature = float(torch.dot(direction, fisher(direction)))
+    # s^T F s of the KL's quadratic model: the damping steers the direction, not the step's length.
+    curvature = float(torch.dot(direction, fisher(direction))) - cg_damping * float(
+        torch.dot(direction, direction)
+    )
     fisher.kept = None  # free the kept graph before the line search
     if not (curvature > 0 and math.isfinite(curvature)):
         return rejected(0.0, iterations, residual, 0)
