@@ -311,6 +311,49 @@ def test_a_rejected_step_of_a_causal_lm_restores_the_model_bit_identically():
     assert all(torch.equal(before[name], after[name]) for name in before)
 
 
+def test_the_engines_packed_micro_batch_takes_the_step_of_separate_rows():
+    from kfp_components.trainer.batching import collate
+    from kfp_components.trainer.policy_gradient import packed_sequence_ids, token_logps_and_entropy
+    from kfp_components.trainer.tokenize import IGNORE_INDEX, TokenizedSample
+
+    generator = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 1000, (length,), generator=generator).tolist() for length in (9, 13)]
+    prompts = (4, 6)
+    samples = [
+        TokenizedSample(input_ids=ids, labels=[IGNORE_INDEX] * p + ids[p:])
+        for ids, p in zip(rows, prompts, strict=True)
+    ]
+    advantage = {0: 1.0, 1: -0.5}
+    temperature = 0.7
+
+    def step(packed: bool) -> dict[str, Tensor]:
+        model = load_lm()
+        micro = [collate(samples, [0, 1])] if packed else [collate(samples, [0]), collate(samples, [1])]
+        indices = [[0, 1]] if packed else [[0], [1]]
+        batches = []
+        for mb, completions in zip(micro, indices, strict=True):
+            ids = packed_sequence_ids(mb.position_ids, mb.targets, completions)
+            with torch.no_grad():
+                logits = model(input_ids=mb.input_ids, position_ids=mb.position_ids, use_cache=False).logits
+                old = token_logps_and_entropy(
+                    logits, mb.targets, temperature=temperature, with_entropy=False
+                )[0]
+            advantages = torch.tensor([advantage.get(int(i), 0.0) for i in ids])
+            batches.append(
+                trpo.packed_micro_batch(
+                    model, mb, ids, advantages, old, temperature=temperature, device=torch.device("cpu")
+                )
+            )
+        assert loss_tokens(batches) == 5 + 7
+        result = natural_gradient_step(trainable(model), batches, normaliser=12, max_kl=0.01, **STEP)
+        assert result.accepted
+        return snapshot(model)
+
+    packed, separate = step(packed=True), step(packed=False)
+    for name, value in separate.items():
+        torch.testing.assert_close(packed[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_zero_advantages_give_no_step():
     model = load_lm()
     batches = [

@@ -35,8 +35,9 @@ Keeping it costs tokens x vocabulary x 4 bytes (a step of 64 completions of 512 
 is copied into the parameters for one forward without gradients (the old logits), the candidate
 ``theta_old + fraction * step`` for a second one, and the two give that micro-batch's KL and surrogate.
 Cost per tried candidate: 2 forwards per micro-batch (no backward) and 2 copies of the trainable
-parameters per micro-batch; memory: one micro-batch's logits twice. The candidate is rebuilt from the saved
-parameters and the step each time, so every rank and every micro-batch sees the same bits.
+parameters per micro-batch; memory: the log-softmax rows of one micro-batch's loss tokens, twice (the
+prompt's rows are dropped before the softmax). The candidate is rebuilt from the saved parameters and the
+step each time, so every rank and every micro-batch sees the same bits.
 
 Cost of a step
 --------------
@@ -88,7 +89,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -97,6 +98,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kfp_components.trainer.batching import IGNORE_INDEX, MicroBatch
 from kfp_components.typed_config import ConfigError
 
 __all__ = [
@@ -110,6 +112,7 @@ __all__ = [
     "memory_bytes",
     "natural_gradient_step",
     "osft_projection",
+    "packed_micro_batch",
 ]
 
 #: Parameter-sized vectors a TRPO step holds at once (see the module docstring).
@@ -127,12 +130,14 @@ class PolicyMicroBatch:
 
     Attributes:
         forward: The policy's logits at the current parameters, ``(T, V)``: one row per position of the
-            micro-batch, already divided by the sampling temperature. Called with and without gradients;
-            must call the unwrapped module and be deterministic (no dropout).
+            micro-batch. Called with and without gradients; must call the unwrapped module and be
+            deterministic (no dropout).
         targets: ``(T,)`` the token each position predicts (any valid id where ``mask`` is False).
         mask: ``(T,)`` bool, the loss tokens (completion tokens that train).
         advantages: ``(T,)`` the advantage of each token (0 where ``mask`` is False).
         old_logps: ``(T,)`` the log-probability of each target under the policy that generated it.
+        temperature: The sampling temperature: the distribution is ``softmax(logits / temperature)`` (the
+            division is applied to the loss tokens' rows only).
     """
 
     forward: Callable[[], Tensor]
@@ -140,6 +145,7 @@ class PolicyMicroBatch:
     mask: Tensor
     advantages: Tensor
     old_logps: Tensor
+    temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -183,26 +189,76 @@ class TRPOStepResult:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _target_logps(logprobs: Tensor, batch: PolicyMicroBatch) -> Tensor:
-    return logprobs.gather(-1, batch.targets.to(logprobs.device).long().unsqueeze(-1)).squeeze(-1)
+def _loss_logprobs(batch: PolicyMicroBatch) -> Tensor:
+    """The log-softmax rows of the micro-batch's loss tokens, ``(R, V)`` in float32 (float64 when the
+    logits are): the rows without loss (prompt tokens) are dropped before the softmax."""
+    logits = batch.forward()
+    rows = torch.nonzero(batch.mask.to(logits.device)).squeeze(1)
+    chosen = logits.index_select(0, rows)
+    chosen = chosen if chosen.dtype == torch.float64 else chosen.float()
+    if batch.temperature != 1.0:
+        chosen = chosen / batch.temperature
+    return F.log_softmax(chosen, -1)
 
 
 def _surrogate_sum(logprobs: Tensor, batch: PolicyMicroBatch) -> Tensor:
-    """``sum over loss tokens of A * exp(logp - logp_old)`` (not normalised)."""
+    """``sum over loss tokens of A * exp(logp - logp_old)`` (not normalised); ``logprobs`` from
+    :func:`_loss_logprobs`."""
     mask = batch.mask.to(logprobs.device)
-    delta = _target_logps(logprobs, batch) - batch.old_logps.to(logprobs.device, logprobs.dtype)
-    ratio = torch.exp(torch.where(mask, delta, 0.0))
-    return (torch.where(mask, batch.advantages.to(logprobs.device, logprobs.dtype), 0.0) * ratio).sum()
+    targets = batch.targets.to(logprobs.device)[mask].long()
+    logp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    old = batch.old_logps.to(logprobs.device, logprobs.dtype)[mask]
+    advantages = batch.advantages.to(logprobs.device, logprobs.dtype)[mask]
+    return (advantages * torch.exp(logp - old)).sum()
 
 
-def _kl_sum(old_logprobs: Tensor, new_logprobs: Tensor, mask: Tensor) -> Tensor:
-    """``sum over loss tokens of KL(old || new)`` from full log-softmax rows."""
-    per_token = (old_logprobs.exp() * (old_logprobs - new_logprobs)).sum(-1)
-    return torch.where(mask.to(per_token.device), per_token, 0.0).sum()
+def _kl_sum(old_logprobs: Tensor, new_logprobs: Tensor) -> Tensor:
+    """``sum over loss tokens of KL(old || new)`` from their full log-softmax rows."""
+    return (old_logprobs.exp() * (old_logprobs - new_logprobs)).sum()
 
 
-def _log_softmax(logits: Tensor) -> Tensor:
-    return F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+def packed_micro_batch(
+    module: nn.Module,
+    batch: MicroBatch,
+    sequence_ids: Tensor,
+    advantages: Tensor,
+    old_logps: Tensor,
+    *,
+    temperature: float,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> PolicyMicroBatch:
+    """One of the online engine's packed micro-batches as a TRPO micro-batch.
+
+    Args:
+        module: The policy, unwrapped (``distributed.unwrap``), without dropout.
+        batch: The packed, padding-free micro-batch (``OnlineSteps.batch``; a dummy one has no loss tokens).
+        sequence_ids: ``(T,)`` the completion of each token, -1 where there is no loss
+            (``policy_gradient.packed_sequence_ids``).
+        advantages: ``(T,)`` each token's advantage.
+        old_logps: ``(T,)`` each token's log-prob under the generating policy (at the same temperature).
+        temperature: The sampling temperature.
+        device: Where the model runs.
+        autocast: The trainer's ``Precision.autocast``.
+    """
+    input_ids = batch.input_ids.to(device)
+    position_ids = batch.position_ids.to(device)
+    targets = batch.targets.reshape(-1).to(device)
+    mask = (sequence_ids.reshape(-1).to(device) >= 0) & (targets != IGNORE_INDEX)
+
+    def forward() -> Tensor:
+        with autocast():
+            logits = module(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return logits.reshape(-1, logits.shape[-1])
+
+    return PolicyMicroBatch(
+        forward=forward,
+        targets=targets.clamp(min=0),
+        mask=mask,
+        advantages=advantages.reshape(-1).to(device),
+        old_logps=old_logps.reshape(-1).to(device),
+        temperature=temperature,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -353,8 +409,8 @@ class FisherVectorProduct:
 
     def _kl_gradients(self, batch: PolicyMicroBatch) -> tuple[Tensor, ...]:
         with twice_differentiable_attention():
-            logprobs = _log_softmax(batch.forward())
-            kl = _kl_sum(logprobs.detach(), logprobs, batch.mask) / self.normaliser
+            logprobs = _loss_logprobs(batch)
+            kl = _kl_sum(logprobs.detach(), logprobs) / self.normaliser
             return _grad(kl, self.space.params, create_graph=True)
 
     def __call__(self, v: Tensor) -> Tensor:
@@ -384,7 +440,7 @@ def _surrogate_and_gradient(
     gradient = space.zeros()
     surrogate = torch.zeros((), device=space.device, dtype=space.dtype)
     for batch in batches:
-        value = _surrogate_sum(_log_softmax(batch.forward()), batch) / normaliser
+        value = _surrogate_sum(_loss_logprobs(batch), batch) / normaliser
         gradient.add_(space.flatten(_grad(value, space.params)))
         surrogate += value.detach().to(space.dtype)
     reduced = reduce(torch.cat([gradient, surrogate.reshape(1)]))
@@ -406,10 +462,10 @@ def _evaluate(
     sums = torch.zeros(2, device=space.device, dtype=torch.float64)
     for batch in batches:
         space.set(saved)
-        old = _log_softmax(batch.forward())
+        old = _loss_logprobs(batch)
         space.set(saved, step, fraction)
-        new = _log_softmax(batch.forward())
-        sums[0] += _kl_sum(old, new, batch.mask).double()
+        new = _loss_logprobs(batch)
+        sums[0] += _kl_sum(old, new).double()
         sums[1] += _surrogate_sum(new, batch).double()
     if not batches:
         space.set(saved, step, fraction)
