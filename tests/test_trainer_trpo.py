@@ -476,7 +476,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, {tests!r})
 from test_trainer_trpo import STEP, load_lm, lm_batches, loss_tokens, trainable
 from kfp_components.trainer.distributed import all_reduce_sum, unwrap
-from kfp_components.trainer.trpo import natural_gradient_step
+from kfp_components.trainer.trpo import PolicyMicroBatch, natural_gradient_step
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 model = DistributedDataParallel(load_lm(), broadcast_buffers=False)
@@ -485,14 +485,23 @@ mine = batches[rank::2]  # rank 0: two micro-batches, rank 1: one
 result = natural_gradient_step(
     trainable(model), mine, normaliser=loss_tokens(batches), max_kl=0.01, reduce=all_reduce_sum, **STEP
 )
+# Then a step where rank 1 has nothing to learn from: one micro-batch without loss tokens (a dummy).
+other = DistributedDataParallel(load_lm(), broadcast_buffers=False)
+every = lm_batches(unwrap(other), micro_batches=3)
+empty = [PolicyMicroBatch(b.forward, b.targets, torch.zeros_like(b.mask), b.advantages, b.old_logps) for b in every[:1]]
+alone = natural_gradient_step(
+    trainable(other), every if rank == 0 else empty, normaliser=loss_tokens(every), max_kl=0.01,
+    reduce=all_reduce_sum, **STEP
+)
 if rank == 0:
     torch.save({{"params": {{n: p.detach() for n, p in unwrap(model).named_parameters()}},
-                "result": result.metrics()}}, {out!r})
+                "result": result.metrics(),
+                "alone": {{n: p.detach() for n, p in unwrap(other).named_parameters()}}}}, {out!r})
 dist.destroy_process_group()
 """
 
 
-def test_two_gloo_ddp_ranks_take_the_step_of_one_process(tmp_path):
+def test_two_gloo_ddp_ranks_take_the_step_of_one_process_also_with_an_empty_rank(tmp_path):
     out = tmp_path / "rank0.pt"
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS.format(tests=str(ROOT / "tests"), out=str(out)))
@@ -512,6 +521,8 @@ def test_two_gloo_ddp_ranks_take_the_step_of_one_process(tmp_path):
     assert two["result"]["trpo_kl"] == pytest.approx(one.kl, rel=1e-4)
     for name, value in model.named_parameters():
         torch.testing.assert_close(two["params"][name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+        # rank 0 with every micro-batch and rank 1 with an empty one: the same step again
+        torch.testing.assert_close(two["alone"][name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------------------------------------

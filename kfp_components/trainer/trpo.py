@@ -81,6 +81,18 @@ works with the double backward and gives the same products.
 
 The forwards must be deterministic (no dropout): the line search compares separate forwards of the old and
 the candidate parameters, and the Fisher's ``p_old`` comes from the forward it differentiates.
+
+In the online step (after the advantages, instead of the policy's optimizer updates)::
+
+    check_memory(params, device)                        # once, before training
+    policy = unwrap(model)                              # eval mode: no dropout
+    params = [p for p in policy.parameters() if p.requires_grad]
+    batches = [packed_micro_batch(policy, mb, ids, adv, old, temperature=..., device=..., autocast=...)
+               for (mb, ids), adv, old in zip(micro_batches, advantages, old_logps)]
+    result = natural_gradient_step(params, batches, normaliser=global_loss_tokens, max_kl=..., ...,
+                                   reduce=all_reduce_sum, project=osft_projection(policy, params) if osft
+                                   else None)
+    metrics.update(result.metrics())                    # then the critic's value_epochs passes
 """
 
 from __future__ import annotations
