@@ -380,9 +380,10 @@ def conjugate_gradient(
         curvature = torch.dot(p, ap)
         if not float(curvature) > 0:  # not positive definite along p (or NaN): keep what we have
             break
-        alpha = rr / curvature
-        x.add_(alpha * p)
-        r.sub_(alpha * ap)
+        alpha = float(rr / curvature)
+        x.add_(p, alpha=alpha)  # in place, without a temporary vector
+        r.add_(ap, alpha=-alpha)
+        del ap
         rr_new = torch.dot(r, r)
         p.mul_(rr_new / rr).add_(r)
         rr = rr_new
