@@ -569,6 +569,8 @@ def natural_gradient_step(
     if not (curvature > 0 and math.isfinite(curvature)):
         return rejected(0.0, iterations, residual, 0)
     step = direction.mul_(math.sqrt(2 * max_kl / curvature))
+    if project is not None:  # CG keeps it in the allowed subspace; once more against rounding
+        project(space.views(step))
     expected_full = float(torch.dot(gradient, step))
     del gradient
 
