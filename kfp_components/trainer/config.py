@@ -21,11 +21,13 @@ from typing import Any, ClassVar, Literal, get_args
 from kfp_components.typed_config import ConfigError, Options
 
 #: The online algorithms: the model generates, rewards score, a policy-gradient step learns.
-RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp", "ppo", "a2c"]
+RLAlgorithm = Literal["grpo", "rloo", "reinforce_pp", "ppo", "a2c", "trpo"]
 RL_ALGORITHMS: tuple[str, ...] = get_args(RLAlgorithm)
 #: The online algorithms with a value model (a critic) and GAE advantages.
 VALUE_ALGORITHMS: tuple[str, ...] = ("ppo", "a2c", "trpo")
-Algorithm = Literal["sft", "osft", "dpo", "reward_model", "grpo", "rloo", "reinforce_pp", "ppo", "a2c"]
+Algorithm = Literal[
+    "sft", "osft", "dpo", "reward_model", "grpo", "rloo", "reinforce_pp", "ppo", "a2c", "trpo"
+]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 TorchDtype = Literal["bfloat16", "float16", "float32"]
 #: Attention kernels transformers can load a model with.
@@ -338,6 +340,17 @@ class RLOptions(OSFTConstraintOptions):
         missing_eos_penalty: ppo, a2c: subtracted from the score of a completion cut at max_new_tokens
             without an end of sequence.
         whiten_advantages: ppo, a2c: whiten the GAE advantages over every completion token of the step.
+        max_kl: trpo: the trust region, the largest mean KL(old || new) per completion token (from full
+            logits, in nats) that one policy step may reach (> 0; the delta of the TRPO paper).
+        cg_iterations: trpo: conjugate-gradient iterations (Fisher-vector products) solving for the
+            natural-gradient direction.
+        cg_damping: trpo: added to the Fisher's diagonal (F + cg_damping I) to keep the solve stable.
+        line_search_steps: trpo: candidates of the backtracking line search (the full step, then shrunk by
+            line_search_shrink each time); when none keeps the KL within max_kl and improves the
+            surrogate, the policy stays as it was.
+        line_search_shrink: trpo: factor between line-search candidates, in (0, 1).
+        value_epochs: trpo: passes of the value model's loss over each step's completions, after the
+            policy's one natural-gradient step.
     """
 
     option_aliases: ClassVar[dict[str, str]] = {
@@ -382,6 +395,13 @@ class RLOptions(OSFTConstraintOptions):
     missing_eos_penalty: float = 0.0
     whiten_advantages: bool = True
 
+    max_kl: float = 0.01
+    cg_iterations: int = 10
+    cg_damping: float = 0.1
+    line_search_steps: int = 10
+    line_search_shrink: float = 0.5
+    value_epochs: int = 5
+
     @property
     def all_reward_functions(self) -> list[str | dict[str, Any]]:
         """reward_functions, then reward_model_path's reward model when it is set."""
@@ -391,6 +411,7 @@ class RLOptions(OSFTConstraintOptions):
         return [*self.reward_functions, *extra]
 
     def validate(self) -> None:
+        self._validate_trpo()
         _at_least(self, ("num_generations", "max_new_tokens", "num_mini_batches", "kl_horizon"), 1)
         if self.num_iterations is not None:
             _at_least(self, ("num_iterations",), 1)
@@ -435,6 +456,17 @@ class RLOptions(OSFTConstraintOptions):
                 raise ConfigError(f"stop_strings[{i}]", f"expected a non-empty string, got {stop!r}")
         if self.kl_target and not self.kl_coef:
             raise ConfigError("kl_target", "adapts kl_coef, which is 0 (KL off); set an initial kl_coef")
+
+    def _validate_trpo(self) -> None:
+        if not self.max_kl > 0:
+            raise ConfigError(
+                "max_kl",
+                f"the trust region (delta) must be positive, got {self.max_kl}; trpo's default is 0.01",
+            )
+        _at_least(self, ("cg_iterations", "line_search_steps", "value_epochs"), 1)
+        _at_least(self, ("cg_damping",), 0)
+        if not 0 < self.line_search_shrink < 1:
+            raise ConfigError("line_search_shrink", f"must be in (0, 1), got {self.line_search_shrink}")
 
 
 @dataclass(kw_only=True)
@@ -488,7 +520,8 @@ class TrainingConfig(
             preference pairs, saved as an AutoModelForSequenceClassification checkpoint), or the online
             algorithms grpo (Group Relative Policy Optimization), rloo (REINFORCE Leave-One-Out),
             reinforce_pp (REINFORCE++), and with a value model ppo (Proximal Policy Optimization) and a2c
-            (Advantage Actor-Critic).
+            (Advantage Actor-Critic), and trpo (Trust Region Policy Optimization, with a value model too;
+            its options: max_kl and the ones after it in RLOptions).
         eval_data_path: Optional JSONL in the same format as data_path: its loss is computed at the end of
             every epoch (and every eval_steps) and reported as eval_loss (reward_model: eval_accuracy and
             eval_margin too).
@@ -524,6 +557,7 @@ class TrainingConfig(
             RewardModelTrainingOptions.validate,
             RLOptions.validate,
             TrainingConfig._check_combinations,
+            TrainingConfig._check_trpo,
         ):
             try:
                 check(self)
@@ -605,6 +639,35 @@ class TrainingConfig(
                 f"{self.algorithm} trains a value model beside the policy, which float16 loss scaling does "
                 "not cover; use bfloat16 or float32",
             )
+
+    def _check_trpo(self) -> None:
+        if self.algorithm != "trpo":
+            return
+        if self.distributed == "fsdp":
+            raise ConfigError(
+                "distributed",
+                "trpo needs every rank to hold the whole trainable set (its Fisher-vector products take "
+                "gradients of gradients, which do not reach FSDP2's sharded parameters): set distributed: "
+                "ddp (one process ignores it), with LoRA (lora_r > 0) for models whose trainable set does "
+                "not fit one device",
+            )
+        if self.attn_implementation not in ("sdpa", "eager"):
+            raise ConfigError(
+                "attn_implementation",
+                f"{self.attn_implementation} has no double backward, which trpo's Fisher-vector products "
+                "need: use sdpa (run on its math kernel for them) or eager",
+            )
+        if self.num_iterations != 1:
+            raise ConfigError(
+                "num_iterations",
+                f"trpo takes one natural-gradient step per step's completions, got {self.num_iterations}; "
+                "the value model's passes are value_epochs",
+            )
+        raise ConfigError(
+            "algorithm",
+            "trpo's natural-gradient step (kfp_components.trainer.trpo) is not part of the online loop yet: "
+            "use grpo, rloo or reinforce_pp",
+        )
 
     @property
     def is_online(self) -> bool:
