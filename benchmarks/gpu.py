@@ -30,6 +30,9 @@ On a GPU machine, from the repository root (liger-kernel installed or carried as
 then here: copy that file to ``benchmarks/results/gpu.json`` and run ``python -m benchmarks.run
 --render-only`` (``make bench`` renders the stored file too; it never runs this benchmark). ``--tiny`` runs
 the same code paths on the CPU with tiny shapes in well under a minute (the tests do).
+
+``--suite rl`` runs the online RL suite of :mod:`benchmarks.gpu_rl` instead (grpo, ppo, a2c, trpo steps),
+written to its own JSON (stored as ``benchmarks/results/gpu_rl.json``).
 """
 
 from __future__ import annotations
@@ -1027,21 +1030,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--out", type=Path, required=True, help="the JSON to write (rewritten after every measurement)"
     )
+    parser.add_argument(
+        "--suite",
+        choices=("standard", "rl"),
+        default="standard",
+        help="standard: the standing checks (SFT/OSFT/GRPO); rl: online RL steps (benchmarks.gpu_rl)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (checks the code paths)")
     parser.add_argument(
         "--budget-seconds",
         type=float,
-        help="stop starting runs that would end later (default: 270; tiny 600)",
+        help="stop starting runs that would end later (default: 270, rl 215; tiny 600)",
     )
     parser.add_argument("--keep-work", action="store_true", help="keep the models, data and run folders")
     args = parser.parse_args(argv)
-    profile = TINY if args.tiny else GPU
-    budget = args.budget_seconds or profile.budget_seconds
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     work = Path(tempfile.mkdtemp(prefix="kfp-gpu-bench-"))
     try:
-        Benchmark(profile, args.out, budget, work).run()
+        if args.suite == "rl":
+            from benchmarks import gpu_rl
+
+            rl = gpu_rl.TINY if args.tiny else gpu_rl.GPU
+            gpu_rl.RLBenchmark(rl, args.out, args.budget_seconds or rl.budget_seconds, work).run()
+        else:
+            profile = TINY if args.tiny else GPU
+            Benchmark(profile, args.out, args.budget_seconds or profile.budget_seconds, work).run()
     finally:
         if args.keep_work:
             print(f"work folder kept: {work}", file=sys.stderr)

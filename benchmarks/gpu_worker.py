@@ -15,8 +15,10 @@ Tasks (:data:`TASKS`), each returning plain JSON-able values:
   with the per-step attention work of its plan (from the same tokenisation and token-budget sampler the
   engine uses).
 
-A failed task answers with its error; an out-of-memory error is reported as such (``oom``), and the worker
-frees what it can before the next task.
+A failed task answers with its error; an out-of-memory error is reported as such (``oom``), a refused
+config with its problems (key path, message) and whether the config itself refused it (``config``) or a check
+of the run once the model was loaded (``training``: trpo's memory check), and the worker frees what it can
+before the next task.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
     """The error's kind (``oom`` or ``error``), message and traceback tail, plus the peak memory reached."""
     import torch
 
+    from kfp_components.typed_config import ConfigError
+
     text = f"{type(exc).__name__}: {exc}"
     oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
     details: dict[str, Any] = {
@@ -71,6 +75,11 @@ def describe_error(exc: BaseException) -> dict[str, Any]:
         "message": text.splitlines()[0][:500] if text.strip() else type(exc).__name__,
         "traceback": traceback.format_exc()[-3000:],
     }
+    if isinstance(exc, ConfigError):
+        details["config_problems"] = [list(problem) for problem in exc.problems]
+        # "config": the options were refused when the config was built; "training": a check of the run
+        # refused them once the model was loaded (trpo's memory check)
+        details["config_phase"] = getattr(exc, "config_phase", "training")
     if torch.cuda.is_available():
         details["peak_memory_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return details
@@ -285,7 +294,7 @@ def train(options: dict[str, Any], plan_attention: bool) -> dict[str, Any]:
 
     from kfp_components.trainer.config import TrainingConfig
     from kfp_components.trainer.train import train as run_training
-    from kfp_components.typed_config import from_dict
+    from kfp_components.typed_config import ConfigError, from_dict
 
     shapes = step_shapes(options) if plan_attention else []
     liger_applied = bool(
@@ -293,7 +302,11 @@ def train(options: dict[str, Any], plan_attention: bool) -> dict[str, Any]:
         and torch.cuda.is_available()
         and importlib.util.find_spec("liger_kernel") is not None
     )
-    config = from_dict(TrainingConfig, options)
+    try:
+        config = from_dict(TrainingConfig, options)
+    except ConfigError as exc:
+        exc.config_phase = "config"  # type: ignore[attr-defined]  # read by describe_error
+        raise
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()

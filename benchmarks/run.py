@@ -6,6 +6,8 @@ python -m benchmarks.run --render-only   # re-render docs/performance.md
 
 The GPU figures (``benchmarks/results/gpu.json``) are measured on a CUDA machine by ``python -m
 benchmarks.gpu`` and only rendered here; without that file the GPU section says they are not measured yet.
+The same holds for the online RL figures (``benchmarks/results/gpu_rl.json``, ``python -m benchmarks.gpu
+--suite rl``), its subsection "Online RL on a GPU".
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import importlib
 import json
 from pathlib import Path
 
-from benchmarks import gpu
+from benchmarks import gpu, gpu_rl
 from benchmarks.machine import describe_machine
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +45,8 @@ def main() -> None:
     unknown = set(args.names) - set(BENCHMARKS)
     if "gpu" in unknown:
         parser.error(
-            "gpu runs on a CUDA machine (python -m benchmarks.gpu --out gpu.json); copy its JSON to "
-            "benchmarks/results/gpu.json, then --render-only"
+            "gpu runs on a CUDA machine (python -m benchmarks.gpu --out gpu.json; --suite rl --out "
+            "gpu_rl.json); copy its JSON to benchmarks/results/, then --render-only"
         )
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
@@ -88,7 +90,12 @@ def report() -> str:
         module = importlib.import_module(f"benchmarks.{name}")
         machine = ", ".join(f"{k} {v}" for k, v in record["machine"].items())
         sections += [module.render(record["result"]), "", f"Machine: {machine}. Date: {record['date']}.", ""]
-    sections += [gpu.render_stored(RESULTS / "gpu.json"), ""]
+    sections += [
+        gpu.render_stored(RESULTS / "gpu.json"),
+        "",
+        gpu_rl.render_stored(RESULTS / "gpu_rl.json"),
+        "",
+    ]
     return "\n".join(sections)
 
 

@@ -250,4 +250,184 @@ def test_the_report_renders_the_stored_gpu_section_with_the_device_name(tmp_path
     assert "## On a GPU: NVIDIA H200" in report
     assert "**790.0 TFLOP/s**" in report
     assert "osft-8k-liger (time budget" in report
-    assert "Not measured yet" not in report
+    assert "Not measured yet: `benchmarks/results/gpu.json`" not in report
+
+
+# ------------------------------------------------------------------------------------- the online RL suite
+@pytest.mark.slow
+def test_the_rl_suite_tiny_run_measures_every_run_or_says_trpo_is_not_available(tmp_path):
+    from benchmarks import gpu_rl
+
+    out = tmp_path / "rl.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--suite", "rl", "--tiny", "--out", str(out)],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())["result"]
+    assert (result["suite"], result["mode"], result["complete"], result["skipped"]) == (
+        "rl",
+        "tiny",
+        True,
+        [],
+    )
+    runs = {run["name"]: run for run in result["runs"]}
+    assert list(runs) == [job.name for job in gpu_rl.plan_jobs(gpu_rl.TINY)]
+    assert list(runs)[:4] == ["grpo", "ppo", "a2c", "trpo-lora"]
+    for name, run in runs.items():
+        assert run["config"]["kl_coef"] == 0.05 and run["config"]["reward_functions"], name
+        if run["algorithm"] == "trpo" and run["status"] == "not available":
+            assert "algorithm" in run["message"] and not run["steps"]
+            continue
+        assert run["status"] == "ok", (name, run.get("message"))
+        assert run["measured_steps"] == 1 and run["steps_run"] == 2
+        for key in ("step_seconds_median", "training_seconds_median", "rollout_tokens_per_second"):
+            assert _positive(run[key]), (name, key)
+        assert 0 < run["generation_share"] < 1
+        assert _positive(run["step_time_over_ppo"])
+        if run["algorithm"] != "grpo":
+            assert math.isfinite(run["value"]["value_loss"]) and "explained_variance" in run["value"], name
+        if run["algorithm"] == "trpo":
+            assert {"trpo_backtracks", "trpo_accepted", "trpo_kl", "trpo_seconds"} <= set(run["trpo"]), name
+    assert runs["ppo"]["config"]["num_iterations"] == 2 and runs["ppo"]["config"]["num_mini_batches"] == 2
+    assert runs["trpo-lora"]["config"]["lora_r"] == 16
+    assert runs["trpo-lora"]["config"]["distributed"] == "ddp"
+    assert result["step_time_over_ppo"]["ppo"] == pytest.approx(1.0)
+    section = gpu_rl.render_stored(out)
+    assert section.startswith("### Online RL on a GPU: cpu")
+    assert "| ppo | full |" in section and "| trpo-lora | LoRA r16 |" in section
+    assert "The value model:" in section
+
+
+def _config_answer(phase: str, paths: list[str]) -> dict:
+    return {
+        "status": "error",
+        "message": "ConfigError: ...",
+        "config_problems": [[path, "..."] for path in paths],
+        "config_phase": phase,
+    }
+
+
+def test_a_trpo_run_the_config_refuses_is_not_available_and_only_trpo_gets_that_status():
+    from benchmarks import gpu_rl
+
+    trpo, ppo = gpu_rl.RLJob("trpo-full", "trpo", {}), gpu_rl.RLJob("ppo", "ppo", {})
+    assert gpu_rl.failure_status(trpo, _config_answer("config", ["algorithm"])) == "not available"
+    # any other refusal of the options is the benchmark's own mistake, and says so
+    assert gpu_rl.failure_status(ppo, _config_answer("config", ["algorithm"])) == "config error"
+    assert gpu_rl.failure_status(trpo, _config_answer("config", ["algorithm", "lora_r"])) == "config error"
+    # trpo's memory check refuses full fine-tuning once the model is loaded
+    assert gpu_rl.failure_status(trpo, _config_answer("training", ["lora_r"])) == "refused"
+    assert gpu_rl.failure_status(trpo, {"status": "oom", "message": "CUDA out of memory"}) == "oom"
+
+
+def test_the_worker_reports_where_a_config_error_came_from(tmp_path):
+    from benchmarks import gpu_rl, gpu_worker
+
+    job = gpu_rl.RLJob("trpo-lora", "trpo", {"lora_r": 16, "distributed": "ddp"})
+    options = gpu_rl.run_options(gpu_rl.TINY, job, "model", str(tmp_path / "p.jsonl"), str(tmp_path / "o"))
+    options["max_kl"] = 0.0  # refused by the config whatever the online loop takes
+    try:
+        gpu_worker.train(options, plan_attention=False)
+    except Exception as exc:
+        details = gpu_worker.describe_error(exc)
+    else:
+        pytest.fail("the config accepted max_kl 0")
+    assert details["config_phase"] == "config"
+    assert [path for path, _ in details["config_problems"] if path == "max_kl"] == ["max_kl"]
+    assert gpu_rl.failure_status(job, details) == "config error"
+
+
+def test_the_rl_plan_puts_grpo_first_and_trpo_full_last_and_skips_what_the_budget_leaves_no_room_for(
+    tmp_path,
+):
+    from benchmarks import gpu_rl
+
+    names = [job.name for job in gpu_rl.plan_jobs(gpu_rl.GPU)]
+    assert names == ["grpo", "ppo", "a2c", "trpo-lora", "trpo-full"]
+    assert "trpo-full" not in [job.name for job in gpu_rl.plan_jobs(gpu_rl.TINY)]
+    bench = gpu_rl.RLBenchmark(gpu_rl.GPU, tmp_path / "rl.json", budget=30.0, work=tmp_path)
+    jobs = {job.name: job for job in gpu_rl.plan_jobs(gpu_rl.GPU)}
+    assert bench.estimate_rl(jobs["trpo-full"]) > bench.estimate_rl(jobs["grpo"]) > 0
+    assert bench.elapsed() + bench.estimate_rl(jobs["grpo"]) > bench.budget
+
+
+def test_rl_figures_leave_out_the_warmup_step_and_take_ratios_to_ppo():
+    from benchmarks import gpu_rl
+
+    def row(seconds: float, generation: float, **extra: float) -> dict:
+        return {
+            "seconds": seconds,
+            "generation_seconds": generation,
+            "training_seconds": seconds - generation,
+            "completion_length_mean": 10.0,
+            "samples": 4,
+            "kl": 0.01,
+            "memory_mib": 50.0,
+            **extra,
+        }
+
+    rows = [
+        row(9.0, 8.0, value_loss=9.0),
+        row(2.0, 1.0, value_loss=1.0, trpo_backtracks=1, trpo_accepted=1, trpo_seconds=0.5),
+        row(4.0, 1.0, value_loss=3.0, trpo_backtracks=2, trpo_accepted=0, trpo_seconds=1.5),
+    ]
+    figures = gpu_rl.summarize(rows, warmup=1, peak_memory_mib=80.0)
+    assert figures["measured_steps"] == 2
+    assert figures["step_seconds_median"] == pytest.approx(3.0)
+    assert figures["generation_share"] == pytest.approx(2.0 / 6.0)
+    assert figures["training_seconds_median"] == pytest.approx(2.0)
+    assert figures["rollout_tokens_per_second"] == pytest.approx(80 / 2.0)
+    assert figures["peak_memory_mib"] == 80.0
+    assert figures["value"] == {"value_loss": pytest.approx(2.0)}
+    assert figures["trpo"]["trpo_backtracks"] == pytest.approx(1.5)
+    assert figures["trpo"]["trpo_accepted"] == pytest.approx(0.5)
+    assert figures["trpo"]["trpo_seconds_median"] == pytest.approx(1.0)
+    runs = [
+        {"name": "grpo", "measured_steps": 2, "step_seconds_median": 2.0},
+        {"name": "ppo", "measured_steps": 2, "step_seconds_median": 4.0},
+        {"name": "trpo-full", "measured_steps": 0},
+    ]
+    assert gpu_rl.ratios_to_ppo(runs) == {"grpo": 0.5, "ppo": 1.0}
+    assert gpu_rl.ratios_to_ppo(runs[:1]) == {}
+
+
+def test_the_report_has_the_online_rl_subsection_not_measured_then_rendered(tmp_path, monkeypatch):
+    from benchmarks import gpu_rl, run
+
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    report = run.report()
+    assert "### Online RL on a GPU\n\nNot measured yet" in report
+    assert report.index("## On a GPU") < report.index("### Online RL on a GPU")
+    result = {
+        "suite": "rl",
+        "mode": "gpu",
+        "elapsed_seconds": 200.0,
+        "budget_seconds": 215.0,
+        "environment": {"device": "NVIDIA H200", "torch": "2.11.0", "cuda": "13.0", "transformers": "5.17.0"},
+        "runs": [
+            {
+                "name": "trpo-full",
+                "algorithm": "trpo",
+                "trainable": "full",
+                "config": {"effective_batch_size": 32, "max_new_tokens": 128},
+                "status": "not available",
+                "message": "ConfigError: algorithm: not part of the online loop yet",
+                "measured_steps": 0,
+            }
+        ],
+        "skipped": [],
+    }
+    (tmp_path / "gpu_rl.json").write_text(
+        json.dumps({"result": result, "machine": {"gpu": "NVIDIA H200"}, "date": "2026-01-01"})
+    )
+    report = run.report()
+    assert "### Online RL on a GPU: NVIDIA H200" in report
+    assert "| trpo-full | full | - | - |" in report
+    assert "- trpo-full: not available: ConfigError: algorithm" in report
+    assert "gpu_rl.json` does not exist" not in report
+    assert gpu_rl.NOT_MEASURED not in report
