@@ -1,5 +1,6 @@
 """The sft -> reward_model -> rl example on a tiny model: the reward model stage passes the SFT model on, and
-the rl stage scores with the reward model it trained (``reward_model_path: stage:reward_model``)."""
+the rl stage runs PPO with the reward model it trained (``reward_model_path: stage:reward_model``), the value
+model starting from that reward model."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ def overrides(out: Path, **extra: object) -> dict[str, object]:
             "stage_configs.rl.num_generations": 2,
             "stage_configs.rl.max_new_tokens": 4,
             "stage_configs.rl.checkpoint_every_steps": 0,
+            "stage_configs.rl.ppo_epochs": 2,
         }
     )
     values.update(extra)
@@ -57,10 +59,16 @@ def test_sft_then_reward_model_then_rl_end_to_end(tmp_path):
     assert evals and {"eval_accuracy", "eval_margin"} <= evals[-1].keys()
     used = json.loads((out / "stages" / "03_rl" / "training_config.json").read_text())
     assert used["reward_model_path"] == str(rm_stage / "final")
+    assert (used["algorithm"], used["value_model_init"], used["num_mini_batches"]) == (
+        "ppo",
+        "reward_model",
+        2,
+    )
     rl_metrics = [
         json.loads(line) for line in (out / "stages" / "03_rl" / "metrics.jsonl").read_text().splitlines()
     ]
-    assert len(rl_metrics) == 2 and all("reward" in r for r in rl_metrics)
+    assert len(rl_metrics) == 2 and all("reward" in r and "reward/reward_model/mean" in r for r in rl_metrics)
+    assert all(r["value_loss"] > 0 and r["passes"] in (1, 2) for r in rl_metrics)  # the critic trained
     # once the reward model exists, the dry run compares its tokenizer with the policy's (the same here)
     details = pipeline.stages["rl"].dry_run(sft.model_path, sft.model_path)
     assert details["reward_model"] == str(rm_stage / "final")
@@ -97,6 +105,6 @@ def test_an_rl_stage_without_any_reward_is_named(tmp_path):
         "stage_configs.rl.reward_weights": [],
     }
     with pytest.raises(
-        ConfigError, match=r"stage_configs\.rl\.reward_functions: grpo needs something to learn"
+        ConfigError, match=r"stage_configs\.rl\.reward_functions: ppo needs something to learn"
     ):
         Pipeline(load_pipeline_config(EXAMPLE, overrides(tmp_path, **change)))
