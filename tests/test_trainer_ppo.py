@@ -24,7 +24,11 @@ from kfp_components.typed_config import ConfigError
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> Path:
     """The prompts and rule rewards of test_trainer_online."""
-    folder = tmp_path_factory.mktemp("value")
+    return write_prompts(tmp_path_factory.mktemp("value"))
+
+
+def write_prompts(folder: Path) -> Path:
+    """The prompts of test_trainer_online in ``folder``, with its rule rewards beside them."""
     path = folder / "prompts.jsonl"
     words = ["cat", "dog", "sun", "map", "tree", "bird", "lamp", "rain"]
     rows = [{"prompt": f"Say something about the {w}.", "answer": str(i)} for i, w in enumerate(words * 2)]

@@ -1,7 +1,9 @@
 """TRPO's natural-gradient step (``kfp_components.trainer.trpo``): Fisher-vector products and conjugate gradient
 against a Fisher formed exactly, the trust region after the line search, the bit-identical restore of a
 rejected step, LoRA and OSFT, two gloo DDP ranks against one process, learning on a fixed advantage signal,
-the memory check and the options."""
+the memory check and the options; then ``algorithm: trpo`` in the online step, trained for real on the tiny
+model: the reward rises within the trust region, a rejected step keeps the policy, LoRA, OSFT, two DDP
+processes against one, resume, and the errors before training."""
 
 from __future__ import annotations
 
@@ -576,9 +578,11 @@ def problems(**options: object) -> dict[str, str]:
         ({"line_search_steps": 0}, "line_search_steps", "at least 1"),
         ({"value_epochs": 0}, "value_epochs", "at least 1"),
         ({"cg_damping": -0.1}, "cg_damping", "negative"),
-        ({"distributed": "fsdp"}, "distributed", "ddp"),
         ({"num_iterations": 2}, "num_iterations", "one natural-gradient step"),
         ({"attn_implementation": "flash_attention_2"}, "attn_implementation", "no double backward"),
+        ({"kl_coef": 0.1, "kl_in": "loss"}, "kl_in", "kl_in: reward"),
+        ({"entropy_coef": 0.01}, "entropy_coef", "set it to 0"),
+        ({"early_stop_kl": 0.1}, "early_stop_kl", "set it to 0"),
     ],
 )
 def test_bad_trpo_options_are_errors_naming_the_key(options, key, text):
@@ -586,8 +590,264 @@ def test_bad_trpo_options_are_errors_naming_the_key(options, key, text):
     assert key in found and text in found[key]
 
 
-def test_trpo_options_are_checked_for_every_algorithm_and_trpo_itself_is_refused_until_wired():
+def test_trpo_options_are_checked_for_every_algorithm_and_trpo_runs_in_the_online_loop():
     assert "max_kl" in problems(algorithm="grpo", num_generations=2, effective_batch_size=4, max_kl=0.0)
     config(algorithm="grpo", num_generations=2, effective_batch_size=4).validate()
-    found = problems()
-    assert list(found) == ["algorithm"] and "not part of the online loop" in found["algorithm"]
+    trpo_config = config()
+    trpo_config.validate()
+    assert (trpo_config.num_iterations, trpo_config.kl_in, trpo_config.entropy_coef) == (1, "reward", 0.0)
+    config(distributed="fsdp").validate()  # the default: one process ignores it (two are refused in train)
+
+
+# --------------------------------------------------------------------------------------------------------
+# trpo in the online step (real training on the tiny model)
+# --------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The prompts and rule rewards of the ppo tests."""
+    from test_trainer_ppo import write_prompts
+
+    return write_prompts(tmp_path_factory.mktemp("trpo"))
+
+
+def online_trpo(prompts: Path, output_dir: Path, **overrides: object) -> TrainingConfig:
+    """The ppo tests' tiny setup with trpo: short steps, a small CG and critic budget."""
+    from test_trainer_ppo import value_config
+
+    options: dict[str, object] = dict(
+        algorithm="trpo", max_kl=2.0, cg_iterations=5, value_epochs=2, max_steps=2, distributed="fsdp"
+    )
+    options.update(overrides)
+    return value_config(prompts, output_dir, **options)
+
+
+@pytest.mark.slow
+def test_trpo_raises_the_reward_keeps_every_step_within_max_kl_and_the_value_loss_falls(prompts, tmp_path):
+    from test_trainer_online import rise
+    from test_trainer_ppo import rows_of
+
+    from kfp_components.trainer.train import train
+
+    summary = train(online_trpo(prompts, tmp_path, max_steps=8))
+    rows = rows_of(tmp_path)
+    assert summary.steps == len(rows) == 8
+    rewards = [r["reward"] for r in rows]
+    assert rise(rewards) > 0.1, rewards
+    value_losses = [r["value_loss"] for r in rows]
+    assert sum(value_losses[-3:]) < sum(value_losses[:3]), value_losses
+    for row in rows:
+        assert row["trpo_kl"] <= 2.0 and row["passes"] == 1
+        assert row["grad_norm"] == row["trpo_gradient_norm"] > 0
+        for absent in ("entropy", "clip_fraction", "approx_kl"):  # no clipping, no entropy under trpo
+            assert absent not in row
+    assert sum(r["trpo_accepted"] for r in rows) >= 6 and any(r["trpo_kl"] > 0.01 for r in rows)
+    for key in ("trpo_step_fraction", "trpo_surrogate", "trpo_cg_residual", "value_grad_norm", "score_mean"):
+        assert isinstance(rows[-1][key], int | float), key
+    assert summary.metrics["trpo_kl"] == rows[-1]["trpo_kl"]
+
+
+def test_a_rejected_trpo_step_leaves_the_policy_bit_identical_and_the_critic_still_trains(prompts, tmp_path):
+    """A trust region too small to move a float32 weight: no candidate improves the surrogate, so the saved
+    policy is the starting checkpoint bit for bit, while the value model made its updates."""
+    from test_trainer_ppo import rows_of
+
+    from kfp_components.trainer.train import train
+
+    train(
+        online_trpo(
+            prompts,
+            tmp_path,
+            max_kl=1e-30,
+            line_search_steps=2,
+            max_steps=1,
+            value_epochs=1,
+            save_final_model=True,
+        )
+    )
+    (row,) = rows_of(tmp_path)
+    assert row["trpo_accepted"] == 0 and row["trpo_backtracks"] == 2 and row["trpo_kl"] == 0
+    assert row["trpo_step_fraction"] == 0 and row["trpo_gradient_norm"] > 0
+    assert row["value_grad_norm"] > 0
+    start = AutoModelForCausalLM.from_pretrained(tiny_model_path("qwen2", 0)).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    assert start.keys() == final.keys()
+    for name, value in start.items():
+        assert torch.equal(value, final[name]), name
+
+
+def capture_trpo_steps(patch: pytest.MonkeyPatch) -> list[tuple[dict[str, Tensor], dict[str, Tensor], dict]]:
+    """Patch ``OnlineSteps.trpo_update`` to record the policy's parameters before and after each step."""
+    from kfp_components.trainer import online
+    from kfp_components.trainer.distributed import unwrap
+
+    steps: list[tuple[dict[str, Tensor], dict[str, Tensor], dict]] = []
+    original = online.OnlineSteps.trpo_update
+
+    def trpo_update(self, model, samples, whole, global_step, update):  # type: ignore[no-untyped-def]
+        before = {n: p.detach().clone() for n, p in unwrap(model).named_parameters()}
+        result = original(self, model, samples, whole, global_step, update)
+        after = {n: p.detach().clone() for n, p in unwrap(model).named_parameters()}
+        steps.append((before, after, result[2]))
+        return result
+
+    patch.setattr(online.OnlineSteps, "trpo_update", trpo_update)
+    return steps
+
+
+def test_lora_trpo_moves_only_the_adapters(prompts, tmp_path):
+    from kfp_components.trainer.train import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        steps = capture_trpo_steps(patch)
+        train(online_trpo(prompts, tmp_path, lora_r=4, lora_alpha=8, max_steps=1, value_epochs=1))
+    ((before, after, metrics),) = steps
+    assert metrics["trpo_accepted"] == 1
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)
+
+
+def test_trpo_inside_the_osft_constraint_keeps_the_frozen_subspace(prompts, tmp_path):
+    """The decomposed weights train, and their change is orthogonal to the top singular directions on both
+    sides (the step is projected as OSFT projects gradients)."""
+    import math
+
+    from kfp_components.trainer.train import train
+
+    train(
+        online_trpo(
+            prompts,
+            tmp_path,
+            osft_constraint=True,
+            unfreeze_rank_ratio=0.25,
+            max_steps=1,
+            value_epochs=1,
+            save_final_model=True,
+        )
+    )
+    tuned = AutoModelForCausalLM.from_pretrained(tmp_path / "final").state_dict()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_path("qwen2", 0)).state_dict()
+    for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        w0, w1 = original[name].double(), tuned[name].double()
+        u, _s, vh = torch.linalg.svd(w0, full_matrices=False)
+        k = math.floor(min(w0.shape) * 0.75)
+        delta = w1 - w0
+        assert delta.abs().max() > 1e-5, f"{name} trained"
+        assert (u[:, :k].T @ delta).abs().max() < 1e-4 and (delta @ vh[:k].T).abs().max() < 1e-4, name
+
+
+@pytest.mark.slow
+def test_two_gloo_ddp_processes_match_one(prompts, tmp_path):
+    import yaml
+    from test_trainer_loop import torchrun_two_processes
+    from test_trainer_ppo import rows_of
+
+    from kfp_components.trainer.train import train
+
+    common: dict[str, object] = dict(max_steps=2, kl_coef=0.05, max_seq_len=64, max_tokens_per_gpu=64)
+    train(online_trpo(prompts, tmp_path / "one", **common))
+    two = online_trpo(prompts, tmp_path / "two", distributed="ddp", **common)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(dict(two.__dict__)))
+    torchrun_two_processes(run_yaml)
+    single, double = rows_of(tmp_path / "one"), rows_of(tmp_path / "two")
+    assert len(single) == len(double) == 2 and single[0]["micro_batches"] > 1
+    assert single[1]["kl"] != 0  # the k1 KL penalty in the reward (trpo's default kl_in), after step 1
+    for a, b in zip(single, double, strict=True):
+        assert b["trpo_accepted"] == a["trpo_accepted"] and b["trpo_step_fraction"] == a["trpo_step_fraction"]
+        for key in ("reward", "completion_length_mean", "kl", "value_mean", "returns_mean", "advantages_std"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+        for key in (
+            "trpo_kl",
+            "trpo_surrogate",
+            "trpo_gradient_norm",
+            "trpo_expected_improvement",
+            "value_loss",
+        ):
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(prompts, tmp_path):
+    """Stopped after step 2 and resumed: the value model, the adaptive KL coefficient and the schedule (the
+    critic's learning rate) come back, so the later steps match."""
+    import shutil
+
+    from test_trainer_ppo import rows_of
+
+    from kfp_components.trainer.train import train
+
+    options: dict[str, object] = dict(
+        max_steps=4,
+        checkpoint_every_steps=2,
+        keep_checkpoints=5,
+        kl_coef=0.05,
+        kl_target=0.01,
+        kl_horizon=64,
+        lr_scheduler="cosine",
+        value_epochs=1,
+    )
+    train(online_trpo(prompts, tmp_path, **options))
+    first = rows_of(tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")
+    train(online_trpo(prompts, tmp_path, resume=True, **options))
+    resumed = rows_of(tmp_path)
+    assert [r["step"] for r in resumed] == [r["step"] for r in first] == [1, 2, 3, 4]
+    for before, after in zip(first, resumed, strict=True):
+        for key in (
+            "reward",
+            "loss",
+            "kl",
+            "kl_coef",
+            "lr",
+            "value_loss",
+            "value_mean",
+            "trpo_kl",
+            "trpo_surrogate",
+        ):
+            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-7), (key, before, after)
+    assert len({r["kl_coef"] for r in first}) > 1 and len({r["lr"] for r in first}) > 1
+
+
+def test_fsdp_on_two_processes_is_an_error_naming_distributed_before_any_model_loads(prompts, tmp_path):
+    import yaml
+
+    run = online_trpo(prompts, tmp_path / "run")
+    assert run.distributed == "fsdp"
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump(dict(run.__dict__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "kfp_components.trainer", "--config", str(run_yaml)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "distributed: trpo on 2 processes runs with distributed: ddp" in done.stderr, done.stderr[-3000:]
+    assert "Loading" not in done.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_the_memory_check_stops_the_run_before_the_first_step(prompts, tmp_path):
+    from kfp_components.trainer.train import train
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trpo, "available_memory_bytes", lambda device: 1_000_000)
+        with pytest.raises(ConfigError) as caught:
+            train(online_trpo(prompts, tmp_path))
+    message = str(caught.value)
+    assert "lora_r" in message and "trainable parameters" in message and "0.00 GiB free" in message, message
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_advantages_without_a_value_model_refuse_other_algorithms():
+    """The value algorithms' advantages are value_advantages'; an algorithm the dispatch does not know is an
+    error, not rloo's advantages."""
+    from types import SimpleNamespace
+
+    from kfp_components.trainer.online import OnlineSteps
+
+    for algorithm in ("trpo", "ppo", "something"):
+        steps = SimpleNamespace(
+            config=SimpleNamespace(algorithm=algorithm), info=SimpleNamespace(device="cpu")
+        )
+        with pytest.raises(ValueError, match=f"grpo, rloo and reinforce_pp, not '{algorithm}'"):
+            OnlineSteps.advantages(steps, [], [], None, None)  # type: ignore[arg-type]

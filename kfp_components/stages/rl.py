@@ -1,5 +1,5 @@
 """The rl stage: online reinforcement learning from reward functions and reward models (grpo, rloo,
-reinforce_pp, and with a value model ppo and a2c; see docs/rl.md).
+reinforce_pp, and with a value model ppo, a2c and trpo; see docs/rl.md).
 
 The stage's ``algorithm`` option chooses the algorithm (the engine's option of the same name); the data is
 the dataset stage's ``prompt`` rows, whose other columns (``answer``, ...) reach the reward functions. A
@@ -48,9 +48,13 @@ class RLStageConfig(TrainingStageConfig, OptimOptions, RLOptions, OSFTOptions):
             reinforce_pp (REINFORCE++: KL in the reward, globally whitened advantages), ppo (a value model,
             GAE, clipped policy and value losses, num_iterations x num_mini_batches updates per step) or a2c
             (advantage actor-critic: one update per step, policy loss -A log pi, vf_coef 0.5 and
-            entropy_coef 0.01 unless set). ppo's and a2c's options: value_model_init, value_learning_rate,
-            gamma, gae_lambda, vf_coef, value_clip, entropy_coef, early_stop_kl, kl_estimator,
-            reward_clip, whiten_rewards, missing_eos_penalty, whiten_advantages.
+            entropy_coef 0.01 unless set) or trpo (one natural-gradient step of the policy within the trust
+            region max_kl per step, then value_epochs passes of the value model; no learning rate for the
+            policy; distributed: ddp on several processes). ppo's and a2c's options: value_model_init,
+            value_learning_rate, gamma, gae_lambda, vf_coef, value_clip, entropy_coef, early_stop_kl,
+            kl_estimator, reward_clip, whiten_rewards, missing_eos_penalty, whiten_advantages; trpo uses
+            them too (not entropy_coef, early_stop_kl) and its own: max_kl, cg_iterations, cg_damping,
+            line_search_steps, line_search_shrink, value_epochs.
     """
 
     algorithm: RLAlgorithm = "grpo"

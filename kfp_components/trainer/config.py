@@ -71,7 +71,8 @@ class OptimOptions(Options):
         activation_checkpointing: Recompute activations in backward to save memory (alias:
             gradient_checkpointing).
         use_liger: Liger fused kernels (GPU only; on a CPU a warning and the plain path).
-        distributed: fsdp (FSDP2, sharded) or ddp when run under torchrun with more than one process.
+        distributed: fsdp (FSDP2, sharded) or ddp when run under torchrun with more than one process (trpo
+            and LoRA: ddp).
         attn_implementation: Attention kernel: sdpa, eager, flash_attention_2, flash_attention_3 or
             flex_attention.
         checkpoint_every_steps: Save a resumable checkpoint every N optimizer steps (0: only at the end;
@@ -260,7 +261,8 @@ class DPOOptions(OSFTConstraintOptions):
 
 @dataclass(kw_only=True)
 class RLOptions(OSFTConstraintOptions):
-    """Online reinforcement learning: GRPO, RLOO, REINFORCE++, PPO and A2C (see docs/online.md, docs/rl.md).
+    """Online reinforcement learning: GRPO, RLOO, REINFORCE++, PPO, A2C and TRPO (see docs/online.md,
+    docs/rl.md).
 
     One step generates ``num_generations`` completions for each of ``effective_batch_size /
     num_generations`` prompts from the current model, scores them with the reward functions, and makes
@@ -301,7 +303,8 @@ class RLOptions(OSFTConstraintOptions):
             max_new_tokens times the completions).
         num_iterations: Passes over each step's completions, each of num_mini_batches optimizer updates
             (more than 1: the probability ratio to the generating policy moves away from 1 and clipping
-            applies). Default: 4 for ppo, 1 otherwise (a2c needs 1). Aliases: ppo_epochs, num_ppo_epochs.
+            applies). Default: 4 for ppo, 1 otherwise (a2c and trpo need 1). Aliases: ppo_epochs,
+            num_ppo_epochs.
         num_mini_batches: Optimizer updates per pass: the step's completions are split into this many
             mini-batches (reshuffled every pass); effective_batch_size must split evenly over them and the
             ranks. a2c needs 1.
@@ -311,20 +314,21 @@ class RLOptions(OSFTConstraintOptions):
             LoRA the model without its adapter); 0 turns it off and no reference model is loaded.
         kl_in: Where the KL penalty goes: loss (the k3 estimate added to the loss, as GRPO) or reward (the
             kl_estimator estimate subtracted from every token's reward, as REINFORCE++ and PPO). Default:
-            loss for grpo and rloo, reward for reinforce_pp, ppo and a2c.
-        kl_estimator: The per-token KL estimate in the reward of ppo and a2c: k1 (log-ratio) or k3
+            loss for grpo and rloo, reward for reinforce_pp, ppo, a2c and trpo.
+        kl_estimator: The per-token KL estimate in the reward of ppo, a2c and trpo: k1 (log-ratio) or k3
             (exp(-d) + d - 1, never negative). reinforce_pp uses k1.
         kl_target: 0: kl_coef stays fixed; above 0: kl_coef adapts (proportional controller) to keep the
             KL per completion (summed over its tokens, in nats) near this target.
         kl_horizon: Completions over which the adaptive controller corrects (Ziegler et al.'s horizon;
             larger: slower changes). A step changes kl_coef by a factor within 1 +- 0.2 x completions /
             kl_horizon.
-        value_model_init: ppo and a2c: what the separate value model (critic) starts from: policy (the
+        value_model_init: ppo, a2c and trpo: what the separate value model (critic) starts from: policy (the
             policy's starting checkpoint with a new scalar head) or reward_model (reward_model_path's
             checkpoint, head included). See docs/rl.md.
         value_learning_rate: Peak learning rate of the value model's AdamW (0: learning_rate); it follows
-            the policy's schedule.
-        gamma: Discount of the token rewards in GAE (ppo, a2c).
+            the policy's schedule (trpo: the policy has no learning rate, the schedule scales the value
+            model's only).
+        gamma: Discount of the token rewards in GAE (ppo, a2c, trpo).
         gae_lambda: GAE's lambda (1: Monte Carlo returns minus the values; 0: one-step TD).
         vf_coef: Weight of the value loss beside the policy loss. Default 0.1; a2c uses 0.5 when it is not
             set.
@@ -334,12 +338,12 @@ class RLOptions(OSFTConstraintOptions):
             is not set.
         early_stop_kl: ppo: stop a step's remaining passes once a pass's approximate KL to the generating
             policy (per token) is above this (0: never).
-        reward_clip: ppo, a2c: clip each completion's score to [-reward_clip, reward_clip] (0: no clipping).
-        whiten_rewards: ppo, a2c: scale the token rewards (score and KL) by their standard deviation over
+        reward_clip: ppo, a2c, trpo: clip each completion's score to [-reward_clip, reward_clip] (0: no clipping).
+        whiten_rewards: ppo, a2c, trpo: scale the token rewards (score and KL) by their standard deviation over
             the step.
-        missing_eos_penalty: ppo, a2c: subtracted from the score of a completion cut at max_new_tokens
+        missing_eos_penalty: ppo, a2c, trpo: subtracted from the score of a completion cut at max_new_tokens
             without an end of sequence.
-        whiten_advantages: ppo, a2c: whiten the GAE advantages over every completion token of the step.
+        whiten_advantages: ppo, a2c, trpo: whiten the GAE advantages over every completion token of the step.
         max_kl: trpo: the trust region, the largest mean KL(old || new) per completion token (from full
             logits, in nats) that one policy step may reach (> 0; the delta of the TRPO paper).
         cg_iterations: trpo: conjugate-gradient iterations (Fisher-vector products) solving for the
@@ -643,14 +647,8 @@ class TrainingConfig(
     def _check_trpo(self) -> None:
         if self.algorithm != "trpo":
             return
-        if self.distributed == "fsdp":
-            raise ConfigError(
-                "distributed",
-                "trpo needs every rank to hold the whole trainable set (its Fisher-vector products take "
-                "gradients of gradients, which do not reach FSDP2's sharded parameters): set distributed: "
-                "ddp (one process ignores it), with LoRA (lora_r > 0) for models whose trainable set does "
-                "not fit one device",
-            )
+        # distributed: fsdp (the default) is refused where the world size is known (train: several
+        # processes); one process ignores it.
         if self.attn_implementation not in ("sdpa", "eager"):
             raise ConfigError(
                 "attn_implementation",
@@ -663,11 +661,17 @@ class TrainingConfig(
                 f"trpo takes one natural-gradient step per step's completions, got {self.num_iterations}; "
                 "the value model's passes are value_epochs",
             )
-        raise ConfigError(
-            "algorithm",
-            "trpo's natural-gradient step (kfp_components.trainer.trpo) is not part of the online loop yet: "
-            "use grpo, rloo or reinforce_pp",
-        )
+        if self.kl_coef and self.kl_in == "loss":
+            raise ConfigError(
+                "kl_in", "trpo's surrogate has no KL term: the KL penalty goes in the reward (kl_in: reward)"
+            )
+        for name in ("entropy_coef", "early_stop_kl"):
+            if getattr(self, name):
+                raise ConfigError(
+                    name,
+                    f"trpo's policy step is the natural-gradient step within max_kl, without {name}; set it "
+                    "to 0",
+                )
 
     @property
     def is_online(self) -> bool:

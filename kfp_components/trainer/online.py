@@ -1,4 +1,4 @@
-"""The steps of the online algorithms (grpo, rloo, reinforce_pp, ppo, a2c): generate, score, learn.
+"""The steps of the online algorithms (grpo, rloo, reinforce_pp, ppo, a2c, trpo): generate, score, learn.
 
 One step, on every rank of a torchrun job (``train`` runs the loop around it, as for SFT and DPO):
 
@@ -19,12 +19,17 @@ One step, on every rank of a torchrun job (``train`` runs the loop around it, as
    update's completion tokens (or completions) over all ranks, so every rank count gives the same update;
    then the adaptive KL coefficient moves toward its target.
 
-The value algorithms (ppo, a2c) have a critic (``value_model.Critic``) and their step is, in order:
+The value algorithms (ppo, a2c, trpo) have a critic (``value_model.Critic``) and their step is, in order:
 rollouts -> old log-probs, reference log-probs and values (no gradients) -> token rewards (the shaped score
 at each completion's last token, the KL penalty on every token) -> GAE advantages and returns -> the policy
 phase -> the critic phase. ppo and a2c run the two phases as one backward (policy loss + ``vf_coef`` x value
 loss; the critic has its own optimizer); :meth:`OnlineSteps.critic_update` runs the critic's passes alone,
 for an algorithm whose policy step is not a gradient step.
+
+trpo's policy phase is one natural-gradient step (:meth:`OnlineSteps.trpo_update`,
+``kfp_components.trainer.trpo``) instead of optimizer updates: the policy's AdamW is not used, the LR
+schedule advances once per step and scales only the critic's learning rate; then ``value_epochs`` passes of
+the critic (:meth:`OnlineSteps.critic_update`).
 """
 
 from __future__ import annotations
@@ -190,7 +195,8 @@ class OnlineSteps:
         )
         self.kl = pg.KLController(coef=config.kl_coef, target=config.kl_target, horizon=config.kl_horizon)
         self.passes = int(config.num_iterations or 1)
-        self.updates_per_step = self.passes * config.num_mini_batches
+        #: the scheduler's steps per step: trpo advances it once (its policy step replaces the updates)
+        self.updates_per_step = 1 if config.algorithm == "trpo" else self.passes * config.num_mini_batches
         self.value_based = config.algorithm in VALUE_ALGORITHMS
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.reward_names = list(rewards.names)
@@ -205,6 +211,13 @@ class OnlineSteps:
             "truncated_share",
             *(("score_mean", "value_loss", "explained_variance", "approx_kl") if self.value_based else ()),
         )
+        if config.algorithm == "trpo":  # no clipping, no entropy; the step's own numbers instead
+            dropped = ("entropy", "clip_fraction", "approx_kl")
+            self.metric_names = (
+                *(n for n in self.metric_names if n not in dropped),
+                "trpo_accepted",
+                "trpo_kl",
+            )
         self.backend: Any = None
         self.reference: nn.Module | None = None
         self.critic: Any = None  # value_model.Critic of the value algorithms
@@ -284,17 +297,22 @@ class OnlineSteps:
         sums: dict[str, float] = {}
         updates: list[tuple[float | None, bool, float]] = []
         passes_run = 0
-        for pass_index in range(self.passes):
-            pass_sums: dict[str, float] = {}
-            for chunk in self.mini_batches(samples, whole, global_step, pass_index):
-                pass_sums = _added(pass_sums, self.learn(model, chunk))
-                updates.append(update())
-                self.critic_step(updates[-1], pass_sums)
-                self.backend.sync_weights(model)
-            sums = _added(sums, pass_sums)
-            passes_run += 1
-            if self.stop_early(pass_sums):
-                break
+        if self.config.algorithm == "trpo":
+            sums, updates, trpo_metrics = self.trpo_update(model, samples, whole, global_step, update)
+            extra.update(trpo_metrics)
+            passes_run = 1
+        else:
+            for pass_index in range(self.passes):
+                pass_sums: dict[str, float] = {}
+                for chunk in self.mini_batches(samples, whole, global_step, pass_index):
+                    pass_sums = _added(pass_sums, self.learn(model, chunk))
+                    updates.append(update())
+                    self.critic_step(updates[-1], pass_sums)
+                    self.backend.sync_weights(model)
+                sums = _added(sums, pass_sums)
+                passes_run += 1
+                if self.stop_early(pass_sums):
+                    break
         training_seconds = all_reduce_max(time.monotonic() - learn_started, self.info.device)
         if kl_rewarded is not None:
             sums["kl"] = kl_rewarded * passes_run
@@ -398,6 +416,69 @@ class OnlineSteps:
                 sums["value_updates"] = sums.get("value_updates", 0.0) + 1.0 / self.info.world_size
         return sums
 
+    def trpo_update(
+        self, model: nn.Module, samples: list[TokenizedSample], whole: Update, global_step: int, update: Any
+    ) -> tuple[dict[str, float], list[tuple[float | None, bool, float]], dict[str, float]]:
+        """trpo's policy and critic phases: one natural-gradient step of the policy over this rank's
+        micro-batches (normalised by the step's loss tokens over all ranks, reduced over the ranks, projected
+        under ``osft_constraint``), the LR schedule's step (``update.advance_schedule``: the policy's AdamW
+        is not used), then ``value_epochs`` passes of the critic at the schedule's factor, then the weights
+        to the rollout backend. Returns this rank's metric sums, the step's update as the loop records it
+        (the surrogate's gradient norm, True, the schedule's LR) and the step's ``trpo_*`` metrics."""
+        from kfp_components.trainer import trpo
+        from kfp_components.trainer.osft import project_osft_parameters
+
+        config = self.config
+        tensors = whole.tensors
+        if tensors.old is None:
+            raise ValueError("trpo needs the generating policy's log-probs of the step")
+        policy = unwrap(model)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        batches = [
+            trpo.packed_micro_batch(
+                policy,
+                batch,
+                sequence_ids,
+                advantages,
+                old,
+                temperature=config.temperature,
+                device=self.info.device,
+                autocast=self.precision.autocast,
+            )
+            for (batch, sequence_ids), advantages, old in zip(
+                whole.batches, tensors.advantages, tensors.old, strict=True
+            )
+        ]
+        was_training = policy.training
+        policy.eval()  # no dropout: the line search compares separate forwards (see docs/rl.md, TRPO)
+        try:
+            result = trpo.natural_gradient_step(
+                params,
+                batches,
+                normaliser=float(max(whole.label_tokens, 1)),
+                max_kl=config.max_kl,
+                cg_iterations=config.cg_iterations,
+                cg_damping=config.cg_damping,
+                line_search_steps=config.line_search_steps,
+                line_search_shrink=config.line_search_shrink,
+                reduce=all_reduce_sum,
+                project=trpo.osft_projection(policy, params) if config.uses_osft else None,
+            )
+        finally:
+            policy.train(was_training)
+        if result.accepted and config.uses_osft:
+            project_osft_parameters(model)  # as after an optimizer step, against rounding
+        lr = update.advance_schedule()
+        sums = self.critic_update(samples, whole, global_step, config.value_epochs, lr / config.learning_rate)
+        sums.pop("loss", None)  # the critic's weighted loss; the step's loss is the policy's
+        self.backend.sync_weights(model)
+        ids = [sequence_ids for _, sequence_ids in whole.batches]
+        sums["tokens"] = float(sum(int((i >= 0).sum()) for i in ids))
+        sums["completions"] = float(sum(torch.unique(i[i >= 0]).numel() for i in ids))
+        # the policy loss before the step, -L(theta_old), the same on every rank: counted once
+        sums["loss"] = -result.surrogate if self.info.rank == 0 else 0.0
+        return sums, [(result.gradient_norm, True, lr)], result.metrics()
+
     def generate(self, local: list[int], global_step: int) -> list[Completion]:
         """This rank's completions; each prompt's draws come from a seed of (seed, step, prompt), so they do
         not depend on the number of ranks or on where a resumed run started."""
@@ -490,7 +571,8 @@ class OnlineSteps:
         ``num_iterations > 1``, or for the KL in the reward) and the reference model's (KL on)."""
         kl_on = self.config.kl_coef > 0
         old = None
-        if self.updates_per_step > 1 or (kl_on and self.config.kl_in == "reward"):
+        trpo = self.config.algorithm == "trpo"  # the surrogate's ratio needs them
+        if trpo or self.updates_per_step > 1 or (kl_on and self.config.kl_in == "reward"):
             old = [self.token_logps(model, b)[0] for b, _ in batches]
         ref = None
         if kl_on:
@@ -508,8 +590,14 @@ class OnlineSteps:
         old: list[torch.Tensor] | None,
         ref: list[torch.Tensor] | None,
     ) -> tuple[list[torch.Tensor], float | None]:
-        """Per micro-batch, the advantage of every token; and with ``kl_in: reward`` the summed k1 KL of this
-        rank's tokens (for the metrics)."""
+        """Per micro-batch, the advantage of every token (grpo, rloo, reinforce_pp; the value algorithms'
+        are :meth:`value_advantages`); and with ``kl_in: reward`` the summed k1 KL of this rank's tokens (for
+        the metrics)."""
+        algorithm = self.config.algorithm
+        if algorithm not in ("grpo", "rloo", "reinforce_pp"):
+            raise ValueError(
+                f"advantages without a value model are those of grpo, rloo and reinforce_pp, not {algorithm!r}"
+            )
         device = self.info.device
         rewards = torch.tensor(
             [math.nan if r.total is None else r.total for r in rollouts], dtype=torch.float64, device=device
@@ -523,7 +611,7 @@ class OnlineSteps:
                 for o, r, i in zip(old, ref, ids, strict=True)
             ]
             kl_sum = float(sum(float(k.sum()) for k in kl))
-        if self.config.algorithm == "reinforce_pp":
+        if algorithm == "reinforce_pp":
             # Whitened over every token of the step: this rank's micro-batches in one vector, the moments
             # summed over the ranks.
             sizes = [len(i) for i in ids]
@@ -542,11 +630,11 @@ class OnlineSteps:
             for k, i in zip(kl, ids, strict=True):
                 penalty.index_add_(0, i[i >= 0], k[i >= 0].double())
             rewards = rewards - self.kl.coef * all_reduce_sum(penalty)
-        if self.config.algorithm == "grpo":
+        if algorithm == "grpo":
             per_completion = pg.group_advantages(
                 rewards, self.config.num_generations, self.config.scale_rewards
             )
-        else:
+        else:  # rloo
             per_completion = pg.rloo_advantages(rewards, self.config.num_generations)
         return [pg.per_token(per_completion, i).float() for i in ids], kl_sum
 
@@ -774,6 +862,11 @@ class OnlineSteps:
                     "approx_kl": total.get("approx_kl", 0.0) / tokens,
                 }
             )
+        if (
+            self.config.algorithm == "trpo"
+        ):  # no ratio clipping, no entropy, no approximate KL: trpo_* instead
+            for key in ("entropy", "clip_fraction", "clip_low_fraction", "clip_high_fraction", "approx_kl"):
+                record.pop(key, None)
         record.update(extra or {})
         if not all(stepped for _, stepped, _ in updates):
             record["step_skipped"] = True

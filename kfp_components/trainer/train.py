@@ -1,8 +1,8 @@
 """The training loop: read it top to bottom.
 
 ``train(config)`` runs SFT (full or LoRA), OSFT, DPO, reward-model training or an online algorithm (GRPO,
-RLOO, REINFORCE++, PPO, A2C; the last two with a value model, ``value_model``, saved in every checkpoint
-beside the policy) in one process or under torchrun (DDP or FSDP2):
+RLOO, REINFORCE++, PPO, A2C, TRPO; the last three with a value model, ``value_model``, saved in every
+checkpoint beside the policy) in one process or under torchrun (DDP or FSDP2; trpo: DDP):
 
 1. check the inputs (``preflight``); join the process group; load the tokenizer and tokenise the data
    (chat template, assistant-only labels), and the eval data when there is some;
@@ -17,7 +17,8 @@ beside the policy) in one process or under torchrun (DDP or FSDP2):
    parameters; schedule the LR;
    An online algorithm's step (``online.OnlineSteps``) first generates completions of its prompts with the
    current model and scores them, then packs them like SFT data and makes ``num_iterations`` such updates
-   with the policy-gradient loss (see ``online``); the optimizer update itself is the same (``Updater``);
+   with the policy-gradient loss (see ``online``); the optimizer update itself is the same (``Updater``),
+   except trpo's, one natural-gradient step (``trpo``; its memory is checked once the model is loaded);
 5. log metrics per step, compute the eval loss at the end of every epoch and every ``eval_steps``, save
    resumable checkpoints, then the last checkpoint and the final HF checkpoint, then the final eval loss,
    the run's config and a summary of the whole run (every attempt, when it was resumed).
@@ -37,6 +38,7 @@ import random
 import shutil
 import signal
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,7 +48,7 @@ import torch
 from torch import nn
 
 from kfp_components.locking import acquire_folder_lock, release_folder_lock
-from kfp_components.trainer import dpo, osft, reward_modeling
+from kfp_components.trainer import dpo, osft, reward_modeling, trpo
 from kfp_components.trainer.batching import StepPlan, TokenBudgetSampler
 from kfp_components.trainer.checkpoint import (
     CHECKPOINTS,
@@ -142,6 +144,13 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
     if info.distributed and config.lora_r and config.distributed == "fsdp":
         # FSDP2 shards the base weights that merging LoRA needs whole; DDP keeps a full copy on each rank.
         raise ConfigError("distributed", "LoRA on several processes runs with distributed: ddp")
+    if info.distributed and config.algorithm == "trpo" and config.distributed == "fsdp":
+        raise ConfigError(
+            "distributed",
+            f"trpo on {info.world_size} processes runs with distributed: ddp (every rank holds the whole "
+            "trainable set; the Fisher-vector products take gradients of gradients, which do not reach FSDP2's "
+            "sharded parameters); with LoRA (lora_r > 0) when the full trainable set does not fit one device",
+        )
     output_dir = Path(config.output_dir)
     resume_from, fingerprint = plan_resume(config, info, output_dir)
     seed_everything(config.seed)
@@ -159,6 +168,8 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
     )
     model = wrap_model(model, info, config.distributed, bf16=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if config.algorithm == "trpo":  # its parameter-sized vectors, before anything else is spent
+        trpo.check_memory(trainable, info.device)
     optimizer = torch.optim.AdamW(
         trainable,
         lr=config.learning_rate,
@@ -451,6 +462,16 @@ class Updater:
         if self.config.uses_osft and stepped:
             osft.project_osft_parameters(self.model)
         return finite_or_none(grad_norm), stepped, lr
+
+    def advance_schedule(self) -> float:
+        """The schedule's step without an optimizer update, for a policy step that is not AdamW's (trpo's
+        natural-gradient step): returns the LR the schedule gives this update (it scales the value model's
+        learning rate), then moves the scheduler on, so a checkpoint's scheduler is where the run is."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        with warnings.catch_warnings():  # the policy's AdamW never steps under trpo, by design
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
+        return lr
 
 
 class StepSource(Protocol):

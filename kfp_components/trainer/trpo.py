@@ -69,9 +69,10 @@ product, one per candidate), whatever its number of micro-batches (none included
 FSDP2 is not supported: its parameters are sharded DTensors that the forward replaces by all-gathered
 copies, and ``torch.autograd.grad`` with respect to the shards does not reach them (with two gloo ranks and
 torch 2.13: "The differentiated Tensor at index 1 appears to not have been used in the graph"; the gradient
-arrives only through FSDP2's post-backward hooks, which ``autograd.grad`` skips). The config refuses
-``algorithm: trpo`` with ``distributed: fsdp`` and the step refuses DTensor parameters; use ``ddp`` (with
-LoRA for models whose full trainable set does not fit one device).
+arrives only through FSDP2's post-backward hooks, which ``autograd.grad`` skips). Training refuses
+``algorithm: trpo`` with ``distributed: fsdp`` on several processes (one process ignores ``distributed``) and
+the step refuses DTensor parameters; use ``ddp`` (with LoRA for models whose full trainable set does not fit
+one device).
 
 Attention: the fused scaled-dot-product kernels have no double backward, so the Fisher-vector products run
 the model's ``sdpa`` attention on PyTorch's math kernel (:func:`twice_differentiable_attention`: it keeps
@@ -82,10 +83,10 @@ works with the double backward and gives the same products.
 The forwards must be deterministic (no dropout): the line search compares separate forwards of the old and
 the candidate parameters, and the Fisher's ``p_old`` comes from the forward it differentiates.
 
-In the online step (after the advantages, instead of the policy's optimizer updates)::
+In the online step (``OnlineSteps.trpo_update``, after the advantages, instead of the policy's optimizer
+updates; ``train`` calls :func:`check_memory` once the policy is loaded)::
 
-    check_memory(params, device)                        # once, before training
-    policy = unwrap(model)                              # eval mode: no dropout
+    policy = unwrap(model)                              # eval mode for the step: no dropout
     params = [p for p in policy.parameters() if p.requires_grad]
     batches = [packed_micro_batch(policy, mb, ids, adv, old, temperature=..., device=..., autocast=...)
                for (mb, ids), adv, old in zip(micro_batches, advantages, old_logps)]
