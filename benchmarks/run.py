@@ -30,6 +30,7 @@ BENCHMARKS = [
     "continual",
     "kill_resume",
     "grpo",
+    "ppo",
 ]
 
 
