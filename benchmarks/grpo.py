@@ -228,13 +228,16 @@ def trl_arguments(bench: GRPOBenchmark, output_dir: str, seed: int) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ running
-def trl_python() -> Path:
-    """The interpreter of TRL's virtual environment (``$TRL_PYTHON``), checked to exist."""
-    path = Path(os.environ.get("TRL_PYTHON") or DEFAULT_TRL_PYTHON)
+def trl_python(
+    variable: str = "TRL_PYTHON", default: Path = DEFAULT_TRL_PYTHON, recipe: str = "benchmarks/grpo.py"
+) -> Path:
+    """The interpreter of TRL's virtual environment (``$variable``, else ``default``), checked to exist;
+    ``recipe`` names the module whose docstring says how to make it."""
+    path = Path(os.environ.get(variable) or default)
     if not path.exists():
         raise SystemExit(
             f"TRL's virtual environment is missing: {path} does not exist; make it as the docstring of "
-            "benchmarks/grpo.py says, or point TRL_PYTHON at a Python that has trl"
+            f"{recipe} says, or point {variable} at a Python that has trl"
         )
     return path
 

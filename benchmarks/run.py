@@ -32,6 +32,7 @@ BENCHMARKS = [
     "continual",
     "kill_resume",
     "grpo",
+    "ppo",
 ]
 
 
