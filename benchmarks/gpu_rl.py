@@ -64,6 +64,8 @@ class RLProfile:
     warmup_steps: int
     measured_steps: int
     max_tokens_per_gpu: int
+    #: trpo's micro-batches (see plan_jobs)
+    trpo_tokens_per_gpu: int
     with_trpo_full: bool
     #: first guesses, replaced by the grpo run's measured ones: seconds outside the steps (loading the
     #: policy, the reference model and the value model), the first step's extra seconds, a grpo step's
@@ -90,6 +92,7 @@ GPU = RLProfile(
     warmup_steps=1,
     measured_steps=2,
     max_tokens_per_gpu=16384,
+    trpo_tokens_per_gpu=2048,
     with_trpo_full=True,
     load_seconds=12.0,
     first_step_extra_seconds=15.0,
@@ -108,6 +111,7 @@ TINY = RLProfile(
     warmup_steps=1,
     measured_steps=1,
     max_tokens_per_gpu=1024,
+    trpo_tokens_per_gpu=512,
     with_trpo_full=False,
     load_seconds=2.0,
     first_step_extra_seconds=1.0,
@@ -130,15 +134,22 @@ class RLJob:
 
 
 def plan_jobs(profile: RLProfile) -> list[RLJob]:
-    """The runs in priority order."""
+    """The runs in priority order. TRPO's Fisher-vector products keep the double-backward graph of a whole
+    micro-batch (full-vocabulary logits, attention on the math kernel), so its runs take micro-batches of
+    ``trpo_tokens_per_gpu`` tokens (the sum over micro-batches is the same product)."""
+    trpo = {
+        "value_model_init": "policy",
+        "distributed": "ddp",
+        "max_tokens_per_gpu": profile.trpo_tokens_per_gpu,
+    }
     jobs = [
         RLJob("grpo", "grpo", {}),
         RLJob("ppo", "ppo", {"value_model_init": "policy", "num_iterations": 2, "num_mini_batches": 2}),
         RLJob("a2c", "a2c", {"value_model_init": "policy"}),
-        RLJob("trpo-lora", "trpo", {"value_model_init": "policy", "lora_r": LORA_R, "distributed": "ddp"}),
+        RLJob("trpo-lora", "trpo", {**trpo, "lora_r": LORA_R}),
     ]
     if profile.with_trpo_full:
-        jobs.append(RLJob("trpo-full", "trpo", {"value_model_init": "policy", "distributed": "ddp"}))
+        jobs.append(RLJob("trpo-full", "trpo", trpo))
     return jobs
 
 

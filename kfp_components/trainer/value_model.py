@@ -1,4 +1,4 @@
-"""The value model (critic) of ppo and a2c: a separate model with a scalar head, a value per token.
+"""The value model (critic) of ppo, a2c and trpo: a separate model with a scalar head, a value per token.
 
 :class:`ValueModel` is a causal LM's backbone (``model``, as in ``AutoModelForSequenceClassification``) and
 a linear head (``score``, hidden size -> 1) applied at every position: ``values[t]`` estimates the return
