@@ -133,6 +133,17 @@ class RLJob:
         return f"LoRA r{self.options['lora_r']}" if self.options.get("lora_r") else "full"
 
 
+def _trpo_tokens(result: dict[str, Any]) -> str:
+    """The micro-batch size of the stored trpo runs (``?`` when none ran)."""
+    sizes = {
+        run.get("config", {}).get("max_tokens_per_gpu")
+        for run in result.get("runs", [])
+        if str(run.get("name", "")).startswith("trpo")
+    }
+    sizes.discard(None)
+    return ", ".join(f"{size:,}" for size in sorted(sizes)) or "?"
+
+
 def plan_jobs(profile: RLProfile) -> list[RLJob]:
     """The runs in priority order. TRPO's Fisher-vector products keep the double-backward graph of a whole
     micro-batch (full-vocabulary logits, attention on the math kernel), so its runs take micro-batches of
@@ -501,7 +512,10 @@ def render(result: dict[str, Any]) -> str:
         f"(the reference model in every step); {config.get('effective_batch_size', '?')} completions of "
         f"{config.get('max_new_tokens', '?')} new tokens per step. ppo: value model from the policy, "
         f"num_iterations 2, num_mini_batches 2; trpo: distributed ddp, its defaults (max_kl 0.01, 10 CG "
-        "iterations). Figures are medians over the steps after the warm-up step; the value and trpo metrics "
+        "iterations), micro-batches of at most "
+        f"{_trpo_tokens(result)} tokens (its Fisher-vector products keep a micro-batch's double-backward graph: "
+        "full-vocabulary logits and attention on the math kernel; a whole rollout batch in one micro-batch ran "
+        "out of memory). Figures are medians over the steps after the warm-up step; the value and trpo metrics "
         "are means over the same steps.",
         "",
         *gpu._markdown(RUN_HEADER, run_rows(result)),
