@@ -71,7 +71,11 @@ DIFFERENCES = (
     "The reward model's input: TRL scores the prompt's token ids followed by the completion's (cut after "
     "its first EOS) at the completion's last token; ours renders prompt and completion as a conversation "
     "with the chat template (the `<|im_end|>` and newline after the completion included), as the reward "
-    "model was trained, and scores its last token. Identical completions can get different scores.",
+    "model was trained, and scores its last token. Identical completions can get different scores. The "
+    "text's round trip (decode, then encode) changes most sampled token sequences of the tiny random "
+    "policy, so our reward model reads other tokens than the critic (started from the same model) does; "
+    "this is most of the score gap (docs/rl.md, *PPO against TRL: the score gap*). "
+    "`trl_reward_input: conversation` makes TRL score the conversation as ours does.",
     "Gradient clipping: TRL's PPO loop does not clip; ours clips only when `max_grad_norm > 0`, so it is 0.",
     "One optimizer or two: TRL trains policy and value model with one AdamW over both (one loss "
     "`pg_loss + vf_coef * vf_loss`); ours gives the value model its own AdamW at the same learning rate "
@@ -125,6 +129,11 @@ class PPOBenchmark:
     reward_model_steps: int = 12
     reward_model_batch: int = 16
     reward_model_learning_rate: float = 3e-3
+    #: What TRL's reward model reads: ``token_ids`` (TRL's own: the prompt's and the completion's token ids,
+    #: read at the completion's last token) or ``conversation`` (prompt and completion rendered with the chat
+    #: template, as ours and as the reward model was trained; ``benchmarks/ppo_trl.py`` swaps TRL's
+    #: ``get_reward`` for the reward model).
+    trl_reward_input: str = "token_ids"
 
     def __post_init__(self) -> None:
         if self.completions_per_step % self.num_mini_batches:
@@ -134,6 +143,10 @@ class PPOBenchmark:
             )
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.trl_reward_input not in ("token_ids", "conversation"):
+            raise ValueError(
+                f"trl_reward_input must be token_ids or conversation, got {self.trl_reward_input!r}"
+            )
 
 
 def reward_model_options(bench: PPOBenchmark, model: str, output_dir: str) -> dict[str, Any]:
@@ -317,6 +330,7 @@ def run_trl(bench: PPOBenchmark, model_dir: Path, reward_model: str, work: Path,
         "ppo_config": trl_arguments(bench, str(work / "output"), seed),
         "output": str(work / "result.json"),
         "torch_threads": bench.torch_threads,
+        "reward_input": bench.trl_reward_input,
     }
     (work / "job.json").write_text(json.dumps(job, indent=2))
     env = {**os.environ, **_thread_env(bench), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -677,6 +691,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--render-only", action="store_true", help="plot and render from the stored result")
     parser.add_argument("--steps", type=int, help="steps per run (default: the benchmark's)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the benchmark's)")
+    parser.add_argument(
+        "--trl-reward-input",
+        choices=("token_ids", "conversation"),
+        help="what TRL's reward model reads (default: the benchmark's, token_ids)",
+    )
     args = parser.parse_args(argv)
     if not args.render_only:
         import datetime
@@ -688,6 +707,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             bench = dataclasses.replace(bench, max_steps=args.steps)
         if args.seeds:
             bench = dataclasses.replace(bench, seeds=tuple(args.seeds))
+        if args.trl_reward_input:
+            bench = dataclasses.replace(bench, trl_reward_input=args.trl_reward_input)
         result = run(args.sides, bench)
         record = {"result": result, "machine": describe_machine(), "date": datetime.date.today().isoformat()}
         RESULTS.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,9 @@ trainer; it is not a dependency of this project), so it imports nothing from the
 ``AutoModelForSequenceClassification`` folder, which also initialises the value model, as TRL's own PPO
 example does), ``prompts`` (JSONL of ``{"prompt", "answer"}`` rows), ``ppo_config`` (keyword arguments of
 ``PPOConfig``, mapped from the benchmark's options by ``benchmarks.ppo.trl_arguments``), ``output`` (where
-the result JSON goes) and ``torch_threads``.
+the result JSON goes), ``torch_threads`` and ``reward_input``: ``token_ids`` (TRL's own ``get_reward``, the
+default) or ``conversation`` (TRL's ``get_reward`` reads the reward model's score of the conversation
+rendered with the chat template, as the project's trainer does; the value model's values stay TRL's).
 
 Timing: ``PPOTrainer.train`` is one function with no step-begin callback, so a step is the time from the
 previous ``on_step_end`` (the first: ``on_train_begin``) to its own ``on_step_end``: the whole loop body
@@ -85,15 +87,28 @@ def main(job_path: str) -> None:
     ) -> list[float]:
         """The reward model's score of each completion as the project's trainer computes it (prompt and
         completion text rendered as a conversation), less the missing-EOS penalty as TRL applies it; for the
-        comparable score curve only (TRL trains on its own ``get_reward`` scores), outside the step's time."""
-        texts, penalties = [], []
+        comparable score curve (TRL trains on its own ``get_reward`` scores unless ``reward_input`` is
+        ``conversation``), outside the step's time."""
+        penalties = [
+            0.0
+            if tokenizer.eos_token_id in response[:end]
+            else job["ppo_config"].get("missing_eos_penalty") or 0.0
+            for response, end in zip(responses, ends, strict=True)
+        ]
+        values = conversation_scores(queries, responses, ends, pad)
+        return [value - penalty for value, penalty in zip(values, penalties, strict=True)]
+
+    def conversation_scores(
+        queries: list[list[int]], responses: list[list[int]], ends: list[int], pad: int
+    ) -> list[float]:
+        """The reward model's score of each prompt and completion rendered as a conversation (the
+        completion's text up to ``ends``, special tokens skipped), read at its last token."""
+        texts = []
         for query, response, end in zip(queries, responses, ends, strict=True):
             prompt = prompt_of[tuple(t for t in query if t != pad)]
             completion = tokenizer.decode(response[:end], skip_special_tokens=True)
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
-            has_eos = tokenizer.eos_token_id in response[:end]
-            penalties.append(0.0 if has_eos else job["ppo_config"].get("missing_eos_penalty") or 0.0)
         encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         longest = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), longest), pad, dtype=torch.long)
@@ -102,10 +117,29 @@ def main(job_path: str) -> None:
             input_ids[row, : len(ids)] = torch.tensor(ids)
             attention[row, : len(ids)] = 1
         with torch.no_grad():
-            values = scorer(input_ids=input_ids, attention_mask=attention).logits[:, 0].tolist()
-        return [value - penalty for value, penalty in zip(values, penalties, strict=True)]
+            return scorer(input_ids=input_ids, attention_mask=attention).logits[:, 0].tolist()
+
+    reward_of = ppo_trainer.get_reward
+
+    def conversation_reward(
+        model: Any, query_responses: Any, pad_token_id: int, context_length: int
+    ) -> tuple[Any, Any, Any]:
+        """``get_reward`` with the reward model's score read the project's way (the conversation rendered
+        with the chat template); the value model's per-token values as TRL computes them."""
+        if model is not reward_model:
+            return reward_of(model, query_responses, pad_token_id, context_length)
+        queries = query_responses[:, :context_length].tolist()
+        responses = query_responses[:, context_length:].tolist()
+        ends = [_end(row, tokenizer.eos_token_id, pad_token_id) for row in responses]
+        scores = conversation_scores(queries, responses, ends, pad_token_id)
+        return None, torch.tensor(scores, dtype=torch.float32, device=query_responses.device), None
 
     ppo_trainer.batch_generation = timed_generation  # train() looks the name up in its module
+    reward_input = job.get("reward_input", "token_ids")
+    if reward_input == "conversation":
+        ppo_trainer.get_reward = conversation_reward
+    elif reward_input != "token_ids":
+        raise SystemExit(f"reward_input: {reward_input!r} is not token_ids or conversation")
 
     tokenizer = AutoTokenizer.from_pretrained(job["model"], padding_side="left")
     rows = [json.loads(line) for line in Path(job["prompts"]).read_text().splitlines() if line.strip()]

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +111,28 @@ def test_a_benchmark_that_does_not_split_into_mini_batches_is_refused():
         ppo.PPOBenchmark(num_mini_batches=5)
     with pytest.raises(ValueError, match="kl_estimator must be k1 or k3"):
         ppo.PPOBenchmark(kl_estimator="k2")
+    with pytest.raises(ValueError, match="trl_reward_input must be token_ids or conversation"):
+        ppo.PPOBenchmark(trl_reward_input="text")
+
+
+@pytest.mark.parametrize("reward_input", ["token_ids", "conversation"])
+def test_the_trl_job_says_what_its_reward_model_reads(monkeypatch, tmp_path, reward_input):
+    """``trl_reward_input`` reaches the TRL runner's job (default: TRL's own token ids)."""
+    jobs = []
+
+    def fake_run(command, **kwargs):
+        job = json.loads(Path(command[-1]).read_text())
+        jobs.append(job)
+        with open(job["output"], "w") as out:
+            json.dump({"steps": []}, out)
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(ppo, "ppo_trl_python", lambda: sys.executable)
+    monkeypatch.setattr(ppo.subprocess, "run", fake_run)
+    bench = dataclasses.replace(ppo.PPOBenchmark(), trl_reward_input=reward_input)
+    ppo.run_trl(bench, tmp_path / "model", "rm", tmp_path / "trl", seed=0)
+    assert jobs[0]["reward_input"] == reward_input
+    assert ppo.PPOBenchmark().trl_reward_input == "token_ids"
 
 
 @pytest.mark.parametrize("algorithm", ["ppo", "a2c", "trpo"])
