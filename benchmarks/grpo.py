@@ -22,40 +22,52 @@ python -m benchmarks.grpo --write-prompts  # rewrite examples/arithmetic_prompts
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import multiprocessing
-import os
 import random
-import statistics
-import subprocess
 import tempfile
-import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from benchmarks.online_bench import (
+    CURVE_ENDS,
+    MODEL,
+    MODEL_SEED,
+    PROMPTS,
+    ROOT,
+    argument_parser,
+    curve_ends,
+    fresh_process,
+    goal_text,
+    mean,
+    number_text,
+    ours_step_rows,
+    plot_sides,
+    plot_stored,
+    ratios_text,
+    render_performance,
+    run_trl_job,
+    seconds_text,
+    side_results,
+    step_times,
+    store,
+    summarise_side,
+    take_turns,
+    train_ours_fresh,
+)
+from benchmarks.online_bench import trl_python as _trl_python
+
 NAME = "grpo"
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PLOT = ROOT / "docs" / "grpo.png"
-PROMPTS = ROOT / "examples" / "arithmetic_prompts.jsonl"
 REWARDS_FILE = ROOT / "benchmarks" / "grpo_rewards.py"
 TRL_RUNNER = ROOT / "benchmarks" / "grpo_trl.py"
 DEFAULT_TRL_PYTHON = ROOT.parent / "scratch-trl" / "bin" / "python"
 SIDES = ("trl", "ours")
-#: The seed of the model's random weights (the same model for every run).
-MODEL_SEED = 0
-#: The model both sides train: Qwen2-shaped, random weights, a tokenizer trained locally.
-MODEL: dict[str, int] = {"hidden_size": 64, "num_layers": 2, "intermediate_size": 128, "vocab_size": 1024}
 #: Our ``loss_aggregation`` and the TRL ``loss_type`` that normalises the same way: token = every completion
 #: token of the step (TRL: dapo, the global accumulated batch), sequence = mean over each completion's tokens,
 #: then over completions (TRL: grpo), dr_grpo = a constant max_new_tokens x completions (TRL: dr_grpo).
 LOSS_TYPES = {"token": "dapo", "sequence": "grpo", "dr_grpo": "dr_grpo"}
-#: Steps averaged for the "first" and "last" reward of a curve.
-CURVE_ENDS = 3
 
 
 # ------------------------------------------------------------------------------------------------ prompts
@@ -228,38 +240,8 @@ def trl_arguments(bench: GRPOBenchmark, output_dir: str, seed: int) -> dict[str,
 
 
 # ------------------------------------------------------------------------------------------------ running
-def trl_python(
-    variable: str = "TRL_PYTHON", default: Path = DEFAULT_TRL_PYTHON, recipe: str = "benchmarks/grpo.py"
-) -> Path:
-    """The interpreter of TRL's virtual environment (``$variable``, else ``default``), checked to exist;
-    ``recipe`` names the module whose docstring says how to make it."""
-    path = Path(os.environ.get(variable) or default)
-    if not path.exists():
-        raise SystemExit(
-            f"TRL's virtual environment is missing: {path} does not exist; make it as the docstring of "
-            f"{recipe} says, or point {variable} at a Python that has trl"
-        )
-    return path
-
-
-def _thread_env(bench: GRPOBenchmark) -> dict[str, str]:
-    return {"OMP_NUM_THREADS": str(bench.torch_threads), "TOKENIZERS_PARALLELISM": "false"}
-
-
-def _set_threads(torch_threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(torch_threads)
-
-
-def _fresh_process(bench: GRPOBenchmark) -> ProcessPoolExecutor:
-    """One worker process, started fresh, running torch with ``bench``'s threads."""
-    return ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_set_threads,
-        initargs=(bench.torch_threads,),
-    )
+def trl_python() -> Path:
+    return _trl_python("TRL_PYTHON", DEFAULT_TRL_PYTHON, "benchmarks/grpo.py")
 
 
 def run_trl(bench: GRPOBenchmark, model_dir: Path, work: Path, seed: int) -> dict[str, Any]:
@@ -274,19 +256,7 @@ def run_trl(bench: GRPOBenchmark, model_dir: Path, work: Path, seed: int) -> dic
         "output": str(work / "result.json"),
         "torch_threads": bench.torch_threads,
     }
-    (work / "job.json").write_text(json.dumps(job, indent=2))
-    env = {**os.environ, **_thread_env(bench), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)  # nothing of this project's environment leaks into TRL's
-    completed = subprocess.run(
-        [str(trl_python()), str(TRL_RUNNER), str(work / "job.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode:
-        raise RuntimeError(f"the TRL run failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-    result = json.loads((work / "result.json").read_text())
+    result = run_trl_job(trl_python(), TRL_RUNNER, job, work, bench.torch_threads)
     result["updates"] = result.pop("steps")
     steps = per_generation(result["updates"], bench.num_iterations)
     return {"seed": seed, "config": job["grpo_config"], "steps": steps, **result}
@@ -325,56 +295,17 @@ def ours_steps(
 ) -> list[dict[str, Any]]:
     """Per-step records in the benchmark's shape from the rows of our ``metrics.jsonl`` (evaluation rows,
     which carry ``eval_loss``, are left out); a step row without what the benchmark reads is an error."""
-    steps = []
-    for row in metrics_rows:
-        if "eval_loss" in row:
-            continue
-        missing = [key for key in OURS_STEP_KEYS if key not in row]
-        if missing:
-            raise ValueError(f"metrics.jsonl: step {row.get('step', '?')} has no {', '.join(missing)}")
-        generation = row["generation_seconds"]
-        steps.append(
-            {
-                "step": row["step"],
-                "seconds": row["seconds"],
-                "generation_seconds": generation,
-                "update_seconds": row["seconds"] - generation,
-                "completion_tokens": row["generation_tokens_per_second"] * generation,
-                "generation_tokens_per_second": row["generation_tokens_per_second"],
-                "reward": row["reward"],
-                "rewards": {
-                    name: row[f"reward/{name}/mean"]
-                    for name in reward_functions
-                    if f"reward/{name}/mean" in row
-                },
-            }
-        )
-    return steps
-
-
-def _train_ours(options: dict[str, Any]) -> dict[str, Any]:
-    """Run the project's trainer with ``options`` (in a fresh process) and read its metrics."""
-    import logging
-
-    import torch
-
-    from kfp_components.trainer.config import TrainingConfig
-    from kfp_components.trainer.train import train
-    from kfp_components.typed_config import from_dict
-
-    logging.getLogger("kfp_components").setLevel(logging.WARNING)
-    config = from_dict(TrainingConfig, options)
-    started, cpu_started = time.perf_counter(), time.process_time()
-    train(config)
-    run_seconds, run_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    metrics = Path(options["output_dir"]) / "metrics.jsonl"
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return {
-        "run_seconds": run_seconds,
-        "run_cpu_seconds": run_cpu_seconds,
-        "rows": rows,
-        "torch_threads": torch.get_num_threads(),
-    }
+    return [
+        {
+            **times,
+            "generation_tokens_per_second": row["generation_tokens_per_second"],
+            "reward": row["reward"],
+            "rewards": {
+                name: row[f"reward/{name}/mean"] for name in reward_functions if f"reward/{name}/mean" in row
+            },
+        }
+        for row, times in ours_step_rows(metrics_rows, OURS_STEP_KEYS)
+    ]
 
 
 def run_ours(bench: GRPOBenchmark, model_dir: Path, work: Path, seed: int) -> dict[str, Any]:
@@ -384,8 +315,7 @@ def run_ours(bench: GRPOBenchmark, model_dir: Path, work: Path, seed: int) -> di
     if "grpo" not in ALGORITHMS:
         raise SystemExit(f"this trainer has no algorithm grpo yet (it has {', '.join(ALGORITHMS)})")
     options = ours_options(bench, str(model_dir), str(PROMPTS), str(work / "output"), seed)
-    with _fresh_process(bench) as pool:
-        measured = pool.submit(_train_ours, options).result()
+    measured = train_ours_fresh(options, bench.torch_threads)
     return {
         "seed": seed,
         "config": options,
@@ -438,68 +368,34 @@ def generation_speed(model_dir: Path, bench: GRPOBenchmark, repeats: int = 5) ->
     """Our rollout loop against ``model.generate`` on a batch of one step's shape (``effective_batch_size``
     rows, prompts as long as the rendered prompts, ``max_new_tokens`` each: EOS off on both sides, so both
     generate the same tokens), in a fresh process."""
-    with _fresh_process(bench) as pool:
+    with fresh_process(bench.torch_threads) as pool:
         return pool.submit(_generation_speed, str(model_dir), bench, repeats).result()
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def _mean(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
-
-
 def summarise(steps: Sequence[dict[str, Any]], run_cpu_seconds: float | None = None) -> dict[str, Any]:
     """Median step, generation and update seconds and the fastest step; generation share of all step time;
     generation tokens/s; CPU seconds of the whole run per step; mean reward (and exact match) over the first
     and the last :data:`CURVE_ENDS` steps."""
-    seconds = sum(s["seconds"] for s in steps)
     generation = sum(s["generation_seconds"] for s in steps)
     tokens = [s["completion_tokens"] for s in steps]
-    head, tail = steps[:CURVE_ENDS], steps[-CURVE_ENDS:]
+    rate = sum(tokens) / generation if generation and all(t is not None for t in tokens) else None
     return {
-        "steps": len(steps),
-        "step_seconds": statistics.median(s["seconds"] for s in steps),
-        "fastest_step_seconds": min(s["seconds"] for s in steps),
-        "generation_seconds": statistics.median(s["generation_seconds"] for s in steps),
-        "update_seconds": statistics.median(s["update_seconds"] for s in steps),
-        "generation_share": generation / seconds,
-        "generation_tokens_per_second": (
-            sum(tokens) / generation if generation and all(t is not None for t in tokens) else None
-        ),
-        "cpu_seconds_per_step": run_cpu_seconds / len(steps) if run_cpu_seconds is not None else None,
-        "reward_first": _mean([s["reward"] for s in head]),
-        "reward_last": _mean([s["reward"] for s in tail]),
-        "exact_match_last": _mean([s["rewards"].get("exact_match") for s in tail]),
+        **step_times(steps, run_cpu_seconds, {"generation_tokens_per_second": rate}),
+        **curve_ends(steps, "reward"),
+        "exact_match_last": mean([s["rewards"].get("exact_match") for s in steps[-CURVE_ENDS:]]),
     }
 
 
 def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One side over its runs (one per seed): times from every step of every run (:func:`summarise` on them
-    all; CPU seconds of all runs over all their steps); ``outside_steps_seconds``, the mean wall-clock time of
-    a run spent outside its steps (loading, start-up, the end); rewards are the mean over the runs of each run's
-    first and last steps, with each run's last reward by seed; ``reward_curve`` is the mean per step."""
-    cpu = [run.get("run_cpu_seconds") for run in runs]
-    pooled = [step for run in runs for step in run["steps"]]
-    summary = summarise(pooled, sum(c for c in cpu if c is not None) if None not in cpu else None)
-    each = [summarise(run["steps"]) for run in runs]
-    outside = [run["run_seconds"] - sum(step["seconds"] for step in run["steps"]) for run in runs]
-    summary.update(
-        {
-            "runs": len(runs),
-            "outside_steps_seconds": statistics.mean(outside),
-            "reward_first": statistics.mean(s["reward_first"] for s in each),
-            "reward_last": statistics.mean(s["reward_last"] for s in each),
-            "exact_match_last": _mean([s["exact_match_last"] for s in each]),
-            "reward_last_by_seed": [
-                [run["seed"], s["reward_last"]] for run, s in zip(runs, each, strict=True)
-            ],
-            "reward_curve": [
-                statistics.mean(run["steps"][i]["reward"] for run in runs)
-                for i in range(min(len(run["steps"]) for run in runs))
-            ],
-        }
+    """One side over its runs (one per seed), :func:`benchmarks.online_bench.summarise_side` on
+    :func:`summarise` and the reward, with the mean exact match of each run's last steps."""
+    return summarise_side(
+        runs,
+        summarise,
+        "reward",
+        lambda each: {"exact_match_last": mean([s["exact_match_last"] for s in each])},
     )
-    return summary
 
 
 def compare(sides: dict[str, dict[str, Any] | None], speed: dict[str, Any] | None) -> dict[str, Any]:
@@ -529,26 +425,19 @@ def run(sides: Sequence[str] = SIDES, bench: GRPOBenchmark | None = None) -> dic
         trl_python()  # before building anything
     from kfp_components.testing.tiny_model import build_tiny_model
 
-    results: dict[str, dict[str, Any] | None] = {}
     speed = None
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_tiny_model(work / "model", "qwen2", seed=MODEL_SEED, **MODEL)
-        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in SIDES if side in sides}
-        for (
-            seed
-        ) in bench.seeds:  # the sides take turns, so load from elsewhere on the machine hits both alike
-            for side, done in runs.items():
-                print(f"grpo: {side}, seed {seed} ...", flush=True)
-                runner = run_trl if side == "trl" else run_ours
-                done.append(runner(bench, model_dir, work / f"{side}-{seed}", seed))
-        for side in SIDES:
-            done = runs.get(side, [])
-            results[side] = (
-                {"runs": done, "summary": summarise_runs(done), "versions": done[0].get("versions")}
-                if done
-                else None
-            )
+        runs = take_turns(
+            NAME,
+            [side for side in SIDES if side in sides],
+            bench.seeds,
+            lambda side, seed: (run_trl if side == "trl" else run_ours)(
+                bench, model_dir, work / f"{side}-{seed}", seed
+            ),
+        )
+        results = side_results(SIDES, runs, summarise_runs)
         if "ours" in sides:
             speed = generation_speed(model_dir, bench)
     return {
@@ -562,25 +451,6 @@ def run(sides: Sequence[str] = SIDES, bench: GRPOBenchmark | None = None) -> dic
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _seconds(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _number(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _goal(value: bool | None) -> str:
-    return "not measured" if value is None else ("met" if value else "not met")
-
-
-def _ratios(step_ratio: float | None, cpu_ratio: float | None) -> str:
-    if step_ratio is None:
-        return ""
-    cpu = f"; CPU seconds per step {cpu_ratio:.2f}x" if cpu_ratio is not None else ""
-    return f" ({step_ratio:.2f}x{cpu})"
-
-
 def render(result: dict[str, Any]) -> str:
     """The section of docs/performance.md."""
     bench, model = result["benchmark"], result["model"]
@@ -622,12 +492,12 @@ def render(result: dict[str, Any]) -> str:
             continue
         s = measured["summary"]
         lines.append(
-            f"| {labels[side]} | {_seconds(s['step_seconds'])} | {_seconds(s['fastest_step_seconds'])} | "
-            f"{_seconds(s['generation_seconds'])} | {_seconds(s['update_seconds'])} | "
-            f"{s['generation_share']:.0%} | {_number(s['generation_tokens_per_second'], 0)} | "
-            f"{_number(s['cpu_seconds_per_step'], 2)} | {_number(s['outside_steps_seconds'], 2)} | "
-            f"{_number(s['reward_first'])} | "
-            f"{_number(s['reward_last'])} | {_number(s['exact_match_last'], 2)} |"
+            f"| {labels[side]} | {seconds_text(s['step_seconds'])} | {seconds_text(s['fastest_step_seconds'])} | "
+            f"{seconds_text(s['generation_seconds'])} | {seconds_text(s['update_seconds'])} | "
+            f"{s['generation_share']:.0%} | {number_text(s['generation_tokens_per_second'], 0)} | "
+            f"{number_text(s['cpu_seconds_per_step'], 2)} | {number_text(s['outside_steps_seconds'], 2)} | "
+            f"{number_text(s['reward_first'])} | "
+            f"{number_text(s['reward_last'])} | {number_text(s['exact_match_last'], 2)} |"
         )
     by_seed = [
         f"{labels[side]} "
@@ -645,10 +515,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         "![Reward per step and step time, TRL and this engine](grpo.png)",
         "",
-        f"Goals: step time at most 0.8x TRL's: {_goal(goals['step_goal_met'])}"
-        + _ratios(ratio, goals["cpu_ratio"])
-        + f"; equal or better reward after the same steps: {_goal(goals['reward_goal_met'])}; generation "
-        f"not slower than `model.generate`: {_goal(goals['generation_goal_met'])}"
+        f"Goals: step time at most 0.8x TRL's: {goal_text(goals['step_goal_met'])}"
+        + ratios_text(ratio, goals["cpu_ratio"])
+        + f"; equal or better reward after the same steps: {goal_text(goals['reward_goal_met'])}; generation "
+        f"not slower than `model.generate`: {goal_text(goals['generation_goal_met'])}"
         + (
             f" ({speed['rollout_tokens_per_second']:,.0f} vs {speed['generate_tokens_per_second']:,.0f} "
             f"tokens/s: `benchmarks.generation.generation_throughput`, {speed['batch']} rows of up to "
@@ -672,82 +542,40 @@ def render(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path = PLOT) -> None:
     """Reward per step (left) and step time split into generation and update (right), both sides."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (reward, timing) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"trl": "tab:orange", "ours": "tab:blue"}
-    names = {"trl": "TRL GRPOTrainer", "ours": "this engine"}
-    for side in SIDES:
-        measured = result["sides"].get(side)
-        if measured is None:
-            continue
-        colour, name = colours[side], names[side]
-        for run in measured["runs"]:
-            steps = run["steps"]
-            reward.plot(
-                [s["step"] for s in steps], [s["reward"] for s in steps], "-", color=colour, alpha=0.25
-            )
-        curve = measured["summary"]["reward_curve"]
-        reward.plot(range(1, len(curve) + 1), curve, "-o", color=colour, markersize=3, label=f"{name}: mean")
-        steps = measured["runs"][0]["steps"]
-        x = [s["step"] for s in steps]
-        timing.plot(x, [s["seconds"] for s in steps], "-", color=colour, label=f"{name}: step")
-        timing.plot(
-            x, [s["generation_seconds"] for s in steps], "--", color=colour, label=f"{name}: generation"
-        )
-    reward.set_ylabel("reward (digit share)")
-    reward.set_title("Reward per step: each seed (faint) and their mean")
-    timing.set_ylabel("seconds")
-    timing.set_title("Step time and its generation part (first seed)")
-    timing.set_ylim(bottom=0)
-    for ax in (reward, timing):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("optimizer step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("GRPO on a tiny model, CPU: TRL vs this engine")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_sides(
+        result,
+        path,
+        sides=SIDES,
+        colours={"trl": "tab:orange", "ours": "tab:blue"},
+        names={"trl": "TRL GRPOTrainer", "ours": "this engine"},
+        key="reward",
+        curve_ylabel="reward (digit share)",
+        curve_title="Reward per step: each seed (faint) and their mean",
+        xlabel="optimizer step",
+        title="GRPO on a tiny model, CPU: TRL vs this engine",
+        faint_alpha=0.25,
+        legend_fontsize=8,
+    )
 
 
 def write_report() -> None:
     """The plot from the stored result (``benchmarks.run`` renders docs/performance.md)."""
-    path = RESULTS / f"{NAME}.json"
-    if not path.exists():
-        raise SystemExit(f"no results yet: run `python -m benchmarks.grpo` first ({path})")
-    plot(json.loads(path.read_text())["result"])
+    plot_stored(NAME, plot)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="trainers to run")
-    parser.add_argument("--render-only", action="store_true", help="plot and render from the stored result")
+    parser = argument_parser(__doc__, SIDES)
     parser.add_argument("--write-prompts", action="store_true", help=f"rewrite {PROMPTS.relative_to(ROOT)}")
     args = parser.parse_args(argv)
     if args.write_prompts:
         print(f"grpo: wrote {write_prompts().relative_to(ROOT)}")
         return
     if not args.render_only:
-        import datetime
-
-        from benchmarks.machine import describe_machine
-
         result = run(args.sides)
-        record = {"result": result, "machine": describe_machine(), "date": datetime.date.today().isoformat()}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
+        store(NAME, result)
         print(render(result))
     write_report()
-    from benchmarks.run import render as render_performance
-
-    render_performance()
-    print(f"grpo: wrote {PLOT.relative_to(ROOT)} and docs/performance.md")
+    render_performance(NAME, PLOT)
 
 
 if __name__ == "__main__":

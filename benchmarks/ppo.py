@@ -29,33 +29,40 @@ python -m benchmarks.ppo --render-only    # plot and docs/performance.md from th
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
-import statistics
-import subprocess
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.grpo import (
+from benchmarks.online_bench import (
+    CURVE_ENDS,
     MODEL,
     MODEL_SEED,
     PROMPTS,
-    _fresh_process,
-    _mean,
-    _number,
-    _seconds,
-    _thread_env,
-    _train_ours,
+    ROOT,
+    argument_parser,
+    curve_ends,
+    goal_text,
+    mean,
+    number_text,
+    ours_step_rows,
+    plot_sides,
+    plot_stored,
+    ratios_text,
+    render_performance,
+    run_trl_job,
+    seconds_text,
+    side_results,
+    step_times,
+    store,
+    summarise_side,
+    take_turns,
+    train_ours_fresh,
     trl_python,
 )
 
 NAME = "ppo"
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
 PLOT = ROOT / "docs" / "ppo.png"
 PREFERENCES = ROOT / "examples" / "arithmetic_preferences.jsonl"
 PREFERENCES_EVAL = ROOT / "examples" / "arithmetic_preferences_eval.jsonl"
@@ -64,8 +71,6 @@ DEFAULT_TRL_PYTHON = ROOT.parent / "scratch-trl-ppo" / "bin" / "python"
 #: TRL's PPO, then the project's value algorithms (each side of ours is its ``algorithm``).
 SIDES = ("trl", "ppo", "a2c", "trpo")
 OURS = ("ppo", "a2c", "trpo")
-#: Steps averaged for the "first" and "last" score of a curve.
-CURVE_ENDS = 3
 #: What could not be made the same on both sides (rendered under the table).
 DIFFERENCES = (
     "The reward model's input: TRL scores the prompt's token ids followed by the completion's (cut after "
@@ -306,8 +311,7 @@ def available_algorithms() -> tuple[str, ...]:
 def train_reward_model(bench: PPOBenchmark, model_dir: Path, work: Path) -> dict[str, Any]:
     """The benchmark's reward model, trained in a fresh process; its folder and held-out accuracy."""
     options = reward_model_options(bench, str(model_dir), str(work))
-    with _fresh_process(bench) as pool:
-        measured = pool.submit(_train_ours, options).result()
+    measured = train_ours_fresh(options, bench.torch_threads)
     evals = [row for row in measured["rows"] if "eval_accuracy" in row]
     if not evals:
         raise RuntimeError("reward-model training logged no evaluation (eval_accuracy)")
@@ -332,19 +336,7 @@ def run_trl(bench: PPOBenchmark, model_dir: Path, reward_model: str, work: Path,
         "torch_threads": bench.torch_threads,
         "reward_input": bench.trl_reward_input,
     }
-    (work / "job.json").write_text(json.dumps(job, indent=2))
-    env = {**os.environ, **_thread_env(bench), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    env.pop("PYTHONPATH", None)  # nothing of this project's environment leaks into TRL's
-    completed = subprocess.run(
-        [str(ppo_trl_python()), str(TRL_RUNNER), str(work / "job.json")],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode:
-        raise RuntimeError(f"the TRL run failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
-    result = json.loads((work / "result.json").read_text())
+    result = run_trl_job(ppo_trl_python(), TRL_RUNNER, job, work, bench.torch_threads)
     return {"seed": seed, "config": job["ppo_config"], **result}
 
 
@@ -356,27 +348,15 @@ def ours_steps(metrics_rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per-step records in the benchmark's shape from the rows of our ``metrics.jsonl``; a step row without
     what the benchmark reads is an error. ``score`` is ``score_mean`` (the reward model's score less
     ``missing_eos_penalty``, as TRL's ``objective/scores``)."""
-    steps = []
-    for row in metrics_rows:
-        if "eval_loss" in row:
-            continue
-        missing = [key for key in OURS_STEP_KEYS if key not in row]
-        if missing:
-            raise ValueError(f"metrics.jsonl: step {row.get('step', '?')} has no {', '.join(missing)}")
-        generation = row["generation_seconds"]
-        steps.append(
-            {
-                "step": row["step"],
-                "seconds": row["seconds"],
-                "generation_seconds": generation,
-                "update_seconds": row["seconds"] - generation,
-                "completion_tokens": row["generation_tokens_per_second"] * generation,
-                "score": row["score_mean"],
-                "kl_per_completion": row.get("kl_per_completion"),
-                "value_loss": row.get("value_loss"),
-            }
-        )
-    return steps
+    return [
+        {
+            **times,
+            "score": row["score_mean"],
+            "kl_per_completion": row.get("kl_per_completion"),
+            "value_loss": row.get("value_loss"),
+        }
+        for row, times in ours_step_rows(metrics_rows, OURS_STEP_KEYS)
+    ]
 
 
 def run_ours(
@@ -386,8 +366,7 @@ def run_ours(
     options = ours_options(
         bench, str(model_dir), reward_model, str(PROMPTS), str(work / "output"), seed, algorithm
     )
-    with _fresh_process(bench) as pool:
-        measured = pool.submit(_train_ours, options).result()
+    measured = train_ours_fresh(options, bench.torch_threads)
     return {
         "seed": seed,
         "config": options,
@@ -402,48 +381,19 @@ def run_ours(
 def summarise(steps: Sequence[dict[str, Any]], run_cpu_seconds: float | None = None) -> dict[str, Any]:
     """Median step, generation and update seconds and the fastest step; generation share of all step time;
     CPU seconds of the whole run per step; mean score over the first and last :data:`CURVE_ENDS` steps."""
-    seconds = sum(s["seconds"] for s in steps)
-    generation = sum(s["generation_seconds"] for s in steps)
-    head, tail = steps[:CURVE_ENDS], steps[-CURVE_ENDS:]
     return {
-        "steps": len(steps),
-        "step_seconds": statistics.median(s["seconds"] for s in steps),
-        "fastest_step_seconds": min(s["seconds"] for s in steps),
-        "generation_seconds": statistics.median(s["generation_seconds"] for s in steps),
-        "update_seconds": statistics.median(s["update_seconds"] for s in steps),
-        "generation_share": generation / seconds,
-        "cpu_seconds_per_step": run_cpu_seconds / len(steps) if run_cpu_seconds is not None else None,
-        "score_first": _mean([s["score"] for s in head]),
-        "score_last": _mean([s["score"] for s in tail]),
-        "kl_last": _mean([s.get("kl_per_completion") for s in tail]),
+        **step_times(steps, run_cpu_seconds),
+        **curve_ends(steps, "score"),
+        "kl_last": mean([s.get("kl_per_completion") for s in steps[-CURVE_ENDS:]]),
     }
 
 
 def summarise_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """One side over its runs: times pooled over every step of every run, CPU seconds of all runs over all
-    their steps; scores the mean over the runs of each run's first and last steps, by seed too;
-    ``score_curve`` the mean per step."""
-    cpu = [run.get("run_cpu_seconds") for run in runs]
-    pooled = [step for run in runs for step in run["steps"]]
-    summary = summarise(pooled, sum(c for c in cpu if c is not None) if None not in cpu else None)
-    each = [summarise(run["steps"]) for run in runs]
-    summary.update(
-        {
-            "runs": len(runs),
-            "outside_steps_seconds": statistics.mean(
-                run["run_seconds"] - sum(step["seconds"] for step in run["steps"]) for run in runs
-            ),
-            "score_first": statistics.mean(s["score_first"] for s in each),
-            "score_last": statistics.mean(s["score_last"] for s in each),
-            "kl_last": _mean([s["kl_last"] for s in each]),
-            "score_last_by_seed": [[run["seed"], s["score_last"]] for run, s in zip(runs, each, strict=True)],
-            "score_curve": [
-                statistics.mean(run["steps"][i]["score"] for run in runs)
-                for i in range(min(len(run["steps"]) for run in runs))
-            ],
-        }
+    """One side over its runs, :func:`benchmarks.online_bench.summarise_side` on :func:`summarise` and the
+    score, with the mean KL per completion of each run's last steps."""
+    return summarise_side(
+        runs, summarise, "score", lambda each: {"kl_last": mean([s["kl_last"] for s in each])}
     )
-    return summary
 
 
 def compare(sides: dict[str, dict[str, Any] | None]) -> dict[str, Any]:
@@ -505,22 +455,14 @@ def run(sides: Sequence[str] = SIDES, bench: PPOBenchmark | None = None) -> dict
         model_dir = build_tiny_model(work / "model", "qwen2", seed=MODEL_SEED, **MODEL)
         print("ppo: training the reward model ...", flush=True)
         reward_model = train_reward_model(bench, model_dir, work / "reward-model")
-        runs: dict[str, list[dict[str, Any]]] = {side: [] for side in active}
-        for seed in bench.seeds:  # the sides take turns, so load from elsewhere hits them alike
-            for side, done in runs.items():
-                print(f"ppo: {side}, seed {seed} ...", flush=True)
-                place = work / f"{side}-{seed}"
-                if side == "trl":
-                    done.append(run_trl(bench, model_dir, reward_model["path"], place, seed))
-                else:
-                    done.append(run_ours(bench, model_dir, reward_model["path"], place, seed, side))
-        for side in SIDES:
-            done = runs.get(side, [])
-            results[side] = (
-                {"runs": done, "summary": summarise_runs(done), "versions": done[0].get("versions")}
-                if done
-                else None
-            )
+
+        def run_one(side: str, seed: int) -> dict[str, Any]:
+            place = work / f"{side}-{seed}"
+            if side == "trl":
+                return run_trl(bench, model_dir, reward_model["path"], place, seed)
+            return run_ours(bench, model_dir, reward_model["path"], place, seed, side)
+
+        results.update(side_results(SIDES, take_turns(NAME, active, bench.seeds, run_one), summarise_runs))
     return {
         **summary,
         "reward_model": {key: value for key, value in reward_model.items() if key != "path"},
@@ -529,10 +471,6 @@ def run(sides: Sequence[str] = SIDES, bench: PPOBenchmark | None = None) -> dict
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _goal(value: bool | None) -> str:
-    return "not measured" if value is None else ("met" if value else "not met")
-
-
 def _ratio(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.2f}x"
 
@@ -591,11 +529,11 @@ def render(result: dict[str, Any]) -> str:
             continue
         s = measured["summary"]
         lines.append(
-            f"| {labels[side]} | {_seconds(s['step_seconds'])} | {_seconds(s['fastest_step_seconds'])} | "
-            f"{_seconds(s['generation_seconds'])} | {_seconds(s['update_seconds'])} | "
-            f"{s['generation_share']:.0%} | {_number(s['cpu_seconds_per_step'], 2)} | "
-            f"{_number(s['outside_steps_seconds'], 2)} | {_number(s['score_first'])} | "
-            f"{_number(s['score_last'])} | {_number(s['kl_last'])} |"
+            f"| {labels[side]} | {seconds_text(s['step_seconds'])} | {seconds_text(s['fastest_step_seconds'])} | "
+            f"{seconds_text(s['generation_seconds'])} | {seconds_text(s['update_seconds'])} | "
+            f"{s['generation_share']:.0%} | {number_text(s['cpu_seconds_per_step'], 2)} | "
+            f"{number_text(s['outside_steps_seconds'], 2)} | {number_text(s['score_first'])} | "
+            f"{number_text(s['score_last'])} | {number_text(s['kl_last'])} |"
         )
     by_seed = [
         f"{labels[side]} "
@@ -604,8 +542,7 @@ def render(result: dict[str, Any]) -> str:
         if result["sides"].get(side) is not None
     ]
     goals = result["goals"]
-    cpu = f"; CPU seconds per step {goals['cpu_ratio']:.2f}x" if goals["cpu_ratio"] is not None else ""
-    ratio = f" ({goals['step_ratio']:.2f}x{cpu})" if goals["step_ratio"] is not None else ""
+    ratio = ratios_text(goals["step_ratio"], goals["cpu_ratio"])
     lines += [
         "",
         f"Score over the last {CURVE_ENDS} steps, run by run (seeds {', '.join(map(str, bench['seeds']))}): "
@@ -614,8 +551,8 @@ def render(result: dict[str, Any]) -> str:
         "",
         "![Score per step and step time, TRL and this engine](ppo.png)",
         "",
-        f"Goals: step time at most 0.8x TRL's: {_goal(goals['step_goal_met'])}{ratio}; equal or better score "
-        f"after the same steps: {_goal(goals['score_goal_met'])}. Step time relative to this engine's ppo on "
+        f"Goals: step time at most 0.8x TRL's: {goal_text(goals['step_goal_met'])}{ratio}; equal or better score "
+        f"after the same steps: {goal_text(goals['score_goal_met'])}. Step time relative to this engine's ppo on "
         f"the same setup: a2c {_ratio(goals['a2c_over_ppo'])}, trpo {_ratio(goals['trpo_over_ppo'])} (a2c: one "
         "update of the whole batch, its own vf_coef 0.5 and entropy_coef 0.01; trpo: its own defaults).",
         "",
@@ -635,60 +572,29 @@ def render(result: dict[str, Any]) -> str:
 
 def plot(result: dict[str, Any], path: Path = PLOT) -> None:
     """Score per step (left) and step time with its generation part (right), every measured side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, (score, timing) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"trl": "tab:orange", "ppo": "tab:blue", "a2c": "tab:green", "trpo": "tab:purple"}
-    names = {"trl": "TRL PPOTrainer", "ppo": "ppo", "a2c": "a2c", "trpo": "trpo"}
-    for side in SIDES:
-        measured = result["sides"].get(side)
-        if measured is None:
-            continue
-        colour, name = colours[side], names[side]
-        for run in measured["runs"]:
-            steps = run["steps"]
-            score.plot([s["step"] for s in steps], [s["score"] for s in steps], "-", color=colour, alpha=0.2)
-        curve = measured["summary"]["score_curve"]
-        score.plot(range(1, len(curve) + 1), curve, "-o", color=colour, markersize=3, label=f"{name}: mean")
-        steps = measured["runs"][0]["steps"]
-        x = [s["step"] for s in steps]
-        timing.plot(x, [s["seconds"] for s in steps], "-", color=colour, label=f"{name}: step")
-        timing.plot(
-            x, [s["generation_seconds"] for s in steps], "--", color=colour, label=f"{name}: generation"
-        )
-    score.set_ylabel("score (reward model - missing-EOS penalty)")
-    score.set_title("Score per step: each seed (faint) and their mean")
-    timing.set_ylabel("seconds")
-    timing.set_title("Step time and its generation part (first seed)")
-    timing.set_ylim(bottom=0)
-    for ax in (score, timing):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("PPO on a tiny model, CPU: TRL vs this engine (and a2c, trpo)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plot_sides(
+        result,
+        path,
+        sides=SIDES,
+        colours={"trl": "tab:orange", "ppo": "tab:blue", "a2c": "tab:green", "trpo": "tab:purple"},
+        names={"trl": "TRL PPOTrainer", "ppo": "ppo", "a2c": "a2c", "trpo": "trpo"},
+        key="score",
+        curve_ylabel="score (reward model - missing-EOS penalty)",
+        curve_title="Score per step: each seed (faint) and their mean",
+        xlabel="step",
+        title="PPO on a tiny model, CPU: TRL vs this engine (and a2c, trpo)",
+        faint_alpha=0.2,
+        legend_fontsize=7,
+    )
 
 
 def write_report() -> None:
     """The plot from the stored result (``benchmarks.run`` renders docs/performance.md)."""
-    path = RESULTS / f"{NAME}.json"
-    if not path.exists():
-        raise SystemExit(f"no results yet: run `python -m benchmarks.ppo` first ({path})")
-    plot(json.loads(path.read_text())["result"])
+    plot_stored(NAME, plot)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES), help="trainers to run")
-    parser.add_argument("--render-only", action="store_true", help="plot and render from the stored result")
+    parser = argument_parser(__doc__, SIDES)
     parser.add_argument("--steps", type=int, help="steps per run (default: the benchmark's)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds (default: the benchmark's)")
     parser.add_argument(
@@ -698,10 +604,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if not args.render_only:
-        import datetime
-
-        from benchmarks.machine import describe_machine
-
         bench = PPOBenchmark()
         if args.steps:
             bench = dataclasses.replace(bench, max_steps=args.steps)
@@ -710,15 +612,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if args.trl_reward_input:
             bench = dataclasses.replace(bench, trl_reward_input=args.trl_reward_input)
         result = run(args.sides, bench)
-        record = {"result": result, "machine": describe_machine(), "date": datetime.date.today().isoformat()}
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{NAME}.json").write_text(json.dumps(record, indent=2) + "\n")
+        store(NAME, result)
         print(render(result))
     write_report()
-    from benchmarks.run import render as render_performance
-
-    render_performance()
-    print(f"ppo: wrote {PLOT.relative_to(ROOT)} and docs/performance.md")
+    render_performance(NAME, PLOT)
 
 
 if __name__ == "__main__":

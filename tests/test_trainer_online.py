@@ -145,19 +145,24 @@ def test_grpo_inside_the_osft_constraint_keeps_the_frozen_subspace(prompts, tmp_
         assert (u[:, :k].T @ delta).abs().max() < 1e-4 and (delta @ vh[:k].T).abs().max() < 1e-4, name
 
 
+def resume_options(**extra: object) -> dict[str, object]:
+    """The options of the resume tests: a checkpoint every 2 steps (all kept), an adaptive KL coefficient
+    (so its controller's state must come back) and a cosine schedule; ``extra`` added or replacing."""
+    return {
+        "checkpoint_every_steps": 2,
+        "keep_checkpoints": 5,
+        "kl_coef": 0.05,
+        "kl_target": 0.01,
+        "kl_horizon": 64,
+        "lr_scheduler": "cosine",
+        **extra,
+    }
+
+
 def test_resume_continues_exactly(prompts, tmp_path):
     """Killed after step 4 and resumed: the same prompts, the same samples (the sampling generator is seeded
     by step and rank), the same adaptive KL coefficient, hence the same rewards and losses."""
-    options = dict(
-        max_steps=6,
-        checkpoint_every_steps=2,
-        keep_checkpoints=5,
-        kl_coef=0.05,
-        kl_target=0.01,
-        kl_horizon=64,
-        num_iterations=2,
-        lr_scheduler="cosine",
-    )
+    options = resume_options(max_steps=6, num_iterations=2)
     train(online_config(prompts, tmp_path, **options))
     first = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000006")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_trainer_online import REWARDS, online_config, rise
+from test_trainer_online import REWARDS, online_config, resume_options, rise
 from test_trainer_reward_model import HELD_OUT, rm_config
 
 from kfp_components.trainer.config import TrainingConfig
@@ -259,16 +259,7 @@ def test_two_processes_match_one(prompts, tmp_path, strategy):
 def test_resume_matches_an_uninterrupted_run(prompts, tmp_path):
     """Stopped after step 2 and resumed: the value model's weights and optimizer, the adaptive KL coefficient
     and the schedule come back, so every later step matches."""
-    options = dict(
-        max_steps=4,
-        checkpoint_every_steps=2,
-        keep_checkpoints=5,
-        kl_coef=0.05,
-        kl_target=0.01,
-        kl_horizon=64,
-        num_iterations=2,
-        lr_scheduler="cosine",
-    )
+    options = resume_options(max_steps=4, num_iterations=2)
     train(value_config(prompts, tmp_path, **options))
     first = rows_of(tmp_path)
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")

@@ -774,20 +774,12 @@ def test_resume_matches_an_uninterrupted_run(prompts, tmp_path):
     critic's learning rate) come back, so the later steps match."""
     import shutil
 
+    from test_trainer_online import resume_options
     from test_trainer_ppo import rows_of
 
     from kfp_components.trainer.train import train
 
-    options: dict[str, object] = dict(
-        max_steps=4,
-        checkpoint_every_steps=2,
-        keep_checkpoints=5,
-        kl_coef=0.05,
-        kl_target=0.01,
-        kl_horizon=64,
-        lr_scheduler="cosine",
-        value_epochs=1,
-    )
+    options = resume_options(max_steps=4, value_epochs=1)
     train(online_trpo(prompts, tmp_path, **options))
     first = rows_of(tmp_path)
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")

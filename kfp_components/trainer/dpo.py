@@ -34,7 +34,6 @@ subspace frozen), which preference-tunes without eroding what the model already 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +46,8 @@ from torch import nn
 
 from kfp_components.trainer.batching import IGNORE_INDEX, MicroBatch, collate, dummy_micro_batch
 from kfp_components.trainer.distributed import DistInfo, all_reduce_sum
-from kfp_components.trainer.tokenize import SampleError, TokenizedSample, tokenize_prompt_completion
+from kfp_components.trainer.preference_pairs import PairObjective, tokenized_preference_rows
+from kfp_components.trainer.tokenize import TokenizedSample
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +64,6 @@ class PreferencePair:
         return len(self.chosen.input_ids) + len(self.rejected.input_ids)
 
 
-def _messages(value: Any, role: str) -> list[dict]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
-
-
 def tokenize_preference_jsonl(
     path: str | Path, tokenizer: Any, *, max_seq_len: int, overlong: str = "drop"
 ) -> tuple[list[PreferencePair], dict[str, float]]:
@@ -76,31 +72,13 @@ def tokenize_preference_jsonl(
     stats: dict[str, float] = dict.fromkeys(
         ("pairs_read", "pairs_kept", "dropped_overlong", "truncated", "dropped_no_labels"), 0
     )
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            stats["pairs_read"] += 1
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-                prompt = _messages(row["prompt"], "user")
-                sides = [
-                    tokenize_prompt_completion(prompt, _messages(row[key], "assistant"), tokenizer)
-                    for key in ("chosen", "rejected")
-                ]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise SampleError(f"{where}: not a usable preference row: {exc}") from None
-            if max(len(s.input_ids) for s in sides) > max_seq_len:
-                if overlong == "drop":
-                    stats["dropped_overlong"] += 1
-                    continue
-                sides = [TokenizedSample(s.input_ids[:max_seq_len], s.labels[:max_seq_len]) for s in sides]
-                stats["truncated"] += 1
-            if any(sum(label != IGNORE_INDEX for label in s.labels[1:]) == 0 for s in sides):
-                stats["dropped_no_labels"] += 1
-                continue
-            pairs.append(PreferencePair(*sides))
+    for _row, sides in tokenized_preference_rows(
+        path, tokenizer, max_seq_len=max_seq_len, overlong=overlong, stats=stats
+    ):
+        if any(sum(label != IGNORE_INDEX for label in s.labels[1:]) == 0 for s in sides):
+            stats["dropped_no_labels"] += 1
+            continue
+        pairs.append(PreferencePair(*sides))
     stats["pairs_kept"] = len(pairs)
     stats["tokens"] = sum(p.length for p in pairs)
     return pairs, stats
@@ -126,9 +104,10 @@ class PreferenceBatch:
     pair_indices: list[int]
 
 
-class DirectPreference:
+class DirectPreference(PairObjective):
     """The DPO objective for the training loop (see ``objectives``)."""
 
+    pairs: list[PreferencePair]
     metric_names: tuple[str, ...] = METRICS
 
     def __init__(
@@ -150,14 +129,6 @@ class DirectPreference:
         self.label_smoothing = label_smoothing
         self.pad_token_id = pad_token_id
 
-    @property
-    def lengths(self) -> list[int]:
-        return [p.length for p in self.pairs]
-
-    @property
-    def loss_units(self) -> list[int]:
-        return [1] * len(self.pairs)
-
     def batch(self, indices: Sequence[int]) -> PreferenceBatch:
         if not indices:
             return PreferenceBatch(dummy_micro_batch(self.pad_token_id), [])
@@ -166,13 +137,8 @@ class DirectPreference:
     def loss(
         self, model: nn.Module, batch: PreferenceBatch, num_items: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not batch.pair_indices:  # keeps the collectives in step; contributes nothing
-            out = model(
-                input_ids=batch.micro_batch.input_ids.to(device),
-                position_ids=batch.micro_batch.position_ids.to(device),
-                use_cache=False,
-            )
-            return out.logits.sum() * 0.0, torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+        if not batch.pair_indices:
+            return self.empty_loss(model, batch.micro_batch, device)
         policy = sequence_logps(model, batch.micro_batch, device).view(-1, 2)
         reference = self.reference_logps[batch.pair_indices].to(device)
         losses, metrics = preference_loss(

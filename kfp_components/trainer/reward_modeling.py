@@ -28,7 +28,6 @@ own and the ``reward_model`` reward of the online algorithms scores with (``rewa
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,7 +41,8 @@ from torch import nn
 
 from kfp_components.trainer.batching import IGNORE_INDEX, MicroBatch, collate, dummy_micro_batch
 from kfp_components.trainer.distributed import unwrap
-from kfp_components.trainer.tokenize import SampleError, TokenizedSample, tokenize_prompt_completion
+from kfp_components.trainer.preference_pairs import PairObjective, tokenized_preference_rows
+from kfp_components.trainer.tokenize import TokenizedSample
 
 METRICS = ("accuracy", "margin", "rewards_chosen", "rewards_rejected")
 #: Names of the scalar head in transformers' sequence-classification models.
@@ -73,11 +73,8 @@ def score_position(input_ids: Sequence[int], pad_token_id: int | None) -> int:
     return len(input_ids) - 1
 
 
-def _messages(value: Any, role: str) -> list[dict]:
-    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
-
-
 def _margin(row: dict) -> float:
+    """The row's ``margin`` (0 when absent or null); anything but a finite number is an error."""
     value = row.get("margin", 0.0)
     if value is None:
         return 0.0
@@ -101,41 +98,23 @@ def tokenize_reward_pairs(
     stats: dict[str, float] = dict.fromkeys(
         ("pairs_read", "pairs_kept", "dropped_overlong", "truncated", "dropped_no_labels", "with_margin"), 0
     )
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            stats["pairs_read"] += 1
-            try:
-                row = json.loads(line)
-                margin = _margin(row)
-                prompt = _messages(row["prompt"], "user")
-                sides = [
-                    tokenize_prompt_completion(prompt, _messages(row[key], "assistant"), tokenizer)
-                    for key in ("chosen", "rejected")
-                ]
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise SampleError(f"{path}:{number}: not a usable preference row: {exc}") from None
-            if max(len(s.input_ids) for s in sides) > max_seq_len:
-                if overlong == "drop":
-                    stats["dropped_overlong"] += 1
-                    continue
-                sides = [TokenizedSample(s.input_ids[:max_seq_len], s.labels[:max_seq_len]) for s in sides]
-                stats["truncated"] += 1
-            if any(all(label == IGNORE_INDEX for label in s.labels) for s in sides):
-                stats["dropped_no_labels"] += 1
-                continue
-            stats["with_margin"] += "margin" in row
-            chosen, rejected = sides
-            pairs.append(
-                RewardPair(
-                    chosen,
-                    rejected,
-                    score_position(chosen.input_ids, pad_id),
-                    score_position(rejected.input_ids, pad_id),
-                    margin,
-                )
+    for row, sides in tokenized_preference_rows(
+        path, tokenizer, max_seq_len=max_seq_len, overlong=overlong, stats=stats, check_row=_margin
+    ):
+        if any(all(label == IGNORE_INDEX for label in s.labels) for s in sides):
+            stats["dropped_no_labels"] += 1
+            continue
+        stats["with_margin"] += "margin" in row
+        chosen, rejected = sides
+        pairs.append(
+            RewardPair(
+                chosen,
+                rejected,
+                score_position(chosen.input_ids, pad_id),
+                score_position(rejected.input_ids, pad_id),
+                _margin(row),
             )
+        )
     stats["pairs_kept"] = len(pairs)
     stats["tokens"] = sum(p.length for p in pairs)
     return pairs, stats
@@ -221,9 +200,10 @@ def bradley_terry_loss(
     return losses, metrics
 
 
-class RewardModelling:
+class RewardModelling(PairObjective):
     """The reward-model objective for the training loop (see ``objectives``)."""
 
+    pairs: list[RewardPair]
     metric_names: tuple[str, ...] = METRICS
 
     def __init__(
@@ -239,14 +219,6 @@ class RewardModelling:
         self.center_rewards_coef = center_rewards_coef
         self.pad_token_id = pad_token_id
 
-    @property
-    def lengths(self) -> list[int]:
-        return [p.length for p in self.pairs]
-
-    @property
-    def loss_units(self) -> list[int]:
-        return [1] * len(self.pairs)
-
     def batch(self, indices: Sequence[int]) -> RewardBatch:
         if not indices:
             empty = torch.zeros(0, dtype=torch.long)
@@ -256,13 +228,8 @@ class RewardModelling:
     def loss(
         self, model: nn.Module, batch: RewardBatch, num_items: torch.Tensor, device: torch.device
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not batch.pair_indices:  # keeps the collectives in step; contributes nothing
-            out = model(
-                input_ids=batch.micro_batch.input_ids.to(device),
-                position_ids=batch.micro_batch.position_ids.to(device),
-                use_cache=False,
-            )
-            return out.logits.sum() * 0.0, torch.zeros(len(METRICS), dtype=torch.float64, device=device)
+        if not batch.pair_indices:
+            return self.empty_loss(model, batch.micro_batch, device)
         scores = packed_scores(model, batch, device).view(-1, 2)
         losses, metrics = bradley_terry_loss(
             scores, batch.margins.to(device), center_rewards_coef=self.center_rewards_coef

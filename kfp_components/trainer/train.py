@@ -39,7 +39,7 @@ import shutil
 import signal
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -643,7 +643,10 @@ def build_objectives(
             for key, path in paths.items()
         }
     elif config.algorithm == "dpo":
-        pairs = {key: _preference_pairs(config, key, path, tokenizer) for key, path in paths.items()}
+        pairs = {
+            key: _preference_pairs(config, key, path, tokenizer, dpo.tokenize_preference_jsonl)
+            for key, path in paths.items()
+        }
         reference = _load_plain_model(
             config.ref_model_name_or_path or config.model_name_or_path, config, info
         )
@@ -672,7 +675,9 @@ def build_objectives(
     elif config.algorithm == "reward_model":
         objectives = {}
         for key, path in paths.items():
-            reward_pairs, stats = _reward_pairs(config, key, path, tokenizer)
+            reward_pairs, stats = _preference_pairs(
+                config, key, path, tokenizer, reward_modeling.tokenize_reward_pairs
+            )
             objectives[key] = reward_modeling.RewardModelling(
                 reward_pairs, stats, center_rewards_coef=config.center_rewards_coef, pad_token_id=pad_id
             )
@@ -695,23 +700,13 @@ def _tokenized(config: TrainingConfig, key: str, path: str, tokenizer: Any):
     return data
 
 
-def _preference_pairs(config: TrainingConfig, key: str, path: str, tokenizer: Any):
+def _preference_pairs(
+    config: TrainingConfig, key: str, path: str, tokenizer: Any, tokenize: Callable[..., tuple[list, dict]]
+) -> tuple[list, dict]:
+    """The pairs of ``path`` (the option ``key``) read by ``tokenize`` (DPO's or the reward model's); a row
+    that cannot be read, or a file without a usable pair, is a :class:`ConfigError` naming ``key``."""
     try:
-        pairs, stats = dpo.tokenize_preference_jsonl(
-            path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong
-        )
-    except (SampleError, ChatTemplateError) as exc:
-        raise ConfigError(key, str(exc)) from None
-    if not pairs:
-        raise ConfigError(key, f"{path}: no usable preference pairs after tokenisation ({stats})")
-    return pairs, stats
-
-
-def _reward_pairs(config: TrainingConfig, key: str, path: str, tokenizer: Any):
-    try:
-        pairs, stats = reward_modeling.tokenize_reward_pairs(
-            path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong
-        )
+        pairs, stats = tokenize(path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong)
     except (SampleError, ChatTemplateError) as exc:
         raise ConfigError(key, str(exc)) from None
     if not pairs:
