@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ppo
+from benchmarks import online_bench, ppo
 
 # (option of the project's trainer, PPOConfig argument) pairs that must carry the same value.
 SAME_VALUE = [
@@ -128,7 +128,7 @@ def test_the_trl_job_says_what_its_reward_model_reads(monkeypatch, tmp_path, rew
         return subprocess.CompletedProcess(command, 0, "", "")
 
     monkeypatch.setattr(ppo, "ppo_trl_python", lambda: sys.executable)
-    monkeypatch.setattr(ppo.subprocess, "run", fake_run)
+    monkeypatch.setattr(online_bench.subprocess, "run", fake_run)
     bench = dataclasses.replace(ppo.PPOBenchmark(), trl_reward_input=reward_input)
     ppo.run_trl(bench, tmp_path / "model", "rm", tmp_path / "trl", seed=0)
     assert jobs[0]["reward_input"] == reward_input
