@@ -158,7 +158,11 @@ def torchrun_two_processes(run_yaml: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "kfp_components.trainer", "--config", str(run_yaml)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as exc:  # say where the ranks stopped
+        tail = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
+        pytest.fail(f"torchrun did not finish in 300 s; the end of its log:\n{tail[-4000:]}")
     assert result.returncode == 0, result.stderr[-4000:]
 
 
