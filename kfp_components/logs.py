@@ -68,5 +68,16 @@ def configure_logging(level: str | int = "INFO") -> None:
         root.addHandler(handler)
     add_secret_filter(root.handlers)
     root.setLevel(level if isinstance(level, int) else level.upper())
-    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "httpcore"):
+    for noisy in (
+        "botocore",
+        "boto3",
+        "urllib3",
+        "s3transfer",
+        "filelock",
+        "httpx",
+        "httpcore",
+        "httpx2",
+        "httpcore2",
+        "openai",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
