@@ -342,3 +342,21 @@ def test_the_process_log_set_up_keeps_the_http_stack_quiet_at_info(monkeypatch):
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
     assert [r.name for r in records if r.name.startswith(quieted)] == []
+
+
+def test_many_requests_at_once_all_reach_the_server_together():
+    """32 connections opened at once are all accepted (the listen backlog) and answered in one round."""
+    with ScriptedChatServer(echo, latency_seconds=0.5) as server, client(server, max_concurrency=32) as judge:
+        started = time.monotonic()
+        judge.complete([conversation(str(i)) for i in range(32)], max_tokens=2)
+        elapsed = time.monotonic() - started
+    assert server.max_in_flight == 32
+    assert elapsed < 1.4  # a connection the backlog refused is tried again after 1 s
+
+
+def test_the_server_answers_without_a_delayed_ack_stall():
+    """Headers and body leave at once: a quick answer is not held back ~40 ms by the client's delayed ACK."""
+    with ScriptedChatServer(echo) as server, client(server, max_concurrency=1) as judge:
+        judge.check()  # the connection is open
+        judge.complete([conversation(str(i)) for i in range(10)], max_tokens=2)
+    assert judge.stats.latency_seconds / judge.stats.answered < 0.03

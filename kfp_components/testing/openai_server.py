@@ -121,8 +121,7 @@ class ScriptedChatServer:
     # running
 
     def __enter__(self) -> ScriptedChatServer:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        server.request_queue_size = 256  # many clients connecting at once (a benchmark) are not refused
+        server = _Server(("127.0.0.1", 0), _handler(self))
         stack = contextlib.ExitStack()
         host = stack.enter_context(serving(server))
         self._stack = stack
@@ -182,6 +181,10 @@ class ScriptedChatServer:
         }
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the listen backlog: many clients connecting at once are not made to wait
+
+
 def _logprobs(reply: ScriptedReply, top: int) -> dict[str, Any]:
     words = reply.text.split()
     chosen = words[0] if words else reply.text
@@ -209,6 +212,7 @@ def _error(message: str, kind: str, code: str | int | None = None) -> dict[str, 
 def _handler(state: ScriptedChatServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as a real server: the client reuses its connections
+        disable_nagle_algorithm = True  # headers and body leave at once, not after the client's delayed ACK
         timeout = 120  # an idle kept-alive connection ends its thread eventually
 
         def do_GET(self) -> None:
