@@ -33,6 +33,7 @@ BENCHMARKS = [
     "kill_resume",
     "grpo",
     "ppo",
+    "judge",
 ]
 
 
