@@ -9,13 +9,15 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 
 from kfp_components.feedback import endpoint
 from kfp_components.feedback.endpoint import EndpointOptions, FeedbackError, OpenAIChatClient
 from kfp_components.testing.openai_server import ScriptedChatServer, ScriptedReply
-from kfp_components.typed_config import ConfigError
+from kfp_components.typed_config import ConfigError, from_dict
 
 KEY = "jk-5e4d3c2b1a09f8e7"  # shaped like no known credential: only the client's own masking hides it
 ENVIRON = {"JUDGE_KEY": KEY}  # passed to the client, never put in os.environ (redact_text would mask it then)
@@ -288,6 +290,40 @@ def test_endpoint_problems_are_all_reported_under_the_prefix():
     )
     with pytest.raises(ConfigError, match="base_url: required"):
         OpenAIChatClient(EndpointOptions(model="m"))
+
+
+@dataclass
+class _JudgeLike(EndpointOptions):
+    """How the judges' options use the mixin: flat fields, checked only for the openai backend."""
+
+    backend: Literal["local", "openai"] = "local"
+
+    def validate(self) -> None:
+        if self.backend == "openai" and (problems := self.endpoint_problems()):
+            raise ConfigError.of(problems)
+
+
+def test_a_subclass_has_the_fields_flat_and_checks_them_for_its_openai_backend():
+    assert from_dict(_JudgeLike, {"backend": "local"}).base_url == ""  # a local backend needs no URL
+    options = from_dict(
+        _JudgeLike,
+        {
+            "backend": "openai",
+            "base_url": "http://vllm:8000/v1",
+            "model": "m",
+            "token_env": "K",
+            "timeout_seconds": 5,
+        },
+        "judge",
+    )
+    assert (options.model, options.timeout_seconds, options.max_requests) == ("m", 5.0, 0)
+    with pytest.raises(ConfigError) as error:
+        from_dict(_JudgeLike, {"backend": "openai", "max_concurrency": 0}, "judge")
+    assert {path for path, _ in error.value.problems} == {
+        "judge.base_url",
+        "judge.model",
+        "judge.max_concurrency",
+    }
 
 
 def test_bad_call_arguments_are_refused_before_any_request():
