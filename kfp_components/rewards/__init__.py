@@ -7,7 +7,7 @@
 * :func:`check_reward_set` is the dry run: every function called on one prompt row.
 
 Shipped rewards: ``exact_match`` (:mod:`.answers`), ``format_regex`` and ``overlong_penalty``
-(:mod:`.shaping`), ``reward_model`` (:mod:`.reward_model`), ``http`` (:mod:`.http`).
+(:mod:`.shaping`), ``reward_model`` (:mod:`.reward_model`), ``http`` (:mod:`.http`), ``judge`` (:mod:`.judge`).
 
 Importing this package imports neither torch nor transformers; a reward model imports them when it loads.
 """

@@ -2,7 +2,8 @@
 
 Each item of ``reward_functions`` is one of
 
-* a shipped name: ``exact_match``, ``format_regex``, ``overlong_penalty``, ``reward_model``, ``http``;
+* a shipped name: ``exact_match``, ``format_regex``, ``overlong_penalty``, ``reward_model``, ``http``,
+  ``judge`` (a judge LLM's score, :mod:`.judge`);
 * ``module:function``: an importable module and a function in it (``my_pkg.rewards:accuracy``; a dotted
   name after the colon reaches an attribute of an attribute);
 * ``path/to/file.py:function``: a Python file, relative to ``base_dir`` (the stage YAML's folder; the
@@ -38,6 +39,7 @@ from kfp_components.redaction import redact_text
 from kfp_components.rewards.answers import ExactMatchOptions, ExactMatchReward
 from kfp_components.rewards.errors import RewardError
 from kfp_components.rewards.http import HttpReward, HttpRewardOptions
+from kfp_components.rewards.judge import JudgeRewardOptions
 from kfp_components.rewards.reward_model import RewardModelOptions
 from kfp_components.rewards.scoring import RewardFunction, RewardSet
 from kfp_components.rewards.shaping import (
@@ -46,6 +48,7 @@ from kfp_components.rewards.shaping import (
     OverlongPenaltyOptions,
     OverlongPenaltyReward,
 )
+from kfp_components.secret_refs import secret_env
 from kfp_components.typed_config import ConfigError, Options, from_dict
 
 #: A ``reward_functions`` item: a reference, or a mapping with ``function`` and options.
@@ -58,6 +61,7 @@ SHIPPED: dict[str, type[Options]] = {
     "overlong_penalty": OverlongPenaltyOptions,
     "reward_model": RewardModelOptions,
     "http": HttpRewardOptions,
+    "judge": JudgeRewardOptions,
 }
 
 
@@ -101,12 +105,30 @@ def load_reward_set(
                 "give one a distinct name ({function: ..., name: ...})",
             )
     functions = [_build(item, base_dir=base_dir, tokenizer=tokenizer, device=device) for item in options]
-    shown = [
-        f"http ({redact_text(item.url)})" if isinstance(item, HttpRewardOptions) else item.function  # type: ignore[attr-defined]
-        for item in options
-    ]
+    shown = [_shown(item) for item in options]
     final_weights = [1.0] * len(functions) if weights is None else [float(w) for w in weights]
     return RewardSet(names=names, functions=functions, weights=final_weights, references=shown)
+
+
+def reward_secret_env(references: Sequence[RewardReference]) -> list[dict[str, str]]:
+    """The Kubernetes Secrets the reward functions name (``token_secret``), as the TrainJob's ``secret_env``
+    entries (``name``: the ``token_env`` variable, ``secret``, ``key``); each variable once."""
+    entries: dict[str, dict[str, str]] = {}
+    for item in parse_references(references, None) if references else []:
+        token_secret = getattr(item, "token_secret", "")
+        if token_secret:
+            entry = secret_env(item.token_env, token_secret)  # type: ignore[attr-defined]
+            entries.setdefault(entry["name"], entry)
+    return list(entries.values())
+
+
+def _shown(options: Options) -> str:
+    """How errors name a reward: its reference, with where an endpoint is (credentials redacted)."""
+    if isinstance(options, HttpRewardOptions):
+        return f"http ({redact_text(options.url)})"
+    if isinstance(options, JudgeRewardOptions):
+        return f"judge ({options.describe()})"
+    return str(options.function)  # type: ignore[attr-defined]
 
 
 def reward_name(options: Options) -> str:
@@ -222,6 +244,12 @@ def _build(options: Options, *, base_dir: Path | None, tokenizer: Any, device: s
             return RewardModelReward(options, device=device, policy_tokenizer=tokenizer)
         if isinstance(options, HttpRewardOptions):
             return HttpReward(options)
+        if isinstance(options, JudgeRewardOptions):
+            from kfp_components.rewards.judge import JudgeReward
+
+            judge = JudgeReward(options, device=device)
+            judge.check()  # reachable, the model served: before any completion is generated
+            return judge
     except RewardError:
         raise
     except Exception as exc:

@@ -121,6 +121,16 @@ class RewardSet:
             total.append(math.fsum(parts) if parts else None)
         return RewardScores(per_function=per_function, total=total)
 
+    def usage(self) -> dict[str, float]:
+        """The counters of the functions that keep them (a ``usage()`` method returning additive numbers, such
+        as a judge's requests and tokens), as ``reward/<name>/<counter>``, cumulative over the run."""
+        counters: dict[str, float] = {}
+        for name, function in zip(self.names, self.functions, strict=True):
+            usage = getattr(function, "usage", None)
+            if callable(usage):
+                counters.update({f"reward/{name}/{key}": float(value) for key, value in usage().items()})
+        return counters
+
 
 def call_reward(
     function: RewardFunction,

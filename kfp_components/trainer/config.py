@@ -270,7 +270,7 @@ class RLOptions(OSFTConstraintOptions):
 
     Attributes:
         reward_functions: What scores a completion, summed with reward_weights: a shipped reward
-            (exact_match, format_regex, overlong_penalty, reward_model, http) by name or as a mapping with
+            (exact_match, format_regex, overlong_penalty, reward_model, http, judge) by name or as a mapping with
             its options ({function: format_regex, pattern: ...}), or your own as module:function or
             path/to/file.py:function, called as fn(prompts, completions, **columns) -> list of float or None.
         reward_weights: One weight per reward function (empty: 1.0 each); with reward_model_path, one more

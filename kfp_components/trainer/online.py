@@ -279,7 +279,9 @@ class OnlineSteps:
         local = self.order.for_rank(step_prompts, self.info.rank)
         completions = self.generate(local, global_step)
         generation_seconds = all_reduce_max(time.monotonic() - started, self.info.device)
+        scoring_started = time.monotonic()
         rollouts = self.score(local, completions)
+        reward_seconds = all_reduce_max(time.monotonic() - scoring_started, self.info.device)
 
         learn_started = time.monotonic()
         samples = [self.sample(r) for r in rollouts]
@@ -317,6 +319,8 @@ class OnlineSteps:
         if kl_rewarded is not None:
             sums["kl"] = kl_rewarded * passes_run
         extra["passes"] = passes_run
+        extra["reward_seconds"] = round(reward_seconds, 4)
+        extra.update(self.reward_usage())
         return self.record(
             rollouts,
             plan,
@@ -715,6 +719,18 @@ class OnlineSteps:
             returns=[r.float() for r in returns],
         )
         return tensors, kl_sum, metrics
+
+    def reward_usage(self) -> dict[str, float]:
+        """What the reward functions that count their work (a judge's requests, tokens, cache hits) did so
+        far in this run, summed over the ranks: ``reward/<name>/<counter>``."""
+        usage = self.rewards.usage()
+        if not usage:
+            return {}
+        names = sorted(usage)
+        reduced = all_reduce_sum(
+            torch.tensor([usage[n] for n in names], dtype=torch.float64, device=self.info.device)
+        )
+        return dict(zip(names, reduced.tolist(), strict=True))
 
     def reward_statistics(self, rollouts: list[Rollout]) -> dict[str, float]:
         """The step's reward metrics over every rank's completions (see ``RewardScores.statistics``)."""
