@@ -441,7 +441,7 @@ def _set(data: dict, path: str, value: object) -> None:
         ),
         (
             {"stages": ["sft", "foo"]},
-            "stages[1]: no stage named 'foo'; available stages: dpo, osft, reward_model, rl, sft",
+            "stages[1]: no stage named 'foo'; available stages: dpo, osft, reward_model, rl, rlaif, sft",
         ),
         ({"stages": ["sft", "dpp"]}, "stages[1]: no stage named 'dpp'; did you mean dpo? available stages"),
         (
@@ -630,7 +630,11 @@ class _Echo(BaseStage):
 
 
 def test_stage_registry_rules():
-    with pytest.raises(ValueError, match=r"'rlaif' is taken by kfp_components.stages.planned.RLAIFStage"):
+    with pytest.raises(
+        ValueError, match=r"'cot_distillation' is taken by kfp_components.stages.planned.CoTDistillationStage"
+    ):
+        Pipeline.register_stage("cot_distillation", _Echo)
+    with pytest.raises(ValueError, match=r"'rlaif' is taken by kfp_components.stages.rlaif.RLAIFStage"):
         Pipeline.register_stage("rlaif", _Echo)
     with pytest.raises(ValueError, match=r"taken by kfp_components.stages.sft.SFTStage"):
         Pipeline.register_stage("sft", _Echo)

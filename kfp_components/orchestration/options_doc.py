@@ -53,11 +53,21 @@ def options_markdown() -> str:
         summary = (group.__doc__ or "").strip().splitlines()[0]
         parts.append(f"#### `{group.__name__}`: {summary} (stages: {', '.join(users)})\n")
         parts.append(_table(group))
+    nested: dict[type, list[str]] = {}
     for name, stage in BUILTIN_STAGES.items():
         own = _table(stage.config_class)
         if own.count("\n") > 2:
             parts.append(f"#### Options of the `{name}` stage only\n")
             parts.append(own)
+        for annotation in typing.get_type_hints(stage.config_class).values():
+            for options_class in _nested_options(annotation):
+                nested.setdefault(options_class, []).append(name)
+    for options_class, users in nested.items():
+        summary = (options_class.__doc__ or "").strip().splitlines()[0]
+        parts.append(
+            f"#### `{options_class.__name__}`: {summary} (stages: {', '.join(dict.fromkeys(users))})\n"
+        )
+        parts.append(_table(options_class, inherited_too=True))
     parts.append("### Aliases\n")
     parts.append(
         "Other names accepted for an option (the names of the modular fine-tuning guide and of Hugging Face "
@@ -83,22 +93,35 @@ def options_markdown() -> str:
     return "\n".join(parts).rstrip() + "\n"
 
 
+def _nested_options(annotation: Any) -> list[type]:
+    """The option dataclasses an option's type holds (``JudgeOptions`` of ``JudgeOptions | None``)."""
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return [annotation]
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        return [a for a in get_args(annotation) if isinstance(a, type) and dataclasses.is_dataclass(a)]
+    return []
+
+
 def _training_stages() -> list[str]:
     return [n for n, s in BUILTIN_STAGES.items() if issubclass(s.config_class, TrainingStageConfig)]
 
 
-def _table(*classes: type) -> str:
-    """One row per field that each of ``classes`` declares itself (not those it inherits)."""
+def _table(*classes: type, inherited_too: bool = False) -> str:
+    """One row per field that each of ``classes`` declares itself (every field with ``inherited_too``)."""
     rows = ["| option | type | default | description |", "| --- | --- | --- | --- |"]
     for cls in classes:
         helps = field_help(cls)
         hints = typing.get_type_hints(cls)
-        inherited = {
-            f.name
-            for base in cls.__mro__[1:]
-            if dataclasses.is_dataclass(base)
-            for f in dataclasses.fields(base)
-        }
+        inherited = (
+            set()
+            if inherited_too
+            else {
+                f.name
+                for base in cls.__mro__[1:]
+                if dataclasses.is_dataclass(base)
+                for f in dataclasses.fields(base)
+            }
+        )
         for f in dataclasses.fields(cls):
             if f.name not in inherited:
                 text = (helps.get(f.name) or f.metadata.get("help", "")).replace("|", "\\|")
@@ -116,6 +139,8 @@ def _type_text(annotation: Any) -> str:
         return f"list of {_type_text(get_args(annotation)[0])}"
     if origin is dict:
         return "mapping of name to options"
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return f"mapping: `{annotation.__name__}` (table below)"
     return {str: "string", int: "integer", float: "float", bool: "bool"}.get(annotation, str(annotation))
 
 
@@ -129,6 +154,9 @@ def _default_text(f: dataclasses.Field) -> str:
         return f"`[{', '.join(map(str, value))}]`"
     if isinstance(value, dict):
         return "`{}`"
+    if isinstance(value, str) and "\n" in value:  # a template: its start, on one line
+        start = value.replace("\n", " ").replace("|", "\\|")
+        return f"`{start[:48].rstrip()}...`"
     return '`""`' if value == "" else f"`{value}`"
 
 

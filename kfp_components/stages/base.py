@@ -16,11 +16,14 @@ import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from kfp_components.typed_config import ConfigError, Options, to_dict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: How an option names what an earlier stage of the pipeline writes: ``stage:<name>``.
+STAGE_REFERENCE = "stage:"
 
 
 @dataclass(kw_only=True)
@@ -146,6 +149,11 @@ class BaseStage(ABC):
         stage:<name>``); ``earlier`` holds the stages listed before this one, by name. The pipeline calls it
         once, when it builds the stages, before :meth:`validate_config`; raise :class:`ConfigError` for a
         reference to a stage that is not there. The default has nothing to resolve."""
+        return None
+
+    def output_dataset(self) -> tuple[Path, str] | None:
+        """The dataset this stage writes for later stages (its path once the stage has run, and its row
+        format), which their ``dataset_name_or_path: stage:<name>`` reads; None (the default): none."""
         return None
 
     def check_inputs(self, model: str, tokenizer: str) -> None:

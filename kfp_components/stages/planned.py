@@ -1,4 +1,4 @@
-"""Stages the multi-stage YAML may name that this version cannot run yet: ``rlaif`` and ``cot_distillation``.
+"""Stages the multi-stage YAML may name that this version cannot run yet: ``cot_distillation``.
 
 Their options are recognised, so a dry run of a whole chain checks every key (``reasoning_dataset_path``,
 ``teacher_model_path``, ``teacher_model_type`` of ``cot_distillation``, as users' configs already have them)
@@ -13,11 +13,6 @@ from typing import Any, ClassVar, Literal
 
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
 from kfp_components.typed_config import ConfigError
-
-
-@dataclass(kw_only=True)
-class RLAIFStageConfig(StageConfig):
-    """Options of the rlaif stage (reinforcement learning from AI feedback); not available in this version."""
 
 
 @dataclass(kw_only=True)
@@ -58,12 +53,6 @@ class UnavailableStage(BaseStage):
 
     def execute(self, model: str, tokenizer: str, previous_result: StageResult | None) -> StageResult:
         raise self.unavailable()
-
-
-class RLAIFStage(UnavailableStage):
-    stage_name: ClassVar[str] = "rlaif"
-    config_class: ClassVar[type[StageConfig]] = RLAIFStageConfig
-    description = "reinforcement learning from AI feedback"
 
 
 class CoTDistillationStage(UnavailableStage):

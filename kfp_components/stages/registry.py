@@ -9,15 +9,15 @@ import re
 from kfp_components.stages.base import BaseStage, config_class_of
 from kfp_components.stages.dpo import DPOStage
 from kfp_components.stages.osft import OSFTStage
-from kfp_components.stages.planned import CoTDistillationStage, RLAIFStage, UnavailableStage
+from kfp_components.stages.planned import CoTDistillationStage, UnavailableStage
 from kfp_components.stages.reward_model import RewardModelStage
 from kfp_components.stages.rl import RLStage
+from kfp_components.stages.rlaif import RLAIFStage
 from kfp_components.stages.sft import SFTStage
 from kfp_components.typed_config import ConfigError
 
 #: Stages whose options are recognised but which this version cannot run (see ``stages.planned``).
 RESERVED_STAGES: dict[str, type[UnavailableStage]] = {
-    "rlaif": RLAIFStage,
     "cot_distillation": CoTDistillationStage,
 }
 BUILTIN_STAGES: dict[str, type[BaseStage]] = {
@@ -26,6 +26,7 @@ BUILTIN_STAGES: dict[str, type[BaseStage]] = {
     "dpo": DPOStage,
     "reward_model": RewardModelStage,
     "rl": RLStage,
+    "rlaif": RLAIFStage,
 }
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from kfp_components.stages.base import BaseStage
+from kfp_components.stages.base import STAGE_REFERENCE, BaseStage
 from kfp_components.stages.reward_model import RewardModelStage
 from kfp_components.stages.training import TrainingStage, TrainingStageConfig
 from kfp_components.trainer.config import (
@@ -33,9 +33,6 @@ from kfp_components.trainer.config import (
     TrainingConfig,
 )
 from kfp_components.typed_config import ConfigError
-
-#: How ``reward_model_path`` names the reward model of an earlier stage: ``stage:<name>``.
-STAGE_REFERENCE = "stage:"
 
 
 @dataclass(kw_only=True)
@@ -78,6 +75,7 @@ class RLStage(TrainingStage):
         return self.config.algorithm
 
     def link_earlier_stages(self, earlier: Mapping[str, BaseStage]) -> None:
+        super().link_earlier_stages(earlier)
         reference = self.config.reward_model_path
         if not reference.startswith(STAGE_REFERENCE):
             return

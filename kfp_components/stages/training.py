@@ -14,6 +14,7 @@ import gc
 import json
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -21,7 +22,7 @@ from typing import Any, ClassVar, Literal
 from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, prepare_dataset
 from kfp_components.data.config import OnInvalid
 from kfp_components.mappings import flatten_numbers
-from kfp_components.stages.base import BaseStage, StageConfig, StageResult
+from kfp_components.stages.base import STAGE_REFERENCE, BaseStage, StageConfig, StageResult
 from kfp_components.trainer.config import ALGORITHMS, Algorithm, TrainingConfig
 from kfp_components.typed_config import ConfigError, Options
 
@@ -54,7 +55,8 @@ class TrainingData(Options):
 
     Attributes:
         dataset_name_or_path: Training data: hf://org/name[:config][@revision], s3://bucket/key,
-            https://..., pvc://claim/path or a local file or folder (JSONL, JSON or Parquet).
+            https://..., pvc://claim/path or a local file or folder (JSONL, JSON or Parquet); in a pipeline,
+            stage:<name> reads the dataset an earlier stage writes (the preference pairs of an rlaif stage).
         dataset_split: Split to train on, of an hf:// dataset (empty: train) or of a folder whose file names
             name their split (empty: every file).
         dataset_subset_size: Train on the first N valid rows only (0: all rows).
@@ -179,6 +181,43 @@ class TrainingStage(BaseStage):
         super().__init__(config)
         #: datasets prepared by :meth:`check_inputs` for the coming :meth:`execute`
         self._prepared: dict[str, PreparedDataset] = {}
+        #: per prefix ("" or "eval_"), (stage name, dataset path) of a ``stage:<name>`` dataset reference
+        self.linked_datasets: dict[str, tuple[str, Path]] = {}
+
+    def link_earlier_stages(self, earlier: Mapping[str, BaseStage]) -> None:
+        """Resolve ``dataset_name_or_path`` (and the eval data's) given as ``stage:<name>``: the dataset that
+        earlier stage writes, which must be in the format this stage trains on."""
+        for prefix in ("", "eval_"):
+            key = f"{prefix}dataset_name_or_path"
+            reference = getattr(self.config, key)
+            if not reference.startswith(STAGE_REFERENCE):
+                continue
+            name = reference[len(STAGE_REFERENCE) :]
+            stage = earlier.get(name)
+            produced = stage.output_dataset() if stage is not None else None
+            if stage is None or produced is None:
+                writers = [n for n, s in earlier.items() if s.output_dataset() is not None]
+                what = "is not a stage listed before this one" if stage is None else "writes no dataset"
+                found = (
+                    f"stages before it that write one: {', '.join(writers)}"
+                    if writers
+                    else "no stage before it writes one"
+                )
+                raise ConfigError(key, f"{reference}: {name!r} {what} ({found})")
+            path, data_format = produced
+            if data_format != self.data_format:
+                raise ConfigError(
+                    key,
+                    f"{reference}: stage {name!r} writes {data_format!r} rows; the {self.name} stage trains on "
+                    f"{self.data_format!r} rows",
+                )
+            self.linked_datasets[prefix] = (name, path)
+
+    def pending_datasets(self) -> dict[str, str]:
+        """The ``stage:<name>`` datasets not written yet (prefix -> the stage that writes them)."""
+        return {
+            prefix: name for prefix, (name, path) in self.linked_datasets.items() if not Path(path).is_file()
+        }
 
     def engine_algorithm(self) -> Algorithm:
         """The engine's ``algorithm`` for this stage (the class's, unless the stage's options choose it)."""
@@ -202,6 +241,8 @@ class TrainingStage(BaseStage):
         ``<output_dir>/data/``, where :meth:`execute` then trains on them, and run the engine's preflight
         on them (``model`` stands in for the input model: LoRA and OSFT targets, flash attention)."""
         self._prepared = self._prepare_all(Path(self.config.output_dir) / "data")
+        if self.pending_datasets():
+            return  # checked when the stage that writes them has run: the stage prepares its data again
         problems = self.engine_problems(model, self._prepared)
         if problems:
             raise ConfigError.of(problems)
@@ -237,8 +278,9 @@ class TrainingStage(BaseStage):
         """The training data and, when set, the eval data, prepared into ``data_dir``; a :class:`ConfigError`
         lists the problems of both."""
         prepared, problems = {}, []
+        pending = self.pending_datasets()
         for prefix, name in (("", "train.jsonl"), ("eval_", "eval.jsonl")):
-            if not getattr(self.config, f"{prefix}dataset_name_or_path"):
+            if not getattr(self.config, f"{prefix}dataset_name_or_path") or prefix in pending:
                 continue
             try:
                 prepared[prefix] = self.prepare(prefix, data_dir / name)  # type: ignore[arg-type]
@@ -264,7 +306,7 @@ class TrainingStage(BaseStage):
         from kfp_components.trainer.train import FINAL_MODEL_DIR, train
 
         out = Path(self.config.output_dir)
-        prepared = self._prepared or self._prepare_all(out / "data")
+        prepared = self._prepared if "" in self._prepared else self._prepare_all(out / "data")
         self._prepared = {}  # prepared for this run only: a later run prepares its data again
         train_data, eval_data = prepared[""], prepared.get("eval_")
         # A final/ folder always belongs to the latest successful attempt, and files that final_model links
@@ -332,13 +374,18 @@ class TrainingStage(BaseStage):
         plan["algorithm"] = self.engine_algorithm()
         processes = self.config.nproc_per_node
         plan["launch"] = f"torchrun, {processes} process(es)" if processes else "in the pipeline's process"
+        pending = self.pending_datasets()
         with tempfile.TemporaryDirectory(prefix="kfp-dry-run-") as scratch:
             prepared = self._prepare_all(Path(scratch))
             for prefix, data in prepared.items():
                 plan[f"{prefix}dataset"] = (
                     f"{data.source} ({data.data_format}, {data.metrics['train_rows']} rows)"
                 )
-            problems = self.engine_problems(model, prepared)
+            for prefix, name in pending.items():
+                plan[f"{prefix}dataset"] = (
+                    f"{self.linked_datasets[prefix][1]} (written by stage {name!r} first)"
+                )
+            problems = [] if pending else self.engine_problems(model, prepared)
         if problems:
             raise ConfigError.of(problems)
         plan["final_model"] = str(Path(self.config.output_dir) / "final")
@@ -349,6 +396,8 @@ class TrainingStage(BaseStage):
         into ``train_path`` (every valid row; no eval split). A :class:`ConfigError` names the option when
         the data is missing, invalid or in another format than the stage trains on."""
         dataset = self.config.dataset_config(prefix, self.data_format)
+        if prefix in self.linked_datasets:
+            dataset = dataclasses.replace(dataset, dataset_name_or_path=str(self.linked_datasets[prefix][1]))
         key = f"{prefix}dataset_name_or_path"
         with tempfile.TemporaryDirectory(prefix="kfp-stage-data-") as scratch:
             try:
