@@ -245,3 +245,88 @@ def test_a_model_on_the_workspace_is_given_to_the_workers_as_its_mounted_path(tm
         trainjob_options={"workspace_pvc": "ws"},
     )
     assert (tmp_path / "artifacts" / "model" / "model.safetensors").is_file()
+
+
+def test_a_judges_token_secret_reaches_the_workers_as_its_variable(tmp_path, monkeypatch):
+    """A reward endpoint's or a judge's ``token_secret`` becomes a secretKeyRef of the TrainJob's workers,
+    under the variable its ``token_env`` names; no value is written anywhere."""
+    workspace = tmp_path / "workspace"
+    output_dir = workspace / "runs" / "r1" / "rl"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "2 + 2?", "answer": "4"}) + "\n")
+    judge = {
+        "function": "judge",
+        "base_url": "http://judge.models.svc:8000/v1",
+        "model": "judge",
+        "token_env": "JUDGE_API_KEY",
+        "token_secret": "judge-credentials/api-key",
+    }
+    endpoint = {
+        "function": "http",
+        "url": "http://scorer:8080/score",
+        "token_env": "SCORER_TOKEN",
+        "token_secret": "scorer",
+    }
+    online = TrainingConfig(
+        model_name_or_path=str(tiny_model_path("qwen2", 0)),
+        data_path=str(prompts),
+        output_dir=str(output_dir),
+        algorithm="grpo",
+        reward_functions=[judge, endpoint],
+        num_generations=2,
+        effective_batch_size=2,
+        max_seq_len=256,
+        max_new_tokens=8,
+        max_tokens_per_gpu=512,
+        max_steps=1,
+    )
+    with kube_api_server(trainjob_schema("v2.3.0"), scenarios=[Scenario(outcome="complete")]) as server:
+        monkeypatch.setenv("KUBERNETES_SERVER_URL", server.url)
+        monkeypatch.setenv("KUBERNETES_AUTH_TOKEN", server.token)
+        (output_dir / "final").mkdir(parents=True)  # what the trainer pods write on the shared workspace
+        (output_dir / "final" / "config.json").write_text("{}")
+        summary = {"steps": 1, "final_loss": 0.0, "mean_loss": 0.0, "tokens_per_second": 1.0, "metrics": {}}
+        (output_dir / "summary.json").write_text(json.dumps(summary))
+        trainjob = TrainJobConfig(
+            trainer_image="quay.io/example/trainer:1",
+            run_id="r1",
+            stage="rl",
+            namespace="ml",
+            workspace_pvc="workspace",
+            workspace_path=str(workspace),
+            trainer_api_version="v2.3",
+            poll_interval_seconds=0.05,
+        )
+        run_training_step(
+            online, tmp_path / "model", backend="trainjob", trainjob=trainjob, timeout_seconds=60
+        )
+        (created,) = [r.body for r in server.requests_for("POST", "/trainjobs") if r.status == 201]
+    env = {item["name"]: item for item in created["spec"]["trainer"]["env"]}
+    assert env["JUDGE_API_KEY"] == {
+        "name": "JUDGE_API_KEY",
+        "valueFrom": {"secretKeyRef": {"name": "judge-credentials", "key": "api-key"}},
+    }
+    assert env["SCORER_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "scorer",
+        "key": "SCORER_TOKEN",
+    }
+
+
+@pytest.mark.parametrize(
+    ("token_env", "token_secret", "message"),
+    [
+        ("", "judge-credentials", "needs token_env"),
+        ("JUDGE_API_KEY", "Judge_Credentials", "Kubernetes name"),
+    ],
+)
+def test_bad_token_secrets_are_config_errors(token_env, token_secret, message):
+    from kfp_components.rewards import parse_references
+
+    judge = {
+        "function": "judge",
+        "base_url": "http://judge:8000/v1",
+        "model": "judge",
+        "token_env": token_env,
+    }
+    with pytest.raises(ConfigError, match=rf"reward_functions\[0\]\.token_secret: .*{message}"):
+        parse_references([{**judge, "token_secret": token_secret}], None)

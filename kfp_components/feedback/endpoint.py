@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from kfp_components.redaction import MASK, redact_text
+from kfp_components.secret_refs import token_secret_problems
 from kfp_components.typed_config import ConfigError, Options
 
 if TYPE_CHECKING:
@@ -78,6 +79,8 @@ class EndpointOptions(Options):
         model: The served model name (what ``/v1/models`` lists).
         token_env: Environment variable holding the API key (set it from a Kubernetes secret); empty: no key
             (a placeholder is sent, as vLLM without ``--api-key`` expects).
+        token_secret: On a cluster, the Kubernetes Secret holding the key, as <secret> or <secret>/<key> (key
+            default: token_env's name): the TrainJob's workers get it as token_env. Needs token_env.
         max_concurrency: Requests in flight at once (threads).
         timeout_seconds: Timeout of one request (connecting, sending and each read).
         retries: Further attempts after a 429 or 5xx answer, a connection error or a timeout.
@@ -89,6 +92,7 @@ class EndpointOptions(Options):
     base_url: str = ""
     model: str = ""
     token_env: str = ""
+    token_secret: str = ""
     max_concurrency: int = 8
     timeout_seconds: float = 60.0
     retries: int = 3
@@ -113,6 +117,7 @@ class EndpointOptions(Options):
             problems.append(("model", "required: the served model name (what /v1/models lists)"))
         if self.token_env and not _ENV_NAME.match(self.token_env):
             problems.append(("token_env", f"expected an environment variable name, got {self.token_env!r}"))
+        problems += token_secret_problems(self.token_env, self.token_secret)
         if self.max_concurrency < 1:
             problems.append(("max_concurrency", f"must be at least 1, got {self.max_concurrency}"))
         if not self.timeout_seconds > 0 or math.isinf(self.timeout_seconds):

@@ -261,6 +261,23 @@ def _preflight_problems(
     )
 
 
+def with_reward_secrets(given: list[Any], config: TrainingConfig) -> list[Any]:
+    """``given`` (the TrainJob's ``secret_env``) plus the Secrets the reward functions name (a judge's or an
+    endpoint's ``token_secret``), each given to the workers as its ``token_env`` variable."""
+    from kfp_components.launch.manifest import SecretEnv
+
+    if not config.is_online:
+        return list(given)
+    from kfp_components.rewards.loading import reward_secret_env
+
+    named = {entry.name for entry in given}
+    extra = [
+        SecretEnv(name=entry["name"], secret=entry["secret"], key=entry["key"])
+        for entry in reward_secret_env(config.all_reward_functions)
+    ]
+    return [*given, *(entry for entry in extra if entry.name not in named)]
+
+
 def run_training_step(
     config: TrainingConfig,
     model_dir: str | Path,
@@ -293,7 +310,12 @@ def run_training_step(
         if trainjob is None:
             raise ValueError("backend trainjob needs a TrainJobConfig")
         run_yaml = write_run_config(config, output_dir / "run.yaml")
-        trainjob = replace(trainjob, config_path=str(run_yaml), timeout_seconds=timeout_seconds)
+        trainjob = replace(
+            trainjob,
+            config_path=str(run_yaml),
+            timeout_seconds=timeout_seconds,
+            secret_env=with_reward_secrets(trainjob.secret_env, config),
+        )
         launched = launch_trainjob(trainjob)
         result.trainjob_name = launched.name
         result.preemptions, result.suspended_seconds = launched.preemptions, launched.suspended_seconds

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 
 from kfp_components.redaction import MASK, redact_text
 from kfp_components.rewards.errors import RewardError
+from kfp_components.secret_refs import token_secret_problems
 from kfp_components.typed_config import ConfigError, Options
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class HttpRewardOptions(Options):
         retries: Further attempts of a request after a 5xx or 429 answer, a connection error or a timeout.
         backoff_seconds: Wait before the first retry; it doubles each retry.
         token_env: Environment variable holding a bearer token (set it from a secret); empty: none.
+        token_secret: On a cluster, the Kubernetes Secret holding the token, as <secret> or <secret>/<key>
+            (key default: token_env's name): the TrainJob's workers get it as token_env. Needs token_env.
     """
 
     url: str
@@ -70,6 +73,7 @@ class HttpRewardOptions(Options):
     retries: int = 3
     backoff_seconds: float = 1.0
     token_env: str = ""
+    token_secret: str = ""
 
     def validate(self) -> None:
         parts = urlsplit(self.url)
@@ -88,6 +92,7 @@ class HttpRewardOptions(Options):
             problems.append(("retries", f"must not be negative, got {self.retries}"))
         if self.backoff_seconds < 0:
             problems.append(("backoff_seconds", f"must not be negative, got {self.backoff_seconds}"))
+        problems += token_secret_problems(self.token_env, self.token_secret)
         if problems:
             raise ConfigError.of(problems)
 
