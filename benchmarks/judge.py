@@ -1,5 +1,5 @@
 """The judge's endpoint client: requests per second against an OpenAI-compatible server as ``max_concurrency``
-grows.
+grows, and the share of a direct-RLAIF training step spent waiting for the judge.
 
 :class:`~kfp_components.feedback.endpoint.OpenAIChatClient` (the official ``openai`` client, our retry loop and
 thread pool) sends the same batch of short judging conversations to a
@@ -8,6 +8,11 @@ request, once per ``max_concurrency``; concurrency 1 is the sequential baseline.
 process (a judge is a remote server), so the client's CPU seconds per request are this process's alone. Each
 concurrency gets a fresh server and client and one warm-up request (``check()``) before the timed batch; the
 server reports the most requests it had in flight at once.
+
+The step part trains PPO (the rlaif stage's default) for a few steps on a tiny model with the ``judge`` reward
+as the only reward, against the same kind of server and latency, once sequentially and once at the default
+concurrency; the engine's per-step metrics give the time spent scoring (``reward_seconds``) and the step's
+whole time.
 
 python -m benchmarks.run judge   # results/judge.json and docs/performance.md
 """
@@ -38,10 +43,10 @@ MAX_TOKENS = 8
 #: when its standard input says ``stop``.
 _SERVER = """
 import sys
-from benchmarks.judge import verdict
+from benchmarks import judge
 from kfp_components.testing.openai_server import ScriptedChatServer
 
-with ScriptedChatServer(verdict, latency_seconds=float(sys.argv[1])) as server:
+with ScriptedChatServer(getattr(judge, sys.argv[2]), latency_seconds=float(sys.argv[1])) as server:
     print(server.base_url, flush=True)
     sys.stdin.readline()
     print(server.max_in_flight, len(server.chat_requests), flush=True)
@@ -51,6 +56,13 @@ with ScriptedChatServer(verdict, latency_seconds=float(sys.argv[1])) as server:
 def verdict(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
     """The scripted judge's answer: a score in the last message's words."""
     return f"Score: {len(str(messages[-1]['content']).split()) % 10}"
+
+
+def length_score(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
+    """The step part's pointwise judge: a score from 1 to 10 that grows with the response's length."""
+    text = str(messages[-1]["content"])
+    response = text.split("[Response]\n", 1)[-1].rsplit("\n\nScore:", 1)[0]
+    return str(min(10, 1 + len(response) // 8))
 
 
 def conversations(count: int) -> list[list[dict[str, Any]]]:
@@ -65,10 +77,11 @@ def conversations(count: int) -> list[list[dict[str, Any]]]:
 
 
 @contextmanager
-def _server(latency_seconds: float) -> Iterator[tuple[str, dict[str, int]]]:
-    """A ScriptedChatServer in a child process; yields its base URL and, after, what it counted."""
+def _server(latency_seconds: float, respond: str = "verdict") -> Iterator[tuple[str, dict[str, int]]]:
+    """A ScriptedChatServer answering with the function ``respond`` of this module, in a child process;
+    yields its base URL and, after, what it counted."""
     process = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(latency_seconds)],
+        [sys.executable, "-c", _SERVER, str(latency_seconds), respond],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -128,10 +141,90 @@ def measure(concurrency: int, requests: int, latency_seconds: float) -> dict[str
     }
 
 
+#: The step part: PPO on the tiny model, this many steps of STEP_PROMPTS x STEP_GENERATIONS completions.
+STEPS = 6
+STEP_PROMPTS = 8
+STEP_GENERATIONS = 4
+STEP_MAX_NEW_TOKENS = 32
+STEP_CONCURRENCY = (1, 8)
+
+
+def measure_steps(
+    concurrency: int, latency_seconds: float, steps: int = STEPS, workdir: Path | None = None
+) -> dict[str, Any]:
+    """PPO with the judge as the only reward, ``steps`` steps: medians over the steps after the first."""
+    import json
+    import statistics
+    import tempfile
+
+    import torch
+
+    from kfp_components.testing.tiny_model import tiny_model_path
+    from kfp_components.trainer.config import TrainingConfig
+    from kfp_components.trainer.train import train
+
+    torch.set_num_threads(1)
+    with (
+        tempfile.TemporaryDirectory(prefix="judge-step-", dir=workdir) as scratch,
+        _server(latency_seconds, "length_score") as (base_url, counted),
+    ):
+        judge = {"function": "judge", "base_url": base_url, "model": "judge", "max_concurrency": concurrency}
+        config = TrainingConfig(
+            model_name_or_path=str(tiny_model_path("qwen2", 0)),
+            data_path=str(ROOT / "examples" / "arithmetic_prompts.jsonl"),
+            output_dir=scratch,
+            algorithm="ppo",
+            reward_functions=[judge],
+            num_generations=STEP_GENERATIONS,
+            effective_batch_size=STEP_PROMPTS * STEP_GENERATIONS,
+            max_new_tokens=STEP_MAX_NEW_TOKENS,
+            max_seq_len=256,
+            max_tokens_per_gpu=4096,
+            learning_rate=1e-3,
+            lr_scheduler="constant",
+            max_steps=steps,
+            torch_dtype="float32",
+            save_final_model=False,
+            checkpoint_every_steps=0,
+            seed=0,
+        )
+        config.validate()
+        train(config)
+        rows = [json.loads(line) for line in (Path(scratch) / "metrics.jsonl").read_text().splitlines()]
+    rows = [row for row in rows if "reward_seconds" in row][1:] or rows  # the first step warms up
+    step = statistics.median(row["seconds"] for row in rows)
+    waiting = statistics.median(row["reward_seconds"] for row in rows)
+    last = rows[-1]
+    return {
+        "max_concurrency": concurrency,
+        "completions_per_step": STEP_PROMPTS * STEP_GENERATIONS,
+        "step_seconds": round(step, 3),
+        "judge_seconds": round(waiting, 3),
+        "judge_share": round(waiting / step, 3),
+        "generation_seconds": round(statistics.median(row["generation_seconds"] for row in rows), 3),
+        "training_seconds": round(statistics.median(row["training_seconds"] for row in rows), 3),
+        "requests": int(last["reward/judge/requests"]),
+        "cache_hits": int(last["reward/judge/cache_hits"]),
+        "server_max_in_flight": counted["max_in_flight"],
+    }
+
+
+def run_steps(
+    latency_seconds: float = LATENCY_SECONDS, concurrencies: Sequence[int] = STEP_CONCURRENCY
+) -> dict[str, Any]:
+    return {
+        "latency_seconds": latency_seconds,
+        "steps": STEPS,
+        "max_new_tokens": STEP_MAX_NEW_TOKENS,
+        "runs": [measure_steps(c, latency_seconds) for c in concurrencies],
+    }
+
+
 def run(
     requests: int = REQUESTS,
     latency_seconds: float = LATENCY_SECONDS,
     concurrencies: Sequence[int] = CONCURRENCY,
+    step_concurrencies: Sequence[int] = STEP_CONCURRENCY,
 ) -> dict[str, Any]:
     if 1 not in concurrencies:
         raise ValueError("the concurrencies must include 1, the sequential baseline")
@@ -140,7 +233,7 @@ def run(
     for entry in runs:
         entry["speed_up"] = round(sequential["seconds"] / entry["seconds"], 2)
     at_goal = next((r for r in runs if r["max_concurrency"] == GOAL_CONCURRENCY), None)
-    return {
+    result: dict[str, Any] = {
         "throughput": {
             "requests": requests,
             "latency_seconds": latency_seconds,
@@ -153,10 +246,40 @@ def run(
             },
         }
     }
+    if step_concurrencies:
+        result["step"] = run_steps(latency_seconds, step_concurrencies)
+    return result
 
 
 def render(result: dict[str, Any]) -> str:
-    return "\n".join(["## Judge endpoint client", "", render_throughput(result["throughput"])])
+    parts = ["## Judge endpoint client", "", render_throughput(result["throughput"])]
+    if "step" in result:
+        parts += ["", "### Waiting for the judge in a direct-RLAIF step", "", render_steps(result["step"])]
+    return "\n".join(parts)
+
+
+def render_steps(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    lines = [
+        f"PPO (the rlaif stage's default) on the tiny Qwen2-shaped model of the GRPO section with the `judge` "
+        f"reward as its only reward, against `ScriptedChatServer` answering each request after "
+        f"{result['latency_seconds'] * 1000:g} ms; {runs[0]['completions_per_step']} completions of at most "
+        f"{result['max_new_tokens']} tokens per step, {result['steps']} steps, fp32 on the CPU with 1 torch "
+        "thread. Medians over the steps after the first; *judge* is the step's `reward_seconds` (scoring, "
+        "almost all of it waiting for the endpoint), *requests* the run's total (the judge's cache answers "
+        "repeated completions).",
+        "",
+        "| max_concurrency | step (s) | judge (s) | judge share of the step | generation (s) | update (s) | "
+        "requests | cache hits | in flight |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for entry in runs:
+        lines.append(
+            f"| {entry['max_concurrency']} | {entry['step_seconds']} | {entry['judge_seconds']} | "
+            f"{entry['judge_share'] * 100:.0f}% | {entry['generation_seconds']} | {entry['training_seconds']} | "
+            f"{entry['requests']} | {entry['cache_hits']} | {entry['server_max_in_flight']} |"
+        )
+    return "\n".join(lines)
 
 
 def render_throughput(result: dict[str, Any]) -> str:

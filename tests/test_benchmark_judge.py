@@ -8,7 +8,8 @@ from benchmarks import judge
 
 
 def test_a_tiny_run_measures_every_concurrency_against_the_sequential_one():
-    result = judge.run(requests=8, latency_seconds=0.01, concurrencies=(1, 4))
+    result = judge.run(requests=8, latency_seconds=0.01, concurrencies=(1, 4), step_concurrencies=())
+    assert "step" not in result
     throughput = result["throughput"]
     assert (throughput["requests"], throughput["latency_seconds"]) == (8, 0.01)
     first, second = throughput["runs"]
@@ -49,6 +50,19 @@ def test_the_report_says_whether_the_goal_is_met():
     assert "concurrency 16: met (8x)." in judge.render_throughput(result)
     result["goal"]["met"] = False
     assert "concurrency 16: not met (8x)." in judge.render_throughput(result)
+
+
+def test_a_short_training_run_measures_the_judges_share_of_a_step(tmp_path):
+    entry = judge.measure_steps(4, latency_seconds=0.01, steps=2, workdir=tmp_path)
+    assert entry["max_concurrency"] == 4 and 1 <= entry["server_max_in_flight"] <= 4
+    assert entry["requests"] + entry["cache_hits"] == 2 * entry["completions_per_step"]
+    assert 0 < entry["judge_seconds"] < entry["step_seconds"]
+    assert entry["judge_share"] == round(entry["judge_seconds"] / entry["step_seconds"], 3)
+    text = judge.render_steps({"latency_seconds": 0.01, "steps": 2, "max_new_tokens": 32, "runs": [entry]})
+    assert (
+        f"| 4 | {entry['step_seconds']} | {entry['judge_seconds']} | {entry['judge_share'] * 100:.0f}% |"
+        in text
+    )
 
 
 def test_the_sequential_baseline_is_required():
