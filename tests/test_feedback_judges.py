@@ -12,7 +12,8 @@ import pytest
 
 from kfp_components.feedback.comparisons import Responses, compare, label_pairs
 from kfp_components.feedback.judges import JudgeOptions, PairwiseJudge, PointwiseJudge, build_backend
-from kfp_components.rewards import RewardError, load_reward_set
+from kfp_components.rewards import RewardError, check_reward_set, load_reward_set
+from kfp_components.rewards.scoring import unscored_problem
 from kfp_components.testing.openai_server import ScriptedChatServer
 from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.typed_config import ConfigError, from_dict
@@ -134,14 +135,38 @@ def test_unknown_placeholder_names_the_columns_the_rows_have():
 
 
 def test_judge_reward_stops_when_the_judge_never_returns_a_number():
+    """The dry run's check of one row and a step's scores over every rank: no score at all is an error
+    quoting the judge's reply; a step with some scores goes on."""
     with ScriptedChatServer(lambda messages, body: "This response is good.") as server:
         rewards = load_reward_set(
             [{"function": "judge", "base_url": server.base_url, "model": "judge"}], None, base_dir=None
         )
-        with pytest.raises(
-            RewardError, match=r"gave no score to any of the 2 completion\(s\).*This response is good"
-        ):
-            rewards.score(["q", "q"], ["a", "b"], {})
+        (problem,) = check_reward_set(rewards, {"prompt": "q"})
+        assert "gave no score to any of the 1 completion(s)" in problem and "This response is good" in problem
+        scores = rewards.score(["q", "q"], ["a", "b"], {})
+        assert scores.total == [None, None]
+        error = unscored_problem(rewards, scores.per_function)
+        assert error is not None and "gave no score to any of the 2 completion(s)" in str(error)
+        assert unscored_problem(rewards, {"judge": [None, 3.0]}) is None
+
+
+def test_an_optional_score_group_that_matches_nothing_is_no_score():
+    replies = iter(["Score: none", "Score: 4"])
+    with ScriptedChatServer(lambda messages, body: next(replies)) as server:
+        options = judge_options(server, score_pattern=r"Score: (\d+)?", max_concurrency=1)
+        judge = PointwiseJudge(options, build_backend(options))
+        assert judge.score(["q", "q"], ["a", "b"], {}) == [None, 4.0]
+
+
+def test_a_reply_without_a_score_is_asked_again_and_counted_each_time():
+    replies = iter(["no idea", "7", "7"])
+    with ScriptedChatServer(lambda messages, body: next(replies)) as server:
+        options = judge_options(server, max_concurrency=1)
+        judge = PointwiseJudge(options, build_backend(options))
+        assert judge.score(["q"], ["a"], {}) == [None]
+        assert judge.score(["q", "q"], ["a", "a"], {}) == [7.0, 7.0]  # asked again, once
+        usage = judge.usage()
+    assert (usage["requests"], usage["unscored"], usage["cache_hits"], usage["judged"]) == (2, 1, 1, 3)
 
 
 def test_judge_reward_needs_a_reachable_endpoint_serving_the_model_and_its_key(monkeypatch):

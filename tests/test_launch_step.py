@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -330,3 +331,37 @@ def test_bad_token_secrets_are_config_errors(token_env, token_secret, message):
     }
     with pytest.raises(ConfigError, match=rf"reward_functions\[0\]\.token_secret: .*{message}"):
         parse_references([{**judge, "token_secret": token_secret}], None)
+
+
+def test_the_launching_step_leaves_a_secret_key_to_the_workers(tmp_path, monkeypatch):
+    """A judge whose key comes from a Secret on the workers: the launching step (without the key) does not
+    try to build it; a local run, which trains here, still needs the variable."""
+    from kfp_components.launch.step import _preflight_problems, keys_only_on_workers
+
+    monkeypatch.delenv("JUDGE_API_KEY", raising=False)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": "2 + 2?", "answer": "4"}) + "\n")
+    judge = {
+        "function": "judge",
+        "base_url": "http://127.0.0.1:9/v1",
+        "model": "judge",
+        "token_env": "JUDGE_API_KEY",
+        "token_secret": "judge-credentials",
+    }
+    online = replace(
+        config(tmp_path / "out"),
+        algorithm="grpo",
+        data_path=str(prompts),
+        reward_functions=[judge],
+        num_generations=2,
+        effective_batch_size=2,
+        max_new_tokens=8,
+    )
+    assert keys_only_on_workers(online) == ["JUDGE_API_KEY"]
+    assert not [
+        p for p in _preflight_problems(online, prompts, None, "trainjob") if p[0] == "reward_functions"
+    ]
+    local = _preflight_problems(online, prompts, None, "local")
+    assert any(key == "reward_functions" and "JUDGE_API_KEY" in message for key, message in local), local
+    monkeypatch.setenv("JUDGE_API_KEY", "sk-set-here")
+    assert keys_only_on_workers(online) == []

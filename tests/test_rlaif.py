@@ -270,3 +270,58 @@ def test_direct_judge_that_never_returns_a_number_stops_before_any_update(tmp_pa
         with pytest.raises(ConfigError, match=r"gave no score to any of the 1 completion.*A fine answer"):
             Pipeline(load_pipeline_config(DIRECT_EXAMPLE, options)).run()
     assert not (tmp_path / "run" / "stages" / "01_sft" / "final").exists()
+
+
+def test_reward_weights_count_the_judge_last(judge_server, tmp_path):
+    """direct: one weight per reward function and the judge's last; the count is checked with the judge."""
+    base = small(
+        tmp_path / "run", ("sft", "rlaif"), **{"stage_configs.rlaif.judge.base_url": judge_server.base_url}
+    )
+    rule = {"function": "format_regex", "pattern": "^[0-9]+$"}
+    options = {
+        **base,
+        "stage_configs.rlaif.reward_functions": [rule],
+        "stage_configs.rlaif.reward_weights": [0.5, 2.0],
+    }
+    stage = Pipeline(load_pipeline_config(DIRECT_EXAMPLE, options)).stages["rlaif"]
+    config = stage.training_config("<model>", "<data>")
+    assert [f["function"] for f in config.reward_functions] == ["format_regex", "judge"]
+    assert config.reward_weights == [0.5, 2.0]
+    wrong = {**options, "stage_configs.rlaif.reward_weights": [0.5]}
+    with pytest.raises(ConfigError, match=r"stage_configs\.rlaif\.reward_weights: 1 weight\(s\)"):
+        Pipeline(load_pipeline_config(DIRECT_EXAMPLE, wrong))
+
+
+def test_a_stage_dataset_written_again_is_read_again(judge_server, tmp_path, monkeypatch):
+    """dpo reads the pairs rlaif wrote in this run, not a copy of an earlier run's taken at the start; a
+    pair file that no stage of the run writes is an error naming it."""
+    out = tmp_path / "run"
+    options = small(
+        out, ("sft", "rlaif", "dpo"), **{"stage_configs.rlaif.judge.base_url": judge_server.base_url}
+    )
+    pipeline = Pipeline(load_pipeline_config(EXAMPLE, options))
+    dpo = pipeline.stages["dpo"]
+    pairs = pipeline.stages["rlaif"].preferences_path
+    pairs.parent.mkdir(parents=True)
+    old = {"prompt": "2 + 2?", "chosen": "4", "rejected": "5"}
+    pairs.write_text(json.dumps(old) + "\n")
+    model = str(tiny_model_path("qwen2", 0))
+    dpo.check_inputs(model, model)  # an earlier run's file: checked now
+    new = {"prompt": "3 + 3?", "chosen": "6", "rejected": "7"}
+    pairs.write_text(json.dumps(new) + "\n")  # the rlaif stage of this run writes its pairs
+    seen = []
+
+    def fake_train(config):
+        seen.append([json.loads(line) for line in Path(config.data_path).read_text().splitlines()])
+        output = Path(config.output_dir)
+        (output / "final").mkdir(parents=True)
+        (output / "summary.json").write_text(json.dumps({"steps": 1, "final_loss": 0.1}))
+
+    monkeypatch.setattr("kfp_components.trainer.train.train", fake_train)
+    dpo.execute(model, model, None)
+    assert [row["prompt"] for row in seen[0]] == ["3 + 3?"]
+    pairs.unlink()
+    with pytest.raises(
+        ConfigError, match=r"dataset_name_or_path: stage 'rlaif' has not written .*preferences\.jsonl"
+    ):
+        dpo.execute(model, model, None)

@@ -57,10 +57,11 @@ def sample_responses(
     seed: int = 42,
     limit: int = 0,
     device: str = "",
+    overlong: str = "drop",
 ) -> Responses:
     """``num_generations`` responses of ``model`` to each ``prompt`` row of ``prompts_path`` (the first
     ``limit`` rows; 0: all). ``top_k`` 1 decodes greedily. Prompts longer than ``max_seq_len -
-    max_new_tokens`` tokens are dropped, as in training."""
+    max_new_tokens`` tokens are handled by ``overlong`` (drop or truncate), as in training."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -70,7 +71,9 @@ def sample_responses(
 
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model)
-    prompt_set = load_prompts(prompts_path, tokenizer, max_prompt_tokens=max_seq_len - max_new_tokens)
+    prompt_set = load_prompts(
+        prompts_path, tokenizer, max_prompt_tokens=max_seq_len - max_new_tokens, overlong=overlong
+    )
     rows = prompt_set.rows[:limit] if limit else prompt_set.rows
     dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
@@ -229,6 +232,7 @@ def win_rate(
     stop_strings: Sequence[str] = (),
     limit: int = 0,
     device: str = "",
+    overlong: str = "drop",
 ) -> WinRate:
     """Greedy responses of both models to the prompts of ``prompts_path``, compared (see :func:`compare`)."""
     options = {
@@ -240,6 +244,7 @@ def win_rate(
         "stop_strings": stop_strings,
         "limit": limit,
         "device": device,
+        "overlong": overlong,
     }
     tuned = sample_responses(tuned_model, prompts_path, **options)  # type: ignore[arg-type]
     base = sample_responses(base_model, prompts_path, **options)  # type: ignore[arg-type]

@@ -30,6 +30,7 @@ Calls are cached per rendered request within a run (a response judged twice is s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -232,7 +233,7 @@ class JudgeCounts:
 
     judged: int = 0  # samples (pointwise) or pairs in one order (pairwise) asked for
     cache_hits: int = 0
-    unscored: int = 0  # replies without a score or a verdict
+    unscored: int = 0  # results without a score or a verdict (cache hits included)
     out_of_scale: int = 0  # parsed scores outside [score_min, score_max]
     last_unscored_reply: str = ""
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -263,20 +264,28 @@ class _Judge:
         requests: list[list[dict[str, str]]],
         ask: Callable[[list[list[dict[str, str]]]], list[float | None]],
     ) -> list[float | None]:
-        """``ask`` for the requests not seen in this run; the rest from the cache."""
-        keys = [json.dumps(request, sort_keys=True, ensure_ascii=False) for request in requests]
+        """``ask`` for the requests not answered yet in this run (by the SHA-256 of the rendered request);
+        the rest from the cache. A request without an answer (None) is not cached: it is asked again."""
+        keys = [
+            hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+            for request in requests
+        ]
         new: dict[str, list[dict[str, str]]] = {}
         for key, request in zip(keys, requests, strict=True):
             if key not in self._cache and key not in new:
                 new[key] = request
-        self.counts.add(judged=len(requests), cache_hits=len(requests) - len(new))
-        if new:
-            answers = ask(list(new.values()))
-            self._cache.update(zip(new, answers, strict=True))
-        return [self._cache[key] for key in keys]
+        answers = dict(zip(new, ask(list(new.values())), strict=True)) if new else {}
+        self._cache.update((key, value) for key, value in answers.items() if value is not None)
+        results = [answers[key] if key in answers else self._cache[key] for key in keys]
+        self.counts.add(
+            judged=len(requests),
+            cache_hits=len(requests) - len(new),
+            unscored=sum(value is None for value in results),
+        )
+        return results
 
     def unscored(self, reply: str | None) -> None:
-        self.counts.add(unscored=1)
+        """Remember a reply without a score (counted per result by :meth:`cached`)."""
         self.counts.last_unscored_reply = _excerpt(reply)
 
     def usage(self) -> dict[str, float]:
@@ -345,7 +354,7 @@ class PointwiseJudge(_Judge):
             return None
         try:
             value = float(match.group(1) if self.pattern.groups else match.group(0))
-        except ValueError:
+        except (TypeError, ValueError):  # an optional group that matched nothing, or not a number
             self.unscored(reply)
             return None
         if not self.options.score_min <= value <= self.options.score_max:

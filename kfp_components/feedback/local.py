@@ -12,6 +12,7 @@ torch and transformers are imported when the model loads.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,12 @@ class LocalJudgeModel(JudgeBackend):
             raise ValueError(f"{model}: the tokenizer has no pad or EOS token to pad a batch with")
         self.pad_id = int(pad)
         self._label_ids: dict[str, int] = {}
+        self._requests = 0
+        self._seconds = 0.0
+
+    def usage(self) -> dict[str, float]:
+        """Conversations judged and the seconds spent on them."""
+        return {"requests": float(self._requests), "latency_seconds": self._seconds}
 
     def check(self) -> None:
         """Loaded in the constructor: nothing more to check."""
@@ -86,6 +93,7 @@ class LocalJudgeModel(JudgeBackend):
         import torch
 
         replies: list[str | None] = [None] * len(conversations)
+        started = time.perf_counter()
         with torch.inference_mode():
             for rows, ids, mask in self._batches(self._encode(conversations)):
                 out = self.model.generate(
@@ -97,6 +105,8 @@ class LocalJudgeModel(JudgeBackend):
                 )
                 for r, i in enumerate(rows):
                     replies[i] = str(self.tokenizer.decode(out[r, ids.shape[1] :], skip_special_tokens=True))
+        self._requests += len(conversations)
+        self._seconds += time.perf_counter() - started
         return replies
 
     def label_probabilities(
@@ -106,6 +116,7 @@ class LocalJudgeModel(JudgeBackend):
 
         label_ids = torch.tensor([self.label_id(label) for label in labels], device=self.device)
         result: list[list[float]] = [[] for _ in conversations]
+        started = time.perf_counter()
         with torch.inference_mode():
             for rows, ids, mask in self._batches(self._encode(conversations)):
                 positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -114,6 +125,8 @@ class LocalJudgeModel(JudgeBackend):
                 probabilities = torch.softmax(chosen, dim=-1).cpu().tolist()
                 for r, i in enumerate(rows):
                     result[i] = probabilities[r]
+        self._requests += len(conversations)
+        self._seconds += time.perf_counter() - started
         return result
 
     def close(self) -> None:

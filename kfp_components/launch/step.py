@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -256,9 +257,29 @@ def _preflight_problems(
             "model_name_or_path %s is a Hugging Face Hub id: the TrainJob's workers check it before loading it",
             config.model_name_or_path,
         )
+    workers_only = keys_only_on_workers(config) if backend == "trainjob" else []
+    if workers_only:
+        log.info(
+            "the reward functions are checked by the TrainJob's workers: %s come from Secrets there",
+            ", ".join(f"${name}" for name in workers_only),
+        )
     return preflight.preflight_problems(
-        local_files, check_model=check_model, check_environment=backend == "local"
+        local_files,
+        check_model=check_model,
+        check_environment=backend == "local",
+        check_rewards=not workers_only,
     )
+
+
+def keys_only_on_workers(config: TrainingConfig) -> list[str]:
+    """The variables of reward keys that come from a ``token_secret`` and are not set in this process."""
+    if not config.is_online:
+        return []
+    from kfp_components.rewards.loading import reward_secret_env
+
+    return [
+        e["name"] for e in reward_secret_env(config.all_reward_functions) if not os.environ.get(e["name"])
+    ]
 
 
 def with_reward_secrets(given: list[Any], config: TrainingConfig) -> list[Any]:
@@ -270,11 +291,22 @@ def with_reward_secrets(given: list[Any], config: TrainingConfig) -> list[Any]:
         return list(given)
     from kfp_components.rewards.loading import reward_secret_env
 
-    named = {entry.name for entry in given}
+    named = {entry.name: entry for entry in given}
     extra = [
         SecretEnv(name=entry["name"], secret=entry["secret"], key=entry["key"])
         for entry in reward_secret_env(config.all_reward_functions)
     ]
+    for entry in extra:
+        if entry.name in named and (named[entry.name].secret, named[entry.name].key) != (
+            entry.secret,
+            entry.key,
+        ):
+            log.warning(
+                "secret_env gives %s from Secret %s; the reward's token_secret %s is not used",
+                entry.name,
+                named[entry.name].secret,
+                entry.secret,
+            )
     return [*given, *(entry for entry in extra if entry.name not in named)]
 
 

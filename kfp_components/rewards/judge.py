@@ -5,7 +5,7 @@
 (``score_min`` to ``score_max``); a reply without a score is None for that completion (left out of the
 baselines and counted in ``reward/<name>/none_share`` and ``reward/<name>/unscored``). A batch in which the
 judge scored nothing stops the run: the judge or its template is broken, and an update from no reward would
-only waste the step. Endpoint failures beyond the retries or the request budget stop the run with the
+only waste the step (checked by the engine over every rank's completions, and on the first row by the dry run). Endpoint failures beyond the retries or the request budget stop the run with the
 endpoint's last answer.
 
 The judge's counters (requests, cache hits, unscored replies, tokens, seconds) reach the step metrics through
@@ -58,15 +58,20 @@ class JudgeReward:
             raise RewardError(self.where, str(exc)) from None
         except ConfigError as exc:  # a placeholder the rows do not have
             raise RewardError(self.where, str(exc)) from None
-        if scores and all(score is None for score in scores):
-            raise RewardError(
-                self.where,
-                f"gave no score to any of the {len(scores)} completion(s); its last reply was "
-                f"{self.judge.counts.last_unscored_reply!r}. Check prompt_template (it should ask for a "
-                f"number from {self.options.score_min:g} to {self.options.score_max:g}) and score_pattern "
-                f"({self.options.score_pattern!r})",
-            )
         return scores
+
+    #: The engine stops a step in which this reward scored no completion at all (over every rank), and the
+    #: dry run when it does not score the first row: a judge that never answers with a number is broken.
+    stop_when_unscored = True
+
+    def unscored_message(self, count: int) -> str:
+        """Why ``count`` completions got no score, for the error that stops the run."""
+        return (
+            f"gave no score to any of the {count} completion(s); its last reply was "
+            f"{self.judge.counts.last_unscored_reply!r}. Check prompt_template (it should ask for a number "
+            f"from {self.options.score_min:g} to {self.options.score_max:g}) and score_pattern "
+            f"({self.options.score_pattern!r})"
+        )
 
     def usage(self) -> dict[str, float]:
         return self.judge.usage()

@@ -234,7 +234,24 @@ def check_reward_set(
     problems = []
     for function, reference in zip(reward_set.functions, reward_set.references, strict=True):
         try:
-            call_reward(function, reference, prompts, [completion], columns)
+            scores = call_reward(function, reference, prompts, [completion], columns)
         except RewardError as exc:
             problems.append(str(exc))
+            continue
+        if scores == [None] and getattr(function, "stop_when_unscored", False):
+            problems.append(str(RewardError(reference, function.unscored_message(1))))  # type: ignore[attr-defined]
     return problems
+
+
+def unscored_problem(
+    reward_set: RewardSet, per_function: Mapping[str, Sequence[float | None]]
+) -> RewardError | None:
+    """The error for a function that must score something (``stop_when_unscored``) and scored none of a
+    step's completions (``per_function``: every rank's scores by name); None when there is none."""
+    for name, function, reference in zip(
+        reward_set.names, reward_set.functions, reward_set.references, strict=True
+    ):
+        scores = per_function.get(name, [])
+        if scores and getattr(function, "stop_when_unscored", False) and all(s is None for s in scores):
+            return RewardError(reference, function.unscored_message(len(scores)))  # type: ignore[attr-defined]
+    return None

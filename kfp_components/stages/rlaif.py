@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from kfp_components.feedback.judges import JudgeOptions
 from kfp_components.stages.base import StageResult
 from kfp_components.stages.reward_model import RewardModelStage, RewardModelStageConfig
 from kfp_components.stages.rl import RLStage, RLStageConfig
-from kfp_components.trainer.config import RLAlgorithm, TrainingConfig
+from kfp_components.trainer.config import RLAlgorithm, RLOptions, TrainingConfig
 from kfp_components.typed_config import ConfigError, from_dict, to_dict
 
 Mode = Literal["direct", "distilled", "preference_data"]
@@ -76,8 +77,20 @@ class RLAIFStageConfig(RLStageConfig):
     preference_min_margin: float = 0.5
     reward_model_training: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def all_reward_functions(self) -> list[str | dict[str, Any]]:
+        """The rl stage's reward functions, then the judge (direct) or the reward model it trains
+        (distilled): what ``reward_weights`` weighs, one weight each."""
+        extra: list[str | dict[str, Any]] = []
+        if self.mode == "direct":
+            extra = [{"function": "judge", "name": "judge", **to_dict(self.judge)}]
+        elif self.mode == "distilled":
+            extra = [{"function": "reward_model", "model": "<the reward model trained on the judged pairs>"}]
+        else:
+            return RLOptions.all_reward_functions.fget(self)  # type: ignore[attr-defined]
+        return [*self.reward_functions, *extra]
+
     def validate(self) -> None:
-        super().validate()
         problems = []
         if self.win_rate_prompts < 0:
             problems.append(("win_rate_prompts", f"must be 0 (all) or positive, got {self.win_rate_prompts}"))
@@ -104,6 +117,7 @@ class RLAIFStageConfig(RLStageConfig):
             )
         if problems:
             raise ConfigError.of(problems)
+        super().validate()
 
 
 class RLAIFStage(RLStage):
@@ -167,6 +181,12 @@ class RLAIFStage(RLStage):
             config.reward_model_path = str(self.reward_model_dir / "final")
         return config
 
+    def discard_stale_outputs(self) -> None:
+        """Also the judged pairs and the reward model of an earlier attempt with other options."""
+        super().discard_stale_outputs()
+        self.preferences_path.unlink(missing_ok=True)
+        shutil.rmtree(self.reward_model_dir, ignore_errors=True)
+
     # ------------------------------------------------------------------------------------------- checks
 
     def _reward_model_pending(self) -> bool:
@@ -228,14 +248,17 @@ class RLAIFStage(RLStage):
     # ---------------------------------------------------------------------------------------------- run
 
     def execute(self, model: str, tokenizer: str, previous_result: StageResult | None) -> StageResult:
+        from kfp_components.stages.training import model_with_tokenizer
+
         out = Path(self.config.output_dir)
         if "" not in self._prepared:
             self._prepared = self._prepare_all(out / "data")
         prepared = dict(self._prepared)
+        start = model_with_tokenizer(model, tokenizer, out / "input_model")  # the tokenizer training uses
         metrics: dict[str, float] = {}
         artifacts: dict[str, str] = {}
         if self.config.mode != "direct":
-            metrics.update(self.label_preferences(model, str(prepared[""].train_path)))
+            metrics.update(self.label_preferences(start, str(prepared[""].train_path)))
             artifacts["preference_data"] = str(self.preferences_path)
         if self.config.mode == "preference_data":
             self._prepared = {}
@@ -258,7 +281,7 @@ class RLAIFStage(RLStage):
         result.artifacts.update(artifacts)
         if "eval_" in prepared:
             result.metrics.update(
-                self.measure_win_rate(result.model_path, model, str(prepared["eval_"].train_path))
+                self.measure_win_rate(result.model_path, start, str(prepared["eval_"].train_path))
             )
         return result
 
@@ -282,6 +305,7 @@ class RLAIFStage(RLStage):
             max_seq_len=config.max_seq_len,
             stop_strings=config.stop_strings,
             seed=config.seed,
+            overlong=config.overlong,
         )
         judge = PairwiseJudge(config.judge, build_backend(config.judge))
         try:
@@ -327,6 +351,7 @@ class RLAIFStage(RLStage):
                 max_seq_len=self.config.max_seq_len,
                 stop_strings=self.config.stop_strings,
                 limit=self.config.win_rate_prompts,
+                overlong=self.config.overlong,
             )
         finally:
             judge.close()
@@ -353,7 +378,7 @@ def _pairwise_problems(
 
     try:
         judge = PairwiseJudge(options, build_backend(options))
-    except (FeedbackError, OSError, ValueError) as exc:
+    except (FeedbackError, OSError, ValueError, ImportError) as exc:
         return [(key, f"the judge {options.describe()} cannot be used: {exc}")]
     try:
         judge.check()
@@ -363,8 +388,8 @@ def _pairwise_problems(
         verdict = judge.prefer([row["prompt"]], [CHECK_RESPONSES[0]], [CHECK_RESPONSES[1]], columns)
     except ConfigError as exc:
         return [(f"{key}.{path}", message) for path, message in exc.problems]
-    except FeedbackError as exc:
-        return [(key, str(exc))]
+    except (FeedbackError, ValueError, ImportError) as exc:
+        return [(key, f"the judge {options.describe()} cannot be used: {exc}")]
     finally:
         judge.close()
     if verdict[0] is None:

@@ -274,11 +274,21 @@ class TrainingStage(BaseStage):
 
         return preflight.reward_problems(config)
 
-    def _prepare_all(self, data_dir: Path) -> dict[str, PreparedDataset]:
+    def _prepare_all(self, data_dir: Path, final: bool = False) -> dict[str, PreparedDataset]:
         """The training data and, when set, the eval data, prepared into ``data_dir``; a :class:`ConfigError`
-        lists the problems of both."""
+        lists the problems of both. ``final``: the stage is about to train, so a ``stage:<name>`` dataset
+        that is still missing is an error (its stage did not run), not data that comes later."""
         prepared, problems = {}, []
         pending = self.pending_datasets()
+        if final and pending:
+            raise ConfigError.of(
+                (
+                    f"{prefix}dataset_name_or_path",
+                    f"stage {name!r} has not written {self.linked_datasets[prefix][1]}: run it first (with "
+                    "--stages, include it)",
+                )
+                for prefix, name in pending.items()
+            )
         for prefix, name in (("", "train.jsonl"), ("eval_", "eval.jsonl")):
             if not getattr(self.config, f"{prefix}dataset_name_or_path") or prefix in pending:
                 continue
@@ -306,7 +316,12 @@ class TrainingStage(BaseStage):
         from kfp_components.trainer.train import FINAL_MODEL_DIR, train
 
         out = Path(self.config.output_dir)
-        prepared = self._prepared if "" in self._prepared else self._prepare_all(out / "data")
+        stale = set(self.linked_datasets) & set(self._prepared)  # written again by a stage that ran since
+        prepared = (
+            self._prepared
+            if "" in self._prepared and not stale
+            else self._prepare_all(out / "data", final=True)
+        )
         self._prepared = {}  # prepared for this run only: a later run prepares its data again
         train_data, eval_data = prepared[""], prepared.get("eval_")
         # A final/ folder always belongs to the latest successful attempt, and files that final_model links

@@ -522,6 +522,13 @@ class OnlineSteps:
         if failed:
             reference, message, index, prompt = failed
             raise RewardError(reference, message, index=index, prompt=prompt)
+        from kfp_components.rewards.scoring import unscored_problem
+
+        unscored = unscored_problem(
+            self.rewards, {name: [r.rewards[name] for r in rollouts] for name in self.reward_names}
+        )
+        if unscored is not None:  # the same on every rank: the step's scores are gathered
+            raise unscored
         return rollouts
 
     def sample(self, rollout: Rollout) -> TokenizedSample:

@@ -56,9 +56,14 @@ Problems = list[tuple[str, str]]
 
 
 def preflight_problems(
-    config: TrainingConfig, *, check_model: bool = True, check_environment: bool = True
+    config: TrainingConfig,
+    *,
+    check_model: bool = True,
+    check_environment: bool = True,
+    check_rewards: bool = True,
 ) -> Problems:
-    """Every problem that would stop ``config`` from training, as ``(key path, message)``; empty when none."""
+    """Every problem that would stop ``config`` from training, as ``(key path, message)``; empty when none.
+    ``check_rewards`` False leaves the online algorithms' reward functions to the process that trains."""
     problems: Problems = []
     try:
         config.validate()
@@ -70,7 +75,11 @@ def preflight_problems(
         problems.append(("output_dir", f"{config.output_dir} is a file; expected a folder (or no such path)"))
     if check_model:
         problems += model_problems(config)
-        if config.is_online and not any(key.startswith(("data_path", "reward_")) for key, _ in problems):
+        if (
+            check_rewards
+            and config.is_online
+            and not any(key.startswith(("data_path", "reward_")) for key, _ in problems)
+        ):
             problems += reward_problems(config)
     if check_environment:
         problems += environment_problems(config)
