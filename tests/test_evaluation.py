@@ -367,3 +367,32 @@ def test_component_under_kfp_local(tmp_path):
     assert {"base_kfp_capitals_acc", "kfp_capitals_acc_delta"} <= set(metrics)
     assert list((tmp_path / "root").rglob("results.json"))
     assert list((tmp_path / "root").rglob("summary.html"))
+
+
+def test_the_reasoning_task_reads_answers_as_gsm8k_does(tmp_path):
+    """kfp_reasoning_arithmetic runs offline on a tiny model; its filters score a worked solution ending in
+    "#### N" as right (strict and flexible) and a wrong last number as wrong."""
+    result = run_evaluation(config(tmp_path, tasks=["kfp_reasoning_arithmetic"], limit=2))
+    assert {
+        "kfp_reasoning_arithmetic_exact_match_strict_match",
+        "kfp_reasoning_arithmetic_exact_match_flexible_extract",
+    } <= set(result.metrics)
+    from lm_eval.tasks import TaskManager
+
+    from kfp_components.evaluation.tasks import TASKS_DIR
+
+    task = TaskManager(include_path=str(TASKS_DIR)).load_task_or_group(["kfp_reasoning_arithmetic"])
+    task = task["kfp_reasoning_arithmetic"]
+    doc = next(iter(task.test_docs()))
+    assert doc["solution"].endswith(f"#### {doc['answer']}")
+
+    def filtered(ensemble: Any, text: str) -> Any:
+        responses: Any = [[text]]
+        for step in ensemble.filters:
+            responses = list(step().apply(responses, [doc]))
+        return responses[0]
+
+    for ensemble in task._filters:
+        right = filtered(ensemble, doc["solution"])
+        assert right == doc["answer"], (ensemble.name, right)
+        assert filtered(ensemble, "It is 999999.") != doc["answer"]

@@ -24,3 +24,9 @@ def capitals(**_: Any) -> datasets.DatasetDict:
 def arithmetic(**_: Any) -> datasets.DatasetDict:
     """The arithmetic task: ``question`` and the text ``answer``."""
     return _load("arithmetic.jsonl")
+
+
+def reasoning_arithmetic(**_: Any) -> datasets.DatasetDict:
+    """The reasoning task: multi-step word problems, ``question``, the number ``answer`` and the worked
+    ``solution`` (kfp_components.testing.word_problems)."""
+    return _load("reasoning_arithmetic.jsonl")
