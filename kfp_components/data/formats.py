@@ -1,6 +1,7 @@
 """The three row formats, their detection, and the per-row checks.
 
-* ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` for SFT and OSFT.
+* ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` for SFT and OSFT; an optional numeric
+  ``weight`` (finite, > 0; 1 when absent) scales the row's loss.
 * ``preference``: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` for DPO; each value a string or a
   list of messages.
 * ``prompt``: ``{"prompt": ..., "answer": ...?}`` for RL and distillation; the prompt a string or a list of
@@ -12,10 +13,13 @@ key path inside the row, for example ``messages[2].role: 'robot' is not one of s
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 MESSAGES = "messages"
+#: The optional per-row loss weight of a ``messages`` row.
+WEIGHT = "weight"
 PREFERENCE = "preference"
 PROMPT = "prompt"
 FORMATS = (MESSAGES, PREFERENCE, PROMPT)
@@ -50,11 +54,20 @@ def check_row(row: Any, data_format: str) -> list[str]:
 
 def _check_messages_row(row: dict[str, Any]) -> list[str]:
     problems = _check_message_list(row.get(MESSAGES), MESSAGES)
-    if problems:
-        return problems
-    if not any(m["role"] == "assistant" for m in row[MESSAGES]):
+    if not problems and not any(m["role"] == "assistant" for m in row[MESSAGES]):
         problems.append("messages: no assistant turn, so there is nothing to learn from this row")
+    if WEIGHT in row:
+        problems += _check_weight(row[WEIGHT])
     return problems
+
+
+def _check_weight(value: Any) -> list[str]:
+    """A row's loss weight: a finite number above 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return [f"{WEIGHT}: expected a number above 0, got {_type_name(value)}"]
+    if not math.isfinite(value) or value <= 0:
+        return [f"{WEIGHT}: expected a finite number above 0, got {_show(value)}"]
+    return []
 
 
 def _check_preference_row(row: dict[str, Any]) -> list[str]:

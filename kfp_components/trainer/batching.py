@@ -40,6 +40,11 @@ are exactly zero, yet running it (forward and backward) keeps the collectives in
 Targets are shifted inside each sample (``targets[t] = labels[t + 1]``) by :func:`collate`, never across
 a sample boundary: the last token of every sample has no target. Compute the loss against ``targets``
 directly; do not pass ``labels`` to the model, which would shift the packed row again.
+
+A sample may carry a loss weight (its ``weight``, 1 by default). When a micro-batch holds a sample whose
+weight is not 1, :func:`collate` adds ``weights``: the weight of each target token's sample, and the
+micro-batch's loss is ``sum(weights * token losses) * step.loss_scale(world_size)``; the normaliser stays
+the step's label tokens, so weights of 1 give exactly the loss above.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ __all__ = [
     "collate",
     "dummy_micro_batch",
     "packing_efficiency",
+    "sample_weight",
     "shifted_label_count",
 ]
 
@@ -80,6 +86,11 @@ class LabelledSample(Protocol):
 
     @property
     def labels(self) -> Sequence[int]: ...
+
+
+def sample_weight(sample: LabelledSample) -> float:
+    """A sample's loss weight: its ``weight`` attribute when it has one, else 1."""
+    return float(getattr(sample, "weight", 1.0))
 
 
 def shifted_label_count(labels: Sequence[int]) -> int:
@@ -112,6 +123,8 @@ class MicroBatch:
         num_tokens: Real tokens, ``T`` (0 for a dummy micro-batch, whose row holds a single pad token).
         num_label_tokens: Tokens with a target, ``(targets != -100).sum()``.
         sample_indices: Dataset indices of the samples, in row order.
+        weights: ``(1, T)`` float: the loss weight of each token's sample, or None when every sample of
+            the micro-batch weighs 1.
     """
 
     input_ids: torch.Tensor
@@ -121,6 +134,7 @@ class MicroBatch:
     num_tokens: int
     num_label_tokens: int
     sample_indices: list[int]
+    weights: torch.Tensor | None = None
 
     @property
     def is_dummy(self) -> bool:
@@ -137,6 +151,7 @@ class MicroBatch:
             num_tokens=self.num_tokens,
             num_label_tokens=self.num_label_tokens,
             sample_indices=list(self.sample_indices),
+            weights=None if self.weights is None else self.weights.to(device, non_blocking=non_blocking),
         )
 
 
@@ -152,6 +167,7 @@ def collate(samples: Sequence[LabelledSample], indices: Sequence[int]) -> MicroB
     input_ids: list[int] = []
     position_ids: list[int] = []
     targets: list[int] = []
+    weights: list[float] = []
     for index in indices:
         sample = samples[index]
         length = len(sample.input_ids)
@@ -167,7 +183,9 @@ def collate(samples: Sequence[LabelledSample], indices: Sequence[int]) -> MicroB
         targets.append(
             IGNORE_INDEX
         )  # The last token of a sample predicts nothing: no crossing into the next.
+        weights.extend([sample_weight(sample)] * length)
     targets_tensor = torch.tensor([targets], dtype=torch.long)
+    weighted = any(weight != 1.0 for weight in weights)
     return MicroBatch(
         input_ids=torch.tensor([input_ids], dtype=torch.long),
         position_ids=torch.tensor([position_ids], dtype=torch.long),
@@ -176,6 +194,7 @@ def collate(samples: Sequence[LabelledSample], indices: Sequence[int]) -> MicroB
         num_tokens=len(input_ids),
         num_label_tokens=int((targets_tensor != IGNORE_INDEX).sum()),
         sample_indices=list(indices),
+        weights=torch.tensor([weights], dtype=torch.float32) if weighted else None,
     )
 
 

@@ -5,7 +5,8 @@ Options come in groups that the stage configs reuse, so an option has one name a
 
 * :class:`OptimOptions`: data handling, batching, optimizer, schedule, precision, distribution, checkpoints;
 * :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`, :class:`RewardModelTrainingOptions`,
-  :class:`RLOptions`: what each method adds.
+  :class:`RLOptions`: what each method adds;
+* :class:`DistillationOptions`: logit distillation from a local teacher (sft and osft).
 
 :class:`TrainingConfig` is all of them plus what one run needs (model, data, output, algorithm). Every field
 is a command-line flag of ``python -m kfp_components.trainer`` (``--learning_rate 2e-5``) and a key of its
@@ -490,6 +491,30 @@ class RewardModelTrainingOptions(Options):
         _at_least(self, ("center_rewards_coef",), 0)
 
 
+@dataclass(kw_only=True)
+class DistillationOptions(Options):
+    """Logit distillation (sft and osft): the student also learns the token distribution of a frozen local
+    teacher that shares its tokenizer. See docs/trainer.md.
+
+    Attributes:
+        distill_teacher_path: Folder or hub id of a causal LM with the student's vocabulary (the same
+            tokenizer vocabulary and logits width); empty: no distillation.
+        distill_coef: The loss is (1 - distill_coef) * SFT loss + distill_coef * KD loss, in [0, 1].
+        distill_temperature: Softmax temperature of both distributions (> 0); the KD loss of a loss token is
+            T^2 * KL(teacher_T || student_T) (forward KL), averaged like the SFT loss.
+    """
+
+    distill_teacher_path: str = ""
+    distill_coef: float = 0.5
+    distill_temperature: float = 1.0
+
+    def validate(self) -> None:
+        if not 0 <= self.distill_coef <= 1:
+            raise ConfigError("distill_coef", f"must be in [0, 1], got {self.distill_coef}")
+        if not self.distill_temperature > 0:
+            raise ConfigError("distill_temperature", f"must be positive, got {self.distill_temperature}")
+
+
 #: Options every run must set.
 REQUIRED = ("model_name_or_path", "data_path", "output_dir")
 
@@ -506,15 +531,22 @@ def algorithm_defaults(algorithm: str) -> dict[str, Any]:
 
 @dataclass(kw_only=True)
 class TrainingConfig(
-    OptimOptions, OSFTOptions, LoRAOptions, DPOOptions, RewardModelTrainingOptions, RLOptions
+    OptimOptions,
+    OSFTOptions,
+    LoRAOptions,
+    DPOOptions,
+    RewardModelTrainingOptions,
+    RLOptions,
+    DistillationOptions,
 ):
     """Options of one training run: the model, the data, where outputs go, the method, and every option of
     :class:`OptimOptions`, :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`,
-    :class:`RewardModelTrainingOptions` and :class:`RLOptions`.
+    :class:`RewardModelTrainingOptions`, :class:`RLOptions` and :class:`DistillationOptions`.
 
     Attributes:
         model_name_or_path: Hugging Face model id or local folder of the starting checkpoint.
-        data_path: JSONL file from the dataset stage: `messages` rows for sft and osft, `preference` rows
+        data_path: JSONL file from the dataset stage: `messages` rows (an optional numeric weight per row
+            scales its loss) for sft and osft, `preference` rows
             (prompt, chosen, rejected; reward_model also reads an optional margin) for dpo and reward_model,
             `prompt` rows (prompt, optional answer and other columns
             for the reward functions) for grpo, rloo and reinforce_pp.
@@ -560,6 +592,7 @@ class TrainingConfig(
             DPOOptions.validate,
             RewardModelTrainingOptions.validate,
             RLOptions.validate,
+            DistillationOptions.validate,
             TrainingConfig._check_combinations,
             TrainingConfig._check_trpo,
         ):
@@ -583,6 +616,22 @@ class TrainingConfig(
             raise ConfigError("lora_r", "osft_constraint and LoRA are alternatives; set lora_r to 0")
         if self.is_online:
             self._check_online()
+        if self.distill_teacher_path:
+            self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        if self.algorithm not in ("sft", "osft"):
+            raise ConfigError(
+                "distill_teacher_path",
+                f"logit distillation applies to algorithm sft and osft, not {self.algorithm}; leave "
+                "distill_teacher_path empty",
+            )
+        if self.use_liger:
+            raise ConfigError(
+                "use_liger",
+                "Liger's fused cross-entropy never materialises the student's logits, which logit "
+                "distillation (distill_teacher_path) compares with the teacher's; set use_liger: false",
+            )
 
     def _check_online(self) -> None:
         if not self.all_reward_functions:

@@ -34,7 +34,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
 )
 #: Fingerprint keys of file contents, and the option each stands for.
 _FILE_DIGESTS = {"data_sha256": "data_path", "eval_data_sha256": "eval_data_path"}
-_MODEL_REFERENCES = ("model_name_or_path", "ref_model_name_or_path")
+_MODEL_REFERENCES = ("model_name_or_path", "ref_model_name_or_path", "distill_teacher_path")
 
 
 def run_fingerprint(config: TrainingConfig) -> dict[str, Any]:

@@ -11,11 +11,12 @@ call them before starting anything expensive. What is checked:
   the algorithm trains on (``messages`` for sft and osft, ``preference`` for dpo and reward_model; the row checks of
   :mod:`kfp_components.data.formats`);
 * ``output_dir`` is not a file;
-* with ``check_model``: ``model_name_or_path`` (and a DPO ``ref_model_name_or_path``) resolves: a local
-  reference (absolute, starting with ``.`` or ``~``, or an existing path) must be a folder with a
-  ``config.json``; anything else is a Hugging Face Hub id that must load with ``AutoConfig.from_pretrained``.
-  The tokenizer must have a chat template. The model is built on the meta device from its config (no
-  weights) to check that LoRA's ``lora_target_modules`` and OSFT's ``target_patterns`` name modules of it;
+* with ``check_model``: ``model_name_or_path`` (and a DPO ``ref_model_name_or_path``, a distillation
+  ``distill_teacher_path``) resolves: a local reference (absolute, starting with ``.`` or ``~``, or an
+  existing path) must be a folder with a ``config.json``; anything else is a Hugging Face Hub id that must
+  load with ``AutoConfig.from_pretrained``. The tokenizer must have a chat template. The model is built on the meta device from its config (no
+  weights) to check that LoRA's ``lora_target_modules`` and OSFT's ``target_patterns`` name modules of it.
+  A distillation teacher must have the student's vocabulary (tokenizer ``get_vocab()`` and ``vocab_size``);
 * with ``check_environment``: a ``flash_attention_*`` ``attn_implementation`` needs its package and a GPU.
   The KFP step that submits a TrainJob runs on another machine than the training, so it skips these.
 """
@@ -199,11 +200,67 @@ def model_problems(config: TrainingConfig) -> Problems:
             problems.append((key, problem))
         else:
             hf_configs[key] = hf_config
+    if config.distill_teacher_path:
+        teacher_config, problem = load_model_config(config.distill_teacher_path)
+        if problem:
+            problems.append(("distill_teacher_path", problem))
+        else:
+            hf_configs["distill_teacher_path"] = teacher_config
     if "model_name_or_path" not in hf_configs:
         return problems
     problems += tokenizer_problems(config.model_name_or_path)
     problems += target_problems(config, hf_configs["model_name_or_path"])
+    if "distill_teacher_path" in hf_configs:
+        problems += teacher_vocabulary_problems(
+            config, hf_configs["model_name_or_path"], hf_configs["distill_teacher_path"]
+        )
     return problems
+
+
+def teacher_vocabulary_problems(config: TrainingConfig, student_config: Any, teacher_config: Any) -> Problems:
+    """The distillation teacher must have the student's vocabulary: the same token to id mapping
+    (``get_vocab()``) and the same logits width (``vocab_size``), read from the tokenizers and configs."""
+    from transformers import AutoTokenizer
+
+    key, teacher = "distill_teacher_path", config.distill_teacher_path
+    problems: Problems = []
+    student_width = student_config.get_text_config().vocab_size
+    teacher_width = teacher_config.get_text_config().vocab_size
+    if student_width != teacher_width:
+        problems.append(
+            (
+                key,
+                f"the teacher {teacher} has {teacher_width} logits per token, the student "
+                f"{config.model_name_or_path} {student_width}: distillation needs the student's vocabulary",
+            )
+        )
+    try:
+        teacher_vocab = AutoTokenizer.from_pretrained(model_source(teacher)).get_vocab()
+        student_vocab = AutoTokenizer.from_pretrained(model_source(config.model_name_or_path)).get_vocab()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return [*problems, (key, f"the tokenizer of {teacher} does not load: {_first_line(exc)}")]
+    if teacher_vocab != student_vocab:
+        difference = _vocabulary_difference(student_vocab, teacher_vocab)
+        problems.append((key, f"the teacher's tokenizer differs from the student's: {difference}"))
+    return problems
+
+
+def _vocabulary_difference(student: dict[str, int], teacher: dict[str, int], shown: int = 3) -> str:
+    """What differs between two token -> id mappings, briefly."""
+    parts = [f"{len(teacher)} tokens in the teacher's vocabulary, {len(student)} in the student's"]
+    only_teacher = sorted(teacher.keys() - student.keys(), key=teacher.__getitem__)
+    only_student = sorted(student.keys() - teacher.keys(), key=student.__getitem__)
+    moved = sorted(
+        (t for t in teacher.keys() & student.keys() if teacher[t] != student[t]), key=teacher.__getitem__
+    )
+    for count, what, tokens in (
+        (len(only_teacher), "only in the teacher's", only_teacher),
+        (len(only_student), "only in the student's", only_student),
+        (len(moved), "with other ids", moved),
+    ):
+        if count:
+            parts.append(f"{count} {what} (e.g. {', '.join(map(repr, tokens[:shown]))})")
+    return "; ".join(parts)
 
 
 def load_model_config(reference: str) -> tuple[Any, str | None]:

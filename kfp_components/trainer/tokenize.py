@@ -57,7 +57,7 @@ it) is accepted: it only changes how a character is encoded, not which character
 Reading a data file
 -------------------
 :func:`tokenize_jsonl` reads the dataset stage's ``{"messages": [...]}`` JSONL (an optional ``"tools"``
-list is passed to the template), validates each row with the dataset stage's checks, tokenizes it, and
+list is passed to the template; an optional ``"weight"`` becomes the sample's loss weight), validates each row with the dataset stage's checks, tokenizes it, and
 applies the ``max_seq_len`` policy. Every error names ``file:line``. With ``num_workers > 1`` the rows are
 tokenized in a pool of processes (forked on Linux), in chunks whose results are gathered in file order,
 so the output is identical to the single-process output.
@@ -80,7 +80,7 @@ from functools import lru_cache
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from kfp_components.data.formats import MESSAGES, check_row
+from kfp_components.data.formats import MESSAGES, WEIGHT, check_row
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -134,10 +134,13 @@ class TokenizedSample:
         input_ids: Token ids of the rendered conversation.
         labels: Same length as ``input_ids``; ``labels[i]`` is the target of ``input_ids[i]`` (not shifted)
             or :data:`IGNORE_INDEX` where no loss is taken.
+        weight: The row's loss weight (its ``weight`` column; 1 when absent): every token loss of the
+            sample is multiplied by it.
     """
 
     input_ids: list[int]
     labels: list[int]
+    weight: float = 1.0
 
     def __post_init__(self) -> None:
         if len(self.input_ids) != len(self.labels):
@@ -631,13 +634,16 @@ class _RowJob:
         sample = _tokenize(
             row[MESSAGES], self.tokenizer, tools=tools, unmask=self.unmask, first_labelled=0, where=where
         )
+        weight = float(row.get(WEIGHT, 1.0))
         outcome = _KEPT
         if len(sample.input_ids) > self.max_seq_len:
             if self.overlong == "drop":
                 return _OVERLONG, None
             limit = self.max_seq_len
-            sample = TokenizedSample(sample.input_ids[:limit], sample.labels[:limit])
+            sample = TokenizedSample(sample.input_ids[:limit], sample.labels[:limit], weight)
             outcome = _TRUNCATED
+        elif weight != 1.0:
+            sample = TokenizedSample(sample.input_ids, sample.labels, weight)
         # The first token is never predicted, so its label alone teaches nothing.
         if all(label == IGNORE_INDEX for label in sample.labels[1:]):
             return _NO_LABELS, None

@@ -5,7 +5,8 @@ RLOO, REINFORCE++, PPO, A2C, TRPO; the last three with a value model, ``value_mo
 checkpoint beside the policy) in one process or under torchrun (DDP or FSDP2; trpo: DDP):
 
 1. check the inputs (``preflight``); join the process group; load the tokenizer and tokenise the data
-   (chat template, assistant-only labels), and the eval data when there is some;
+   (chat template, assistant-only labels, each row's loss weight), and the eval data when there is some;
+   load the frozen teacher of logit distillation when ``distill_teacher_path`` is set;
 2. load the model in fp32 (master weights), apply OSFT or LoRA, Liger kernels on GPU, activation
    checkpointing, then wrap it for DDP or FSDP2;
 3. plan every step: ``effective_batch_size`` samples, packed padding-free into micro-batches of at most
@@ -77,7 +78,7 @@ from kfp_components.trainer.distributed import (
     wrap_model,
 )
 from kfp_components.trainer.fingerprint import fingerprint_differences, run_fingerprint
-from kfp_components.trainer.objectives import LanguageModelling, Objective
+from kfp_components.trainer.objectives import Distillation, LanguageModelling, Objective
 from kfp_components.trainer.online import OnlineSteps, build_online_steps
 from kfp_components.trainer.precision import Precision, finite_or_none
 from kfp_components.trainer.preflight import model_source, preflight_problems
@@ -626,20 +627,58 @@ def load_reference_model(config: TrainingConfig, info: DistInfo) -> nn.Module | 
     return reference
 
 
+def load_distillation(config: TrainingConfig, info: DistInfo) -> Distillation | None:
+    """The frozen teacher of logit distillation (``distill_teacher_path``), loaded once per rank in eval mode
+    and sharded like the student under FSDP2; None when distillation is off.
+
+    Preflight has compared the vocabularies from the configs and tokenizers; the teacher's logits width is
+    checked here against the student's config before the student's weights load."""
+    if not config.distill_teacher_path:
+        return None
+    from transformers import AutoConfig
+
+    teacher = _load_plain_model(config.distill_teacher_path, config, info)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    output = teacher.get_output_embeddings()  # type: ignore[operator]
+    width = int(output.weight.shape[0])
+    student_width = (
+        AutoConfig.from_pretrained(model_source(config.model_name_or_path)).get_text_config().vocab_size
+    )
+    if width != student_width:
+        raise ConfigError(
+            "distill_teacher_path",
+            f"the teacher's logits have {width} entries per token, the student's {student_width}: the "
+            "teacher must share the student's vocabulary",
+        )
+    if info.distributed and config.distributed == "fsdp":
+        teacher = wrap_model(teacher, info, "fsdp", bf16=False)
+    if info.is_main:
+        log.info(
+            "distillation: teacher %s, distill_coef %g, distill_temperature %g",
+            config.distill_teacher_path,
+            config.distill_coef,
+            config.distill_temperature,
+        )
+    return Distillation(teacher, config.distill_coef, config.distill_temperature)
+
+
 def build_objectives(
     config: TrainingConfig, tokenizer: Any, info: DistInfo, precision: Precision
 ) -> tuple[Objective, Objective | None]:
     """The objective of ``data_path`` and, with ``eval_data_path``, of the eval data.
 
-    For DPO the reference model loads once and scores both sets before it is freed.
+    For DPO the reference model loads once and scores both sets before it is freed. With logit distillation
+    the teacher loads once and serves both.
     """
     paths = {"data_path": config.data_path}
     if config.eval_data_path:
         paths["eval_data_path"] = config.eval_data_path
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     if config.algorithm in ("sft", "osft"):
+        distillation = load_distillation(config, info)
         objectives: dict[str, Objective] = {
-            key: LanguageModelling(_tokenized(config, key, path, tokenizer), pad_id)
+            key: LanguageModelling(_tokenized(config, key, path, tokenizer), pad_id, distillation)
             for key, path in paths.items()
         }
     elif config.algorithm == "dpo":
