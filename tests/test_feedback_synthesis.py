@@ -326,6 +326,17 @@ def test_problems_without_the_answer_column_fail_before_any_request(tmp_path):
     assert list(tmp_path.iterdir()) == [data]
 
 
+def test_an_endpoint_that_does_not_serve_the_model_fails_before_any_file_is_written(tmp_path):
+    data = write_jsonl(tmp_path / "problems.jsonl", problems(2))
+    with (
+        ScriptedChatServer(ScriptedTeacher(), models=("other",)) as server,
+        pytest.raises(FeedbackError) as error,
+    ):
+        synthesize(data, tmp_path / "out.jsonl", teacher_options(server), RejectionOptions())
+    assert "the model 'teacher' is not served; the endpoint serves 'other'" in str(error.value)
+    assert server.chat_requests == [] and list(tmp_path.iterdir()) == [data]
+
+
 def test_an_unknown_template_placeholder_fails_before_any_request(tmp_path):
     data = write_jsonl(tmp_path / "problems.jsonl", problems(2))
     with ScriptedChatServer(ScriptedTeacher(), models=("teacher",)) as server:

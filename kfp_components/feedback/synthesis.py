@@ -418,12 +418,11 @@ def synthesize(
     unsolved.parent.mkdir(parents=True, exist_ok=True)
     files = _Files(output, unsolved)
     fingerprint = _fingerprint(problems_path, teacher, rejection, seed)
-    done, counts = files.resume(fingerprint, len(rows))
-
     model = Teacher(teacher, device=device)
-    started = time.perf_counter()
     try:
-        model.check()
+        model.check()  # reachable and serving the model (a local one loads) before any file is touched
+        done, counts = files.resume(fingerprint, len(rows))
+        started = time.perf_counter()
         for start in range(done, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             indices = list(range(start, start + len(chunk)))
