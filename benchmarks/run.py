@@ -34,6 +34,7 @@ BENCHMARKS = [
     "grpo",
     "ppo",
     "judge",
+    "synthesis",
 ]
 
 

@@ -332,27 +332,36 @@ class OpenAIChatClient:
         max_tokens: int,
         temperature: float = 0.0,
         n: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         top_logprobs: int = 0,
+        top_p: float = 1.0,
     ) -> list[ChatReply]:
         """One chat completion per conversation (a list of ``{"role", "content"}`` messages), up to
-        ``max_concurrency`` in flight; the replies in the order of ``conversations``."""
+        ``max_concurrency`` in flight; the replies in the order of ``conversations``. ``seed``: one for every
+        request, or one per conversation. ``top_p`` is sent only when below 1."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}")
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {top_logprobs}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         if not conversations:
             return []
+        seeds = [seed] * len(conversations) if seed is None or isinstance(seed, int) else list(seed)
+        if len(seeds) != len(conversations):
+            raise ValueError(
+                f"{len(seeds)} seeds for {len(conversations)} conversations; give one per conversation"
+            )
         arguments: dict[str, Any] = {
             "model": self.options.model,
             "max_tokens": max_tokens,
             "temperature": temperature,
             "n": n,
         }
-        if seed is not None:
-            arguments["seed"] = seed
+        if top_p < 1:
+            arguments["top_p"] = top_p
         if top_logprobs:
             arguments["logprobs"] = True
             arguments["top_logprobs"] = top_logprobs
@@ -360,8 +369,14 @@ class OpenAIChatClient:
         workers = min(self.options.max_concurrency, len(conversations))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{self.role}-endpoint") as pool:
             futures = [
-                pool.submit(self._complete_one, messages, arguments, top_logprobs, cancelled)
-                for messages in conversations
+                pool.submit(
+                    self._complete_one,
+                    messages,
+                    arguments if one_seed is None else {**arguments, "seed": one_seed},
+                    top_logprobs,
+                    cancelled,
+                )
+                for messages, one_seed in zip(conversations, seeds, strict=True)
             ]
             try:
                 done, _ = wait(futures, return_when=FIRST_EXCEPTION)

@@ -94,14 +94,19 @@ def _normalise_text(text: str) -> str:
     return " ".join(text.replace("$", "").strip().rstrip(".").split()).casefold()
 
 
-def answers_match(predicted: str | None, reference: Any) -> bool:
-    """Whether an extracted answer equals the reference answer (see the module docstring)."""
+def answers_match(predicted: str | None, reference: Any, *, tolerance: float = 0.0) -> bool:
+    """Whether an extracted answer equals the reference answer (see the module docstring). With a
+    ``tolerance`` above 0, two numbers also match when ``|a - b| <= tolerance * max(1, |b|)`` (``b`` the
+    reference)."""
     if predicted is None:
         return False
     reference_text = str(reference)
     expected = extract_answer(reference_text) or reference_text.strip()
     predicted_number, expected_number = normalise_number(predicted), normalise_number(expected)
     if predicted_number is not None and expected_number is not None:
+        if tolerance > 0:
+            bound = Fraction(tolerance) * max(Fraction(1), abs(expected_number))
+            return abs(predicted_number - expected_number) <= bound
         return predicted_number == expected_number
     return _normalise_text(predicted) == _normalise_text(expected)
 
