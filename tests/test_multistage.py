@@ -441,7 +441,7 @@ def _set(data: dict, path: str, value: object) -> None:
         ),
         (
             {"stages": ["sft", "foo"]},
-            "stages[1]: no stage named 'foo'; available stages: dpo, osft, reward_model, rl, rlaif, sft",
+            "stages[1]: no stage named 'foo'; available stages: cot_distillation, dpo, osft, reward_model, rl, rlaif, sft",
         ),
         ({"stages": ["sft", "dpp"]}, "stages[1]: no stage named 'dpp'; did you mean dpo? available stages"),
         (
@@ -631,7 +631,8 @@ class _Echo(BaseStage):
 
 def test_stage_registry_rules():
     with pytest.raises(
-        ValueError, match=r"'cot_distillation' is taken by kfp_components.stages.planned.CoTDistillationStage"
+        ValueError,
+        match=r"'cot_distillation' is taken by kfp_components.stages.cot_distillation.CoTDistillationStage",
     ):
         Pipeline.register_stage("cot_distillation", _Echo)
     with pytest.raises(ValueError, match=r"'rlaif' is taken by kfp_components.stages.rlaif.RLAIFStage"):

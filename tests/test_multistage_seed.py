@@ -126,7 +126,12 @@ def test_example_1_trains_sft_then_dpo_with_the_guides_flags(tiny, tmp_path, mon
     assert not Path(sft["model_path"]).exists(), "--cleanup_intermediate deleted the SFT model"
 
 
-def test_example_2_dry_run_recognises_every_key_and_reports_what_cannot_run(tiny, tmp_path, capsys):
+def test_example_2_runs_its_keys_as_written_once_the_teacher_endpoint_is_given(tiny, tmp_path, capsys):
+    """The guide's keys (reasoning_dataset_path, teacher_model_path: gpt-4, teacher_model_type: api) are the
+    stage's own; the one thing the guide leaves out, where the API is, is the first error; with an endpoint
+    serving gpt-4 and the problems at hand the whole chain checks out."""
+    from kfp_components.testing.openai_server import ScriptedChatServer
+
     config = write_example("example-2", tmp_path)
     flags = [
         "--config", str(config),
@@ -138,12 +143,17 @@ def test_example_2_dry_run_recognises_every_key_and_reports_what_cannot_run(tiny
     ]  # fmt: skip
     assert main(flags) == 2
     err = capsys.readouterr().err
-    assert err.startswith(
-        "error: stage_configs.cot_distillation: the cot_distillation stage (chain-of-thought"
-    )
-    assert "is not available in this version" in err and "unknown option" not in err
-    assert len(err.strip().splitlines()) == 1, "the other stages check out"
+    assert err.startswith("error: stage_configs.cot_distillation.teacher.base_url: required"), err
+    assert len(err.strip().splitlines()) == 1, "the other keys check out"
 
+    problems = Path(__file__).resolve().parents[1] / "examples" / "reasoning_problems.jsonl"
+    with ScriptedChatServer(lambda messages, body: "#### 1", models=("gpt-4",)) as server:
+        flags += [
+            "--set",
+            f"stage_configs.cot_distillation.teacher.base_url={server.base_url}",
+            f"stage_configs.cot_distillation.reasoning_dataset_path={problems}",
+        ]
+        assert main(flags) == 0, capsys.readouterr().err
     # a typo in the same stage is reported with everything else, in one go
     flags += ["--set", "stage_configs.cot_distillation.teacher_model_typ=api", "stage_configs.dpo.beta=high"]
     assert main(flags) == 2

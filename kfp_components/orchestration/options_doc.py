@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_origin
 from kfp_components.cli_args import field_help
 from kfp_components.orchestration.config import PipelineConfig
 from kfp_components.stages.base import StageConfig
-from kfp_components.stages.registry import BUILTIN_STAGES, RESERVED_STAGES
+from kfp_components.stages.registry import BUILTIN_STAGES
 from kfp_components.stages.training import (
     TRAINING_OPTION_GROUPS,
     TrainingData,
@@ -62,6 +62,8 @@ def options_markdown() -> str:
         for annotation in typing.get_type_hints(stage.config_class).values():
             for options_class in _nested_options(annotation):
                 nested.setdefault(options_class, []).append(name)
+        for options_class in getattr(stage.config_class, "documented_mappings", {}).values():
+            nested.setdefault(options_class, []).append(name)
     for options_class, users in nested.items():
         summary = (options_class.__doc__ or "").strip().splitlines()[0]
         parts.append(
@@ -81,15 +83,6 @@ def options_markdown() -> str:
     for (alias, option), names in sorted(where.items()):
         shown = "every stage" if len(names) == len(BUILTIN_STAGES) else ", ".join(names)
         parts.append(f"| `{alias}` | `{option}` | {shown} |")
-    parts.append("\n### Stages recognised but not available in this version\n")
-    parts.append(
-        "Their options are checked (a dry run reports unknown keys as for any stage) and a run stops before "
-        "the first stage starts, saying the stage is not available.\n"
-    )
-    for name, stage in RESERVED_STAGES.items():
-        parts.append(f"#### `{name}`: {stage.description}\n")
-        declared = _table(stage.config_class)
-        parts.append(declared if declared.count("\n") > 2 else "Only the options every stage has.\n")
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -1,12 +1,11 @@
 """Stages of a multi-stage fine-tuning pipeline: the base classes, the built-in stages (sft, osft, dpo,
-reward_model, rl) and the registry of stage names. ``docs/multistage.md`` describes them."""
+reward_model, rl, rlaif, cot_distillation) and the registry of stage names. ``docs/multistage.md`` describes them."""
 
 from kfp_components.stages.base import BaseStage, StageConfig, StageResult
 from kfp_components.stages.dpo import DPOStage, DPOStageConfig
 from kfp_components.stages.osft import OSFTStage, OSFTStageConfig
 from kfp_components.stages.registry import (
     BUILTIN_STAGES,
-    RESERVED_STAGES,
     available_stages,
     get_stage_class,
     register_stage,
@@ -18,7 +17,6 @@ from kfp_components.stages.training import TrainingData, TrainingStage, Training
 
 __all__ = [
     "BUILTIN_STAGES",
-    "RESERVED_STAGES",
     "BaseStage",
     "DPOStage",
     "DPOStageConfig",

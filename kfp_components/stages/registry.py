@@ -1,5 +1,4 @@
-"""Which stage names a pipeline can use: the built-in stages, custom ones registered at run time, and names
-reserved for techniques this version cannot run yet (their options are recognised; see ``stages.planned``)."""
+"""Which stage names a pipeline can use: the built-in stages and custom ones registered at run time."""
 
 from __future__ import annotations
 
@@ -7,19 +6,15 @@ import difflib
 import re
 
 from kfp_components.stages.base import BaseStage, config_class_of
+from kfp_components.stages.cot_distillation import CoTDistillationStage
 from kfp_components.stages.dpo import DPOStage
 from kfp_components.stages.osft import OSFTStage
-from kfp_components.stages.planned import CoTDistillationStage, UnavailableStage
 from kfp_components.stages.reward_model import RewardModelStage
 from kfp_components.stages.rl import RLStage
 from kfp_components.stages.rlaif import RLAIFStage
 from kfp_components.stages.sft import SFTStage
 from kfp_components.typed_config import ConfigError
 
-#: Stages whose options are recognised but which this version cannot run (see ``stages.planned``).
-RESERVED_STAGES: dict[str, type[UnavailableStage]] = {
-    "cot_distillation": CoTDistillationStage,
-}
 BUILTIN_STAGES: dict[str, type[BaseStage]] = {
     "sft": SFTStage,
     "osft": OSFTStage,
@@ -27,17 +22,18 @@ BUILTIN_STAGES: dict[str, type[BaseStage]] = {
     "reward_model": RewardModelStage,
     "rl": RLStage,
     "rlaif": RLAIFStage,
+    "cot_distillation": CoTDistillationStage,
 }
 
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
-_registry: dict[str, type[BaseStage]] = {**BUILTIN_STAGES, **RESERVED_STAGES}
+_registry: dict[str, type[BaseStage]] = dict(BUILTIN_STAGES)
 
 
 def register_stage(name: str, stage_class: type[BaseStage], *, replace: bool = False) -> None:
     """Make ``stage_class`` available as ``name`` in ``stages:``.
 
     Registering the same class again under the same name does nothing; another class under a taken name
-    needs ``replace=True`` (so does a reserved name, :data:`RESERVED_STAGES`). The stage's options dataclass
+    needs ``replace=True``. The stage's options dataclass
     is found now (see :func:`~kfp_components.stages.base.config_class_of`), so a stage without one is refused
     here rather than when a pipeline loads.
     """
@@ -62,7 +58,7 @@ def unregister_stage(name: str) -> None:
 
 def available_stages() -> list[str]:
     """The names of the stages a pipeline can run now, sorted (the reserved, unavailable ones left out)."""
-    return sorted(name for name, stage in _registry.items() if not issubclass(stage, UnavailableStage))
+    return sorted(_registry)
 
 
 def get_stage_class(name: str, path: str = "") -> type[BaseStage]:

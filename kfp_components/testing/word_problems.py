@@ -86,7 +86,12 @@ def _three_steps(rng: random.Random, name: str, item: str) -> Problem:
     return question, solution, total - c + d
 
 
-KINDS: tuple[Callable[[random.Random, str, str], Problem], ...] = (_buy_then_give, _boxes, _share, _three_steps)
+KINDS: tuple[Callable[[random.Random, str, str], Problem], ...] = (
+    _buy_then_give,
+    _boxes,
+    _share,
+    _three_steps,
+)
 
 
 def word_problems(count: int, seed: int) -> list[dict[str, str]]:
