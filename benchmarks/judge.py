@@ -20,14 +20,12 @@ python -m benchmarks.run judge   # results/judge.json and docs/performance.md
 from __future__ import annotations
 
 import resource
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from benchmarks.scripted_endpoint import goal_text, scripted_server, with_speed_ups
 from kfp_components.feedback.endpoint import EndpointOptions, OpenAIChatClient
 
 NAME = "judge"
@@ -39,18 +37,6 @@ CONCURRENCY = (1, 4, 8, 16, 32)
 GOAL_SPEED_UP = 8.0
 GOAL_CONCURRENCY = 16
 MAX_TOKENS = 8
-#: Runs the server in a child process: prints its base URL, prints its most requests in flight and exits
-#: when its standard input says ``stop``.
-_SERVER = """
-import sys
-from benchmarks import judge
-from kfp_components.testing.openai_server import ScriptedChatServer
-
-with ScriptedChatServer(getattr(judge, sys.argv[2]), latency_seconds=float(sys.argv[1])) as server:
-    print(server.base_url, flush=True)
-    sys.stdin.readline()
-    print(server.max_in_flight, len(server.chat_requests), flush=True)
-"""
 
 
 def verdict(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
@@ -76,35 +62,6 @@ def conversations(count: int) -> list[list[dict[str, Any]]]:
     ]
 
 
-@contextmanager
-def _server(latency_seconds: float, respond: str = "verdict") -> Iterator[tuple[str, dict[str, int]]]:
-    """A ScriptedChatServer answering with the function ``respond`` of this module, in a child process;
-    yields its base URL and, after, what it counted."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(latency_seconds), respond],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert process.stdin is not None and process.stdout is not None
-    counted: dict[str, int] = {}
-    try:
-        base_url = process.stdout.readline().strip()
-        if not base_url.startswith("http://"):
-            raise RuntimeError(f"the scripted server did not start (exit code {process.poll()})")
-        yield base_url, counted
-        process.stdin.write("stop\n")
-        process.stdin.flush()
-        max_in_flight, requests = process.stdout.readline().split()
-        counted.update(max_in_flight=int(max_in_flight), requests=int(requests))
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 def _cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -113,7 +70,7 @@ def _cpu_seconds() -> float:
 def measure(concurrency: int, requests: int, latency_seconds: float) -> dict[str, Any]:
     """One timed batch of ``requests`` conversations at ``concurrency``."""
     batch = conversations(requests)
-    with _server(latency_seconds) as (base_url, counted):
+    with scripted_server("benchmarks.judge:verdict", latency_seconds) as (base_url, counted):
         options = EndpointOptions(
             base_url=base_url, model="judge", max_concurrency=concurrency, timeout_seconds=30.0, retries=0
         )
@@ -166,7 +123,7 @@ def measure_steps(
     torch.set_num_threads(1)
     with (
         tempfile.TemporaryDirectory(prefix="judge-step-", dir=workdir) as scratch,
-        _server(latency_seconds, "length_score") as (base_url, counted),
+        scripted_server("benchmarks.judge:length_score", latency_seconds) as (base_url, counted),
     ):
         judge = {"function": "judge", "base_url": base_url, "model": "judge", "max_concurrency": concurrency}
         config = TrainingConfig(
@@ -229,21 +186,14 @@ def run(
     if 1 not in concurrencies:
         raise ValueError("the concurrencies must include 1, the sequential baseline")
     runs = [measure(c, requests, latency_seconds) for c in concurrencies]
-    sequential = next(r for r in runs if r["max_concurrency"] == 1)
-    for entry in runs:
-        entry["speed_up"] = round(sequential["seconds"] / entry["seconds"], 2)
-    at_goal = next((r for r in runs if r["max_concurrency"] == GOAL_CONCURRENCY), None)
+    goal = with_speed_ups(runs, GOAL_CONCURRENCY, GOAL_SPEED_UP)
     result: dict[str, Any] = {
         "throughput": {
             "requests": requests,
             "latency_seconds": latency_seconds,
             "max_tokens": MAX_TOKENS,
             "runs": runs,
-            "goal": {
-                "max_concurrency": GOAL_CONCURRENCY,
-                "speed_up": GOAL_SPEED_UP,
-                "met": None if at_goal is None else at_goal["speed_up"] >= GOAL_SPEED_UP,
-            },
+            "goal": goal,
         }
     }
     if step_concurrencies:
@@ -283,12 +233,6 @@ def render_steps(result: dict[str, Any]) -> str:
 
 
 def render_throughput(result: dict[str, Any]) -> str:
-    goal = result["goal"]
-    at_goal = next((r for r in result["runs"] if r["max_concurrency"] == goal["max_concurrency"]), None)
-    if at_goal is None:
-        verdict_text = "not measured"
-    else:
-        verdict_text = f"{'met' if goal['met'] else 'not met'} ({at_goal['speed_up']:g}x)"
     lines = [
         f"`OpenAIChatClient` (the official `openai` client; our retries and thread pool) sending "
         f"{result['requests']} short judging conversations (`max_tokens` {result['max_tokens']}) to "
@@ -296,8 +240,7 @@ def render_throughput(result: dict[str, Any]) -> str:
         f"{result['latency_seconds'] * 1000:g} ms, at each `max_concurrency`; 1 is the sequential baseline. "
         "*Client CPU* is this process's CPU time per request (building the request, parsing the answer, the "
         "threads); *in flight* is the most requests the server was answering at once. "
-        f"Goal: at least {goal['speed_up']:g}x the sequential rate at concurrency {goal['max_concurrency']}: "
-        f"{verdict_text}. {_ceiling_text(result['runs'])}",
+        f"{goal_text(result)} {_ceiling_text(result['runs'])}",
         "",
         "| max_concurrency | requests/s | speed-up | seconds | mean latency (ms) | max latency (ms) | "
         "client CPU (ms/request) | in flight |",

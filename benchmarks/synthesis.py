@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from benchmarks.scripted_endpoint import goal_text, scripted_server, with_speed_ups
 
 NAME = "synthesis"
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,16 +42,6 @@ LOCAL_PROBLEMS = 16
 LOCAL_MAX_TOKENS = 32
 LOCAL_BATCH_SIZE = 8
 _PROBLEM = re.compile(r"what is (\d+) \+ (\d+)\?")
-_SERVER = """
-import sys
-from benchmarks import synthesis
-from kfp_components.testing.openai_server import ScriptedChatServer
-
-with ScriptedChatServer(synthesis.solution, models=("teacher",), latency_seconds=float(sys.argv[1])) as server:
-    print(server.base_url, flush=True)
-    sys.stdin.readline()
-    print(server.max_in_flight, len(server.chat_requests), flush=True)
-"""
 
 
 def problem_rows(count: int) -> list[dict[str, Any]]:
@@ -68,33 +57,6 @@ def solution(messages: list[dict[str, Any]], body: dict[str, Any]) -> str:
     return f"We start from {a}.\nAdding {b} to {a} gives {a + b}.\n#### {a + b}"
 
 
-@contextmanager
-def _server(latency_seconds: float) -> Iterator[tuple[str, dict[str, int]]]:
-    process = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(latency_seconds)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    assert process.stdin is not None and process.stdout is not None
-    counted: dict[str, int] = {}
-    try:
-        base_url = process.stdout.readline().strip()
-        if not base_url.startswith("http://"):
-            raise RuntimeError(f"the scripted server did not start (exit code {process.poll()})")
-        yield base_url, counted
-        process.stdin.write("stop\n")
-        process.stdin.flush()
-        max_in_flight, requests = process.stdout.readline().split()
-        counted.update(max_in_flight=int(max_in_flight), requests=int(requests))
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-
-
 def measure(concurrency: int, problems: int, latency_seconds: float) -> dict[str, Any]:
     """One synthesis of ``problems`` problems at ``concurrency``."""
     from kfp_components.feedback.synthesis import RejectionOptions, synthesize
@@ -102,7 +64,10 @@ def measure(concurrency: int, problems: int, latency_seconds: float) -> dict[str
 
     with (
         tempfile.TemporaryDirectory(prefix="synthesis-bench-") as scratch,
-        _server(latency_seconds) as (url, counted),
+        scripted_server("benchmarks.synthesis:solution", latency_seconds, models=("teacher",)) as (
+            url,
+            counted,
+        ),
     ):
         data = Path(scratch) / "problems.jsonl"
         data.write_text("".join(json.dumps(row) + "\n" for row in problem_rows(problems)))
@@ -226,10 +191,7 @@ def run(
     if 1 not in concurrencies:
         raise ValueError("the concurrencies must include 1, the sequential baseline")
     runs = [measure(c, problems, latency_seconds) for c in concurrencies]
-    sequential = next(r for r in runs if r["max_concurrency"] == 1)
-    for entry in runs:
-        entry["speed_up"] = round(sequential["seconds"] / entry["seconds"], 2)
-    at_goal = next((r for r in runs if r["max_concurrency"] == GOAL_CONCURRENCY), None)
+    goal = with_speed_ups(runs, GOAL_CONCURRENCY, GOAL_SPEED_UP)
     result: dict[str, Any] = {
         "endpoint": {
             "problems": problems,
@@ -237,11 +199,7 @@ def run(
             "chunk_size": CHUNK_SIZE,
             "latency_seconds": latency_seconds,
             "runs": runs,
-            "goal": {
-                "max_concurrency": GOAL_CONCURRENCY,
-                "speed_up": GOAL_SPEED_UP,
-                "met": None if at_goal is None else at_goal["speed_up"] >= GOAL_SPEED_UP,
-            },
+            "goal": goal,
         }
     }
     if local:
@@ -257,21 +215,13 @@ def render(result: dict[str, Any]) -> str:
 
 
 def render_endpoint(result: dict[str, Any]) -> str:
-    goal = result["goal"]
-    at_goal = next((r for r in result["runs"] if r["max_concurrency"] == goal["max_concurrency"]), None)
-    verdict = (
-        "not measured"
-        if at_goal is None
-        else f"{'met' if goal['met'] else 'not met'} ({at_goal['speed_up']:g}x)"
-    )
     lines = [
         f"`synthesize` end to end (reading the problems, one request of {result['num_samples']} samples per "
         f"problem, rejection sampling, chunks of {result['chunk_size']} problems appended and fsynced) for "
         f"{result['problems']} problems against `ScriptedChatServer` in its own process, answering each request "
         f"after {result['latency_seconds'] * 1000:g} ms, at each `max_concurrency`; 1 is the sequential baseline. "
         "*In flight* is the most requests the server was answering at once (a chunk's problems are the most "
-        f"that can be). Goal: at least {goal['speed_up']:g}x the sequential rate at concurrency "
-        f"{goal['max_concurrency']}: {verdict}.",
+        f"that can be). {goal_text(result)}",
         "",
         "| max_concurrency | problems/s | traces/s | speed-up | seconds | in flight |",
         "| --- | --- | --- | --- | --- | --- |",

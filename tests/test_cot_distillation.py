@@ -271,8 +271,20 @@ def test_step_by_step_writes_two_weighted_targets_per_trace_and_logit_distillati
         ),
         ({"teacher_model_type": "remote"}, r"teacher_model_type: .*api, local"),
         ({"teacher": {"base_url": "<server>", "prompt_template": "Solve it."}}, r"teacher\.prompt_template"),
+        ({"distill_teacher_path": "/nonexistent/teacher"}, r"distill_teacher_path: .*nonexistent"),
+        ({"lora_r": 4, "lora_target_modules": ["no_such_proj"]}, r"lora_target_modules"),
     ],
-    ids=["no-answer", "unreachable", "model-not-served", "missing-key", "model-twice", "type", "template"],
+    ids=[
+        "no-answer",
+        "unreachable",
+        "model-not-served",
+        "missing-key",
+        "model-twice",
+        "type",
+        "template",
+        "distill-teacher",
+        "lora-targets",
+    ],
 )
 def test_bad_input_stops_before_anything_trains(teacher_server, tmp_path, change, message):
     problems = write_rows(tmp_path / "problems.jsonl", PROBLEMS[:4])
@@ -291,3 +303,27 @@ def test_bad_input_stops_before_anything_trains(teacher_server, tmp_path, change
         Pipeline(load_pipeline_config(cot_yaml(tmp_path, stage))).run()
     assert not (tmp_path / "run" / "stages" / "01_cot_distillation" / "synthetic").exists()
     assert not re.search(KEY, "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*.log")))
+
+
+def test_a_finished_synthesis_is_not_asked_again(teacher_server, tmp_path):
+    """A stage that failed after its synthesis finished (training, evaluation) runs again without a single
+    new teacher request; other options start over."""
+    from kfp_components.feedback.synthesis import RejectionOptions, synthesize
+    from kfp_components.feedback.teacher import TeacherOptions
+
+    problems = write_rows(tmp_path / "problems.jsonl", PROBLEMS[:8])
+    options = TeacherOptions(
+        model="gpt-4",
+        base_url=teacher_server.base_url,
+        token_env="TEACHER_API_KEY",
+        num_samples=1,
+        max_tokens=64,
+    )
+    first = synthesize(problems, tmp_path / "traces.jsonl", options, RejectionOptions(), progress=False)
+    asked = len(teacher_server.chat_requests)
+    again = synthesize(problems, tmp_path / "traces.jsonl", options, RejectionOptions(), progress=False)
+    assert len(teacher_server.chat_requests) == asked
+    assert (again.traces_kept, again.problems, again.resumed_problems) == (first.traces_kept, 8, 8)
+    options.num_samples = 2
+    synthesize(problems, tmp_path / "traces.jsonl", options, RejectionOptions(), progress=False)
+    assert len(teacher_server.chat_requests) > asked

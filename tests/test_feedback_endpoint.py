@@ -72,7 +72,9 @@ def test_choices_seed_and_first_token_logprobs():
 
 
 def test_the_key_goes_as_a_bearer_token_and_never_into_logs_or_errors(caplog):
-    caplog.set_level(logging.DEBUG)  # every logger, the openai client's and its HTTP stack's included
+    caplog.set_level(logging.DEBUG)
+    for name in ("openai", "httpx2", "httpcore2"):  # quieted by configure_logging, which other tests may run
+        caplog.set_level(logging.DEBUG, logger=name)
     with ScriptedChatServer(echo, api_key=KEY) as server:
         judge = client(server, token_env="JUDGE_KEY", retries=1)
         judge.check()
@@ -381,18 +383,16 @@ def test_the_process_log_set_up_keeps_the_http_stack_quiet_at_info(monkeypatch):
 
 
 def test_many_requests_at_once_all_reach_the_server_together():
-    """32 connections opened at once are all accepted (the listen backlog) and answered in one round."""
+    """32 connections opened at once are all accepted (the listen backlog) and in flight together."""
     with ScriptedChatServer(echo, latency_seconds=0.5) as server, client(server, max_concurrency=32) as judge:
-        started = time.monotonic()
         judge.complete([conversation(str(i)) for i in range(32)], max_tokens=2)
-        elapsed = time.monotonic() - started
     assert server.max_in_flight == 32
-    assert elapsed < 1.4  # a connection the backlog refused is tried again after 1 s
 
 
 def test_the_server_answers_without_a_delayed_ack_stall():
-    """Headers and body leave at once: a quick answer is not held back ~40 ms by the client's delayed ACK."""
-    with ScriptedChatServer(echo) as server, client(server, max_concurrency=1) as judge:
-        judge.check()  # the connection is open
-        judge.complete([conversation(str(i)) for i in range(10)], max_tokens=2)
-    assert judge.stats.latency_seconds / judge.stats.answered < 0.03
+    """Headers and body leave at once (the standard library sets TCP_NODELAY on every connection of a handler
+    that disables Nagle's algorithm), not after the client's delayed ACK; the time it saves is measured by
+    benchmarks/judge.py, not here."""
+    from kfp_components.testing.openai_server import _handler
+
+    assert _handler(ScriptedChatServer(echo)).disable_nagle_algorithm is True

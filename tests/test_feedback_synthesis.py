@@ -169,7 +169,11 @@ def test_the_kept_traces_are_exactly_the_correct_ones(tmp_path):
     assert (
         metrics["completion_tokens"] > 0 and metrics["prompt_tokens"] > 0 and metrics["resumed_problems"] == 0
     )
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["reasoning.jsonl", "unsolved.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "reasoning.jsonl",
+        "reasoning.jsonl.done.json",  # the finished synthesis, for a rerun
+        "unsolved.jsonl",
+    ]
 
 
 def test_concurrency_is_bounded_and_5xx_answers_are_retried(tmp_path, caplog):
@@ -507,7 +511,7 @@ def test_bad_options_are_reported_together_with_their_keys():
         "max_trace_chars",
         "dedup_threshold",
     ]
-    with pytest.raises(ConfigError, match="model: required: the teacher model's folder"):
+    with pytest.raises(ConfigError, match="model: required: the model's folder"):
         from_dict(TeacherOptions, {"backend": "local"})
 
 

@@ -169,6 +169,7 @@ def synthesize_reasoning_data(
         seed=seed,
         chunk_size=chunk_size,
         unsolved_path=unsolved_file,
+        record_done=bool(resume_dir),  # a rerun finds the finished synthesis there
     )
     if resume_dir:
         for source, artifact in ((output, dataset), (unsolved_file, unsolved)):

@@ -10,7 +10,7 @@ the models side by side (teacher, base student, tuned student) as Markdown.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,22 +51,23 @@ def answer_accuracy(
     max_new_tokens: int,
     max_seq_len: int,
     limit: int = 0,
-    prompt_prefix: str = "",
+    render: Callable[[dict[str, Any]], Any] | None = None,
     device: str = "",
 ) -> ReasoningScore:
-    """Greedy answers of ``model`` to the problems of ``problems_path`` (the first ``limit``; 0: all), each
-    prompt after ``prompt_prefix``, checked by ``matcher`` (a :class:`TraceFilter`: ``verdict(text,
-    reference)``)."""
+    """Greedy answers of ``model`` to the problems of ``problems_path`` (the first ``limit``; 0: all), checked
+    by ``matcher`` (a :class:`TraceFilter`: ``verdict(text, reference)``). ``render`` turns a problem row into
+    what the model is asked (a text or messages: the student's turns as it was trained on them); None: the
+    row's ``prompt``."""
     import tempfile
 
     from kfp_components.feedback.comparisons import sample_responses, write_jsonl
 
     with tempfile.TemporaryDirectory(prefix="kfp-reasoning-") as scratch:
         source = Path(problems_path)
-        if prompt_prefix:
+        if render is not None:
             rows = _rows(source)
             for row in rows:
-                row["prompt"] = _prefixed(row["prompt"], prompt_prefix)
+                row["prompt"] = render(row)
             source = Path(scratch) / "problems.jsonl"
             write_jsonl(rows, source)
         responses = sample_responses(
@@ -132,17 +133,6 @@ def _rows(path: Path) -> list[dict[str, Any]]:
     import json
 
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _prefixed(prompt: Any, prefix: str) -> Any:
-    if isinstance(prompt, str):
-        return prefix + prompt
-    messages = [dict(m) for m in prompt]
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            message["content"] = prefix + str(message.get("content", ""))
-            break
-    return messages
 
 
 def _text(prompt: Any) -> str:

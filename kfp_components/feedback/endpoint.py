@@ -41,7 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from kfp_components.redaction import MASK, redact_text
@@ -129,6 +129,44 @@ class EndpointOptions(Options):
         if self.max_requests < 0:
             problems.append(("max_requests", f"must not be negative (0: no limit), got {self.max_requests}"))
         return [(f"{prefix}.{path}" if prefix else path, message) for path, message in problems]
+
+
+@dataclass
+class ModelOptions(EndpointOptions):
+    """An LLM that judges or teaches: behind an OpenAI-compatible endpoint, or loaded locally.
+
+    Attributes:
+        backend: openai (an OpenAI-compatible endpoint at base_url) or local (a Hugging Face causal LM).
+        model: openai: the served model's name (as /v1/models lists it); local: a folder or hub id.
+        batch_size: local: requests per forward pass or generate call.
+        device: local: the model's device (cpu, cuda:0); empty: the caller's.
+        dtype: local: the weights' dtype (float32, bfloat16, float16, auto).
+    """
+
+    backend: Literal["openai", "local"] = "openai"
+    batch_size: int = 8
+    device: str = ""
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+
+    def model_problems(self) -> list[tuple[str, str]]:
+        """The endpoint's problems (openai), or a local model's: a model reference and no base_url."""
+        problems: list[tuple[str, str]] = []
+        if self.backend == "openai":
+            problems += self.endpoint_problems()
+        else:
+            if not self.model.strip():
+                problems.append(("model", "required: the model's folder or hub id"))
+            if self.base_url:
+                problems.append(("base_url", "applies to backend openai; a local model is loaded from model"))
+        if self.batch_size < 1:
+            problems.append(("batch_size", f"must be at least 1, got {self.batch_size}"))
+        return problems
+
+    def describe(self) -> str:
+        """Where the model is, for logs and plans (no credentials)."""
+        if self.backend == "openai":
+            return f"{self.model} at {redact_text(self.base_url)}"
+        return f"{self.model} (local)"
 
 
 @dataclass

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kfp_components.feedback.endpoint import EndpointOptions
+from kfp_components.feedback.endpoint import ModelOptions
 from kfp_components.feedback.templates import (
     DEFAULT_PAIRWISE_TEMPLATE,
     DEFAULT_POINTWISE_TEMPLATE,
@@ -59,7 +59,6 @@ DEFAULT_SCORE_PATTERN = r"[-+]?\d+(?:\.\d+)?"
 #: How much of a reply an error message quotes.
 REPLY_EXCERPT_CHARS = 200
 
-Backend = Literal["openai", "local"]
 #: The endpoint client's counters a judge reports (additive, so they sum over ranks and runs).
 ENDPOINT_COUNTERS = (
     "requests",
@@ -73,7 +72,7 @@ ENDPOINT_COUNTERS = (
 
 
 @dataclass
-class JudgeOptions(EndpointOptions):
+class JudgeOptions(ModelOptions):
     """A judge: which model, how it is reached, and how its replies are read.
 
     Attributes:
@@ -98,7 +97,6 @@ class JudgeOptions(EndpointOptions):
         dtype: local: the weights' dtype (float32, bfloat16, float16, auto).
     """
 
-    backend: Backend = "openai"
     system_prompt: str = ""
     prompt_template: str = DEFAULT_POINTWISE_TEMPLATE
     pairwise_template: str = DEFAULT_PAIRWISE_TEMPLATE
@@ -109,19 +107,9 @@ class JudgeOptions(EndpointOptions):
     answer_a: str = "A"
     answer_b: str = "B"
     max_tokens: int = 16
-    batch_size: int = 8
-    device: str = ""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
 
     def validate(self) -> None:
-        problems: list[tuple[str, str]] = []
-        if self.backend == "openai":
-            problems += self.endpoint_problems()
-        else:
-            if not self.model.strip():
-                problems.append(("model", "required: the judge model's folder or hub id"))
-            if self.base_url:
-                problems.append(("base_url", "applies to backend openai; a local judge loads model itself"))
+        problems = self.model_problems()
         for key, required in (("prompt_template", ("response",)), ("pairwise_template", PAIRWISE_FIELDS[1:])):
             try:
                 check_template(getattr(self, key), key, required)
@@ -155,18 +143,8 @@ class JudgeOptions(EndpointOptions):
             problems.append(("answer_b", f"must differ from answer_a ({self.answer_a!r})"))
         if self.max_tokens < 1:
             problems.append(("max_tokens", f"must be at least 1, got {self.max_tokens}"))
-        if self.batch_size < 1:
-            problems.append(("batch_size", f"must be at least 1, got {self.batch_size}"))
         if problems:
             raise ConfigError.of(problems)
-
-    def describe(self) -> str:
-        """Where the judge is, for logs and plans (no credentials)."""
-        from kfp_components.redaction import redact_text
-
-        if self.backend == "openai":
-            return f"{self.model} at {redact_text(self.base_url)}"
-        return f"{self.model} (local)"
 
 
 class JudgeBackend:

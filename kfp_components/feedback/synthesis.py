@@ -391,11 +391,13 @@ def synthesize(
     progress: bool = True,
     unsolved_path: str | Path = "",
     base_dir: Path | None = None,
+    record_done: bool = True,
 ) -> SynthesisSummary:
     """Write verified teacher traces for the problems of ``problems_path`` to ``output_path`` (see the module
     docstring). ``unsolved_path``: where the problems without a kept trace go (default ``unsolved.jsonl`` in
     the output's folder). Everything about the input and the options is checked before the teacher is
-    asked anything."""
+    asked anything. ``record_done``: leave ``<output>.done.json`` (the fingerprint and the summary), so a
+    rerun of the same synthesis returns at once instead of asking the teacher again."""
     if chunk_size < 1:
         raise ConfigError("chunk_size", f"must be at least 1, got {chunk_size}")
     teacher.validate()
@@ -418,6 +420,13 @@ def synthesize(
     unsolved.parent.mkdir(parents=True, exist_ok=True)
     files = _Files(output, unsolved)
     fingerprint = _fingerprint(problems_path, teacher, rejection, seed)
+    finished = files.finished(fingerprint)
+    if finished is not None:
+        log.info(
+            "synthesis: %s is already complete for these problems and options; the teacher is not asked",
+            output,
+        )
+        return finished
     model = Teacher(teacher, device=device)
     try:
         model.check()  # reachable and serving the model (a local one loads) before any file is touched
@@ -490,6 +499,8 @@ def synthesize(
         retries=int(counts.usage.get("retries", 0)),
         failures=int(counts.usage.get("failures", 0)),
     )
+    if record_done:
+        files.record_done(fingerprint, summary)
     log.info(
         "synthesis: %d of %d traces kept (%.0f%% verified) for %d problems, %d without a trace (%s); %d requests, "
         "%d completion tokens",
@@ -609,8 +620,39 @@ class _Files:
         self.unsolved_partial.replace(self.unsolved)
         self.progress.unlink(missing_ok=True)
 
+    @property
+    def done(self) -> Path:
+        return self.output.with_name(self.output.name + ".done.json")
+
+    def record_done(self, fingerprint: str, summary: SynthesisSummary) -> None:
+        """Remember a finished synthesis (its fingerprint, the output's size and the summary), so a rerun of
+        the same one (a later step failed) does not ask the teacher again."""
+        record = {
+            "fingerprint": fingerprint,
+            "output_bytes": self.output.stat().st_size,
+            "summary": asdict(summary),
+        }
+        self.done.write_text(json.dumps(record), encoding="utf-8")
+
+    def finished(self, fingerprint: str) -> SynthesisSummary | None:
+        """The summary of a finished synthesis with this fingerprint whose output is still there, else None."""
+        try:
+            record = json.loads(self.done.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if (
+            not isinstance(record, dict)
+            or record.get("fingerprint") != fingerprint
+            or not self.output.is_file()
+            or self.output.stat().st_size != record.get("output_bytes")
+        ):
+            return None
+        summary = SynthesisSummary(**record["summary"])
+        summary.resumed_problems = summary.problems
+        return summary
+
     def discard(self) -> None:
-        for path in (self.dataset_partial, self.unsolved_partial, self.progress):
+        for path in (self.dataset_partial, self.unsolved_partial, self.progress, self.done):
             path.unlink(missing_ok=True)
 
 

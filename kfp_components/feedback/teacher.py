@@ -29,9 +29,9 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from kfp_components.feedback.endpoint import EndpointOptions
+from kfp_components.feedback.endpoint import ModelOptions
 from kfp_components.feedback.templates import placeholders
 from kfp_components.typed_config import ConfigError
 
@@ -53,7 +53,7 @@ USAGE_COUNTERS = (
 
 
 @dataclass
-class TeacherOptions(EndpointOptions):
+class TeacherOptions(ModelOptions):
     """A teacher that writes step-by-step solutions.
 
     Attributes:
@@ -72,26 +72,15 @@ class TeacherOptions(EndpointOptions):
         dtype: local: the weights' dtype (float32, bfloat16, float16, auto).
     """
 
-    backend: Literal["openai", "local"] = "openai"
     system_prompt: str = DEFAULT_TEACHER_SYSTEM_PROMPT
     prompt_template: str = "{prompt}"
     num_samples: int = 4
     temperature: float = 0.7
     top_p: float = 1.0
     max_tokens: int = 512
-    batch_size: int = 8
-    device: str = ""
-    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
 
     def validate(self) -> None:
-        problems: list[tuple[str, str]] = []
-        if self.backend == "openai":
-            problems += self.endpoint_problems()
-        else:
-            if not self.model.strip():
-                problems.append(("model", "required: the teacher model's folder or hub id"))
-            if self.base_url:
-                problems.append(("base_url", "applies to backend openai; a local teacher loads model itself"))
+        problems = self.model_problems()
         problems += template_problems(self.prompt_template)
         if self.num_samples < 1:
             problems.append(("num_samples", f"must be at least 1, got {self.num_samples}"))
@@ -109,18 +98,8 @@ class TeacherOptions(EndpointOptions):
             problems.append(("top_p", f"must be in (0, 1], got {self.top_p}"))
         if self.max_tokens < 1:
             problems.append(("max_tokens", f"must be at least 1, got {self.max_tokens}"))
-        if self.batch_size < 1:
-            problems.append(("batch_size", f"must be at least 1, got {self.batch_size}"))
         if problems:
             raise ConfigError.of(problems)
-
-    def describe(self) -> str:
-        """Where the teacher is, for logs (no credentials)."""
-        from kfp_components.redaction import redact_text
-
-        if self.backend == "openai":
-            return f"{self.model} at {redact_text(self.base_url)}"
-        return f"{self.model} (local)"
 
 
 def template_problems(template: str, key: str = "prompt_template") -> list[tuple[str, str]]:

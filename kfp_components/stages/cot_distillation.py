@@ -25,6 +25,7 @@ The seed's keys work as written: ``reasoning_dataset_path``, ``teacher_model_pat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, pr
 from kfp_components.feedback.synthesis import RejectionOptions
 from kfp_components.feedback.teacher import TeacherOptions
 from kfp_components.stages.base import StageResult
-from kfp_components.stages.training import TrainingStage, TrainingStageConfig
+from kfp_components.stages.training import TrainingStage, TrainingStageConfig, _release_memory
 from kfp_components.trainer.config import (
     Algorithm,
     DistillationOptions,
@@ -44,7 +45,7 @@ from kfp_components.trainer.config import (
     OSFTOptions,
     TrainingConfig,
 )
-from kfp_components.typed_config import ConfigError, from_dict
+from kfp_components.typed_config import ConfigError, from_dict, unknown_option_message
 
 #: Teacher options the stage sets from its own keys.
 _TEACHER_SET_BY_STAGE = {"model": "teacher_model_path", "backend": "teacher_model_type"}
@@ -68,9 +69,11 @@ class CoTDistillationStageConfig(
             (local).
         teacher_model_type: api (an OpenAI-compatible endpoint: teacher.base_url, teacher.token_env) or local
             (a Hugging Face causal LM, sampled with the RL engine's rollout code).
-        teacher: The teacher's other options: the endpoint (base_url, token_env, token_secret,
+        teacher: The teacher's other options (the TeacherOptions table but model and backend, which
+            teacher_model_path and teacher_model_type set): the endpoint (base_url, token_env,
             max_concurrency, timeout_seconds, retries, backoff_seconds, max_requests), system_prompt,
-            prompt_template, num_samples, temperature, top_p, max_tokens (the TeacherOptions table).
+            prompt_template, num_samples, temperature, top_p, max_tokens. max_requests is the budget of one
+            attempt of the stage.
         rejection: Which traces are kept: answer_column, answer_checker, answer_tolerance, length bounds,
             language, dedup_threshold, max_traces_per_problem (the RejectionOptions table).
         distillation_mode: traces (the student learns each kept trace) or step_by_step (two targets per
@@ -136,6 +139,10 @@ class CoTDistillationStageConfig(
             self.dataset_name_or_path = saved
         if self.needs_teacher:
             self.teacher_options()
+        else:  # the teacher is not called: its options' names are checked, their values not needed
+            unknown = sorted(set(self.teacher) - {f.name for f in dataclasses.fields(TeacherOptions)})
+            if unknown:
+                raise ConfigError(f"teacher.{unknown[0]}", unknown_option_message(unknown[0], TeacherOptions))
 
     @property
     def needs_teacher(self) -> bool:
@@ -143,6 +150,11 @@ class CoTDistillationStageConfig(
         return bool(self.teacher_model_path) and (
             not self.dataset_name_or_path or self.teacher_model_type == "local"
         )
+
+    def teacher_rendering(self) -> TeacherOptions:
+        """The teacher's options as given, unchecked: how a problem is put to the teacher (its template and
+        system prompt, which the students' evaluation follows), also when traces were given."""
+        return TeacherOptions(**{**self.teacher, "model": self.teacher_model_path})
 
     def teacher_options(self) -> TeacherOptions:
         """The teacher's options: ``teacher`` with the model and backend of the stage's own keys."""
@@ -258,9 +270,16 @@ class CoTDistillationStage(TrainingStage):
 
     def engine_problems(self, model: str, prepared: dict[str, PreparedDataset]) -> list[tuple[str, str]]:
         """The teacher answers (reachable, or loads); with traces given, the engine's preflight on them."""
+        from kfp_components.trainer import preflight
+
         found: list[tuple[str, str]] = []
         if "" in prepared:
             found += super().engine_problems(model, prepared)
+        # before any synthesis: the student's LoRA/OSFT targets and the distillation teacher's vocabulary
+        config = self.training_config(model, str(prepared[""].train_path) if "" in prepared else "<traces>")
+        for problem in preflight.model_problems(config):
+            if problem[0] != "model_name_or_path" and problem not in found:
+                found.append(problem)
         if self.config.needs_teacher:
             found += self.teacher_problems()
         return found
@@ -280,6 +299,7 @@ class CoTDistillationStage(TrainingStage):
             return [("teacher_model_path", str(exc))]
         finally:
             teacher.close()
+            _release_memory()
         return []
 
     def check_inputs(self, model: str, tokenizer: str) -> None:
@@ -342,11 +362,18 @@ class CoTDistillationStage(TrainingStage):
                 str(self.training_traces(prepared[""].train_path)),
             )
         self._prepared = prepared
-        result = super().execute(model, tokenizer, previous_result)
+        linked, self.linked_datasets = self.linked_datasets, {}  # read above; train on what was prepared
+        try:
+            result = super().execute(model, tokenizer, previous_result)
+        finally:
+            self.linked_datasets = linked
         result.metrics.update(metrics)
         result.artifacts.update(artifacts)
         if "eval_" in prepared:
-            report, scores = self.evaluate(model, result.model_path, str(prepared["eval_"].train_path))
+            from kfp_components.stages.training import model_with_tokenizer
+
+            base = model_with_tokenizer(model, tokenizer, self.out / "input_model")  # as training started
+            report, scores = self.evaluate(base, result.model_path, str(prepared["eval_"].train_path))
             result.metrics.update(scores)
             result.artifacts["reasoning_eval"] = str(report)
         return result
@@ -358,9 +385,12 @@ class CoTDistillationStage(TrainingStage):
         self.log.info(
             "synthesizing reasoning traces with %s (%s)", options.model, self.config.teacher_model_type
         )
-        summary = synthesize(
-            problems_path, self.traces_path, options, self.config.rejection, seed=self.config.seed
-        )
+        try:
+            summary = synthesize(
+                problems_path, self.traces_path, options, self.config.rejection, seed=self.config.seed
+            )
+        finally:
+            _release_memory()  # a local teacher's weights, before the student trains
         return {f"synthesis/{key}": value for key, value in summary.metrics().items()}
 
     def training_traces(self, traces: Path | None = None) -> Path:
@@ -369,14 +399,22 @@ class CoTDistillationStage(TrainingStage):
         if self.config.distillation_mode == "traces":
             return traces
         target = self.traces_path.with_name("step_by_step.jsonl")
-        rows = []
+        from kfp_components.rewards.answers import extract_answer
+
+        rows: list[dict[str, Any]] = []
+        answered: set[str] = set()
         for line in traces.read_text(encoding="utf-8").splitlines():
             if not line.strip():
                 continue
             row = json.loads(line)
             messages = row["messages"]
             problem, trace = messages[:-1], messages[-1]["content"]
-            answer = row.get(self.config.rejection.answer_column)
+            reference = row.get("answer", row.get(self.config.rejection.answer_column))
+            key = json.dumps(problem, sort_keys=True)
+            answer = None
+            if reference is not None and key not in answered:  # one answer target per problem
+                answered.add(key)
+                answer = extract_answer(str(reference)) or str(reference).strip()
             rows.append(
                 {
                     "messages": [
@@ -396,6 +434,12 @@ class CoTDistillationStage(TrainingStage):
                         "weight": 1.0,
                     }
                 )
+        if not answered:
+            raise ConfigError(
+                "distillation_mode",
+                f"step_by_step needs each trace's reference answer: the rows of {traces} have no 'answer' (nor "
+                f"{self.config.rejection.answer_column!r}) column",
+            )
         from kfp_components.feedback.comparisons import write_jsonl
 
         write_jsonl(rows, target)
@@ -408,7 +452,7 @@ class CoTDistillationStage(TrainingStage):
 
         config = self.config
         matcher = TraceFilter(config.rejection)
-        max_new = config.eval_max_new_tokens or int(config.teacher.get("max_tokens", 512))
+        max_new = config.eval_max_new_tokens or config.teacher_rendering().max_tokens
         student_prefix = config.label_prefix if config.distillation_mode == "step_by_step" else ""
         common: dict[str, Any] = {
             "answer_column": config.rejection.answer_column,
@@ -416,15 +460,28 @@ class CoTDistillationStage(TrainingStage):
             "max_seq_len": max(config.max_seq_len, max_new + 64),
             "limit": config.eval_problems,
         }
+        from kfp_components.feedback.teacher import conversation, student_turns
+
+        teacher = config.teacher_rendering()
+
+        def student(row: dict[str, Any]) -> Any:
+            """What the student was trained on: the teacher's rendering of the problem, without its system
+            prompt (step_by_step: after label_prefix)."""
+            turns = student_turns(teacher, row)
+            return _with_prefix(turns, student_prefix)
+
         scores = {}
         if config.teacher_model_path and config.teacher_model_type == "local":
-            scores["teacher"] = answer_accuracy(config.teacher_model_path, problems_path, matcher, **common)
-        scores["base student"] = answer_accuracy(
-            base, problems_path, matcher, prompt_prefix=student_prefix, **common
-        )
-        scores["tuned student"] = answer_accuracy(
-            tuned, problems_path, matcher, prompt_prefix=student_prefix, **common
-        )
+            scores["teacher"] = answer_accuracy(
+                config.teacher_model_path,
+                problems_path,
+                matcher,
+                render=lambda row: conversation(teacher, row),
+                **common,
+            )
+            _release_memory()
+        scores["base student"] = answer_accuracy(base, problems_path, matcher, render=student, **common)
+        scores["tuned student"] = answer_accuracy(tuned, problems_path, matcher, render=student, **common)
         report = self.out / "reasoning_eval.md"
         report.write_text(accuracy_table(scores), encoding="utf-8")
         metrics: dict[str, float] = {}
