@@ -1,4 +1,6 @@
-"""Step metrics as JSONL, a summary JSON, and progress: a bar in a terminal, plain log lines in a pod."""
+"""Step metrics as JSONL, a summary JSON, and progress: a bar in a terminal, plain log lines in a pod, and
+``status.trainerStatus`` of the TrainJob where the Kubeflow Trainer runtime provides its status endpoint
+(:mod:`kfp_components.trainer.status_report`)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from kfp_components.trainer.status_report import StatusReporter
 
 log = logging.getLogger("kfp_components.trainer")
 
@@ -77,14 +81,23 @@ def _online_text(record: dict[str, Any]) -> str:
 
 
 class Progress:
-    """A tqdm bar when stderr is a terminal; otherwise a log line every ``every`` steps."""
+    """A tqdm bar when stderr is a terminal; otherwise a log line every ``every`` steps. When enabled (the
+    main process) and the Trainer runtime injected its status endpoint (``KUBEFLOW_TRAINER_SERVER_URL``), the
+    progress, ETA and the latest step's metrics also go there (:class:`StatusReporter`), and :meth:`close`
+    reports 100 %."""
 
     def __init__(self, total_steps: int, *, enabled: bool, every: int = 1, initial: int = 0):
         self.total = total_steps
         self.every = max(1, every)
         self.enabled = enabled
         self.started = time.monotonic()
+        self.step = initial
         self.bar = None
+        self.status = (
+            StatusReporter.from_environment(total_steps=total_steps, initial_step=initial)
+            if enabled
+            else None
+        )
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -95,6 +108,9 @@ class Progress:
     def update(self, step: int, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        self.step = step
+        if self.status is not None:
+            self.status.step(step, record)
         online = "reward" in record or "reward_none_share" in record  # grpo, rloo, reinforce_pp
         if self.bar is not None:
             self.bar.update(1)
@@ -127,8 +143,11 @@ class Progress:
             )
 
     def close(self) -> None:
+        """The run's steps are done."""
         if self.bar is not None:
             self.bar.close()
+        if self.status is not None:
+            self.status.finish(self.step)
 
 
 @contextmanager

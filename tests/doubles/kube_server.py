@@ -11,6 +11,17 @@ It speaks the REST calls the TrainJob launcher makes, through the real ``kuberne
 * ``GET /apis/jobset.x-k8s.io/v1alpha2/namespaces/<ns>/jobsets/<name>`` (the TrainJob's JobSet);
 * discovery: ``/apis``, ``/apis/trainer.kubeflow.org/v1alpha1``.
 
+With ``status_endpoint=True`` (Trainer v2.2+ only) it also plays the Trainer controller's status server
+(the ``TrainJobStatus`` feature) on a second port, over TLS with a certificate of its own CA
+(``status_ca_file``): ``POST /apis/trainer.kubeflow.org/v1alpha1/namespaces/<ns>/trainjobs/<name>/status``
+with ``Authorization: Bearer <status_token>`` (403 otherwise, as the real one answers a token it cannot
+verify). The body is checked against the release's request model (``UpdateTrainJobStatusRequest`` of
+``kubeflow-trainer-api``: an unknown field is an error here, which the real server would drop silently) and
+against ``status.trainerStatus`` of the CRD where the reference folder has it (bounds, the required time);
+a bad body is answered 422, an unknown TrainJob 404. An accepted one becomes the TrainJob's
+``status.trainerStatus`` and is recorded in ``status_updates``. :meth:`KubeApiServer.store_trainjob` puts
+a TrainJob there without a controller playing it (for a trainer that reports on its own).
+
 Like a real API server it wants ``Authorization: Bearer <token>`` (401 and a ``Status`` body otherwise),
 decodes a created TrainJob against the release's schema (a :class:`doubles.trainjob_schema.TrainJobSchema`:
 the CRD file where the reference folder has it, else the official ``kubeflow-trainer-api`` models; unknown
@@ -24,7 +35,8 @@ JobSet labels, their logs stream, then condition ``Complete``), ``fail`` (condit
 reason and message), ``restart`` (the first pod fails and a newer one takes over), ``suspend_seconds``
 (``spec.suspend`` and condition ``Suspended`` for a while, as under Kueue, then resumed),
 ``preempt_seconds`` (the first pods run, then the TrainJob is suspended and its pods deleted, as when Kueue
-preempts it, then resumed with new pods), ``never`` (runs until deleted). The JobSet and the pods carry what
+preempts it, then resumed with new pods), ``never`` (runs until deleted), ``trainer_statuses`` (while the
+pods run, ``status.trainerStatus`` advances through them, as a trainer reporting its progress makes it). The JobSet and the pods carry what
 the TrainJob adds to the runtime's template in either CRD shape (labels, annotations, the trainer's env and
 command, volumes and mounts, image pull secrets, node selector, tolerations), merged the way the Trainer
 controller merges it.
@@ -45,11 +57,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import ipaddress
 import json
 import random
 import re
 import socket
+import ssl
 import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -57,14 +72,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+from doubles import generated_models
+from doubles.trainer_api import trainer_api_model, trainer_api_models
 from doubles.trainjob_schema import (
     CRD_NAME,
     GROUP,
     VERSION,
+    CrdSchema,
     TrainJobSchema,
+    crd_schema_errors,
+    crd_unknown_fields,
     metadata_errors,
     prune_unknown_fields,
 )
@@ -81,6 +102,9 @@ _TRAINJOBS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/
 _PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?(/log)?$")
 _JOBSETS = re.compile(r"^/apis/jobset\.x-k8s\.io/v1alpha2/namespaces/([^/]+)/jobsets/([^/]+)$")
 _CRD_PATH = f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}"
+_CEL_HAS = re.compile(r"^has\(self\.(\w+)\)$")
+_STATUS = re.compile(r"^/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs/([^/]+)/status$")
+STATUS_REQUEST_MODEL = "TrainerV1alpha1UpdateTrainJobStatusRequest"
 
 
 # ------------------------------------------------------------------------------------------- scenario
@@ -104,6 +128,9 @@ class Scenario:
         preempt_lines: What the first pods print before the preemption.
         fail_reason: Reason of the Failed condition.
         fail_message: Message of the Failed condition.
+        trainer_statuses: Once the pods run, ``status.trainerStatus`` becomes each of these in turn,
+            ``status_interval`` seconds apart (``lastUpdatedTime`` is added), before the log lines.
+        status_interval: Seconds between two of them.
     """
 
     outcome: Literal["complete", "fail", "never"] = "complete"
@@ -129,6 +156,8 @@ class Scenario:
     )
     fail_reason: str = "FailedJobs"
     fail_message: str = "jobset failed: ReplicatedJob node failed (BackoffLimitExceeded)"
+    trainer_statuses: list[dict[str, Any]] = field(default_factory=list)
+    status_interval: float = 0.2
 
 
 @dataclass
@@ -262,6 +291,11 @@ class KubeApiServer:
         created: Names of the TrainJobs created (one entry per successful POST).
         created_uids: Their uids.
         faults: The faults injected (see :meth:`inject`).
+        status_url_base: ``https://127.0.0.1:<port>`` of the status endpoint ("" without one).
+        status_token: The bearer token the status endpoint accepts.
+        status_ca_file: The CA certificate that signed the status endpoint's certificate.
+        status_requests: Every request the status endpoint received, in order.
+        status_updates: ``(namespace, name, body)`` of every update it accepted, in order.
     """
 
     def __init__(
@@ -273,6 +307,7 @@ class KubeApiServer:
         crd_readable: bool = True,
         foreground_delete_seconds: float = 0.05,
         faults: Sequence[Fault] = (),
+        status_token: str = "status-token",
     ):
         self.schema = schema
         self.crd = schema.crd()
@@ -285,6 +320,11 @@ class KubeApiServer:
         self.created: list[str] = []
         self.created_uids: list[str] = []
         self.faults: list[Fault] = list(faults)
+        self.status_url_base = ""
+        self.status_token = status_token
+        self.status_ca_file: Path | None = None
+        self.status_requests: list[RecordedRequest] = []
+        self.status_updates: list[tuple[str, str, dict[str, Any]]] = []
         self._stopped = threading.Event()
         self._jobs: dict[tuple[str, str], _Job] = {}
         self._cond = threading.Condition()
@@ -315,6 +355,95 @@ class KubeApiServer:
                     return False
                 self._cond.wait(min(left, 0.05))
         return True
+
+    def status_url(self, name: str, namespace: str = "default") -> str:
+        """The status endpoint of one TrainJob, as the Trainer injects it (``KUBEFLOW_TRAINER_SERVER_URL``)."""
+        if not self.status_url_base:
+            raise RuntimeError("this server has no status endpoint: start it with status_endpoint=True")
+        return f"{self.status_url_base}/apis/{GROUP}/{VERSION}/namespaces/{namespace}/trainjobs/{name}/status"
+
+    def store_trainjob(self, name: str, namespace: str = "default") -> dict[str, Any]:
+        """Store a running TrainJob that no controller plays (its trainer reports on its own)."""
+        obj = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": "TrainJob",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": str(uuid.uuid4()),
+                "resourceVersion": "1",
+                "generation": 1,
+                "creationTimestamp": _timestamp(self._tick()),
+            },
+            "spec": {"runtimeRef": {"name": "torch-distributed"}},
+            "status": {},
+        }
+        with self._cond:
+            self._jobs[(namespace, name)] = _Job(obj=obj, scenario=Scenario(outcome="never"))
+            self._cond.notify_all()
+        return obj
+
+    def trainer_status_errors(self, body: Any) -> list[str]:
+        """What the status endpoint refuses in an update's body: ``"<path>: <message>"`` lines."""
+        model = trainer_api_model(self.schema.release.removeprefix("v"), STATUS_REQUEST_MODEL)
+        found = [f"{_path_text(path)}: {message}" for path, message in generated_models.problems(model, body)]
+        if isinstance(self.schema, CrdSchema) and isinstance(body, dict):
+            status = body.get("trainerStatus")
+            properties = (self.schema.schema.get("properties") or {}).get("status", {}).get("properties", {})
+            if status is not None and "trainerStatus" in properties:
+                crd = properties["trainerStatus"]
+                found += [
+                    f"{_under('trainerStatus', w)}: unknown field" for w in crd_unknown_fields(status, crd)
+                ]
+                found += [f"{_under('trainerStatus', w)}: {m}" for w, m in crd_schema_errors(status, crd)]
+                for rule in crd.get("x-kubernetes-validations") or []:  # has(self.x): the field is required
+                    required = _CEL_HAS.match(rule.get("rule", "").strip())
+                    if required and isinstance(status, dict) and required.group(1) not in status:
+                        found.append(f"trainerStatus: {rule.get('message') or rule['rule']}")
+        return list(dict.fromkeys(found))  # the models and the CRD may both report an unknown field
+
+    def handle_status(self, handler: _Handler, method: str) -> None:
+        """The status endpoint: record the request, check the token and the body, store the status."""
+        parts = urlsplit(handler.path)
+        length = int(handler.headers.get("Content-Length") or 0)
+        raw = handler.rfile.read(length).decode("utf-8") if length else ""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = None  # not JSON: refused below, as the real server refuses what it cannot decode
+        record = RecordedRequest(method, parts.path, parse_qs(parts.query), body, raw)
+        with self._cond:
+            self.status_requests.append(record)
+            record.fault = next((f for f in self.faults if f.matches(method, parts.path)), None)
+            if record.fault is not None:
+                record.fault.hits += 1
+            self._cond.notify_all()
+        if record.fault is not None and not record.fault.after and self._fault(handler, record):
+            return None
+        match = _STATUS.match(parts.path)
+        if match is None:
+            return self._send(handler, record, 404, _status(404, "NotFound", "Not found"))
+        if method != "POST":
+            return self._send(handler, record, 405, _status(405, "MethodNotAllowed", "Method Not Allowed"))
+        if handler.headers.get("Authorization", "") != f"Bearer {self.status_token}":
+            return self._send(handler, record, 403, _status(403, "Forbidden", "Forbidden"))
+        if not isinstance(body, dict):
+            return self._send(handler, record, 422, _status(422, "Invalid", "Invalid payload"))
+        errors = self.trainer_status_errors(body)
+        if errors:
+            return self._send(handler, record, 422, _status(422, "Invalid", "; ".join(errors)))
+        namespace, name = match.group(1), match.group(2)
+        with self._cond:
+            job = self._jobs.get((namespace, name))
+            if job is None:
+                return self._send(handler, record, 404, _status(404, "NotFound", "Train job not found"))
+            if body.get("trainerStatus") is not None:
+                job.obj.setdefault("status", {})["trainerStatus"] = json.loads(
+                    json.dumps(body["trainerStatus"])
+                )
+                self.status_updates.append((namespace, name, body))
+            self._cond.notify_all()
+        return self._send(handler, record, 200, body)
 
     def inject(self, *faults: Fault) -> None:
         """Add faults; a request meets the first one that matches it and has hits left."""
@@ -672,7 +801,11 @@ class KubeApiServer:
                 return
             self._finish_pods(job, pods, "Failed")
         pods = self._start_pods(job)
-        if pods is None or not self._print(job, pods, scenario.log_lines):
+        if (
+            pods is None
+            or not self._advance_trainer_status(job)
+            or not self._print(job, pods, scenario.log_lines)
+        ):
             return
         if scenario.outcome == "never":
             step = 0
@@ -685,6 +818,21 @@ class KubeApiServer:
         else:
             self._finish_pods(job, pods, "Failed")
             self._set_condition(job, "Failed", "True", scenario.fail_reason, scenario.fail_message)
+
+    def _advance_trainer_status(self, job: _Job) -> bool:
+        """``status.trainerStatus`` through the scenario's ``trainer_statuses``, each checked as the status
+        endpoint checks it; False when the TrainJob was deleted meanwhile."""
+        for status in job.scenario.trainer_statuses:
+            if job.stopped.wait(job.scenario.status_interval):
+                return False
+            status = {**status, "lastUpdatedTime": _timestamp(datetime.datetime.now(datetime.UTC))}
+            errors = self.trainer_status_errors({"trainerStatus": status})
+            if errors:
+                raise ValueError(f"the scenario's trainerStatus {status} is invalid: {errors}")
+            with self._cond:
+                job.obj.setdefault("status", {})["trainerStatus"] = status
+                self._cond.notify_all()
+        return not job.stopped.is_set()
 
     def _suspend_for(self, job: _Job, seconds: float) -> bool:
         """``spec.suspend`` and condition Suspended for ``seconds`` (as Kueue and the Trainer controller set
@@ -806,6 +954,23 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _StatusHandler(_Handler):
+    def do_GET(self) -> None:
+        self.state.handle_status(self, "GET")
+
+    def do_POST(self) -> None:
+        self.state.handle_status(self, "POST")
+
+    def do_DELETE(self) -> None:
+        self.state.handle_status(self, "DELETE")
+
+    def do_PUT(self) -> None:
+        self.state.handle_status(self, "PUT")
+
+    def do_PATCH(self) -> None:
+        self.state.handle_status(self, "PATCH")
+
+
 @contextlib.contextmanager
 def kube_api_server(
     schema: TrainJobSchema,
@@ -815,11 +980,15 @@ def kube_api_server(
     crd_readable: bool = True,
     foreground_delete_seconds: float = 0.05,
     faults: Sequence[Fault] = (),
+    status_endpoint: bool = False,
+    status_token: str = "status-token",
 ) -> Iterator[KubeApiServer]:
     """Serve the Kubernetes API for TrainJobs of ``schema`` on a free port of 127.0.0.1.
 
     ``scenarios[i]`` scripts the i-th TrainJob created (the last one repeats); ``faults`` are injected from
-    the first request on (see :class:`Fault`).
+    the first request on (see :class:`Fault`), on either port. ``status_endpoint``: also serve the Trainer's
+    status endpoint over TLS (a release with ``UpdateTrainJobStatusRequest``, v2.2+), which accepts
+    ``status_token``.
     """
     state = KubeApiServer(
         schema,
@@ -828,20 +997,43 @@ def kube_api_server(
         crd_readable=crd_readable,
         foreground_delete_seconds=foreground_delete_seconds,
         faults=faults,
+        status_token=status_token,
     )
-    handler = type("Handler", (_Handler,), {"state": state})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), name="kube-api-server", daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}"
-    try:
-        yield state
-    finally:
-        state.stop()
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    servers: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
+
+    def serve(server: ThreadingHTTPServer, name: str) -> None:
+        server.daemon_threads = True
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), name=name, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+
+    with contextlib.ExitStack() as stack:
+        if status_endpoint:
+            release = schema.release.removeprefix("v")
+            if not hasattr(trainer_api_models(release), STATUS_REQUEST_MODEL):
+                raise ValueError(f"Kubeflow Trainer {schema.release} has no status endpoint (v2.2+ has)")
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="trainer-status-tls-")))
+            cert_file, key_file = _self_signed_certificate(folder)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(cert_file, key_file)
+            tls = ThreadingHTTPServer(
+                ("127.0.0.1", 0), type("StatusHandler", (_StatusHandler,), {"state": state})
+            )
+            tls.socket = context.wrap_socket(tls.socket, server_side=True)
+            serve(tls, "trainer-status-server")
+            state.status_url_base = f"https://127.0.0.1:{tls.server_address[1]}"
+            state.status_ca_file = cert_file
+        api = ThreadingHTTPServer(("127.0.0.1", 0), type("Handler", (_Handler,), {"state": state}))
+        serve(api, "kube-api-server")
+        state.url = f"http://127.0.0.1:{api.server_address[1]}"
+        try:
+            yield state
+        finally:
+            state.stop()
+            for server, thread in servers:
+                server.shutdown()
+                server.server_close()
+                thread.join(timeout=5)
 
 
 def _trainer_patches(spec: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
@@ -936,6 +1128,57 @@ def _merge(base: Any, patch: Any) -> Any:
                 merged_list[index] = _merge(merged_list[index], item)
         return merged_list
     return patch
+
+
+def _self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed CA certificate for 127.0.0.1 and localhost, and its key: (cert, key) files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubeflow-trainer-controller-manager")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = folder / "ca.crt", folder / "tls.key"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_file, key_file
+
+
+def _path_text(path: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "<root>"
+
+
+def _under(parent: str, where: str) -> str:
+    """``where`` (a path inside ``parent``, ``<root>`` for itself) as a path from the body."""
+    return (
+        parent if where == "<root>" else f"{parent}.{where}" if not where.startswith("[") else parent + where
+    )
 
 
 def _parse_selector(text: str) -> dict[str, str]:
