@@ -32,6 +32,10 @@ Lifecycle of :meth:`TrainJobLauncher.run`
    ``jobset.sigs.k8s.io/replicatedjob-name=node`` and ``batch.kubernetes.io/job-completion-index``) into this
    step's log, following the new pod after a restart or a preemption, and keeps the last ``tail_lines``
    lines. The result says how long the TrainJob was suspended and how often it was preempted.
+   Where the trainer reports its progress (Kubeflow Trainer v2.2+ with the ``TrainJobStatus`` feature, see
+   :mod:`kfp_components.trainer.status_report`), each new ``status.trainerStatus`` the polls see is logged
+   as one line: percentage, estimated time left, the metrics. Without it nothing changes: the pod's log is
+   the progress.
 5. **Clean up.** On failure, on ``timeout_seconds`` (counted from the start of :meth:`TrainJobLauncher.run`;
    time spent suspended, queued or preempted counts), on SIGTERM (a cancelled step; the handler is
    installed only while submitting and waiting, from the main thread) and on any other error after a create
@@ -245,6 +249,7 @@ class TrainJobLauncher:
         self._pending_cancel: TrainJobCancelled | None = None
         self._cleaning_up = False
         self._suspensions = _SuspensionClock()
+        self._trainer_status: dict[str, Any] | None = None  # the last status.trainerStatus logged
 
     @property
     def ref(self) -> str:
@@ -518,6 +523,8 @@ class TrainJobLauncher:
         while True:
             trainjob = self._read_status()
             delay = poll
+            if trainjob is not None:
+                self._note_trainer_status(trainjob)
             if trainjob is None:
                 delay = _backoff(self._read_failures, poll, max(poll, MAX_READ_BACKOFF_SECONDS))
                 log.warning(
@@ -587,6 +594,14 @@ class TrainJobLauncher:
             )
         elif change == "resumed":
             log.info("%s resumed after %.0f s suspended", self.ref, clock.last_seconds)
+
+    def _note_trainer_status(self, trainjob: dict[str, Any]) -> None:
+        """Log ``status.trainerStatus`` when it changed since the last poll (absent: nothing to show)."""
+        status = (trainjob.get("status") or {}).get("trainerStatus")
+        if not isinstance(status, dict) or status == self._trainer_status:
+            return
+        self._trainer_status = status
+        log.info("%s: %s", self.ref, describe_trainer_status(status))
 
     def _read_status(self) -> dict[str, Any] | None:
         """The TrainJob, or None when reading it failed transiently (counted in ``_read_failures``)."""
@@ -866,6 +881,37 @@ class TrainJobLauncher:
             self._pending_cancel = cancel
             return
         raise cancel
+
+
+def describe_trainer_status(status: dict[str, Any]) -> str:
+    """A TrainJob's ``status.trainerStatus`` as one log line: ``progress 40 %, about 1 min 35 s left;
+    loss 1.23, lr 2e-05 (reported 2026-01-01T12:00:00Z)``."""
+    parts = []
+    percent = status.get("progressPercentage")
+    if percent is not None:
+        parts.append(f"progress {percent} %")
+    seconds = status.get("estimatedRemainingSeconds")
+    if seconds is not None:
+        parts.append(f"about {_duration(seconds)} left" if seconds else "no time left")
+    text = ", ".join(parts) or "trainer status"
+    metrics = [m for m in status.get("metrics") or [] if isinstance(m, dict)]
+    if metrics:
+        text += "; " + ", ".join(f"{m.get('name')} {m.get('value')}" for m in metrics)
+    if status.get("lastUpdatedTime"):
+        text += f" (reported {status['lastUpdatedTime']})"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    """``45 s``, ``3 min 20 s``, ``2 h 05 min``."""
+    whole = max(0, round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
 
 
 def _is_transient(exc: BaseException) -> bool:
