@@ -396,3 +396,19 @@ def test_the_reasoning_task_reads_answers_as_gsm8k_does(tmp_path):
         right = filtered(ensemble, doc["solution"])
         assert right == doc["answer"], (ensemble.name, right)
         assert filtered(ensemble, "It is 999999.") != doc["answer"]
+
+
+def test_summary_shows_tuned_against_base_with_retention():
+    from kfp_components.evaluation.report import html_summary, markdown_summary, summary_rows
+
+    tuned = {"results": {"t": {"acc,none": 0.6, "ppl,none": 8.0}}, "higher_is_better": {"t": {"ppl": False}}}
+    base = {"results": {"t": {"acc,none": 0.8, "ppl,none": 10.0}}, "higher_is_better": {"t": {"ppl": False}}}
+    rows = summary_rows(tuned, base)
+    markdown = markdown_summary(rows, {"model": "m"}, mean_retention=(0.75 + 1.25) / 2)
+    assert "| Task | Metric | Tuned | Stderr | Base | Delta | Retention |" in markdown
+    assert "| t | acc | 0.6000 |  | 0.8000 | -0.2000 | 0.7500 |" in markdown
+    assert "| t | ppl | 8.0000 |  | 10.0000 | -2.0000 | 1.2500 |" in markdown
+    assert "- **mean retention**: 1.0000 (1 of 2 scores at or above the base model's)" in markdown
+    assert "<b>mean retention</b>: 1.0000 (1 of 2 scores" in html_summary(rows, {}, 1.0)
+    alone = markdown_summary(summary_rows(tuned), {})
+    assert "| Task | Metric | Value | Stderr |" in alone and "retention" not in alone

@@ -166,6 +166,9 @@ def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
         "no copy left"
     )
     assert model_metadata(run_dir)["training_config"]["eval_data_path"], "the eval split reaches the trainer"
+    curves = (run_dir / "train-model" / "curves").read_text()
+    assert "<h2>Loss</h2>" in curves and "eval_loss" in curves and "<script" not in curves
+    assert f"| algorithm | {name} |" in (run_dir / "train-model" / "summary").read_text()
     outputs = json.loads((run_dir / "evaluate-model" / "executor_output.json").read_text())["artifacts"]
     eval_metrics = outputs["metrics"]["artifacts"][0]["metadata"]
     assert {"kfp_capitals_acc", "kfp_capitals_acc_retention", "mean_retention"} <= set(eval_metrics)

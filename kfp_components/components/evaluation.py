@@ -63,7 +63,8 @@ def evaluate_model(
         metrics: <task>_<metric>[_<filter>] and ..._stderr; with a base model also base_<name>,
             <name>_delta, <name>_retention and mean_retention.
         results: A folder with results.json, summary.md, summary.html and samples_<task>.jsonl.
-        summary: The Markdown summary table.
+        summary: The Markdown summary table: each score of the tuned model, and with a base model its
+            score, the delta and the retention, with the mean retention.
         Output: The mean retention with a base model, else the mean of the task scores.
     """
     import os

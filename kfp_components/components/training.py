@@ -13,6 +13,8 @@ def train_model(
     train_dataset: dsl.Input[dsl.Dataset],
     model: dsl.Output[dsl.Model],
     metrics: dsl.Output[dsl.Metrics],
+    curves: dsl.Output[dsl.HTML],
+    summary: dsl.Output[dsl.Markdown],
     model_name_or_path: str,
     eval_dataset: dsl.Input[dsl.Dataset] = None,
     algorithm: str = "osft",
@@ -100,7 +102,8 @@ def train_model(
         checkpoint_every_steps: Save a resumable checkpoint every N steps on the workspace (0: none); a
             preempted or restarted TrainJob, or a retried step of the same run, continues from the newest.
         training_options: Any other option of the training engine by its name (docs/trainer.md), e.g.
-            {"adam_beta2": 0.999, "max_grad_norm": 0.5, "keep_checkpoints": 3}; checked like the rest.
+            {"adam_beta2": 0.999, "max_grad_norm": 0.5, "keep_checkpoints": 3,
+            "report_to": ["tensorboard", "mlflow"]}; checked like the rest.
         num_nodes: TrainJob workers.
         gpus_per_node: GPUs (torchrun processes) per worker.
         cpu: CPU request per worker (e.g. "16"); empty: the runtime's.
@@ -121,11 +124,15 @@ def train_model(
         workspace_pvc: PVC (ReadWriteMany) mounted in this step and in the workers at workspace_path.
         workspace_path: Where the workspace is mounted.
         hf_token_secret: Secret with key HF_TOKEN given to the workers as HF_TOKEN (gated models).
-        run_id: Pipeline run id, for the TrainJob's name and its workspace folder.
+        run_id: Pipeline run id, for the TrainJob's name, its workspace folder and the run's name in the
+            experiment trackers (<run_id>-train-<algorithm>).
 
     Returns:
         model: The trained model, a standard Hugging Face checkpoint folder (safetensors, tokenizer).
         metrics: Final and mean loss, eval loss, tokens/s, steps, duration (and DPO rewards).
+        curves: The training curves (loss and eval loss; reward, KL, accuracy where the algorithm has them;
+            learning rate; tokens/s) as a self-contained HTML page.
+        summary: The run's numbers as Markdown (algorithm, steps, losses, tokens/s, duration, final metrics).
         Output: The TrainJob's name; empty with the local backend.
     """
     from kfp_components.environment import ensure_writable_caches
@@ -134,6 +141,7 @@ def train_model(
     configure_logging()
     ensure_writable_caches()  # before anything imports huggingface_hub, which reads HF_HOME once
 
+    from kfp_components.launch.report import write_training_report
     from kfp_components.launch.step import run_train_model_step, summary_metrics
 
     result = run_train_model_step(
@@ -215,4 +223,11 @@ def train_model(
         metrics.log_metric("suspended_seconds", result.suspended_seconds)
     for name, value in summary_metrics(result.summary).items():
         metrics.log_metric(name, value)
+    write_training_report(
+        result, curves_path=curves.path, summary_path=summary.path, model_name_or_path=model_name_or_path
+    )
+    if backend == "trainjob" and "tensorboard" in result.config.get("report_to", []):
+        model.metadata["tensorboard_uri"] = (
+            f"pvc://{workspace_pvc}/runs/{run_id or 'run'}/train-{algorithm}/tensorboard"
+        )
     return result.trainjob_name

@@ -1,7 +1,8 @@
 """The human-readable summary of an evaluation: a Markdown table (KFP Markdown artifact) and an HTML table.
 
-One row per score: task, metric (with its filter, if any), value and stderr; with a base model also the
-base value, the delta (tuned - base) and the retention (tuned / base), plus the mean retention.
+One row per score: task, metric (with its filter, if any), value and stderr; with a base model the value
+column reads "Tuned", beside the base value, the delta (tuned - base) and the retention (tuned / base; base /
+tuned where lower is better), plus the mean retention and how many scores kept the base model's level.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def summary_rows(results: Mapping[str, Any], base: Mapping[str, Any] | None = No
     """The table as text cells; the first row is the header."""
     header = ["Task", "Metric", "Value", "Stderr"]
     if base is not None:
-        header += ["Base", "Delta", "Retention"]
+        header = ["Task", "Metric", "Tuned", "Stderr", "Base", "Delta", "Retention"]
     rows = [header]
     base_values = {item.name: item for item in metric_values(base)} if base is not None else {}
     for item in metric_values(results):
@@ -44,6 +45,18 @@ def _details(details: Mapping[str, Any]) -> list[tuple[str, str]]:
     return [(str(k), "" if v is None else str(v)) for k, v in details.items()]
 
 
+def _retention_lines(rows: Sequence[Sequence[str]], mean_retention: float | None) -> list[str]:
+    """``mean retention: 0.9812 (3 of 4 scores at or above the base model's)``, when there is a base."""
+    if mean_retention is None or "Retention" not in rows[0]:
+        return []
+    column = list(rows[0]).index("Retention")
+    ratios = [float(row[column]) for row in rows[1:] if row[column]]
+    kept = sum(ratio >= 1.0 for ratio in ratios)
+    return [
+        f"mean retention: {mean_retention:.4f} ({kept} of {len(ratios)} scores at or above the base model's)"
+    ]
+
+
 def markdown_summary(
     rows: Sequence[Sequence[str]], details: Mapping[str, Any], mean_retention: float | None = None
 ) -> str:
@@ -54,8 +67,7 @@ def markdown_summary(
 
     lines = ["# Evaluation summary", ""]
     lines += [f"- **{cell(k)}**: {cell(v)}" for k, v in _details(details)]
-    if mean_retention is not None:
-        lines.append(f"- **mean retention**: {mean_retention:.4f}")
+    lines += [f"- **{line.replace(': ', '**: ', 1)}" for line in _retention_lines(rows, mean_retention)]
     lines += ["", "| " + " | ".join(cell(c) for c in rows[0]) + " |"]
     lines.append("|" + "|".join("---" if i < 2 else "---:" for i in range(len(rows[0]))) + "|")
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows[1:]]
@@ -68,8 +80,10 @@ def html_summary(
     """A self-contained HTML page with the same content as :func:`markdown_summary`."""
     esc = html.escape
     items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in _details(details))
-    if mean_retention is not None:
-        items += f"<li><b>mean retention</b>: {mean_retention:.4f}</li>"
+    items += "".join(
+        "<li><b>{}</b>: {}</li>".format(*map(esc, line.split(": ", 1)))
+        for line in _retention_lines(rows, mean_retention)
+    )
     head = "".join(f"<th>{esc(c)}</th>" for c in rows[0])
     body = "".join(
         "<tr>"

@@ -69,14 +69,20 @@ class TrainingStepResult:
     config: dict = field(default_factory=dict)
     preemptions: int = 0
     suspended_seconds: float = 0.0
+    #: the records of the run's ``metrics.jsonl`` (read before a local run's scratch folder goes)
+    metrics: list[dict] = field(default_factory=list)
 
 
 def step_training_config(
-    options: Mapping[str, Any], training_options: Mapping[str, Any], **paths: Any
+    options: Mapping[str, Any],
+    training_options: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
+    **paths: Any,
 ) -> TrainingConfig:
     """The trainer's config of a step: its explicit ``options`` (component arguments named as trainer
     options), then ``training_options`` (any other trainer option, by its name or an alias), then the
-    ``paths`` the step decides. An option may come from one place only; every problem is reported at once."""
+    ``paths`` the step decides; ``defaults`` (and :data:`STEP_DEFAULTS`) where neither sets an option. An
+    option may come from one place only; every problem is reported at once."""
     aliases = aliases_of(TrainingConfig)
     fields = {f.name for f in dataclasses.fields(TrainingConfig)}
     problems, usable = [], {}
@@ -93,7 +99,9 @@ def step_training_config(
         else:
             usable[key] = value
     try:
-        config = from_dict(TrainingConfig, {**STEP_DEFAULTS, **options, **usable, **paths})
+        given = {aliases.get(key, key) for key in usable}
+        step_defaults = {k: v for k, v in {**STEP_DEFAULTS, **(defaults or {})}.items() if k not in given}
+        config = from_dict(TrainingConfig, {**step_defaults, **options, **usable, **paths})
     except ConfigError as exc:
         problems.extend(exc.problems)
     if problems:
@@ -165,6 +173,7 @@ def run_train_model_step(
             eval_data_path=(str(work / "data" / "eval.jsonl") if backend == "trainjob" else str(eval_path))
             if eval_path
             else "",
+            defaults={"run_name": f"{run_id}-{stage}" if run_id else stage},
             output_dir=str(work),
             save_final_model=True,
         )
@@ -352,8 +361,11 @@ def run_training_step(
         result.trainjob_name = launched.name
         result.preemptions, result.suspended_seconds = launched.preemptions, launched.suspended_seconds
         result.summary = json.loads((output_dir / "summary.json").read_text())
+    from kfp_components.launch.report import read_metrics
     from kfp_components.trainer.train import FINAL_MODEL_DIR
 
+    if (output_dir / "metrics.jsonl").is_file():
+        result.metrics = read_metrics(output_dir / "metrics.jsonl")
     if result.model_dir.exists():
         shutil.rmtree(result.model_dir)
     final = output_dir / FINAL_MODEL_DIR

@@ -6,7 +6,9 @@ Options come in groups that the stage configs reuse, so an option has one name a
 * :class:`OptimOptions`: data handling, batching, optimizer, schedule, precision, distribution, checkpoints;
 * :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`, :class:`RewardModelTrainingOptions`,
   :class:`RLOptions`: what each method adds;
-* :class:`DistillationOptions`: logit distillation from a local teacher (sft and osft).
+* :class:`DistillationOptions`: logit distillation from a local teacher (sft and osft);
+* :class:`TrackingOptions`: where the step metrics are reported besides ``metrics.jsonl`` (TensorBoard,
+  MLflow).
 
 :class:`TrainingConfig` is all of them plus what one run needs (model, data, output, algorithm). Every field
 is a command-line flag of ``python -m kfp_components.trainer`` (``--learning_rate 2e-5``) and a key of its
@@ -515,6 +517,35 @@ class DistillationOptions(Options):
             raise ConfigError("distill_temperature", f"must be positive, got {self.distill_temperature}")
 
 
+#: Experiment trackers the metrics can be reported to.
+ReportTo = Literal["tensorboard", "mlflow"]
+REPORT_TO: tuple[str, ...] = get_args(ReportTo)
+
+
+@dataclass(kw_only=True)
+class TrackingOptions(Options):
+    """Where every record of ``metrics.jsonl`` is also reported (main process only). See docs/trainer.md.
+
+    Attributes:
+        report_to: Experiment trackers: tensorboard (event files in ``<output_dir>/tensorboard``) and/or
+            mlflow (params and metrics to the tracking server of ``MLFLOW_TRACKING_URI``, which must be
+            set; the experiment of ``MLFLOW_EXPERIMENT_NAME``, else the server's default); [] for none.
+        run_name: The run's name in the trackers (the training step sets the pipeline run's id and the
+            stage); empty: the output folder's name.
+    """
+
+    report_to: list[ReportTo] = field(default_factory=lambda: ["tensorboard"])
+    run_name: str = ""
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.report_to):
+            if name not in REPORT_TO:
+                raise ConfigError(f"report_to[{i}]", f"expected one of {', '.join(REPORT_TO)}, got {name!r}")
+        repeated = sorted({name for name in self.report_to if self.report_to.count(name) > 1})
+        if repeated:
+            raise ConfigError("report_to", f"{', '.join(repeated)} is listed more than once")
+
+
 #: Options every run must set.
 REQUIRED = ("model_name_or_path", "data_path", "output_dir")
 
@@ -538,10 +569,12 @@ class TrainingConfig(
     RewardModelTrainingOptions,
     RLOptions,
     DistillationOptions,
+    TrackingOptions,
 ):
     """Options of one training run: the model, the data, where outputs go, the method, and every option of
     :class:`OptimOptions`, :class:`OSFTOptions`, :class:`LoRAOptions`, :class:`DPOOptions`,
-    :class:`RewardModelTrainingOptions`, :class:`RLOptions` and :class:`DistillationOptions`.
+    :class:`RewardModelTrainingOptions`, :class:`RLOptions`, :class:`DistillationOptions` and
+    :class:`TrackingOptions`.
 
     Attributes:
         model_name_or_path: Hugging Face model id or local folder of the starting checkpoint.
@@ -593,6 +626,7 @@ class TrainingConfig(
             RewardModelTrainingOptions.validate,
             RLOptions.validate,
             DistillationOptions.validate,
+            TrackingOptions.validate,
             TrainingConfig._check_combinations,
             TrainingConfig._check_trpo,
         ):

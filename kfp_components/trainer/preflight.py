@@ -17,7 +17,8 @@ call them before starting anything expensive. What is checked:
   load with ``AutoConfig.from_pretrained``. The tokenizer must have a chat template. The model is built on the meta device from its config (no
   weights) to check that LoRA's ``lora_target_modules`` and OSFT's ``target_patterns`` name modules of it.
   A distillation teacher must have the student's vocabulary (tokenizer ``get_vocab()`` and ``vocab_size``);
-* with ``check_environment``: a ``flash_attention_*`` ``attn_implementation`` needs its package and a GPU.
+* with ``check_environment``: a ``flash_attention_*`` ``attn_implementation`` needs its package and a GPU;
+  ``report_to: [mlflow]`` needs the mlflow client and ``MLFLOW_TRACKING_URI``.
   The KFP step that submits a TrainJob runs on another machine than the training, so it skips these.
 """
 
@@ -382,13 +383,16 @@ def _linear_leaf_names(model: Any) -> list[str]:
 
 
 def environment_problems(config: TrainingConfig) -> Problems:
-    """What this machine lacks for the run: flash attention's package and a GPU."""
+    """What this machine lacks for the run: flash attention's package and a GPU; the MLflow client and
+    ``MLFLOW_TRACKING_URI`` when ``report_to`` has mlflow."""
     import torch
 
+    from kfp_components.trainer.tracking import tracking_problems
+
+    problems: Problems = tracking_problems(config)
     if config.attn_implementation not in FLASH_ATTENTION_MODULES:
-        return []
+        return problems
     module, package = FLASH_ATTENTION_MODULES[config.attn_implementation]
-    problems: Problems = []
     if importlib.util.find_spec(module) is None:
         problems.append(
             (

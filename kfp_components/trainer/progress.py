@@ -13,7 +13,10 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kfp_components.trainer.tracking import Trackers
 
 from kfp_components.trainer.status_report import StatusReporter
 
@@ -28,6 +31,9 @@ class MetricsLog:
     ``resumed_at`` and the evaluations in ``kept_evaluations`` (steps), and drops the rest (what the
     interrupted attempt wrote after its checkpoint, and a last line it left half written), so the file
     stays one clean series.
+
+    Every record also goes to ``trackers`` (:class:`~kfp_components.trainer.tracking.Trackers`: TensorBoard,
+    MLflow), which start from the records kept.
     """
 
     def __init__(
@@ -37,17 +43,21 @@ class MetricsLog:
         *,
         resumed_at: int | None = None,
         kept_evaluations: Iterable[int] = (),
+        trackers: Trackers | None = None,
     ):
         self.path = path
         self.enabled = enabled
+        self.trackers = trackers
         if not enabled:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if resumed_at is None or not path.exists():
             path.write_text("")
+            if trackers is not None:
+                trackers.start([], resumed=False)
             return
         evaluations = set(kept_evaluations)
-        kept = []
+        kept, kept_records = [], []
         for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
             try:
                 record = json.loads(line) if line.strip() else None
@@ -61,14 +71,19 @@ class MetricsLog:
                 "eval_loss" not in record and step <= resumed_at
             ):
                 kept.append(line)
+                kept_records.append(record)
         rewritten = path.with_name(path.name + ".partial")  # a kill mid-rewrite keeps the old file whole
         rewritten.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(rewritten, path)
+        if trackers is not None:
+            trackers.start(kept_records, resumed=True)
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
             with self.path.open("a", encoding="utf-8") as out:
                 out.write(json.dumps(record) + "\n")
+            if self.trackers is not None:
+                self.trackers.write(record)
 
 
 def _online_text(record: dict[str, Any]) -> str:

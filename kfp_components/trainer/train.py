@@ -85,6 +85,7 @@ from kfp_components.trainer.preflight import model_source, preflight_problems
 from kfp_components.trainer.progress import MetricsLog, Progress, no_transformers_progress_bars
 from kfp_components.trainer.stopping import StopOnSignal, TrainingInterrupted
 from kfp_components.trainer.tokenize import ChatTemplateError, SampleError, tokenize_jsonl
+from kfp_components.trainer.tracking import Trackers
 from kfp_components.trainer.value_model import build_critic
 from kfp_components.typed_config import ConfigError
 
@@ -133,15 +134,23 @@ def train(config: TrainingConfig) -> TrainingSummary:
     info = init_distributed()
     check_inputs(config, info)
     lock_output_dir(config, info)
+    trackers = Trackers(config, enabled=info.is_main)
     try:
         with StopOnSignal() as stop:
-            return _train(config, info, stop, started)
+            summary = _train(config, info, stop, started, trackers)
+        trackers.close("FINISHED")
+        return summary
+    except BaseException as exc:
+        trackers.close("KILLED" if isinstance(exc, TrainingInterrupted | KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         if info.is_main:
             release_folder_lock(config.output_dir)
 
 
-def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: float) -> TrainingSummary:
+def _train(
+    config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: float, trackers: Trackers
+) -> TrainingSummary:
     if info.distributed and config.lora_r and config.distributed == "fsdp":
         # FSDP2 shards the base weights that merging LoRA needs whole; DDP keeps a full copy on each rank.
         raise ConfigError("distributed", "LoRA on several processes runs with distributed: ddp")
@@ -200,6 +209,7 @@ def _train(config: TrainingConfig, info: DistInfo, stop: StopOnSignal, started: 
         info.is_main,
         resumed_at=state.global_step if resume_from else None,
         kept_evaluations=[int(e["step"]) for e in state.eval_history],
+        trackers=trackers,
     )
     progress = Progress(
         total_steps, enabled=info.is_main, every=config.log_every_steps, initial=state.global_step

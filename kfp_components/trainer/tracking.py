@@ -1,0 +1,207 @@
+"""Experiment tracking: every record of ``metrics.jsonl`` also goes to TensorBoard and/or MLflow
+(``report_to``), from the main process only.
+
+* ``tensorboard``: event files in ``<output_dir>/tensorboard`` (:mod:`.tensorboard_events`), one scalar per
+  numeric field of a record (``loss``, ``lr``, ``reward``, ``eval_loss``, ...) at the record's step. A resumed
+  run rewrites the folder from the records its checkpoint kept, so the curves are one clean series, like
+  ``metrics.jsonl``.
+* ``mlflow``: a run named ``run_name`` (else the output folder's name) in the experiment of
+  ``MLFLOW_EXPERIMENT_NAME`` (else the server's default) on ``MLFLOW_TRACKING_URI``: the training options
+  (without credentials) as params, every record's numbers as metrics at its step, and the run's end status
+  (FINISHED, FAILED or KILLED). A resumed run continues the unfinished MLflow run of the same name. A
+  tracking server that stops answering mid-run does not stop the training: the records are kept and sent
+  with the next ones, with a warning, and the ones still unsent at the end are counted in the log.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from kfp_components.trainer.config import TrainingConfig
+
+log = logging.getLogger("kfp_components.trainer")
+
+TENSORBOARD_DIR = "tensorboard"
+#: The record fields that are not curves: the x axis.
+NOT_SCALARS = ("step",)
+
+
+def scalars_of(record: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a metrics record by name (booleans and ``None`` are not curves)."""
+    return {
+        key: float(value)
+        for key, value in record.items()
+        if key not in NOT_SCALARS
+        and isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    }
+
+
+def tracking_problems(config: TrainingConfig) -> list[tuple[str, str]]:
+    """What this process lacks for ``report_to``: MLflow needs its client and ``MLFLOW_TRACKING_URI``."""
+    if "mlflow" not in config.report_to:
+        return []
+    problems = []
+    if importlib.util.find_spec("mlflow") is None:
+        problems.append(("report_to", "mlflow needs the mlflow client (pip install mlflow-skinny)"))
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        problems.append(
+            (
+                "report_to",
+                "mlflow needs MLFLOW_TRACKING_URI (the tracking server's URL) in the environment; set it "
+                "or remove mlflow from report_to",
+            )
+        )
+    return problems
+
+
+class TensorBoardTracker:
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.writer: Any = None
+
+    def start(self, kept: list[dict[str, Any]], resumed: bool) -> None:
+        from kfp_components.trainer.tensorboard_events import EventFileWriter
+
+        if self.folder.exists():  # a fresh run starts empty; a resumed one from what its checkpoint kept
+            shutil.rmtree(self.folder)
+        self.writer = EventFileWriter(self.folder)
+        for record in kept:
+            self.write(record)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self.writer.add_scalars(int(record.get("step", 0)), scalars_of(record))
+
+    def close(self, status: str) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class MlflowTracker:
+    def __init__(self, config: TrainingConfig, run_name: str):
+        from mlflow.tracking import MlflowClient
+
+        self.config = config
+        self.run_name = run_name
+        self.client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+        self.run_id = ""
+        self.unsent: list[Any] = []
+        self.failing = False
+
+    def _experiment_id(self) -> str:
+        if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", "")
+        if not name:
+            return "0"  # the server's Default experiment
+        experiment = self.client.get_experiment_by_name(name)
+        return experiment.experiment_id if experiment else self.client.create_experiment(name)
+
+    def start(self, kept: list[dict[str, Any]], resumed: bool) -> None:
+        from kfp_components.redaction import redact_record
+        from kfp_components.typed_config import to_dict
+
+        experiment_id = self._experiment_id()
+        if resumed:
+            quoted = self.run_name.replace("\\", "\\\\").replace("'", "\\'")
+            earlier = self.client.search_runs(
+                [experiment_id],
+                filter_string=f"attributes.run_name = '{quoted}' and attributes.status != 'FINISHED'",
+                max_results=1,
+                order_by=["attributes.start_time DESC"],
+            )
+            if earlier:
+                self.run_id = earlier[0].info.run_id
+                self.client.update_run(self.run_id, status="RUNNING")
+                log.info("mlflow: continuing run %s (%s)", self.run_name, self.run_id)
+                return
+        run = self.client.create_run(
+            experiment_id,
+            run_name=self.run_name,
+            tags={"algorithm": self.config.algorithm, "model": self.config.model_name_or_path},
+        )
+        self.run_id = run.info.run_id
+        from mlflow.entities import Param
+
+        params = [
+            Param(key, str(value)[:6000])
+            for key, value in sorted(redact_record(to_dict(self.config)).items())
+        ]
+        for start in range(0, len(params), 100):  # the server takes at most 100 params per request
+            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        log.info("mlflow: run %s (%s) in experiment %s", self.run_name, self.run_id, experiment_id)
+        for record in kept:
+            self.write(record)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        step = int(record.get("step", 0))
+        self.unsent += [Metric(key, value, now, step) for key, value in scalars_of(record).items()]
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            while self.unsent:
+                batch = self.unsent[:1000]  # the server takes at most 1000 metrics per request
+                self.client.log_batch(self.run_id, metrics=batch)
+                del self.unsent[: len(batch)]
+        except Exception as exc:  # the training goes on; the records are sent with the next ones
+            if not self.failing:
+                log.warning(
+                    "mlflow: could not log metrics (%s); keeping them to send with the next step", exc
+                )
+            self.failing = True
+            return
+        if self.failing:
+            log.info("mlflow: logging metrics again")
+        self.failing = False
+
+    def close(self, status: str) -> None:
+        if not self.run_id:
+            return
+        self._send()
+        if self.unsent:
+            log.warning("mlflow: %d metric values of run %s were not sent", len(self.unsent), self.run_name)
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as exc:
+            log.warning("mlflow: could not mark run %s %s (%s)", self.run_name, status, exc)
+
+
+class Trackers:
+    """The trackers of ``report_to`` (none when ``enabled`` is false: not the main process)."""
+
+    def __init__(self, config: TrainingConfig, *, enabled: bool):
+        self.trackers: list[Any] = []
+        if not enabled:
+            return
+        output_dir = Path(config.output_dir)
+        if "tensorboard" in config.report_to:
+            self.trackers.append(TensorBoardTracker(output_dir / TENSORBOARD_DIR))
+        if "mlflow" in config.report_to:
+            self.trackers.append(MlflowTracker(config, config.run_name or output_dir.resolve().name))
+
+    def start(self, kept: Iterable[dict[str, Any]], resumed: bool) -> None:
+        records = list(kept)
+        for tracker in self.trackers:
+            tracker.start(records, resumed)
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        for tracker in self.trackers:
+            tracker.write(record)
+
+    def close(self, status: str) -> None:
+        for tracker in self.trackers:
+            tracker.close(status)
+        self.trackers = []
