@@ -78,9 +78,19 @@ def _number(value: float) -> str:
 
 
 def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """About ``count`` round values (1, 2 or 5 times a power of ten apart) within [low, high]."""
     if high == low:
         return [low]
-    return [low + (high - low) * i / (count - 1) for i in range(count)]
+    raw = (high - low) / (count - 1)
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    ticks = []
+    value = first
+    while value <= high + step * 1e-9:
+        ticks.append(0.0 if abs(value) < step * 1e-9 else value)
+        value = first + step * len(ticks)
+    return ticks
 
 
 def svg_chart(title: str, series: Mapping[str, Sequence[tuple[int, float]]]) -> str:
@@ -110,7 +120,7 @@ def svg_chart(title: str, series: Mapping[str, Sequence[tuple[int, float]]]) -> 
     for tick in _ticks(y_low, y_high):
         parts.append(
             f'<line x1="{LEFT - 4}" y1="{y(tick):.1f}" x2="{LEFT + plot_w}" y2="{y(tick):.1f}" stroke="#eee"/>'
-            f'<text x="{LEFT - 6}" y="{y(tick) + 4:.1f}" font-size="11" text-anchor="end">{_number(tick)}</text>'
+            f'<text x="{LEFT - 6}" y="{y(tick) + 4:.1f}" font-size="11" text-anchor="end">{tick:.4g}</text>'
         )
     for tick in sorted({round(t) for t in _ticks(x_low, x_high)}):
         parts.append(
