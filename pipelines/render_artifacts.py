@@ -68,7 +68,9 @@ def tiny_run(folder: Path) -> tuple[list[dict], dict]:
 
 def markdown_page(text: str) -> str:
     """The subset of Markdown the summaries use (headings, bullet lines, tables) as an HTML page."""
-    lines, body, table = text.splitlines(), [], []
+    lines = text.splitlines()
+    body: list[str] = []
+    table: list[str] = []
 
     def flush() -> None:
         if not table:
