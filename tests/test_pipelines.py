@@ -22,8 +22,8 @@ from kfp_components.testing.tiny_model import tiny_model_path
 from conftest import SAMPLES
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("osft", "sft", "dpo")
-NAME_RULE = re.compile(r"^phase_(\d\d)_(dataset|train|eval|registry)_(man|opt)_[a-z0-9_]+$")
+NAMES = ("osft", "sft", "dpo", "rl", "rlaif", "cot_distillation")
+NAME_RULE = re.compile(r"^phase_(\d\d)_(dataset|synthesis|train|eval|registry)_(man|opt)_[a-z0-9_]+$")
 
 
 def module(name: str):
@@ -69,6 +69,8 @@ def test_parameters_follow_the_convention_and_mean_the_same_everywhere():
     for parameter in shared:
         kinds = {str(specs[name][parameter].get("parameterType")) for name in NAMES}
         assert len(kinds) == 1, f"{parameter} has different types: {kinds}"
+        meanings = {specs[name][parameter]["description"] for name in NAMES}
+        assert len(meanings) == 1, f"{parameter} is described differently: {meanings}"
     osft = specs["osft"]
     assert "defaultValue" not in osft["phase_01_dataset_man_data_uri"]
     expected = {
@@ -132,8 +134,134 @@ def test_every_component_runs_in_our_image_and_imports_only_what_it_has(name):
         assert imported <= allowed, f"{executor} imports {imported - allowed}"
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_has_a_description_in_the_compiled_yaml(name):
+    parameters = compiled(name)["root"]["inputDefinitions"]["parameters"]
+    bare = sorted(p for p, spec in parameters.items() if not spec.get("description", "").strip())
+    assert not bare, f"{name}: parameters without a description: {bare}"
+    signature = inspect.signature(getattr(module(name), f"{name}_pipeline").pipeline_func)
+    assert set(parameters) == set(signature.parameters)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_network_steps_retry_and_only_training_and_registration_skip_the_cache(name):
+    spec = compiled(name)
+    tasks = dict(spec["root"]["dag"]["tasks"])
+    for condition in [t for t in tasks if t.startswith("condition-")]:
+        tasks.update(spec["components"][tasks.pop(condition)["componentRef"]["name"]]["dag"]["tasks"])
+    retried = {task for task, body in tasks.items() if body.get("retryPolicy", {}).get("maxRetryCount")}
+    expected = {"dataset-download", "evaluate-model", "register-model"}
+    if name == "cot_distillation":
+        expected.add("synthesize-reasoning-data")
+    assert retried == expected
+    for task in expected:
+        policy = tasks[task]["retryPolicy"]
+        assert policy["maxRetryCount"] == 3 and policy["backoffDuration"] == "30s", task
+    uncached = {task for task, body in tasks.items() if not body["cachingOptions"].get("enableCache")}
+    assert uncached == {"train-model", "register-model"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registration_runs_only_when_the_promotion_gate_passes(name):
+    spec = compiled(name)
+    tasks = spec["root"]["dag"]["tasks"]
+    assert "register-model" not in tasks, "registration must be inside the gate's condition"
+    (condition,) = [body for task, body in tasks.items() if task.startswith("condition-")]
+    assert "promotion-gate" in condition["dependentTasks"]
+    assert condition["triggerPolicy"]["condition"] == (
+        "inputs.parameter_values['pipelinechannel--promotion-gate-Output'] == true"
+    )
+    inner = spec["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    assert set(inner) == {"register-model"}
+    gate = tasks["promotion-gate"]
+    assert (
+        gate["inputs"]["artifacts"]["eval_metrics"]["taskOutputArtifact"]["producerTask"] == "evaluate-model"
+    )
+    assert {k: v["componentInputParameter"] for k, v in gate["inputs"]["parameters"].items()} == {
+        "enabled": "phase_03_eval_opt_gate",
+        "min_task_gain": "phase_03_eval_opt_gate_min_task_gain",
+        "min_retention": "phase_03_eval_opt_gate_min_retention",
+    }
+
+
+def test_online_pipelines_get_their_rewards_through_training_options():
+    rl = compiled("rl")
+    tasks = rl["root"]["dag"]["tasks"]
+    train = tasks["train-model"]["inputs"]
+    assert train["parameters"]["training_options"]["taskOutputParameter"]["producerTask"] == (
+        "online-training-options"
+    )
+    assert train["parameters"]["algorithm"]["componentInputParameter"] == "phase_02_train_man_train_algorithm"
+    assert "eval_dataset" not in train.get("artifacts", {}), "online training reports rewards, no eval loss"
+    parameters = rl["root"]["inputDefinitions"]["parameters"]
+    assert parameters["phase_02_train_man_train_algorithm"]["defaultValue"] == "grpo"
+    assert parameters["phase_02_train_man_train_rewards"]["defaultValue"] == [{"function": "exact_match"}]
+    download = tasks["dataset-download"]["inputs"]["parameters"]
+    assert download["data_format"]["runtimeValue"]["constant"] == "prompt"
+    assert download["train_split_ratio"]["runtimeValue"]["constant"] == 1.0
+    rlaif = compiled("rlaif")
+    merged = rlaif["root"]["dag"]["tasks"]["online-training-options"]["inputs"]["parameters"]
+    assert {k: v.get("componentInputParameter") for k, v in merged.items()} == {
+        "training_options": "phase_02_train_opt_training_options",
+        "judge_base_url": "phase_02_train_man_judge_url",
+        "judge_model": "phase_02_train_man_judge_model",
+        "judge_token_secret": "phase_02_train_opt_judge_secret",
+    }
+    required = {
+        p for p, spec in rlaif["root"]["inputDefinitions"]["parameters"].items() if "defaultValue" not in spec
+    }
+    assert required == {
+        "phase_01_dataset_man_data_uri",
+        "phase_02_train_man_judge_url",
+        "phase_02_train_man_judge_model",
+    }
+
+
+def test_cot_distillation_trains_on_the_teachers_traces_with_its_key_from_a_secret():
+    spec = compiled("cot_distillation")
+    tasks = spec["root"]["dag"]["tasks"]
+    synthesis = tasks["synthesize-reasoning-data"]["inputs"]
+    assert synthesis["artifacts"]["problems"]["taskOutputArtifact"]["producerTask"] == "dataset-download"
+    assert synthesis["parameters"]["teacher_token_env"]["runtimeValue"]["constant"] == "TEACHER_API_KEY"
+    assert synthesis["parameters"]["teacher_base_url"]["componentInputParameter"] == (
+        "phase_01_synthesis_man_teacher_url"
+    )
+    trained = tasks["train-model"]["inputs"]
+    assert trained["artifacts"]["train_dataset"]["taskOutputArtifact"] == {
+        "outputArtifactKey": "dataset",
+        "producerTask": "synthesize-reasoning-data",
+    }
+    assert trained["parameters"]["algorithm"]["runtimeValue"]["constant"] == "sft"
+    parameters = spec["root"]["inputDefinitions"]["parameters"]
+    assert parameters["phase_03_eval_man_eval_tasks"]["defaultValue"] == ["kfp_reasoning_arithmetic"]
+    executors = spec["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    (secret,) = executors["exec-synthesize-reasoning-data"]["secretAsEnv"]
+    assert secret["secretName"] == "teacher-credentials" and secret["optional"] is True
+    assert secret["keyToEnv"] == [{"envVar": "TEACHER_API_KEY", "secretKey": "api_key"}]
+
+
+def test_a_reward_set_twice_fails_at_compile_time_naming_both_parameters(tmp_path):
+    from kfp_components.pipelines.training.common import compile_to
+    from kfp_components.typed_config import ConfigError
+
+    source = inspect.getsource(module("rl").rl_pipeline.pipeline_func)
+    bad = source.replace(
+        "phase_02_train_opt_training_options: dict = {}",
+        'phase_02_train_opt_training_options: dict = {"reward_functions": ["exact_match"]}',
+    ).replace("@with_parameter_docs\n", "")
+    assert bad != source
+    namespace: dict = {}
+    exec(compile(bad, "bad_pipeline.py", "exec", dont_inherit=True), dict(vars(module("rl"))), namespace)
+    with pytest.raises(ConfigError) as info:
+        compile_to(namespace["rl_pipeline"], str(tmp_path / "rl" / "pipeline.py"))
+    assert [path for path, _ in info.value.problems] == [
+        "phase_02_train_opt_training_options.reward_functions"
+    ]
+    assert "phase_02_train_man_train_rewards" in str(info.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ("osft", "sft", "dpo"))
 def test_pipeline_runs_under_kfp_local_with_the_local_backend(tmp_path, name):
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
     pipeline = getattr(
@@ -219,3 +347,41 @@ def test_a_bad_default_fails_at_compile_time_naming_the_parameter(tmp_path):
         "phase_02_train_opt_lr_scheduler",
     ]
     assert not (tmp_path / "pipeline.yaml").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gate_min_retention", [1000.0, 0.0])
+def test_rl_pipeline_runs_under_kfp_local_and_the_gate_decides_registration(tmp_path, gate_min_retention):
+    """GRPO on a tiny model with the exact_match reward; a gate that cannot pass skips registration and says
+    why in its metrics, a gate that passes registers."""
+    from kfp_components.pipelines.training.rl import rl_pipeline
+
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    rl_pipeline(
+        phase_01_dataset_man_data_uri=str(SAMPLES / "prompts.jsonl"),
+        phase_01_dataset_opt_subset_size=8,
+        phase_02_train_man_train_model=str(tiny_model_path("qwen2", 0)),
+        phase_02_train_man_train_batch=4,
+        phase_02_train_man_train_tokens=256,
+        phase_02_train_opt_max_steps=1,
+        phase_02_train_opt_max_seq_len=128,
+        phase_02_train_opt_torch_dtype="float32",
+        phase_02_train_opt_backend="local",
+        phase_02_train_opt_use_liger=False,
+        phase_02_train_opt_training_options={"num_generations": 2, "max_new_tokens": 8},
+        phase_03_eval_man_eval_tasks=["kfp_capitals"],
+        phase_03_eval_opt_limit=2.0,
+        phase_03_eval_opt_batch_size="2",
+        phase_03_eval_opt_gate=True,
+        phase_03_eval_opt_gate_min_task_gain=-1000.0,
+        phase_03_eval_opt_gate_min_retention=gate_min_retention,
+    )
+    (run_dir,) = (tmp_path / "root").iterdir()
+    model = model_metadata(run_dir)["training_config"]
+    assert model["algorithm"] == "grpo" and model["reward_functions"] == [{"function": "exact_match"}]
+    gate = json.loads((run_dir / "promotion-gate" / "executor_output.json").read_text())
+    metrics = gate["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    passed = gate_min_retention == 0.0
+    assert metrics["gate_passed"] == float(passed)
+    assert metrics["gate_reason"].startswith("passed" if passed else "failed: mean retention")
+    assert (run_dir / "register-model").exists() == passed

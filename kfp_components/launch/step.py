@@ -73,6 +73,19 @@ class TrainingStepResult:
     metrics: list[dict] = field(default_factory=list)
 
 
+def whole_numbers(value: Any) -> Any:
+    """``value`` with every whole float an int, in lists and mappings too. KFP carries a dict parameter (and a
+    dict output) as a protobuf Struct, whose numbers are all floats: ``{"num_generations": 4}`` arrives as
+    ``4.0``, which an integer option refuses; the trainer's float options take integers, so this is lossless."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, Mapping):
+        return {key: whole_numbers(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [whole_numbers(item) for item in value]
+    return value
+
+
 def step_training_config(
     options: Mapping[str, Any],
     training_options: Mapping[str, Any],
@@ -97,7 +110,7 @@ def step_training_config(
                 (f"training_options.{key}", f"has its own argument, {name}; set it there and remove it here")
             )
         else:
-            usable[key] = value
+            usable[key] = whole_numbers(value)
     try:
         given = {aliases.get(key, key) for key in usable}
         step_defaults = {k: v for k, v in {**STEP_DEFAULTS, **(defaults or {})}.items() if k not in given}

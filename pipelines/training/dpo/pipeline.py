@@ -7,7 +7,7 @@ from kfp import dsl
 
 from kfp_components.images import TRAINER_IMAGE
 
-from ..common import add_stages, compile_to
+from ..common import add_stages, compile_to, with_parameter_docs
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 DEFAULT_WORKSPACE = "fine-tuning-workspace"
@@ -18,6 +18,7 @@ DEFAULT_WORKSPACE = "fine-tuning-workspace"
     description="Download and validate a preference dataset (prompt, chosen, rejected), then align a model "
     "with Direct Preference Optimization against a frozen copy of itself.",
 )
+@with_parameter_docs
 def dpo_pipeline(
     phase_01_dataset_man_data_uri: str,
     phase_01_dataset_opt_split: str = "",
@@ -72,6 +73,9 @@ def dpo_pipeline(
     phase_03_eval_opt_memory: str = "32Gi",
     phase_03_eval_opt_node_selector: dict = {},  # noqa: B006
     phase_03_eval_opt_tolerations: list = [],  # noqa: B006
+    phase_03_eval_opt_gate: bool = False,
+    phase_03_eval_opt_gate_min_task_gain: float = 0.0,
+    phase_03_eval_opt_gate_min_retention: float = 0.95,
     phase_04_registry_man_address: str = "",
     phase_04_registry_man_model_name: str = "dpo-fine-tuned-model",
     phase_04_registry_opt_port: int = 0,
