@@ -39,7 +39,7 @@ def evaluate_model(
     Args:
         model: Hugging Face checkpoint folder, e.g. from train_model.
         tasks: lm-eval task, group or tag names, e.g. ["arc_easy", "hellaswag"]; the bundled offline tasks
-            are kfp_capitals, kfp_arithmetic and the tag kfp_smoke.
+            are kfp_capitals, kfp_arithmetic (tag kfp_smoke) and kfp_reasoning_arithmetic (tag kfp_reasoning).
         num_fewshot: Few-shot examples per prompt; -1 keeps each task's default.
         limit: Examples per task: a count (>= 1) or a fraction (< 1); 0 evaluates all.
         batch_size: A number, "auto" or "auto:N".
