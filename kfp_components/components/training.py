@@ -17,6 +17,7 @@ def train_model(
     summary: dsl.Output[dsl.Markdown],
     model_name_or_path: str,
     eval_dataset: dsl.Input[dsl.Dataset] = None,
+    base_model: dsl.Input[dsl.Model] = None,
     algorithm: str = "osft",
     backend: str = "trainjob",
     effective_batch_size: int = 128,
@@ -62,6 +63,7 @@ def train_model(
     workspace_path: str = "/workspace",
     hf_token_secret: str = "",
     run_id: str = "",
+    stage_name: str = "",
 ) -> str:
     """Fine-tune a model with OSFT, SFT (full or LoRA) or DPO, locally or as a Kubeflow Trainer TrainJob.
 
@@ -126,6 +128,11 @@ def train_model(
         hf_token_secret: Secret with key HF_TOKEN given to the workers as HF_TOKEN (gated models).
         run_id: Pipeline run id, for the TrainJob's name, its workspace folder and the run's name in the
             experiment trackers (<run_id>-train-<algorithm>).
+        base_model: A Model artifact to start from instead of model_name_or_path (the previous stage of a
+            chain): its folder with the local backend, its copy on the workspace volume (the artifact's
+            workspace_uri) with a TrainJob; model_name_or_path then only names the chain's base model.
+        stage_name: The step's folder on the workspace and the TrainJob's stage (empty: train-<algorithm>);
+            each stage of a chain has its own.
 
     Returns:
         model: The trained model, a standard Hugging Face checkpoint folder (safetensors, tokenizer).
@@ -144,17 +151,26 @@ def train_model(
     from kfp_components.launch.report import write_training_report
     from kfp_components.launch.step import run_train_model_step, summary_metrics
 
+    stage = stage_name or f"train-{algorithm}"
+    start_from = model_name_or_path
+    if base_model is not None:
+        start_from = base_model.path if backend == "local" else base_model.metadata.get("workspace_uri", "")
+        if not start_from:
+            raise ValueError(
+                "base_model has no copy on the workspace volume (metadata workspace_uri): a TrainJob reads the "
+                "previous stage's model from there; train that stage with backend trainjob too"
+            )
     result = run_train_model_step(
         train_data=train_dataset.path,
         eval_data=eval_dataset.path if eval_dataset is not None else None,
         model_dir=model.path,
         backend=backend,
-        stage=f"train-{algorithm}",
+        stage=stage,
         run_id=run_id,
         nproc_per_node=gpus_per_node,
         timeout_seconds=timeout_seconds,
         options={
-            "model_name_or_path": model_name_or_path,
+            "model_name_or_path": start_from,
             "algorithm": algorithm,
             "effective_batch_size": effective_batch_size,
             "num_train_epochs": num_train_epochs,
@@ -215,9 +231,7 @@ def train_model(
         }
     )
     if backend == "trainjob":  # the copy the TrainJob wrote stays on the workspace volume too
-        model.metadata["workspace_uri"] = (
-            f"pvc://{workspace_pvc}/runs/{run_id or 'run'}/train-{algorithm}/final"
-        )
+        model.metadata["workspace_uri"] = f"pvc://{workspace_pvc}/runs/{run_id or 'run'}/{stage}/final"
         model.metadata["trainjob"] = result.trainjob_name
         metrics.log_metric("preemptions", result.preemptions)
         metrics.log_metric("suspended_seconds", result.suspended_seconds)
@@ -228,6 +242,6 @@ def train_model(
     )
     if backend == "trainjob" and "tensorboard" in result.config.get("report_to", []):
         model.metadata["tensorboard_uri"] = (
-            f"pvc://{workspace_pvc}/runs/{run_id or 'run'}/train-{algorithm}/tensorboard"
+            f"pvc://{workspace_pvc}/runs/{run_id or 'run'}/{stage}/tensorboard"
         )
     return result.trainjob_name

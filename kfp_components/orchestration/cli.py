@@ -35,6 +35,7 @@ examples:
   fnsft-pipeline --config sft_dpo.yaml --stages dpo --set stage_configs.dpo.beta=0.2
   fnsft-pipeline --config sft.yaml --model_name_or_path ./my-model --set stage_configs.sft.dataset_name_or_path=data.jsonl
   fnsft-pipeline --config wise.yaml --plugin examples/multistage/custom_stage.py
+  fnsft-pipeline --config sft_dpo.yaml --compile sft_dpo_pipeline.yaml --eval_tasks arc_easy
 """
 
 
@@ -67,6 +68,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry_run",
         action="store_true",
         help="check the config, the datasets, the model config and tokenizer; print the plan; train nothing",
+    )
+    parser.add_argument(
+        "--compile",
+        metavar="PIPELINE_YAML",
+        help="compile the stages into a Kubeflow pipeline (one step per dataset and per stage) and write its "
+        "YAML here, for kfp pipeline upload; train nothing",
+    )
+    parser.add_argument(
+        "--eval_tasks",
+        nargs="+",
+        default=[],
+        metavar="TASK",
+        help="with --compile: evaluate the final model against the base model on these lm-eval tasks",
+    )
+    parser.add_argument(
+        "--register_as",
+        default="",
+        metavar="NAME",
+        help="with --compile: register the final model in the Model Registry under this name",
     )
     parser.add_argument(
         "--log_level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default: the config's)"
@@ -108,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         save_final_model = parse_cli_value(args.save_final_model)
         if not isinstance(save_final_model, bool):
             raise ConfigError("--save_final_model", f"expected true or false, got {args.save_final_model!r}")
+        if args.compile:
+            from kfp_components.orchestration.kfp_compile import compile_chain
+
+            written = compile_chain(
+                args.config, args.compile, overrides, eval_tasks=args.eval_tasks, register_as=args.register_as
+            )
+            print(f"compiled: {written} (kfp pipeline upload -p <name> {written})")
+            return 0
+        if args.eval_tasks or args.register_as:
+            raise ConfigError("--eval_tasks", "--eval_tasks and --register_as apply to --compile")
         config = load_pipeline_config(args.config, overrides)
         configure_logging(config.log_level)
         ensure_writable_caches()

@@ -1,0 +1,174 @@
+"""A multi-stage YAML compiled into a Kubeflow pipeline: the steps and their wiring in the compiled YAML, the
+stage options checked at compile time with the CLI's key paths, stages that cannot be compiled named, and
+chains that run end to end under kfp.local with the local backend (sft -> dpo; sft -> grpo, an online stage)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from kfp import local
+
+from kfp_components.orchestration.cli import main
+from kfp_components.orchestration.kfp_compile import chain_pipeline, compile_chain
+from kfp_components.testing.tiny_model import tiny_model_path
+from kfp_components.typed_config import ConfigError
+
+from conftest import SAMPLES
+
+ROOT = Path(__file__).resolve().parents[1]
+SFT_DPO = ROOT / "examples" / "multistage" / "sft_dpo.yaml"
+SMALL = {
+    "max_steps": 2,
+    "effective_batch_size": 4,
+    "max_tokens_per_gpu": 512,
+    "max_seq_len": 256,
+    "use_liger": False,
+}
+
+
+def overrides(names: tuple[str, ...], **extra: object) -> dict[str, object]:
+    values: dict[str, object] = {
+        "model_name_or_path": str(tiny_model_path("qwen2", 0)),
+        "torch_dtype": "float32",
+    }
+    for stage in names:
+        values.update({f"stage_configs.{stage}.{k}": v for k, v in SMALL.items()})
+    values.update(extra)
+    return values
+
+
+LOCAL_DATA = {
+    "stage_configs.sft.dataset_name_or_path": str(SAMPLES / "chat.jsonl"),
+    "stage_configs.sft.dataset_split": "",
+    "stage_configs.sft.dataset_subset_size": 0,
+    "stage_configs.dpo.dataset_name_or_path": str(SAMPLES / "preference.jsonl"),
+}
+
+
+def tasks_of(compiled: dict) -> dict:
+    return compiled["root"]["dag"]["tasks"]
+
+
+def test_the_compiled_chain_has_a_step_per_dataset_and_stage_wired_model_to_model(tmp_path):
+    out = compile_chain(SFT_DPO, tmp_path / "chain.yaml", overrides(("sft", "dpo")), eval_tasks=["arc_easy"])
+    compiled = yaml.safe_load(out.read_text())
+    tasks = tasks_of(compiled)
+    names = {task["taskInfo"]["name"] for task in tasks.values()}
+    assert names == {
+        "dataset: ultrachat_200k",
+        "dataset: truthy-dpo-v0.1",
+        "sft (sft)",
+        "dpo (dpo)",
+        "evaluate: final vs base",
+    }
+    dpo = next(t for t in tasks.values() if t["taskInfo"]["name"] == "dpo (dpo)")
+    sft_key = next(k for k, t in tasks.items() if t["taskInfo"]["name"] == "sft (sft)")
+    base = dpo["inputs"]["artifacts"]["base_model"]["taskOutputArtifact"]
+    assert (base["producerTask"], base["outputArtifactKey"]) == (sft_key, "model")
+    parameters = dpo["inputs"]["parameters"]
+    assert parameters["algorithm"]["runtimeValue"]["constant"] == "dpo"
+    assert parameters["beta"]["runtimeValue"]["constant"] == 0.1
+    assert parameters["learning_rate"]["runtimeValue"]["constant"] == 5e-7
+    assert parameters["stage_name"]["runtimeValue"]["constant"] == "stage-dpo"
+    assert parameters["lr_scheduler"]["runtimeValue"]["constant"] == "linear"
+    assert parameters["training_options"]["runtimeValue"]["constant"] == {}  # every other option: the default
+    for parameter in compiled["root"]["inputDefinitions"]["parameters"].values():
+        assert parameter["description"]
+    assert tasks[sft_key]["cachingOptions"] == {}  # caching off: a rerun trains again
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stage_configs.dpo.beta": "high"}, r"stage_configs\.dpo\.beta: expected a float"),
+        (
+            {
+                "stages": ["sft", "dpo", "cot_distillation"],
+                "stage_configs.cot_distillation.teacher_model_path": "gpt-4",
+                "stage_configs.cot_distillation.reasoning_dataset_path": "p.jsonl",
+                "stage_configs.cot_distillation.teacher": {"base_url": "http://127.0.0.1:9/v1"},
+            },
+            r"stage_configs\.cot_distillation: a cot_distillation stage cannot be compiled",
+        ),
+    ],
+)
+def test_bad_chains_are_refused_at_compile_time_with_the_key_path(tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message):
+        chain_pipeline(SFT_DPO, overrides(("sft", "dpo"), **change))
+
+
+def test_the_cli_compiles(tmp_path, capsys):
+    out = tmp_path / "chain.yaml"
+    flags = [
+        "--config",
+        str(SFT_DPO),
+        "--compile",
+        str(out),
+        "--model_name_or_path",
+        str(tiny_model_path("qwen2", 0)),
+    ]
+    assert main(flags) == 0 and "compiled:" in capsys.readouterr().out
+    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "chain-sft-dpo"
+    assert main(["--config", str(SFT_DPO), "--eval_tasks", "arc_easy"]) == 2
+
+
+def run_chain(tmp_path: Path, config: Path, values: dict) -> Path:
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    chain_pipeline(config, values)(backend="local")
+    (run_dir,) = (tmp_path / "root").iterdir()
+    return run_dir
+
+
+def training_config_of(run_dir: Path, task: str) -> dict:
+    outputs = json.loads((run_dir / task / "executor_output.json").read_text())["artifacts"]
+    return outputs["model"]["artifacts"][0]["metadata"]["training_config"]
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_runs_under_kfp_local(tmp_path):
+    run_dir = run_chain(tmp_path, SFT_DPO, overrides(("sft", "dpo"), **LOCAL_DATA))
+    sft, dpo = training_config_of(run_dir, "train-model"), training_config_of(run_dir, "train-model-2")
+    assert (sft["algorithm"], dpo["algorithm"], dpo["beta"]) == ("sft", "dpo", 0.1)
+    assert dpo["model_name_or_path"] == str(run_dir / "train-model" / "model")  # the SFT model
+    assert (run_dir / "train-model-2" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_chain_with_an_online_stage_runs_under_kfp_local(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8))
+    )
+    config = {
+        "model_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct",
+        "output_dir": str(tmp_path / "unused"),
+        "stages": ["sft", "rl"],
+        "stage_configs": {
+            "sft": {"dataset_name_or_path": str(SAMPLES / "chat.jsonl")},
+            "rl": {
+                "algorithm": "grpo",
+                "dataset_name_or_path": str(prompts),
+                "reward_functions": ["exact_match"],
+                "num_generations": 2,
+                "max_new_tokens": 8,
+            },
+        },
+    }
+    path = tmp_path / "sft_rl.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = run_chain(tmp_path, path, overrides(("sft", "rl")))
+    rl = training_config_of(run_dir, "train-model-2")
+    assert (rl["algorithm"], rl["num_generations"], rl["reward_functions"]) == ("grpo", 2, ["exact_match"])
+    assert rl["model_name_or_path"] == str(run_dir / "train-model" / "model")
+
+
+def test_the_committed_chain_example_is_current(tmp_path):
+    from kfp_components.pipelines.compile_all import CHAINS
+
+    for source, target in CHAINS.items():
+        fresh = compile_chain(ROOT / source, tmp_path / "fresh.yaml")
+        committed = ROOT / "pipelines" / target
+        assert committed.read_text() == fresh.read_text(), f"{committed} is stale: run make compile"
