@@ -40,6 +40,26 @@ def overrides(names: tuple[str, ...], **extra: object) -> dict[str, object]:
     return values
 
 
+RLAIF = {
+    "dataset_name_or_path": str(ROOT / "examples" / "arithmetic_prompts.jsonl"),
+    "judge": {
+        "base_url": "http://judge.models.svc:8000/v1",
+        "model": "judge",
+        "token_env": "JUDGE_API_KEY",
+        "token_secret": "judge-credentials",
+    },
+    "num_generations": 2,
+}
+COT = {
+    "reasoning_dataset_path": str(ROOT / "examples" / "reasoning_problems.jsonl"),
+    "teacher_model_path": "gpt-4",
+    "teacher": {
+        "base_url": "https://api.example.com/v1",
+        "token_env": "TEACHER_API_KEY",
+        "token_secret": "teacher-credentials/api_key",
+        "num_samples": 2,
+    },
+}
 LOCAL_DATA = {
     "stage_configs.sft.dataset_name_or_path": str(SAMPLES / "chat.jsonl"),
     "stage_configs.sft.dataset_split": "",
@@ -87,11 +107,13 @@ def test_the_compiled_chain_has_a_step_per_dataset_and_stage_wired_model_to_mode
         (
             {
                 "stages": ["sft", "dpo", "cot_distillation"],
-                "stage_configs.cot_distillation.teacher_model_path": "gpt-4",
-                "stage_configs.cot_distillation.reasoning_dataset_path": "p.jsonl",
-                "stage_configs.cot_distillation.teacher": {"base_url": "http://127.0.0.1:9/v1"},
+                "stage_configs.cot_distillation": {**COT, "distillation_mode": "step_by_step"},
             },
-            r"stage_configs\.cot_distillation: a cot_distillation stage cannot be compiled",
+            r"stage_configs\.cot_distillation: a compiled cot_distillation stage synthesizes its traces",
+        ),
+        (
+            {"stages": ["sft", "dpo", "rlaif"], "stage_configs.rlaif": {**RLAIF, "mode": "preference_data"}},
+            r"stage_configs\.rlaif\.mode: an rlaif stage in mode preference_data labels pairs",
         ),
     ],
 )
@@ -172,3 +194,36 @@ def test_the_committed_chain_example_is_current(tmp_path):
         fresh = compile_chain(ROOT / source, tmp_path / "fresh.yaml")
         committed = ROOT / "pipelines" / target
         assert committed.read_text() == fresh.read_text(), f"{committed} is stale: run make compile"
+
+
+def test_cot_distillation_and_rlaif_compile_to_their_steps(tmp_path):
+    """cot_distillation: a synthesis step (the teacher's key from its Secret) feeds the student's training
+    step; rlaif direct: the judge is the training step's last reward, its key the workers' Secret."""
+    config = {
+        "model_name_or_path": str(tiny_model_path("qwen2", 0)),
+        "output_dir": str(tmp_path / "unused"),
+        "stages": ["sft", "cot_distillation", "rlaif"],
+        "stage_configs": {
+            "sft": {"dataset_name_or_path": str(SAMPLES / "chat.jsonl")},
+            "cot_distillation": COT,
+            "rlaif": RLAIF,
+        },
+    }
+    path = tmp_path / "chain.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = compile_chain(path, tmp_path / "out.yaml")
+    documents = list(yaml.safe_load_all(out.read_text()))
+    tasks = tasks_of(documents[0])
+    by_name = {task["taskInfo"]["name"]: (key, task) for key, task in tasks.items()}
+    synthesis_key, synthesis = by_name["cot_distillation: teacher traces"]
+    assert synthesis["inputs"]["parameters"]["teacher_model"]["runtimeValue"]["constant"] == "gpt-4"
+    _, student = by_name["cot_distillation (sft)"]
+    source = student["inputs"]["artifacts"]["train_dataset"]["taskOutputArtifact"]
+    assert (source["producerTask"], source["outputArtifactKey"]) == (synthesis_key, "dataset")
+    _, rlaif = by_name["rlaif (ppo)"]
+    judge = rlaif["inputs"]["parameters"]["training_options"]["runtimeValue"]["constant"]["reward_functions"][
+        -1
+    ]
+    assert (judge["function"], judge["token_secret"]) == ("judge", "judge-credentials")
+    platform = json.dumps(documents[1:])  # kfp-kubernetes' platform spec: the teacher's Secret as env
+    assert "teacher-credentials" in platform and "TEACHER_API_KEY" in platform and "api_key" in platform

@@ -14,10 +14,13 @@ each stage becomes steps of the KFP components:
   base with retention), and with ``register_as``, a ``register_model`` step whose hyperparameters list every
   stage and its options (provenance).
 
-Stages that are not one TrainJob each cannot be compiled yet: ``rlaif`` (its judge calls and pair labelling),
-``cot_distillation`` (its synthesis step) and a ``reward_model`` stage whose reward model an ``rl`` stage uses
-(the pipelines ``pipelines/training/rlaif`` and ``cot_distillation`` run those as their own steps); custom
-stages neither. They are reported by name at compile time.
+An ``rlaif`` stage compiles in its ``direct`` mode (the judge is one of the training step's rewards; its key
+reaches the TrainJob's workers from ``judge.token_secret``); a ``cot_distillation`` stage becomes a
+``synthesize_reasoning_data`` step (the teacher's key from ``teacher.token_secret``) whose traces its training
+step learns. What cannot be compiled yet is reported by name at compile time: rlaif's ``distilled`` and
+``preference_data`` modes (pair labelling before training), cot_distillation's ``step_by_step`` mode and given
+traces, an ``rl`` stage using a reward model trained earlier in the chain, ``stage:<name>`` datasets, and
+custom stages.
 
 The pipeline's parameters are where it runs: ``backend`` (trainjob or local), ``workspace_pvc``,
 ``trainer_image``, ``hf_token_secret``. Everything the YAML says is fixed at compile time (the YAML is the
@@ -35,8 +38,9 @@ from typing import Any
 from kfp_components.stages.base import BaseStage
 from kfp_components.typed_config import ConfigError, to_dict
 
-#: Stage types a compiled chain can run: a TrainJob each.
-COMPILABLE = ("sft", "osft", "dpo", "reward_model", "rl")
+#: Stage types a compiled chain can run: a TrainJob each (rlaif in its direct mode: the judge is a reward of
+#: the training step; cot_distillation: a synthesis step, then the student's TrainJob).
+COMPILABLE = ("sft", "osft", "dpo", "reward_model", "rl", "rlaif", "cot_distillation")
 #: Options the chain sets itself, never passed on from a stage's YAML.
 _SET_BY_CHAIN = frozenset(
     {"model_name_or_path", "data_path", "eval_data_path", "output_dir", "algorithm", "save_final_model"}
@@ -71,23 +75,55 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
                 )
             )
             continue
+        if kind == "rlaif" and stage.config.mode != "direct":  # type: ignore[attr-defined]
+            problems.append(
+                (
+                    f"stage_configs.{name}.mode",
+                    f"an rlaif stage in mode {stage.config.mode} labels pairs before it trains: compiled chains "  # type: ignore[attr-defined]
+                    "run mode direct (the judge scores each completion in the TrainJob)",
+                )
+            )
+            continue
+        if kind == "cot_distillation" and (
+            stage.config.dataset_name_or_path or stage.config.distillation_mode != "traces"  # type: ignore[attr-defined]
+        ):
+            problems.append(
+                (
+                    f"stage_configs.{name}",
+                    "a compiled cot_distillation stage synthesizes its traces (no dataset_name_or_path) and "
+                    "learns them as they are (distillation_mode traces)",
+                )
+            )
+            continue
         if getattr(stage, "linked_datasets", None):
             problems.append(
                 (f"stage_configs.{name}.dataset_name_or_path", "stage:<name> datasets cannot be compiled yet")
             )
             continue
         config = stage.config
-        options = {k: v for k, v in training_options(config).items() if k not in _SET_BY_CHAIN}
+        # the engine's config as the stage builds it (an rlaif stage adds its judge to the rewards)
+        engine = to_dict(stage.training_config("<model>", "<data>", ""))
+        options = {k: engine[k] for k in training_options(config) if k not in _SET_BY_CHAIN}
         defaults = _engine_defaults()
         arguments = {k: v for k, v in options.items() if k in explicit}
         rest = {k: v for k, v in options.items() if k not in explicit and v != defaults.get(k)}
+        synthesis = None
+        if kind == "cot_distillation":
+            synthesis = _synthesis(stage)
         steps.append(
             {
                 "name": name,
                 "algorithm": stage.engine_algorithm(),
-                "dataset": _dataset(config, "", stage.data_format),
+                "synthesis": synthesis,
+                "dataset": _dataset(config, "", stage.data_format)
+                if synthesis is None
+                else {
+                    **_dataset(config, "", "prompt"),
+                    "dataset_name_or_path": getattr(config, "reasoning_dataset_path", ""),
+                },
+                # rlaif's and cot_distillation's held-out data are for their own evaluations, not an eval loss
                 "eval_dataset": _dataset(config, "eval_", stage.data_format)
-                if config.eval_dataset_name_or_path
+                if config.eval_dataset_name_or_path and kind not in ("rlaif", "cot_distillation")
                 else None,
                 "arguments": arguments,
                 "training_options": rest,
@@ -99,6 +135,39 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
     if problems:
         raise ConfigError.of(problems)
     return steps
+
+
+def _synthesis(stage: Any) -> dict[str, Any]:
+    """The ``synthesize_reasoning_data`` arguments of a cot_distillation stage (its teacher and rejection)."""
+    teacher = stage.config.teacher_options()
+    rejection = stage.config.rejection
+    return {
+        "teacher_model": teacher.model,
+        "teacher_backend": teacher.backend,
+        "teacher_base_url": teacher.base_url,
+        "teacher_token_env": teacher.token_env,
+        "system_prompt": teacher.system_prompt,
+        "prompt_template": teacher.prompt_template,
+        "num_samples": teacher.num_samples,
+        "temperature": teacher.temperature,
+        "top_p": teacher.top_p,
+        "max_tokens": teacher.max_tokens,
+        "max_concurrency": teacher.max_concurrency,
+        "timeout_seconds": teacher.timeout_seconds,
+        "retries": teacher.retries,
+        "backoff_seconds": teacher.backoff_seconds,
+        "max_requests": teacher.max_requests,
+        "answer_column": rejection.answer_column,
+        "answer_checker": rejection.answer_checker,
+        "answer_tolerance": rejection.answer_tolerance,
+        "min_trace_chars": rejection.min_trace_chars,
+        "max_trace_chars": rejection.max_trace_chars,
+        "language": rejection.language,
+        "dedup_threshold": rejection.dedup_threshold,
+        "max_traces_per_problem": rejection.max_traces_per_problem,
+        "seed": stage.config.seed,
+        "token_secret": teacher.token_secret,
+    }
 
 
 def _engine_defaults() -> dict[str, Any]:
@@ -127,11 +196,12 @@ def chain_pipeline(
     register_as: str = "",
 ) -> Callable[..., Any]:
     """The KFP pipeline function of the multi-stage YAML ``config_path`` (see the module docstring)."""
-    from kfp import dsl
+    from kfp import dsl, kubernetes
 
     from kfp_components.components.dataset import dataset_download
     from kfp_components.components.evaluation import evaluate_model
     from kfp_components.components.registry import register_model
+    from kfp_components.components.synthesis import synthesize_reasoning_data
     from kfp_components.components.training import train_model
     from kfp_components.images import TRAINER_IMAGE
     from kfp_components.orchestration.config import load_pipeline_config
@@ -180,13 +250,29 @@ def chain_pipeline(
         first_data = download(steps[0]["dataset"])
         for step in steps:
             data = download(step["dataset"])
+            train_data = data.outputs["train_dataset"]
+            if step["synthesis"] is not None:
+                arguments = dict(step["synthesis"])
+                token_secret = arguments.pop("token_secret")
+                synthesis = synthesize_reasoning_data(problems=train_data, **arguments)
+                synthesis.set_display_name(f"{step['name']}: teacher traces")
+                synthesis.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+                if (
+                    token_secret
+                ):  # the teacher's key from its Kubernetes Secret, as the TrainJob gets a judge's
+                    secret, _, key = token_secret.partition("/")
+                    env = arguments["teacher_token_env"]
+                    kubernetes.use_secret_as_env(
+                        synthesis, secret_name=secret, secret_key_to_env={key or env: env}
+                    )
+                train_data = synthesis.outputs["dataset"]
             extra: dict[str, Any] = {}
             if step["eval_dataset"] is not None:
                 extra["eval_dataset"] = download(step["eval_dataset"]).outputs["train_dataset"]
             if previous is not None:
                 extra["base_model"] = previous.outputs["model"]
             task = train_model(
-                train_dataset=data.outputs["train_dataset"],
+                train_dataset=train_data,
                 model_name_or_path=base_model,
                 algorithm=step["algorithm"],
                 backend=backend,
