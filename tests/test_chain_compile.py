@@ -74,7 +74,7 @@ def tasks_of(compiled: dict) -> dict:
 
 def test_the_compiled_chain_has_a_step_per_dataset_and_stage_wired_model_to_model(tmp_path):
     out = compile_chain(SFT_DPO, tmp_path / "chain.yaml", overrides(("sft", "dpo")), eval_tasks=["arc_easy"])
-    compiled = yaml.safe_load(out.read_text())
+    compiled = next(yaml.safe_load_all(out.read_text()))
     tasks = tasks_of(compiled)
     names = {task["taskInfo"]["name"] for task in tasks.values()}
     assert names == {
@@ -133,7 +133,7 @@ def test_the_cli_compiles(tmp_path, capsys):
         str(tiny_model_path("qwen2", 0)),
     ]
     assert main(flags) == 0 and "compiled:" in capsys.readouterr().out
-    assert yaml.safe_load(out.read_text())["pipelineInfo"]["name"] == "chain-sft-dpo"
+    assert next(yaml.safe_load_all(out.read_text()))["pipelineInfo"]["name"] == "chain-sft-dpo"
     assert main(["--config", str(SFT_DPO), "--eval_tasks", "arc_easy"]) == 2
 
 
@@ -227,3 +227,38 @@ def test_cot_distillation_and_rlaif_compile_to_their_steps(tmp_path):
     assert (judge["function"], judge["token_secret"]) == ("judge", "judge-credentials")
     platform = json.dumps(documents[1:])  # kfp-kubernetes' platform spec: the teacher's Secret as env
     assert "teacher-credentials" in platform and "TEACHER_API_KEY" in platform and "api_key" in platform
+
+
+def test_the_chain_runs_on_the_workspace_with_its_secrets_and_only_enabled_stages(tmp_path):
+    """On a cluster every training step mounts the workspace volume (the data, the models handed on, the
+    TrainJobs' outputs) and may read the Kubernetes credentials; the dataset and evaluation steps get the
+    HF and S3 secrets, registration the registry token; a disabled stage is not compiled; nproc_per_node
+    sets the GPUs per worker."""
+    values = overrides(
+        ("sft", "dpo"), **{"stage_configs.dpo.enabled": False, "stage_configs.sft.nproc_per_node": 4}
+    )
+    out = compile_chain(SFT_DPO, tmp_path / "chain.yaml", values, eval_tasks=["arc_easy"], register_as="m")
+    documents = list(yaml.safe_load_all(out.read_text()))
+    names = {t["taskInfo"]["name"] for t in tasks_of(documents[0]).values()}
+    assert "dpo (dpo)" not in names and "sft (sft)" in names
+    (sft,) = [t for t in tasks_of(documents[0]).values() if t["taskInfo"]["name"] == "sft (sft)"]
+    assert sft["inputs"]["parameters"]["gpus_per_node"]["runtimeValue"]["constant"] == 4
+    executors = documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = next(v for k, v in executors.items() if k.startswith("exec-train-model"))
+    assert train["pvcMount"][0]["mountPath"] == "/workspace"
+    assert {s["secretName"] for s in train["secretAsEnv"]} == {"kubernetes-credentials"}
+    dataset = next(v for k, v in executors.items() if k.startswith("exec-dataset-download"))
+    assert {s["secretName"] for s in dataset["secretAsEnv"]} == {"hf-token", "minio-secret"}
+    evaluation = next(v for k, v in executors.items() if k.startswith("exec-evaluate-model"))
+    assert evaluation["pvcMount"][0]["mountPath"] == "/workspace"
+    registration = next(v for k, v in executors.items() if k.startswith("exec-register-model"))
+    assert {s["secretName"] for s in registration["secretAsEnv"]} == {"model-registry-token"}
+
+
+def test_what_a_chain_cannot_honour_is_refused(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="tokenizer_name_or_path"):
+        chain_pipeline(
+            SFT_DPO, overrides(("sft", "dpo"), tokenizer_name_or_path=str(tiny_model_path("qwen2", 0)))
+        )
+    flags = ["--config", str(SFT_DPO), "--compile", str(tmp_path / "c.yaml"), "--stages", "dpo"]
+    assert main(flags) == 2 and "--stages" in capsys.readouterr().err

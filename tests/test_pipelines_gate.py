@@ -108,3 +108,21 @@ def test_whole_floats_of_a_kfp_dict_parameter_reach_the_trainer_as_integers():
     )
     assert (config.num_generations, config.max_new_tokens, config.max_grad_norm) == (4, 8, 1.0)
     assert type(config.num_generations) is int
+
+
+def test_a_lower_is_better_score_counts_its_fall_as_a_gain():
+    """Perplexity up by 4 is a loss even though its delta is positive; down by 3 is a gain."""
+    from kfp_components.evaluation.gate import GateOptions, decide
+
+    worse = {
+        "arc_easy_acc_delta": 0.01,
+        "arc_easy_acc_retention": 1.02,
+        "wikitext_word_perplexity_delta": 4.0,
+        "wikitext_word_perplexity_retention": 0.8,
+        "mean_retention": 0.91,
+    }
+    options = GateOptions(enabled=True, min_task_gain=0.0, min_retention=0.0)
+    decision = decide(worse, options)
+    assert not decision.passed and decision.metrics["gate_mean_task_gain"] == pytest.approx(-1.995)
+    better = {**worse, "wikitext_word_perplexity_delta": -3.0, "wikitext_word_perplexity_retention": 1.2}
+    assert decide(better, options).passed

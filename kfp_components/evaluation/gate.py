@@ -22,7 +22,8 @@ DELTA = "_delta"
 class GateOptions(Options):
     """Attributes:
     enabled: Register only when the evaluation passes the thresholds; off, every model is registered.
-    min_task_gain: Lowest mean gain (tuned - base) over the evaluated scores, e.g. 0.0: no worse on average.
+    min_task_gain: Lowest mean gain over the evaluated scores (tuned - base in each score's units, a fall of
+        a lower-is-better score such as perplexity counting as a gain), e.g. 0.0: no worse on average.
     min_retention: Lowest mean retention of the base model's scores (tuned / base), e.g. 0.95.
     """
 
@@ -56,7 +57,15 @@ def decide(eval_metrics: Mapping[str, float], options: GateOptions) -> GateDecis
         "gate_min_task_gain": options.min_task_gain,
         "gate_min_retention": options.min_retention,
     }
-    deltas = [float(v) for k, v in eval_metrics.items() if k.endswith(DELTA) and isinstance(v, int | float)]
+    deltas = []
+    for key, value in eval_metrics.items():
+        if not key.endswith(DELTA) or not isinstance(value, int | float):
+            continue
+        # a gain is an improvement whichever way the score points: retention > 1 says it improved (tuned /
+        # base for higher-is-better scores, base / tuned for lower-is-better ones such as perplexity)
+        ratio = eval_metrics.get(key[: -len(DELTA)] + "_retention")
+        improved = float(value) >= 0 if not isinstance(ratio, int | float) else float(ratio) >= 1.0
+        deltas.append(abs(float(value)) if improved else -abs(float(value)))
     retention = eval_metrics.get("mean_retention")
     if deltas:
         numbers["gate_mean_task_gain"] = sum(deltas) / len(deltas)

@@ -131,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.compile:
             from kfp_components.orchestration.kfp_compile import compile_chain
 
+            if args.stages:
+                raise ConfigError(
+                    "--stages", "a compiled chain has every enabled stage; set enabled: false instead"
+                )
             written = compile_chain(
                 args.config, args.compile, overrides, eval_tasks=args.eval_tasks, register_as=args.register_as
             )

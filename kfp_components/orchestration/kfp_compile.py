@@ -106,6 +106,7 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
         options = {k: engine[k] for k in training_options(config) if k not in _SET_BY_CHAIN}
         defaults = _engine_defaults()
         arguments = {k: v for k, v in options.items() if k in explicit}
+        arguments["gpus_per_node"] = max(config.nproc_per_node, 1)  # the stage's processes: GPUs per worker
         rest = {k: v for k, v in options.items() if k not in explicit and v != defaults.get(k)}
         synthesis = None
         if kind == "cot_distillation":
@@ -171,6 +172,8 @@ def _synthesis(stage: Any) -> dict[str, Any]:
 
 
 def _engine_defaults() -> dict[str, Any]:
+    """The engine's defaults: a stage option equal to its default is not passed on, so the training step's
+    own defaults apply (a TrainJob resumes from its checkpoints after a preemption: ``resume`` true)."""
     from kfp_components.trainer.config import TrainingConfig
     from kfp_components.typed_config import default_of
 
@@ -206,10 +209,16 @@ def chain_pipeline(
     from kfp_components.images import TRAINER_IMAGE
     from kfp_components.orchestration.config import load_pipeline_config
     from kfp_components.orchestration.pipeline import Pipeline
+    from kfp_components.pipelines.training import common
 
     config = load_pipeline_config(config_path, overrides or {})
     pipeline = Pipeline(config)  # every stage built and checked: the CLI's key-path errors
-    stages = {name: pipeline.stages[name] for name in config.stages}
+    if config.tokenizer_name_or_path:
+        raise ConfigError(
+            "tokenizer_name_or_path",
+            "a compiled chain starts from the model's own tokenizer; save the model with the tokenizer you want",
+        )
+    stages = {name: pipeline.stages[name] for name in config.stages if pipeline.stages[name].config.enabled}
     steps = chain_steps(stages)
     base_model = config.model_name_or_path
     name = f"chain-{'-'.join(step['name'] for step in steps)}".replace("_", "-")[:120]
@@ -222,6 +231,9 @@ def chain_pipeline(
         workspace_pvc: str = "fine-tuning-workspace",
         trainer_image: str = TRAINER_IMAGE,
         hf_token_secret: str = "",
+        num_nodes: int = 1,
+        eval_gpu: int = 1,
+        eval_memory: str = "64Gi",
         registry_address: str = "",
         registry_port: int = 0,
     ) -> None:
@@ -232,6 +244,9 @@ def chain_pipeline(
             workspace_pvc: The ReadWriteMany PVC the TrainJobs share; models go from stage to stage there.
             trainer_image: The training image of the TrainJobs.
             hf_token_secret: Secret with key HF_TOKEN given to the workers (gated models); empty: none.
+            num_nodes: TrainJob workers of every stage (each with the stage's nproc_per_node GPUs).
+            eval_gpu: GPUs of the evaluation step.
+            eval_memory: Memory limit of the evaluation step.
             registry_address: Model Registry service address (used with register_as at compile time).
             registry_port: Model Registry port (0: the default of the scheme).
         """
@@ -242,7 +257,13 @@ def chain_pipeline(
             if key not in datasets:
                 task = dataset_download(**spec)
                 task.set_display_name(f"dataset: {Path(str(spec['dataset_name_or_path'])).name}")
-                task.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+                task.set_retry(**common.NETWORK_RETRIES)
+                kubernetes.use_secret_as_env(
+                    task, secret_name=common.HF_SECRET, secret_key_to_env=common.HF_KEYS, optional=True
+                )
+                kubernetes.use_secret_as_env(
+                    task, secret_name=common.S3_SECRET, secret_key_to_env=common.S3_KEYS, optional=True
+                )
                 datasets[key] = task
             return datasets[key]
 
@@ -256,7 +277,7 @@ def chain_pipeline(
                 token_secret = arguments.pop("token_secret")
                 synthesis = synthesize_reasoning_data(problems=train_data, **arguments)
                 synthesis.set_display_name(f"{step['name']}: teacher traces")
-                synthesis.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+                synthesis.set_retry(**common.NETWORK_RETRIES)
                 if (
                     token_secret
                 ):  # the teacher's key from its Kubernetes Secret, as the TrainJob gets a judge's
@@ -279,6 +300,8 @@ def chain_pipeline(
                 training_options=step["training_options"],
                 trainer_image=trainer_image,
                 workspace_pvc=workspace_pvc,
+                workspace_path=common.WORKSPACE_MOUNT,
+                num_nodes=num_nodes,
                 hf_token_secret=hf_token_secret,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 stage_name=f"stage-{step['name']}",
@@ -286,16 +309,40 @@ def chain_pipeline(
                 **extra,
             )
             task.set_display_name(f"{step['name']} ({step['algorithm']})")
-            task.set_caching_options(False)
+            task.set_caching_options(False)  # a rerun adopts or resubmits its TrainJob, never a stale model
+            kubernetes.use_secret_as_env(
+                task,
+                secret_name=common.KUBE_SECRET,
+                optional=True,
+                secret_key_to_env={
+                    "server_url": "KUBERNETES_SERVER_URL",
+                    "auth_token": "KUBERNETES_AUTH_TOKEN",
+                },
+            )
+            # the data, the models handed from stage to stage and the TrainJobs' outputs are on the workspace
+            kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
             previous = task
         assert previous is not None
         evaluation = None
         if eval_tasks:
             evaluation = evaluate_model(
-                model=previous.outputs["model"], tasks=list(eval_tasks), base_model_name_or_path=base_model
+                model=previous.outputs["model"],
+                tasks=list(eval_tasks),
+                base_model_name_or_path=base_model,
+                workspace_pvc=workspace_pvc,
+                workspace_path=common.WORKSPACE_MOUNT,
             )
             evaluation.set_display_name("evaluate: final vs base")
-            evaluation.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+            evaluation.set_retry(**common.NETWORK_RETRIES)
+            evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpu)
+            evaluation.set_memory_limit(eval_memory)
+            kubernetes.mount_pvc(evaluation, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
+            kubernetes.use_secret_as_env(
+                evaluation, secret_name=common.HF_SECRET, secret_key_to_env=common.HF_KEYS, optional=True
+            )
+            kubernetes.use_secret_as_env(
+                evaluation, secret_name=common.S3_SECRET, secret_key_to_env=common.S3_KEYS, optional=True
+            )
         if register_as:
             registration = register_model(
                 model=previous.outputs["model"],
@@ -314,7 +361,13 @@ def chain_pipeline(
                 eval_metrics=evaluation.outputs["metrics"] if evaluation is not None else None,
             )
             registration.set_caching_options(False)
-            registration.set_retry(num_retries=3, backoff_duration="30s", backoff_factor=2.0)
+            registration.set_retry(**common.NETWORK_RETRIES)
+            kubernetes.use_secret_as_env(
+                registration,
+                secret_name=common.REGISTRY_SECRET,
+                optional=True,
+                secret_key_to_env={"token": "MODEL_REGISTRY_TOKEN"},
+            )
 
     return chain
 

@@ -86,8 +86,15 @@ class TensorBoardTracker:
             self.writer.close()
 
 
+#: The MLflow client's HTTP settings unless the environment sets them: a tracking server that is down costs a
+#: step seconds, not the client's default of 7 retries of up to 120 s each.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
 class MlflowTracker:
     def __init__(self, config: TrainingConfig, run_name: str):
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
         from mlflow.tracking import MlflowClient
 
         self.config = config
