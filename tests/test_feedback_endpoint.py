@@ -116,6 +116,17 @@ def test_a_missing_key_variable_is_named_before_any_request(environ):
     assert server.requests == []
 
 
+@pytest.mark.parametrize("environ", [{}, {"JUDGE_KEY": ""}])
+def test_a_key_from_an_optional_secret_that_is_absent_means_no_key_and_says_so(environ, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert endpoint.optional_token_env("JUDGE_KEY", environ) == ""
+    assert "JUDGE_KEY is not set (its optional Secret is absent)" in caplog.text
+    caplog.clear()
+    assert endpoint.optional_token_env("JUDGE_KEY", ENVIRON) == "JUDGE_KEY"
+    assert endpoint.optional_token_env("", {}) == ""
+    assert caplog.text == "" and KEY not in caplog.text
+
+
 def test_a_429_is_retried_after_its_retry_after_and_counted(caplog):
     with ScriptedChatServer(echo) as server, client(server, backoff_seconds=0.01) as judge:
         server.fail_next(429, retry_after=0.4)

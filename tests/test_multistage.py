@@ -314,6 +314,28 @@ def sft_and(stage: str, tiny: str, out: Path, options: dict | None = None, **sft
     }
 
 
+def test_each_stage_sets_where_its_metrics_are_reported(tiny, tmp_path):
+    """report_to is a stage option: the sft stage keeps the default (TensorBoard event files beside its
+    metrics.jsonl), the dpo stage's report_to: [] writes none; changing it does not make a finished stage
+    run again."""
+    from kfp_components.trainer.tensorboard_events import read_scalars
+
+    out = tmp_path / "run"
+    data = sft_and("dpo", tiny, out, {"dataset_name_or_path": PREFERENCE, "report_to": [], **SMALL})
+    data["stage_configs"]["sft"]["run_name"] = "chain-sft"
+    Pipeline(pipeline_config_from_dict(data)).run()
+    sft_dir, dpo_dir = out / "stages" / "01_sft", out / "stages" / "02_dpo"
+    assert [step for step, _ in read_scalars(sft_dir / "tensorboard")["loss"]] == [1, 2]
+    assert not (dpo_dir / "tensorboard").exists() and (dpo_dir / "metrics.jsonl").exists()
+    recorded = {d: json.loads((d / "training_config.json").read_text()) for d in (sft_dir, dpo_dir)}
+    assert recorded[sft_dir]["report_to"] == ["tensorboard"] and recorded[sft_dir]["run_name"] == "chain-sft"
+    assert recorded[dpo_dir]["report_to"] == []
+
+    data["stage_configs"]["sft"]["report_to"] = []
+    Pipeline(pipeline_config_from_dict(data)).run()
+    assert "skipping stage 'sft': finished" in log_text(out)
+
+
 def test_custom_stage_runs_after_sft_and_is_recorded(wise_ft, tiny, tmp_path):
     assert "wise_ft" in Pipeline.available_stages()
     Pipeline.register_stage("wise_ft", wise_ft.WiseFTStage)  # the same class again: nothing happens
@@ -477,6 +499,10 @@ def _set(data: dict, path: str, value: object) -> None:
             "stage_configs.sft.dataset_name_or_path: 'ftp://host/data': unsupported scheme",
         ),
         ({"stage_configs.sft.log_level": "loud"}, "stage_configs.sft.log_level: expected one of DEBUG"),
+        (
+            {"stage_configs.dpo.report_to": ["tensorboard", "wandb"]},
+            "stage_configs.dpo.report_to[1]: expected one of tensorboard, mlflow, got 'wandb'",
+        ),
         ({"torch_dtype": "fp8"}, "torch_dtype: expected one of auto, bfloat16, float16, float32, got 'fp8'"),
     ],
 )

@@ -223,6 +223,7 @@ def test_cot_distillation_trains_on_the_teachers_traces_with_its_key_from_a_secr
     synthesis = tasks["synthesize-reasoning-data"]["inputs"]
     assert synthesis["artifacts"]["problems"]["taskOutputArtifact"]["producerTask"] == "dataset-download"
     assert synthesis["parameters"]["teacher_token_env"]["runtimeValue"]["constant"] == "TEACHER_API_KEY"
+    assert synthesis["parameters"]["teacher_token_optional"]["runtimeValue"]["constant"] is True
     assert synthesis["parameters"]["teacher_base_url"]["componentInputParameter"] == (
         "phase_01_synthesis_man_teacher_url"
     )
@@ -385,3 +386,130 @@ def test_rl_pipeline_runs_under_kfp_local_and_the_gate_decides_registration(tmp_
     assert metrics["gate_passed"] == float(passed)
     assert metrics["gate_reason"].startswith("passed" if passed else "failed: mean retention")
     assert (run_dir / "register-model").exists() == passed
+
+
+JUDGE_KEY = "sk-test-judge-0123456789abcdef"
+TEACHER_KEY = "sk-test-teacher-0123456789abcdef"
+REASONING_PROBLEMS = ROOT / "examples" / "reasoning_problems.jsonl"
+ANSWERS = {
+    row["prompt"]: row["answer"]
+    for row in map(json.loads, REASONING_PROBLEMS.read_text(encoding="utf-8").splitlines())
+}
+
+
+def scripted_judge(messages, body) -> str:
+    """A score from 1 to 10: 1 + the words of the response."""
+    response = re.search(r"\[(?:Response|Answer)\]\n(.*?)\n\nScore:", messages[-1]["content"], re.S)
+    assert response, "a pointwise judge request"
+    return f"{min(10, 1 + len(response.group(1).split()))}"
+
+
+def scripted_teacher(messages, body) -> str:
+    """A step-by-step solution of a bundled problem, ending "#### <its answer>"."""
+    return f"Read the problem.\nWork through each step.\n#### {ANSWERS[messages[-1]['content']]}"
+
+
+@pytest.mark.slow
+def test_rlaif_pipeline_runs_under_kfp_local_against_a_judge_endpoint(tmp_path, monkeypatch, capfd):
+    """GRPO on a tiny model whose only reward is an endpoint judge's score: the training step sends the key
+    from its environment with every request, the judge's scores are the training reward, the key is in no
+    artifact or log, and the model is evaluated and registered."""
+    from kfp_components.pipelines.training.rlaif import rlaif_pipeline
+    from kfp_components.testing.openai_server import ScriptedChatServer
+
+    monkeypatch.setenv("JUDGE_API_KEY", JUDGE_KEY)  # kfp.local ignores the Secret; the steps inherit this
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    with ScriptedChatServer(scripted_judge, models=("judge",), api_key=JUDGE_KEY) as judge:
+        rlaif_pipeline(
+            phase_01_dataset_man_data_uri=str(SAMPLES / "prompts.jsonl"),
+            phase_01_dataset_opt_subset_size=8,
+            phase_02_train_man_judge_url=judge.base_url,
+            phase_02_train_man_judge_model="judge",
+            phase_02_train_man_train_model=str(tiny_model_path("qwen2", 0)),
+            phase_02_train_man_train_batch=4,
+            phase_02_train_man_train_tokens=256,
+            phase_02_train_opt_max_steps=1,
+            phase_02_train_opt_max_seq_len=128,
+            phase_02_train_opt_torch_dtype="float32",
+            phase_02_train_opt_backend="local",
+            phase_02_train_opt_use_liger=False,
+            phase_02_train_opt_training_options={"num_generations": 2, "max_new_tokens": 8},
+            phase_03_eval_man_eval_tasks=["kfp_capitals"],
+            phase_03_eval_opt_limit=2.0,
+            phase_03_eval_opt_batch_size="2",
+        )
+        requests = judge.chat_requests
+    assert requests and {r.headers["authorization"] for r in requests} == {f"Bearer {JUDGE_KEY}"}
+    (run_dir,) = (tmp_path / "root").iterdir()
+    (judged,) = model_metadata(run_dir)["training_config"]["reward_functions"]
+    assert judged["function"] == "judge" and judged["base_url"] == judge.base_url
+    assert judged["token_env"] == "JUDGE_API_KEY"
+    training = json.loads((run_dir / "train-model" / "executor_output.json").read_text())["artifacts"]
+    metrics = training["metrics"]["artifacts"][0]["metadata"]
+    assert 1.0 <= metrics["reward/judge/mean"] <= 10.0 and metrics["reward"] == metrics["reward/judge/mean"]
+    assert "reward" in (run_dir / "train-model" / "curves").read_text()
+    provenance = json.loads((run_dir / "register-model" / "provenance" / "provenance.json").read_text())
+    assert provenance["training"]["algorithm"] == "grpo"
+    written = "".join(p.read_text(errors="replace") for p in run_dir.rglob("*") if p.is_file())
+    captured = capfd.readouterr()
+    assert JUDGE_KEY not in written + captured.out + captured.err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("teacher_key", [TEACHER_KEY, None], ids=["with-key", "keyless"])
+def test_cot_distillation_pipeline_runs_under_kfp_local_against_a_teacher_endpoint(
+    tmp_path, monkeypatch, capfd, teacher_key
+):
+    """The teacher writes a solution for each bundled problem, every one reaches the reference answer, the
+    student trains on them with sft and is evaluated on the reasoning task against the base model. The
+    teacher's Secret is optional: without it (a keyless vLLM) the step asks without the key and says so."""
+    from kfp_components.pipelines.training.cot_distillation import cot_distillation_pipeline
+    from kfp_components.testing.openai_server import ScriptedChatServer
+
+    if teacher_key:
+        monkeypatch.setenv("TEACHER_API_KEY", teacher_key)
+    else:
+        monkeypatch.delenv("TEACHER_API_KEY", raising=False)
+    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "root"))
+    with ScriptedChatServer(scripted_teacher, models=("teacher",), api_key=teacher_key) as teacher:
+        cot_distillation_pipeline(
+            phase_01_dataset_man_data_uri=str(REASONING_PROBLEMS),
+            phase_01_dataset_opt_subset_size=8,
+            phase_01_synthesis_man_teacher_url=teacher.base_url,
+            phase_01_synthesis_man_teacher_model="teacher",
+            phase_01_synthesis_opt_num_samples=2,
+            phase_02_train_man_train_model=str(tiny_model_path("qwen2", 0)),
+            phase_02_train_man_train_batch=4,
+            phase_02_train_man_train_tokens=512,
+            phase_02_train_opt_max_steps=2,
+            phase_02_train_opt_max_seq_len=256,
+            phase_02_train_opt_torch_dtype="float32",
+            phase_02_train_opt_backend="local",
+            phase_02_train_opt_use_liger=False,
+            phase_03_eval_opt_limit=2.0,
+            phase_03_eval_opt_batch_size="2",
+        )
+        requests = teacher.chat_requests
+    sent = {r.headers["authorization"] for r in requests}
+    assert requests and sent == {f"Bearer {teacher_key or 'EMPTY'}"}
+    (run_dir,) = (tmp_path / "root").iterdir()
+    synthesis = json.loads((run_dir / "synthesize-reasoning-data" / "executor_output.json").read_text())
+    counts = synthesis["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert counts["problems"] >= 6 and counts["traces_kept"] == counts["problems"] == len(requests)
+    assert counts["verified_share"] == 1.0 and counts["problems_without_trace"] == 0
+    traces = [json.loads(line) for line in (run_dir / "synthesize-reasoning-data" / "dataset").open()]
+    for row in traces:
+        user, assistant = (m["content"] for m in row["messages"][-2:])
+        assert assistant.endswith(f"#### {ANSWERS[user]}")
+    config = model_metadata(run_dir)["training_config"]
+    assert config["algorithm"] == "sft" and config["data_path"].endswith("synthesize-reasoning-data/dataset")
+    evaluated = json.loads((run_dir / "evaluate-model" / "executor_output.json").read_text())["artifacts"]
+    scores = evaluated["metrics"]["artifacts"][0]["metadata"]
+    assert any(k.startswith("kfp_reasoning_arithmetic") and k.endswith("_retention") for k in scores)
+    provenance = json.loads((run_dir / "register-model" / "provenance" / "provenance.json").read_text())
+    assert provenance["training"]["algorithm"] == "sft"
+    captured = capfd.readouterr()
+    if teacher_key:
+        assert teacher_key not in captured.out + captured.err
+    else:
+        assert "TEACHER_API_KEY is not set (its optional Secret is absent)" in captured.out + captured.err

@@ -23,6 +23,7 @@ def synthesize_reasoning_data(
     teacher_backend: str = "openai",
     teacher_base_url: str = "",
     teacher_token_env: str = "",
+    teacher_token_optional: bool = False,
     system_prompt: str = (
         "You are a careful teacher. Solve the problem step by step: show your reasoning, one step per line."
         " End with a final line of the form '#### <answer>' holding only the final answer."
@@ -64,6 +65,8 @@ def synthesize_reasoning_data(
             Hugging Face causal LM sampled with the RL engine's rollout code).
         teacher_base_url: openai: http(s)://host:port/v1, without credentials.
         teacher_token_env: Environment variable holding the endpoint's API key; empty: no key.
+        teacher_token_optional: teacher_token_env comes from an optional Kubernetes Secret: when it is not
+            set, the teacher is called without a key (with a warning). Off: it must be set.
         system_prompt: A system message sent before each problem (empty: none); the default asks for reasoning
             and a final line "#### <answer>".
         prompt_template: The user message of a problem: {prompt} (required) and any column of the rows.
@@ -111,6 +114,7 @@ def synthesize_reasoning_data(
     import shutil
 
     from kfp_components.environment import ensure_writable_caches
+    from kfp_components.feedback.endpoint import optional_token_env
     from kfp_components.feedback.synthesis import RejectionOptions, synthesize
     from kfp_components.feedback.teacher import TeacherOptions
     from kfp_components.logs import configure_logging
@@ -118,6 +122,8 @@ def synthesize_reasoning_data(
 
     configure_logging()
     ensure_writable_caches()
+    if teacher_token_optional:
+        teacher_token_env = optional_token_env(teacher_token_env)
     teacher = from_dict(
         TeacherOptions,
         {

@@ -544,6 +544,20 @@ class OpenAIChatClient:
         return redact_text(text)
 
 
+def optional_token_env(token_env: str, environ: Mapping[str, str] | None = None) -> str:
+    """``token_env`` when it is set (not empty) in ``environ`` (default: this process's environment), else ``""``
+    with a warning naming it: for a key that a step gets from an optional Kubernetes Secret, whose absence
+    means a keyless endpoint (vLLM without ``--api-key``). An endpoint that wants a key then fails the first
+    request with a 401 error, after the warning."""
+    environ = os.environ if environ is None else environ
+    if not token_env or environ.get(token_env):
+        return token_env
+    log.warning(
+        "%s is not set (its optional Secret is absent): the endpoint is called without a key", token_env
+    )
+    return ""
+
+
 def _first_failure(futures: list[Future[ChatReply]], done: set[Future[ChatReply]]) -> BaseException | None:
     """The first failure among ``done`` in submission order, a FeedbackError before a cancellation."""
     errors = [f.exception() for f in futures if f in done and not f.cancelled() and f.exception() is not None]
@@ -644,4 +658,5 @@ __all__ = [
     "EndpointStats",
     "FeedbackError",
     "OpenAIChatClient",
+    "optional_token_env",
 ]

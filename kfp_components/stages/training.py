@@ -1,7 +1,8 @@
 """What the SFT, OSFT and DPO stages share: prepare the stage's dataset, run the training engine, report.
 
 A training stage's config is :class:`TrainingStageConfig` plus option groups of the training engine
-(:class:`~kfp_components.trainer.config.OptimOptions`, ``LoRAOptions``, ...). Those groups are the very
+(:class:`~kfp_components.trainer.config.OptimOptions`, ``LoRAOptions``, ...; every training stage has
+``TrackingOptions``, so each stage of a YAML sets its own ``report_to``). Those groups are the very
 dataclasses :class:`~kfp_components.trainer.config.TrainingConfig` is made of, and
 :func:`training_options` copies their fields generically, so an option means the same in a stage's YAML as
 in ``python -m kfp_components.trainer`` and the two cannot drift apart.
@@ -23,7 +24,7 @@ from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, pr
 from kfp_components.data.config import OnInvalid
 from kfp_components.mappings import flatten_numbers
 from kfp_components.stages.base import STAGE_REFERENCE, BaseStage, StageConfig, StageResult
-from kfp_components.trainer.config import ALGORITHMS, Algorithm, TrainingConfig
+from kfp_components.trainer.config import ALGORITHMS, Algorithm, TrackingOptions, TrainingConfig
 from kfp_components.typed_config import ConfigError, Options
 
 #: The option groups :class:`TrainingConfig` is made of (OptimOptions, OSFTOptions, LoRAOptions, DPOOptions).
@@ -108,8 +109,9 @@ class TrainingData(Options):
 
 
 @dataclass(kw_only=True)
-class TrainingStageConfig(StageConfig, TrainingData):
-    """Base of the training stages' configs; subclasses add option groups of the training engine.
+class TrainingStageConfig(StageConfig, TrainingData, TrackingOptions):
+    """Base of the training stages' configs, with the engine's ``TrackingOptions`` (where the stage's metrics
+    are reported); subclasses add the other option groups of the training engine.
 
     Attributes:
         nproc_per_node: How the stage trains: 0 in the pipeline's own process (one GPU or the CPU); N >= 1
@@ -123,6 +125,8 @@ class TrainingStageConfig(StageConfig, TrainingData):
         "log_every_steps",
         "checkpoint_every_steps",
         "keep_checkpoints",
+        "report_to",  # where the metrics are reported, not what the stage trains
+        "run_name",
     }
 
     nproc_per_node: int = 0

@@ -279,7 +279,8 @@ def add_stages(kind: str, parameters: dict) -> dict:
     if kind == "cot_distillation":
         synthesis = synthesize_reasoning_data(
             problems=data.outputs["train_dataset"],
-            teacher_token_env="TEACHER_API_KEY",
+            teacher_token_env=TEACHER_KEYS["api_key"],
+            teacher_token_optional=True,  # the Secret is optional: without it the teacher is asked keyless
             seed=args["train"]["seed"],
             **args["synthesis"],
         )
