@@ -262,3 +262,44 @@ def test_what_a_chain_cannot_honour_is_refused(tmp_path, capsys):
         )
     flags = ["--config", str(SFT_DPO), "--compile", str(tmp_path / "c.yaml"), "--stages", "dpo"]
     assert main(flags) == 2 and "--stages" in capsys.readouterr().err
+
+
+REWARD_MODEL_CHAIN = ROOT / "examples" / "multistage" / "sft_reward_model_rl.yaml"
+
+
+def test_a_reward_model_stage_hands_its_reward_model_to_the_rl_stage(tmp_path):
+    """The reward_model step's artifact is the rl step's reward_model; the policy goes on from the SFT
+    model; --eval_every_stage adds an evaluation of every stage's model."""
+    values = overrides(("sft", "reward_model", "rl"))
+    out = compile_chain(
+        REWARD_MODEL_CHAIN, tmp_path / "c.yaml", values, eval_tasks=["arc_easy"], eval_every_stage=True
+    )
+    tasks = tasks_of(next(yaml.safe_load_all(out.read_text())))
+    key = {t["taskInfo"]["name"]: k for k, t in tasks.items()}
+    rl = tasks[key["rl (ppo)"]]["inputs"]["artifacts"]
+    assert rl["reward_model"]["taskOutputArtifact"]["producerTask"] == key["reward_model (reward_model)"]
+    assert rl["base_model"]["taskOutputArtifact"]["producerTask"] == key["sft (sft)"]
+    assert (
+        "reward_model_path"
+        not in tasks[key["rl (ppo)"]]["inputs"]["parameters"]["training_options"]["runtimeValue"]["constant"]
+    )
+    assert {"evaluate: sft vs base", "evaluate: final vs base"} <= set(key)
+
+
+@pytest.mark.slow
+def test_sft_reward_model_rl_runs_under_kfp_local(tmp_path):
+    values = overrides(
+        ("sft", "reward_model", "rl"),
+        **{
+            "stage_configs.sft.dataset_name_or_path": str(SAMPLES / "chat.jsonl"),
+            "stage_configs.reward_model.dataset_name_or_path": str(SAMPLES / "preference.jsonl"),
+            "stage_configs.reward_model.eval_dataset_name_or_path": str(SAMPLES / "preference.jsonl"),
+            "stage_configs.rl.num_generations": 2,
+            "stage_configs.rl.max_new_tokens": 8,
+            "stage_configs.rl.ppo_epochs": 1,
+        },
+    )
+    run_dir = run_chain(tmp_path, REWARD_MODEL_CHAIN, values)
+    rl = training_config_of(run_dir, "train-model-3")
+    assert rl["algorithm"] == "ppo" and rl["reward_model_path"] == str(run_dir / "train-model-2" / "model")
+    assert rl["model_name_or_path"] == str(run_dir / "train-model" / "model")  # the SFT policy, not the RM

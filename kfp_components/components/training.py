@@ -18,6 +18,7 @@ def train_model(
     model_name_or_path: str,
     eval_dataset: dsl.Input[dsl.Dataset] = None,
     base_model: dsl.Input[dsl.Model] = None,
+    reward_model: dsl.Input[dsl.Model] = None,
     algorithm: str = "osft",
     backend: str = "trainjob",
     effective_batch_size: int = 128,
@@ -131,6 +132,9 @@ def train_model(
         base_model: A Model artifact to start from instead of model_name_or_path (the previous stage of a
             chain): its folder with the local backend, its copy on the workspace volume (the artifact's
             workspace_uri) with a TrainJob; model_name_or_path then only names the chain's base model.
+        reward_model: A reward model artifact (an earlier reward_model step), one more reward of the online
+            algorithms, read from its folder locally and from its copy on the workspace with a TrainJob (the
+            trainer option reward_model_path, which training_options must then leave out).
         stage_name: The step's folder on the workspace and the TrainJob's stage (empty: train-<algorithm>);
             each stage of a chain has its own.
 
@@ -160,6 +164,15 @@ def train_model(
                 "base_model has no copy on the workspace volume (metadata workspace_uri): a TrainJob reads the "
                 "previous stage's model from there; train that stage with backend trainjob too"
             )
+    if reward_model is not None:
+        if "reward_model_path" in training_options:
+            raise ValueError(
+                "give the reward model as reward_model or as training_options.reward_model_path, not both"
+            )
+        scorer = reward_model.path if backend == "local" else reward_model.metadata.get("workspace_uri", "")
+        if not scorer:
+            raise ValueError("reward_model has no copy on the workspace volume (metadata workspace_uri)")
+        training_options = {**training_options, "reward_model_path": scorer}
     result = run_train_model_step(
         train_data=train_dataset.path,
         eval_data=eval_dataset.path if eval_dataset is not None else None,

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --compile: evaluate the final model against the base model on these lm-eval tasks",
     )
     parser.add_argument(
+        "--eval_every_stage",
+        action="store_true",
+        help="with --compile and --eval_tasks: evaluate every stage's model against the base model too",
+    )
+    parser.add_argument(
         "--register_as",
         default="",
         metavar="NAME",
@@ -136,11 +141,16 @@ def main(argv: list[str] | None = None) -> int:
                     "--stages", "a compiled chain has every enabled stage; set enabled: false instead"
                 )
             written = compile_chain(
-                args.config, args.compile, overrides, eval_tasks=args.eval_tasks, register_as=args.register_as
+                args.config,
+                args.compile,
+                overrides,
+                eval_tasks=args.eval_tasks,
+                register_as=args.register_as,
+                eval_every_stage=args.eval_every_stage,
             )
             print(f"compiled: {written} (kfp pipeline upload -p <name> {written})")
             return 0
-        if args.eval_tasks or args.register_as:
+        if args.eval_tasks or args.register_as or args.eval_every_stage:
             raise ConfigError("--eval_tasks", "--eval_tasks and --register_as apply to --compile")
         config = load_pipeline_config(args.config, overrides)
         configure_logging(config.log_level)

@@ -17,10 +17,11 @@ each stage becomes steps of the KFP components:
 An ``rlaif`` stage compiles in its ``direct`` mode (the judge is one of the training step's rewards; its key
 reaches the TrainJob's workers from ``judge.token_secret``); a ``cot_distillation`` stage becomes a
 ``synthesize_reasoning_data`` step (the teacher's key from ``teacher.token_secret``) whose traces its training
-step learns. What cannot be compiled yet is reported by name at compile time: rlaif's ``distilled`` and
-``preference_data`` modes (pair labelling before training), cot_distillation's ``step_by_step`` mode and given
-traces, an ``rl`` stage using a reward model trained earlier in the chain, ``stage:<name>`` datasets, and
-custom stages.
+step learns. A ``reward_model`` stage trains its reward model and passes its input model on, as in a run;
+an ``rl`` stage's ``reward_model_path: stage:<name>`` receives that reward model's artifact. What cannot be
+compiled yet is reported by name at compile time: rlaif's ``distilled`` and ``preference_data`` modes (pair
+labelling before training), cot_distillation's ``step_by_step`` mode and given traces, ``stage:<name>``
+datasets, and custom stages. ``eval_every_stage`` evaluates every stage's model against the base too.
 
 The pipeline's parameters are where it runs: ``backend`` (trainjob or local), ``workspace_pvc``,
 ``trainer_image``, ``hf_token_secret``. Everything the YAML says is fixed at compile time (the YAML is the
@@ -66,15 +67,7 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
                 )
             )
             continue
-        if getattr(stage, "reward_model_stage", None) is not None:
-            problems.append(
-                (
-                    f"stage_configs.{name}.reward_model_path",
-                    "a reward model trained by an earlier stage of the chain cannot be handed on yet; give its "
-                    "folder or hub id",
-                )
-            )
-            continue
+        reward_model_from = getattr(stage, "reward_model_stage", None)
         if kind == "rlaif" and stage.config.mode != "direct":  # type: ignore[attr-defined]
             problems.append(
                 (
@@ -104,6 +97,8 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
         # the engine's config as the stage builds it (an rlaif stage adds its judge to the rewards)
         engine = to_dict(stage.training_config("<model>", "<data>", ""))
         options = {k: engine[k] for k in training_options(config) if k not in _SET_BY_CHAIN}
+        if reward_model_from is not None:  # the earlier reward_model step's artifact, not the CLI's folder
+            options.pop("reward_model_path", None)
         defaults = _engine_defaults()
         arguments = {k: v for k, v in options.items() if k in explicit}
         arguments["gpus_per_node"] = max(config.nproc_per_node, 1)  # the stage's processes: GPUs per worker
@@ -116,6 +111,7 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
                 "name": name,
                 "algorithm": stage.engine_algorithm(),
                 "synthesis": synthesis,
+                "reward_model_from": reward_model_from[0] if reward_model_from is not None else "",
                 "dataset": _dataset(config, "", stage.data_format)
                 if synthesis is None
                 else {
@@ -197,6 +193,7 @@ def chain_pipeline(
     *,
     eval_tasks: list[str] | None = None,
     register_as: str = "",
+    eval_every_stage: bool = False,
 ) -> Callable[..., Any]:
     """The KFP pipeline function of the multi-stage YAML ``config_path`` (see the module docstring)."""
     from kfp import dsl, kubernetes
@@ -267,7 +264,29 @@ def chain_pipeline(
                 datasets[key] = task
             return datasets[key]
 
+        def evaluate(trained: Any, title: str) -> Any:
+            evaluation = evaluate_model(
+                model=trained.outputs["model"],
+                tasks=list(eval_tasks or []),
+                base_model_name_or_path=base_model,
+                workspace_pvc=workspace_pvc,
+                workspace_path=common.WORKSPACE_MOUNT,
+            )
+            evaluation.set_display_name(title)
+            evaluation.set_retry(**common.NETWORK_RETRIES)
+            evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpu)
+            evaluation.set_memory_limit(eval_memory)
+            kubernetes.mount_pvc(evaluation, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
+            kubernetes.use_secret_as_env(
+                evaluation, secret_name=common.HF_SECRET, secret_key_to_env=common.HF_KEYS, optional=True
+            )
+            kubernetes.use_secret_as_env(
+                evaluation, secret_name=common.S3_SECRET, secret_key_to_env=common.S3_KEYS, optional=True
+            )
+            return evaluation
+
         previous = None
+        reward_models: dict[str, Any] = {}
         first_data = download(steps[0]["dataset"])
         for step in steps:
             data = download(step["dataset"])
@@ -292,6 +311,8 @@ def chain_pipeline(
                 extra["eval_dataset"] = download(step["eval_dataset"]).outputs["train_dataset"]
             if previous is not None:
                 extra["base_model"] = previous.outputs["model"]
+            if step["reward_model_from"]:
+                extra["reward_model"] = reward_models[step["reward_model_from"]].outputs["model"]
             task = train_model(
                 train_dataset=train_data,
                 model_name_or_path=base_model,
@@ -321,28 +342,14 @@ def chain_pipeline(
             )
             # the data, the models handed from stage to stage and the TrainJobs' outputs are on the workspace
             kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
+            if step["algorithm"] == "reward_model":
+                reward_models[step["name"]] = task  # the policy goes on from this stage's input model
+                continue
             previous = task
+            if eval_every_stage and eval_tasks and step is not steps[-1]:
+                evaluate(task, f"evaluate: {step['name']} vs base")
         assert previous is not None
-        evaluation = None
-        if eval_tasks:
-            evaluation = evaluate_model(
-                model=previous.outputs["model"],
-                tasks=list(eval_tasks),
-                base_model_name_or_path=base_model,
-                workspace_pvc=workspace_pvc,
-                workspace_path=common.WORKSPACE_MOUNT,
-            )
-            evaluation.set_display_name("evaluate: final vs base")
-            evaluation.set_retry(**common.NETWORK_RETRIES)
-            evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpu)
-            evaluation.set_memory_limit(eval_memory)
-            kubernetes.mount_pvc(evaluation, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
-            kubernetes.use_secret_as_env(
-                evaluation, secret_name=common.HF_SECRET, secret_key_to_env=common.HF_KEYS, optional=True
-            )
-            kubernetes.use_secret_as_env(
-                evaluation, secret_name=common.S3_SECRET, secret_key_to_env=common.S3_KEYS, optional=True
-            )
+        evaluation = evaluate(previous, "evaluate: final vs base") if eval_tasks else None
         if register_as:
             registration = register_model(
                 model=previous.outputs["model"],
@@ -379,11 +386,18 @@ def compile_chain(
     *,
     eval_tasks: list[str] | None = None,
     register_as: str = "",
+    eval_every_stage: bool = False,
 ) -> Path:
     """Compile ``config_path`` to the pipeline YAML ``output`` (uploadable with ``kfp pipeline upload``)."""
     from kfp import compiler
 
-    function = chain_pipeline(config_path, overrides, eval_tasks=eval_tasks, register_as=register_as)
+    function = chain_pipeline(
+        config_path,
+        overrides,
+        eval_tasks=eval_tasks,
+        register_as=register_as,
+        eval_every_stage=eval_every_stage,
+    )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     compiler.Compiler().compile(function, str(output))
