@@ -42,7 +42,7 @@ def run_demo(output_dir: Path) -> dict:
     with resources.as_file(samples) as folder, http_file_server(folder) as server:
         uri = f"{server.url}/chat.jsonl"
         log.info("demo: running osft_pipeline on %s (full log: %s)", uri, output_dir / LOG_NAME)
-        with condensed_console(output_dir / LOG_NAME, total_tasks=4):
+        with condensed_console(output_dir / LOG_NAME, total_tasks=5):
             osft_pipeline(
                 phase_01_dataset_man_data_uri=uri,
                 phase_02_train_man_train_model=str(model),

@@ -2,7 +2,7 @@
 
 ``kfp.local`` prints every task's executor input, output JSON and library chatter to ``sys.stdout``
 (hundreds of lines for one pipeline). :func:`condensed_console` writes all of it to a log file and shows
-only the stages (``[2/4] train-model``), the training steps (``step 3/15  loss 6.5520``), a few result lines
+only the stages (``[2/5] train-model``), the training steps (``step 3/15  loss 6.5520``), a few result lines
 and, when a task fails, the end of the log with the log's path.
 """
 

@@ -17,10 +17,11 @@ def test_demo_runs_the_osft_pipeline_end_to_end(tmp_path, capsys):
     assert "Demo summary: osft_pipeline under kfp.local" in printed
     # The console shows the stages and the training steps; kfp.local's raw output went to the log file.
     for stage in (
-        "[1/4] dataset-download",
-        "[2/4] train-model",
-        "[3/4] evaluate-model",
-        "[4/4] register-model",
+        "[1/5] dataset-download",
+        "[2/5] train-model",
+        "[3/5] evaluate-model",
+        "[4/5] promotion-gate",
+        "[5/5] register-model",
     ):
         assert stage in printed
     assert "      step 15/15  loss " in printed and "executor_input" not in printed
