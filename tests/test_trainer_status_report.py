@@ -237,7 +237,10 @@ def test_the_endpoint_refuses_bodies_the_trainer_could_get_wrong(endpoint):
     errors = "\n".join(server.trainer_status_errors(bad))
     expected = ["estimatedRemainingSeconds", "metrics[0].value", "trainerStatus.progress: unknown field"]
     if isinstance(server.schema, CrdSchema):  # the CRD's bounds and rules, where ../shared/reference has it
-        expected += ["progressPercentage: 101 is greater than the maximum of 100", "lastUpdatedTime is required"]
+        expected += [
+            "progressPercentage: 101 is greater than the maximum of 100",
+            "lastUpdatedTime is required",
+        ]
     for text in expected:
         assert text in errors
 
