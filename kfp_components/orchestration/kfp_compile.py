@@ -55,6 +55,7 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
     from kfp_components.stages.training import TrainingStage, training_options
 
     explicit = set(inspect.signature(train_model.python_func).parameters)
+    defaults = _engine_defaults()
     problems, steps = [], []
     for name, stage in stages.items():
         kind = stage.config.stage_type or name
@@ -99,7 +100,6 @@ def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
         options = {k: engine[k] for k in training_options(config) if k not in _SET_BY_CHAIN}
         if reward_model_from is not None:  # the earlier reward_model step's artifact, not the CLI's folder
             options.pop("reward_model_path", None)
-        defaults = _engine_defaults()
         arguments = {k: v for k, v in options.items() if k in explicit}
         arguments["gpus_per_node"] = max(config.nproc_per_node, 1)  # the stage's processes: GPUs per worker
         rest = {k: v for k, v in options.items() if k not in explicit and v != defaults.get(k)}
@@ -255,12 +255,7 @@ def chain_pipeline(
                 task = dataset_download(**spec)
                 task.set_display_name(f"dataset: {Path(str(spec['dataset_name_or_path'])).name}")
                 task.set_retry(**common.NETWORK_RETRIES)
-                kubernetes.use_secret_as_env(
-                    task, secret_name=common.HF_SECRET, secret_key_to_env=common.HF_KEYS, optional=True
-                )
-                kubernetes.use_secret_as_env(
-                    task, secret_name=common.S3_SECRET, secret_key_to_env=common.S3_KEYS, optional=True
-                )
+                common.give_fetch_secrets(task)
                 datasets[key] = task
             return datasets[key]
 
@@ -277,12 +272,7 @@ def chain_pipeline(
             evaluation.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(eval_gpu)
             evaluation.set_memory_limit(eval_memory)
             kubernetes.mount_pvc(evaluation, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
-            kubernetes.use_secret_as_env(
-                evaluation, secret_name=common.HF_SECRET, secret_key_to_env=common.HF_KEYS, optional=True
-            )
-            kubernetes.use_secret_as_env(
-                evaluation, secret_name=common.S3_SECRET, secret_key_to_env=common.S3_KEYS, optional=True
-            )
+            common.give_fetch_secrets(evaluation)
             return evaluation
 
         previous = None
@@ -331,15 +321,7 @@ def chain_pipeline(
             )
             task.set_display_name(f"{step['name']} ({step['algorithm']})")
             task.set_caching_options(False)  # a rerun adopts or resubmits its TrainJob, never a stale model
-            kubernetes.use_secret_as_env(
-                task,
-                secret_name=common.KUBE_SECRET,
-                optional=True,
-                secret_key_to_env={
-                    "server_url": "KUBERNETES_SERVER_URL",
-                    "auth_token": "KUBERNETES_AUTH_TOKEN",
-                },
-            )
+            common.give_cluster_credentials(task)
             # the data, the models handed from stage to stage and the TrainJobs' outputs are on the workspace
             kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
             if step["algorithm"] == "reward_model":
@@ -369,12 +351,7 @@ def chain_pipeline(
             )
             registration.set_caching_options(False)
             registration.set_retry(**common.NETWORK_RETRIES)
-            kubernetes.use_secret_as_env(
-                registration,
-                secret_name=common.REGISTRY_SECRET,
-                optional=True,
-                secret_key_to_env={"token": "MODEL_REGISTRY_TOKEN"},
-            )
+            common.give_registry_token(registration)
 
     return chain
 

@@ -258,6 +258,30 @@ def with_parameter_docs(func):
     return func
 
 
+def give_fetch_secrets(task) -> None:
+    """The optional Hub and S3 Secrets of a step that downloads (datasets, models to evaluate)."""
+    kubernetes.use_secret_as_env(task, secret_name=HF_SECRET, secret_key_to_env=HF_KEYS, optional=True)
+    kubernetes.use_secret_as_env(task, secret_name=S3_SECRET, secret_key_to_env=S3_KEYS, optional=True)
+
+
+def give_cluster_credentials(task) -> None:
+    """The optional Kubernetes credentials a training step submits its TrainJob with (else its service
+    account)."""
+    kubernetes.use_secret_as_env(
+        task,
+        secret_name=KUBE_SECRET,
+        optional=True,
+        secret_key_to_env={"server_url": "KUBERNETES_SERVER_URL", "auth_token": "KUBERNETES_AUTH_TOKEN"},
+    )
+
+
+def give_registry_token(task) -> None:
+    """The optional Model Registry token of a registration step."""
+    kubernetes.use_secret_as_env(
+        task, secret_name=REGISTRY_SECRET, optional=True, secret_key_to_env={"token": "MODEL_REGISTRY_TOKEN"}
+    )
+
+
 def add_stages(kind: str, parameters: dict) -> dict:
     """Add download (and for cot_distillation synthesis), training, evaluation, the promotion gate and
     registration to the pipeline ``kind`` being defined, from its ``parameters`` (``locals()``)."""
@@ -270,8 +294,7 @@ def add_stages(kind: str, parameters: dict) -> dict:
     data = dataset_download(data_format=DATA_FORMATS[kind], **args["dataset"])
     data.set_display_name("1. dataset")
     data.set_retry(**NETWORK_RETRIES)
-    kubernetes.use_secret_as_env(data, secret_name=HF_SECRET, secret_key_to_env=HF_KEYS, optional=True)
-    kubernetes.use_secret_as_env(data, secret_name=S3_SECRET, secret_key_to_env=S3_KEYS, optional=True)
+    give_fetch_secrets(data)
     steps = {"dataset": data}
     inputs = {"train_dataset": data.outputs["train_dataset"]}
     if kind not in ONLINE:
@@ -309,12 +332,7 @@ def add_stages(kind: str, parameters: dict) -> dict:
     )
     trained.set_display_name(f"2. train ({kind})")
     trained.set_caching_options(False)  # a rerun must adopt or resubmit its TrainJob, not reuse a stale model
-    kubernetes.use_secret_as_env(
-        trained,
-        secret_name=KUBE_SECRET,
-        optional=True,
-        secret_key_to_env={"server_url": "KUBERNETES_SERVER_URL", "auth_token": "KUBERNETES_AUTH_TOKEN"},
-    )
+    give_cluster_credentials(trained)
     kubernetes.mount_pvc(trained, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
     steps["train"] = trained
 
@@ -331,12 +349,11 @@ def add_stages(kind: str, parameters: dict) -> dict:
     evaluated.set_retry(**NETWORK_RETRIES)  # it fetches the base model (hub, S3) and lm-eval's data
     # a base model on the workspace volume (pvc://<workspace>/...) or in S3 is read from there
     kubernetes.mount_pvc(evaluated, pvc_name=workspace_pvc, mount_path=WORKSPACE_MOUNT)
-    kubernetes.use_secret_as_env(evaluated, secret_name=S3_SECRET, secret_key_to_env=S3_KEYS, optional=True)
+    give_fetch_secrets(evaluated)
     evaluated.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(step["gpu"])
     evaluated.set_memory_limit(step["memory"])
     kubernetes.add_node_selector_json(evaluated, node_selector_json=step["node_selector"])
     kubernetes.add_toleration_json(evaluated, toleration_json=step["tolerations"])
-    kubernetes.use_secret_as_env(evaluated, secret_name=HF_SECRET, secret_key_to_env=HF_KEYS, optional=True)
     eval_metrics = evaluated.outputs["metrics"]
     steps["evaluate"] = evaluated
 
@@ -367,12 +384,7 @@ def add_stages(kind: str, parameters: dict) -> dict:
             secret_key_to_env={"AWS_S3_ENDPOINT": "AWS_S3_ENDPOINT"},
             optional=True,
         )
-        kubernetes.use_secret_as_env(
-            registered,
-            secret_name=REGISTRY_SECRET,
-            optional=True,
-            secret_key_to_env={"token": "MODEL_REGISTRY_TOKEN"},
-        )
+        give_registry_token(registered)
     steps["register"] = registered
     return steps
 
