@@ -106,14 +106,12 @@ def test_the_compiled_chain_has_a_step_per_dataset_and_stage_wired_model_to_mode
         ({"stage_configs.dpo.beta": "high"}, r"stage_configs\.dpo\.beta: expected a float"),
         (
             {
-                "stages": ["sft", "dpo", "cot_distillation"],
-                "stage_configs.cot_distillation": {**COT, "distillation_mode": "step_by_step"},
+                "stages": ["sft", "dpo", "rlaif"],
+                "stage_configs.sft.enabled": False,
+                "stage_configs.dpo.enabled": False,
+                "stage_configs.rlaif": {**RLAIF, "mode": "preference_data"},
             },
-            r"stage_configs\.cot_distillation: a compiled cot_distillation stage synthesizes its traces",
-        ),
-        (
-            {"stages": ["sft", "dpo", "rlaif"], "stage_configs.rlaif": {**RLAIF, "mode": "preference_data"}},
-            r"stage_configs\.rlaif\.mode: an rlaif stage in mode preference_data labels pairs",
+            r"stages: every stage is an rlaif stage in mode preference_data: the chain would train nothing",
         ),
     ],
 )

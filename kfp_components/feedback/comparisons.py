@@ -8,6 +8,8 @@
   is better (so with an endpoint judge's hard verdicts, ``min_margin`` 0.5 keeps the pairs whose two orders
   agree and drops those where the judge only followed the position). Identical responses and pairs without a
   verdict are dropped too; every drop is counted.
+* :func:`label_preferences`: both together: a model's two answers per prompt, judged into a ``preference``
+  JSONL file (rlaif's ``distilled`` and ``preference_data`` modes, locally and as a pipeline step).
 * :func:`win_rate`: greedy responses of a tuned and a starting model to held-out prompts, compared by the
   judge in both orders: the mean preference for the tuned model (a tie counts half), with wins, ties and
   losses.
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kfp_components.feedback.judges import PairwiseJudge
+from kfp_components.feedback.judges import JudgeOptions, PairwiseJudge
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +179,70 @@ def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> None:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     partial.replace(path)
+
+
+def label_preferences(
+    model: str,
+    prompts_path: str | Path,
+    output: Path,
+    judge_options: JudgeOptions,
+    *,
+    min_margin: float,
+    temperature: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    max_new_tokens: int,
+    max_seq_len: int,
+    stop_strings: Sequence[str] = (),
+    seed: int = 42,
+    overlong: str = "drop",
+) -> dict[str, float]:
+    """Two answers of ``model`` per ``prompt`` row of ``prompts_path``, judged pairwise by the judge of
+    ``judge_options`` into the ``preference`` rows of ``output`` (see :func:`label_pairs`); the metrics are
+    the pair counts (``pairs/...``) and the judge's usage (``judge/...``). A :class:`ValueError` when the
+    judge kept no pair, and then ``output`` is not written."""
+    from kfp_components.feedback.judges import build_backend
+
+    log.info("sampling two answers per prompt from %s to be judged by %s", model, judge_options.describe())
+    responses = sample_responses(
+        model,
+        prompts_path,
+        num_generations=2,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        max_seq_len=max_seq_len,
+        stop_strings=stop_strings,
+        seed=seed,
+        overlong=overlong,
+    )
+    judge = PairwiseJudge(judge_options, build_backend(judge_options))
+    try:
+        rows, counts = label_pairs(responses, judge, min_margin=min_margin)
+        usage = judge.usage()
+    finally:
+        judge.close()
+    if not rows:
+        raise ValueError(
+            f"the judge kept no pair of the {counts.prompts} prompts ({counts.dropped_identical} with identical "
+            f"answers, {counts.dropped_undecided} undecided, {counts.dropped_unjudged} without a verdict); "
+            "raise temperature for more varied answers or lower preference_min_margin"
+        )
+    write_jsonl(rows, output)
+    log.info(
+        "judged pairs: %d of %d prompts kept (%d identical, %d undecided, %d without a verdict) -> %s",
+        counts.kept,
+        counts.prompts,
+        counts.dropped_identical,
+        counts.dropped_undecided,
+        counts.dropped_unjudged,
+        output,
+    )
+    return {
+        **{f"pairs/{k}": v for k, v in counts.metrics().items()},
+        **{f"judge/{k}": v for k, v in usage.items()},
+    }
 
 
 @dataclass

@@ -39,8 +39,8 @@ from typing import Any
 from kfp_components.stages.base import BaseStage
 from kfp_components.typed_config import ConfigError, to_dict
 
-#: Stage types a compiled chain can run: a TrainJob each (rlaif in its direct mode: the judge is a reward of
-#: the training step; cot_distillation: a synthesis step, then the student's TrainJob).
+#: Built-in stage types a compiled chain runs as TrainJobs (rlaif and cot_distillation with their own steps
+#: before training); any other registered stage runs as a custom stage in a step of its own.
 COMPILABLE = ("sft", "osft", "dpo", "reward_model", "rl", "rlaif", "cot_distillation")
 #: Options the chain sets itself, never passed on from a stage's YAML.
 _SET_BY_CHAIN = frozenset(
@@ -49,89 +49,168 @@ _SET_BY_CHAIN = frozenset(
 
 
 def chain_steps(stages: dict[str, BaseStage]) -> list[dict[str, Any]]:
-    """What each stage compiles to: ``{"name", "algorithm", "dataset", "eval_dataset", "arguments",
-    "training_options", "options"}``; a :class:`ConfigError` names every stage that cannot be compiled."""
+    """What each stage compiles to, in order: ``{"name", "kind", ...}`` with ``kind`` ``train`` (a training
+    step, after a synthesis, a pair labelling or a step_by_step step where the stage has one),
+    ``preference_data`` (the pair labelling only) or ``custom``; a :class:`ConfigError` names every stage that
+    cannot be compiled and why."""
     from kfp_components.components.training import train_model
-    from kfp_components.stages.training import TrainingStage, training_options
+    from kfp_components.stages.registry import BUILTIN_STAGES
 
     explicit = set(inspect.signature(train_model.python_func).parameters)
     defaults = _engine_defaults()
-    problems, steps = [], []
+    problems: list[tuple[str, str]] = []
+    steps: list[dict[str, Any]] = []
+    kinds: dict[str, str] = {}
     for name, stage in stages.items():
-        kind = stage.config.stage_type or name
-        if not isinstance(stage, TrainingStage) or kind not in COMPILABLE:
-            problems.append(
-                (
-                    f"stage_configs.{name}",
-                    f"a {kind} stage cannot be compiled into a chain yet (compiled chains run {', '.join(COMPILABLE)}; "
-                    "rlaif and cot_distillation have their own pipelines under pipelines/training)",
-                )
-            )
+        try:
+            if type(stage) not in BUILTIN_STAGES.values():
+                step = _custom_step(name, stage)
+            else:
+                step = _builtin_step(name, stage, explicit, defaults)
+            for prefix in ("", "eval_"):
+                source = step.get(f"{prefix}dataset_from", "")
+                if source and kinds.get(source) == "custom":
+                    raise ConfigError(
+                        f"stage_configs.{name}.{prefix}dataset_name_or_path",
+                        f"stage:{source}: {source!r} is a custom stage, whose written dataset a compiled chain "
+                        "does not hand on (its step hands on its model); give the dataset by its URI",
+                    )
+        except ConfigError as exc:
+            problems.extend(exc.problems)
             continue
-        reward_model_from = getattr(stage, "reward_model_stage", None)
-        if kind == "rlaif" and stage.config.mode != "direct":  # type: ignore[attr-defined]
-            problems.append(
-                (
-                    f"stage_configs.{name}.mode",
-                    f"an rlaif stage in mode {stage.config.mode} labels pairs before it trains: compiled chains "  # type: ignore[attr-defined]
-                    "run mode direct (the judge scores each completion in the TrainJob)",
-                )
+        kinds[name] = step["kind"]
+        steps.append(step)
+    if not problems and steps and all(step["kind"] == "preference_data" for step in steps):
+        problems.append(
+            (
+                "stages",
+                "every stage is an rlaif stage in mode preference_data: the chain would train nothing; add the "
+                "stage that learns the pairs (a dpo stage with dataset_name_or_path: stage:<rlaif stage>)",
             )
-            continue
-        if kind == "cot_distillation" and (
-            stage.config.dataset_name_or_path or stage.config.distillation_mode != "traces"  # type: ignore[attr-defined]
-        ):
-            problems.append(
-                (
-                    f"stage_configs.{name}",
-                    "a compiled cot_distillation stage synthesizes its traces (no dataset_name_or_path) and "
-                    "learns them as they are (distillation_mode traces)",
-                )
-            )
-            continue
-        if getattr(stage, "linked_datasets", None):
-            problems.append(
-                (f"stage_configs.{name}.dataset_name_or_path", "stage:<name> datasets cannot be compiled yet")
-            )
-            continue
-        config = stage.config
-        # the engine's config as the stage builds it (an rlaif stage adds its judge to the rewards)
-        engine = to_dict(stage.training_config("<model>", "<data>", ""))
-        options = {k: engine[k] for k in training_options(config) if k not in _SET_BY_CHAIN}
-        if reward_model_from is not None:  # the earlier reward_model step's artifact, not the CLI's folder
-            options.pop("reward_model_path", None)
-        arguments = {k: v for k, v in options.items() if k in explicit}
-        arguments["gpus_per_node"] = max(config.nproc_per_node, 1)  # the stage's processes: GPUs per worker
-        rest = {k: v for k, v in options.items() if k not in explicit and v != defaults.get(k)}
-        synthesis = None
-        if kind == "cot_distillation":
-            synthesis = _synthesis(stage)
-        steps.append(
-            {
-                "name": name,
-                "algorithm": stage.engine_algorithm(),
-                "synthesis": synthesis,
-                "reward_model_from": reward_model_from[0] if reward_model_from is not None else "",
-                "dataset": _dataset(config, "", stage.data_format)
-                if synthesis is None
-                else {
-                    **_dataset(config, "", "prompt"),
-                    "dataset_name_or_path": getattr(config, "reasoning_dataset_path", ""),
-                },
-                # rlaif's and cot_distillation's held-out data are for their own evaluations, not an eval loss
-                "eval_dataset": _dataset(config, "eval_", stage.data_format)
-                if config.eval_dataset_name_or_path and kind not in ("rlaif", "cot_distillation")
-                else None,
-                "arguments": arguments,
-                "training_options": rest,
-                "options": {
-                    k: v for k, v in to_dict(config).items() if k not in ("stage_name", "output_dir")
-                },
-            }
         )
     if problems:
         raise ConfigError.of(problems)
     return steps
+
+
+def _custom_step(name: str, stage: BaseStage) -> dict[str, Any]:
+    """A custom stage: its own code in a ``run_custom_stage`` step (see
+    :mod:`kfp_components.orchestration.custom_step`)."""
+    from kfp_components.orchestration.custom_step import stage_source
+
+    key = f"stage_configs.{name}"
+    if getattr(stage, "linked_datasets", None):
+        raise ConfigError(
+            f"{key}.dataset_name_or_path",
+            "a custom stage runs in a step of its own, which reads its data from its options: give the dataset "
+            "by its URI, not as stage:<name>",
+        )
+    return {
+        "name": name,
+        "kind": "custom",
+        "algorithm": stage.config.stage_type or name,
+        **stage_source(type(stage), key),
+        "options": {k: v for k, v in to_dict(stage.config).items() if k not in ("stage_name", "output_dir")},
+    }
+
+
+def _training(stage: Any, explicit: set[str], defaults: dict[str, Any], drop: tuple[str, ...] = ()) -> dict:
+    """The ``train_model`` arguments of a training stage: the options the component has as arguments, the
+    rest (those not at the engine's default) as ``training_options``."""
+    from kfp_components.stages.training import training_options
+
+    config = stage.config
+    # the engine's config as the stage builds it (an rlaif stage adds its judge to the rewards)
+    engine = to_dict(stage.training_config("<model>", "<data>", ""))
+    options = {k: engine[k] for k in training_options(config) if k not in _SET_BY_CHAIN and k not in drop}
+    arguments = {k: v for k, v in options.items() if k in explicit}
+    arguments["gpus_per_node"] = max(config.nproc_per_node, 1)  # the stage's processes: GPUs per worker
+    return {
+        "algorithm": stage.engine_algorithm(),
+        "arguments": arguments,
+        "training_options": {k: v for k, v in options.items() if k not in explicit and v != defaults.get(k)},
+    }
+
+
+def _builtin_step(name: str, stage: Any, explicit: set[str], defaults: dict[str, Any]) -> dict[str, Any]:
+    """A built-in stage's steps (see :func:`chain_steps`)."""
+    kind = type(stage).stage_name
+    config = stage.config
+    linked = {prefix: source for prefix, (source, _) in getattr(stage, "linked_datasets", {}).items()}
+    mode = getattr(config, "mode", "direct")
+    reward_model_from = getattr(stage, "reward_model_stage", None)
+    step: dict[str, Any] = {
+        "name": name,
+        "kind": "preference_data" if kind == "rlaif" and mode == "preference_data" else "train",
+        "synthesis": None,
+        "labelling": None,
+        "reward_model_step": None,
+        "step_by_step": None,
+        "reward_model_from": reward_model_from[0] if reward_model_from is not None else "",
+        "dataset_from": linked.get("", ""),
+        "eval_dataset_from": "",
+        "options": {k: v for k, v in to_dict(config).items() if k not in ("stage_name", "output_dir")},
+    }
+    data_format = stage.data_format
+    if kind == "cot_distillation":
+        if not config.dataset_name_or_path:
+            step["synthesis"] = _synthesis(stage)
+            step["dataset"] = {
+                **_dataset(config, "", "prompt"),
+                "dataset_name_or_path": config.reasoning_dataset_path,
+            }
+        if config.distillation_mode == "step_by_step":
+            step["step_by_step"] = {
+                "rationale_prefix": config.rationale_prefix,
+                "label_prefix": config.label_prefix,
+                "rationale_weight": config.rationale_weight,
+                "answer_column": config.rejection.answer_column,
+            }
+    if "dataset" not in step:
+        step["dataset"] = None if "" in linked else _dataset(config, "", data_format)
+    # rlaif's and cot_distillation's held-out data are for their own evaluations, not an eval loss
+    step["eval_dataset"] = None
+    if config.eval_dataset_name_or_path and kind not in ("rlaif", "cot_distillation"):
+        if "eval_" in linked:
+            step["eval_dataset_from"] = linked["eval_"]
+        else:
+            step["eval_dataset"] = _dataset(config, "eval_", data_format)
+    if kind == "rlaif" and mode != "direct":
+        step["labelling"] = _labelling(stage)
+    if step["kind"] == "preference_data":
+        return step
+    drop: tuple[str, ...] = ()
+    if reward_model_from is not None or (kind == "rlaif" and mode == "distilled"):
+        drop = ("reward_model_path",)  # the reward model step's artifact, not the CLI's folder
+    if kind == "rlaif" and mode == "distilled":
+        reward_stage = stage.distilled_reward_model()
+        step["reward_model_step"] = {
+            **_training(reward_stage, explicit, defaults),
+            "options": {
+                k: v
+                for k, v in to_dict(reward_stage.config).items()
+                if k not in ("stage_name", "output_dir", "dataset_name_or_path")
+            },
+        }
+    step.update(_training(stage, explicit, defaults, drop))
+    return step
+
+
+def _labelling(stage: Any) -> dict[str, Any]:
+    """The ``label_preference_pairs`` arguments of an rlaif stage in mode distilled or preference_data."""
+    config = stage.config
+    return {
+        "judge": to_dict(config.judge),
+        "min_margin": config.preference_min_margin,
+        "temperature": config.temperature,
+        "top_p": config.top_p,
+        "top_k": config.top_k,
+        "max_new_tokens": config.max_new_tokens,
+        "max_seq_len": config.max_seq_len,
+        "stop_strings": list(config.stop_strings),
+        "seed": config.seed,
+        "overlong": config.overlong,
+    }
 
 
 def _synthesis(stage: Any) -> dict[str, Any]:
@@ -198,9 +277,12 @@ def chain_pipeline(
     """The KFP pipeline function of the multi-stage YAML ``config_path`` (see the module docstring)."""
     from kfp import dsl, kubernetes
 
+    from kfp_components.components.custom_stage import run_custom_stage
     from kfp_components.components.dataset import dataset_download
     from kfp_components.components.evaluation import evaluate_model
+    from kfp_components.components.preferences import label_preference_pairs
     from kfp_components.components.registry import register_model
+    from kfp_components.components.step_by_step import step_by_step_targets
     from kfp_components.components.synthesis import synthesize_reasoning_data
     from kfp_components.components.training import train_model
     from kfp_components.images import TRAINER_IMAGE
@@ -233,6 +315,7 @@ def chain_pipeline(
         eval_memory: str = "64Gi",
         registry_address: str = "",
         registry_port: int = 0,
+        sample_gpu: int = 1,
     ) -> None:
         """The stages of the multi-stage YAML, one step each.
 
@@ -246,6 +329,8 @@ def chain_pipeline(
             eval_memory: Memory limit of the evaluation step.
             registry_address: Model Registry service address (used with register_as at compile time).
             registry_port: Model Registry port (0: the default of the scheme).
+            sample_gpu: GPUs of the steps where a model answers prompts outside a TrainJob (rlaif's judged
+                pairs).
         """
         datasets: dict[tuple[Any, ...], Any] = {}
 
@@ -275,36 +360,32 @@ def chain_pipeline(
             common.give_fetch_secrets(evaluation)
             return evaluation
 
-        previous = None
+        previous = None  # the step whose model the next stage starts from (None: the base model)
+        previous_name = ""  # its stage
+        started_from: Any = None  # the step whose model `previous` started from (None: the base model)
         reward_models: dict[str, Any] = {}
-        first_data = download(steps[0]["dataset"])
-        for step in steps:
-            data = download(step["dataset"])
-            train_data = data.outputs["train_dataset"]
-            if step["synthesis"] is not None:
-                arguments = dict(step["synthesis"])
-                token_secret = arguments.pop("token_secret")
-                synthesis = synthesize_reasoning_data(problems=train_data, **arguments)
-                synthesis.set_display_name(f"{step['name']}: teacher traces")
-                synthesis.set_retry(**common.NETWORK_RETRIES)
-                if (
-                    token_secret
-                ):  # the teacher's key from its Kubernetes Secret, as the TrainJob gets a judge's
-                    secret, _, key = token_secret.partition("/")
-                    env = arguments["teacher_token_env"]
-                    kubernetes.use_secret_as_env(
-                        synthesis, secret_name=secret, secret_key_to_env={key or env: env}
-                    )
-                train_data = synthesis.outputs["dataset"]
-            extra: dict[str, Any] = {}
-            if step["eval_dataset"] is not None:
-                extra["eval_dataset"] = download(step["eval_dataset"]).outputs["train_dataset"]
-            if previous is not None:
-                extra["base_model"] = previous.outputs["model"]
-            if step["reward_model_from"]:
-                extra["reward_model"] = reward_models[step["reward_model_from"]].outputs["model"]
+        written: dict[str, Any] = {}  # stage name -> the Dataset output its stage:<name> readers get
+        downloads = [step["dataset"] for step in steps if step.get("dataset")]
+        first_data = download(downloads[0]) if downloads else None
+
+        def with_secret(task: Any, token_env: str, token_secret: str) -> None:
+            """An endpoint's key from its Kubernetes Secret as ``token_env``, as the TrainJob gets a judge's."""
+            if token_secret:
+                secret, _, key = token_secret.partition("/")
+                kubernetes.use_secret_as_env(
+                    task, secret_name=secret, secret_key_to_env={key or token_env: token_env}
+                )
+
+        def on_workspace(task: Any) -> Any:
+            task.set_caching_options(False)  # a rerun adopts or resubmits its TrainJob, never a stale model
+            common.give_cluster_credentials(task)
+            # the data, the models handed on and the TrainJobs' outputs are on the workspace
+            kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
+            return task
+
+        def train(step: dict[str, Any], data: Any, title: str, stage: str, **extra: Any) -> Any:
             task = train_model(
-                train_dataset=train_data,
+                train_dataset=data,
                 model_name_or_path=base_model,
                 algorithm=step["algorithm"],
                 backend=backend,
@@ -315,19 +396,108 @@ def chain_pipeline(
                 num_nodes=num_nodes,
                 hf_token_secret=hf_token_secret,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-                stage_name=f"stage-{step['name']}",
+                stage_name=stage,
                 **step["arguments"],
                 **extra,
             )
-            task.set_display_name(f"{step['name']} ({step['algorithm']})")
-            task.set_caching_options(False)  # a rerun adopts or resubmits its TrainJob, never a stale model
-            common.give_cluster_credentials(task)
-            # the data, the models handed from stage to stage and the TrainJobs' outputs are on the workspace
-            kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
+            task.set_display_name(title)
+            return on_workspace(task)
+
+        for step in steps:
+            if step["kind"] == "custom":
+                model_input: dict[str, Any] = (
+                    {"base_model": previous.outputs["model"]}
+                    if previous is not None
+                    else {"model_name_or_path": base_model}
+                )
+                if previous is not None:
+                    model_input["previous_stage"] = previous_name
+                    if started_from is not None:
+                        model_input["previous_input_model"] = started_from.outputs["model"]
+                    else:
+                        model_input["previous_input_name"] = base_model
+                task = run_custom_stage(
+                    stage_name=step["name"],
+                    stage_class=step["stage_class"],
+                    stage_options=step["options"],
+                    plugin_name=step["plugin_name"],
+                    plugin_source=step["plugin_source"],
+                    backend=backend,
+                    workspace_pvc=workspace_pvc,
+                    workspace_path=common.WORKSPACE_MOUNT,
+                    run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                    **model_input,
+                )
+                task.set_display_name(f"{step['name']} (custom stage)")
+                task.set_container_image(trainer_image)  # the package and a GPU build of torch
+                on_workspace(task)
+                started_from, previous, previous_name = previous, task, step["name"]
+                if eval_every_stage and eval_tasks and step is not steps[-1]:
+                    evaluate(task, f"evaluate: {step['name']} vs base")
+                continue
+            if step["dataset_from"]:
+                train_data = written[step["dataset_from"]]
+            else:
+                train_data = download(step["dataset"]).outputs["train_dataset"]
+            if step["synthesis"] is not None:
+                arguments = dict(step["synthesis"])
+                token_secret = arguments.pop("token_secret")
+                synthesis = synthesize_reasoning_data(problems=train_data, **arguments)
+                synthesis.set_display_name(f"{step['name']}: teacher traces")
+                synthesis.set_retry(**common.NETWORK_RETRIES)
+                with_secret(synthesis, arguments["teacher_token_env"], token_secret)
+                train_data = synthesis.outputs["dataset"]
+            if step["step_by_step"] is not None:
+                shaping = step_by_step_targets(traces=train_data, **step["step_by_step"])
+                shaping.set_display_name(f"{step['name']}: step-by-step targets")
+                train_data = shaping.outputs["dataset"]
+            if step["labelling"] is not None:
+                arguments = dict(step["labelling"])
+                judge = arguments["judge"]
+                model_input = (
+                    {"model": previous.outputs["model"]}
+                    if previous is not None
+                    else {"model_name_or_path": base_model}
+                )
+                labelling = label_preference_pairs(prompts=train_data, **arguments, **model_input)
+                labelling.set_display_name(f"{step['name']}: judged pairs")
+                labelling.set_retry(**common.NETWORK_RETRIES)
+                labelling.set_caching_options(False)  # the judge's verdicts are not reused
+                labelling.set_container_image(trainer_image)  # the model samples here: a GPU build of torch
+                labelling.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(sample_gpu)
+                common.give_fetch_secrets(labelling)
+                with_secret(labelling, judge.get("token_env", ""), judge.get("token_secret", ""))
+                train_data = labelling.outputs["preferences"]
+            written[step["name"]] = train_data  # what a later stage:<name> dataset reads
+            if step["kind"] == "preference_data":
+                continue  # the model passes on unchanged
+            extra: dict[str, Any] = {}
+            if step["eval_dataset_from"]:
+                extra["eval_dataset"] = written[step["eval_dataset_from"]]
+            elif step["eval_dataset"] is not None:
+                extra["eval_dataset"] = download(step["eval_dataset"]).outputs["train_dataset"]
+            if previous is not None:
+                extra["base_model"] = previous.outputs["model"]
+            if step["reward_model_step"] is not None:  # rlaif distilled: a reward model on the judged pairs
+                rm_step = step["reward_model_step"]
+                reward_model = train(
+                    rm_step,
+                    train_data,
+                    f"{step['name']}: reward model (reward_model)",
+                    f"stage-{step['name']}-reward-model",
+                    **({"base_model": extra["base_model"]} if previous is not None else {}),
+                )
+                extra["reward_model"] = reward_model.outputs["model"]
+                train_data = download(step["dataset"]).outputs["train_dataset"]  # the policy's prompts
+            if step["reward_model_from"]:
+                extra["reward_model"] = reward_models[step["reward_model_from"]].outputs["model"]
+            task = train(
+                step, train_data, f"{step['name']} ({step['algorithm']})", f"stage-{step['name']}", **extra
+            )
             if step["algorithm"] == "reward_model":
                 reward_models[step["name"]] = task  # the policy goes on from this stage's input model
                 continue
-            previous = task
+            started_from, previous, previous_name = previous, task, step["name"]
             if eval_every_stage and eval_tasks and step is not steps[-1]:
                 evaluate(task, f"evaluate: {step['name']} vs base")
         assert previous is not None
@@ -336,8 +506,8 @@ def chain_pipeline(
             registration = register_model(
                 model=previous.outputs["model"],
                 base_model_name_or_path=base_model,
-                dataset_name_or_path=str(steps[0]["dataset"]["dataset_name_or_path"]),
-                dataset_sha256=first_data.outputs["train_sha256"],
+                dataset_name_or_path=str(downloads[0]["dataset_name_or_path"]) if downloads else "",
+                dataset_sha256=first_data.outputs["train_sha256"] if first_data is not None else "",
                 registry_address=registry_address,
                 registry_port=registry_port,
                 algorithm=" -> ".join(f"{s['name']}:{s['algorithm']}" for s in steps),

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, prepare_dataset
+from kfp_components.feedback.step_by_step import with_prefix
 from kfp_components.feedback.synthesis import RejectionOptions
 from kfp_components.feedback.teacher import TeacherOptions
 from kfp_components.stages.base import StageResult
@@ -399,50 +400,16 @@ class CoTDistillationStage(TrainingStage):
         if self.config.distillation_mode == "traces":
             return traces
         target = self.traces_path.with_name("step_by_step.jsonl")
-        from kfp_components.rewards.answers import extract_answer
+        from kfp_components.feedback.step_by_step import step_by_step_targets
 
-        rows: list[dict[str, Any]] = []
-        answered: set[str] = set()
-        for line in traces.read_text(encoding="utf-8").splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            messages = row["messages"]
-            problem, trace = messages[:-1], messages[-1]["content"]
-            reference = row.get("answer", row.get(self.config.rejection.answer_column))
-            key = json.dumps(problem, sort_keys=True)
-            answer = None
-            if reference is not None and key not in answered:  # one answer target per problem
-                answered.add(key)
-                answer = extract_answer(str(reference)) or str(reference).strip()
-            rows.append(
-                {
-                    "messages": [
-                        *_with_prefix(problem, self.config.rationale_prefix),
-                        {"role": "assistant", "content": trace},
-                    ],
-                    "weight": self.config.rationale_weight,
-                }
-            )
-            if answer is not None:
-                rows.append(
-                    {
-                        "messages": [
-                            *_with_prefix(problem, self.config.label_prefix),
-                            {"role": "assistant", "content": f"#### {answer}"},
-                        ],
-                        "weight": 1.0,
-                    }
-                )
-        if not answered:
-            raise ConfigError(
-                "distillation_mode",
-                f"step_by_step needs each trace's reference answer: the rows of {traces} have no 'answer' (nor "
-                f"{self.config.rejection.answer_column!r}) column",
-            )
-        from kfp_components.feedback.comparisons import write_jsonl
-
-        write_jsonl(rows, target)
+        step_by_step_targets(
+            traces,
+            target,
+            rationale_prefix=self.config.rationale_prefix,
+            label_prefix=self.config.label_prefix,
+            rationale_weight=self.config.rationale_weight,
+            answer_column=self.config.rejection.answer_column,
+        )
         return target
 
     def evaluate(self, base: str, tuned: str, problems_path: str) -> tuple[Path, dict[str, float]]:
@@ -468,7 +435,7 @@ class CoTDistillationStage(TrainingStage):
             """What the student was trained on: the teacher's rendering of the problem, without its system
             prompt (step_by_step: after label_prefix)."""
             turns = student_turns(teacher, row)
-            return _with_prefix(turns, student_prefix)
+            return with_prefix(turns, student_prefix)
 
         scores = {}
         if config.teacher_model_path and config.teacher_model_type == "local":
@@ -494,12 +461,3 @@ class CoTDistillationStage(TrainingStage):
             ", ".join(f"{role} {score.accuracy:.3f}" for role, score in scores.items()),
         )
         return report, metrics
-
-
-def _with_prefix(messages: list[dict[str, Any]], prefix: str) -> list[dict[str, Any]]:
-    messages = [dict(m) for m in messages]
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            message["content"] = prefix + str(message.get("content", ""))
-            break
-    return messages

@@ -287,17 +287,15 @@ class RLAIFStage(RLStage):
 
     def label_preferences(self, model: str, prompts_path: str) -> dict[str, float]:
         """Two answers of ``model`` per training prompt, judged pairwise into :attr:`preferences_path`."""
-        from kfp_components.feedback.comparisons import label_pairs, sample_responses, write_jsonl
-        from kfp_components.feedback.judges import PairwiseJudge, build_backend
+        from kfp_components.feedback.comparisons import label_preferences
 
         config = self.config
-        self.log.info(
-            "sampling two answers per prompt from %s to be judged by %s", model, config.judge.describe()
-        )
-        responses = sample_responses(
+        return label_preferences(
             model,
             prompts_path,
-            num_generations=2,
+            self.preferences_path,
+            config.judge,
+            min_margin=config.preference_min_margin,
             temperature=config.temperature,
             top_p=config.top_p,
             top_k=config.top_k,
@@ -307,32 +305,6 @@ class RLAIFStage(RLStage):
             seed=config.seed,
             overlong=config.overlong,
         )
-        judge = PairwiseJudge(config.judge, build_backend(config.judge))
-        try:
-            rows, counts = label_pairs(responses, judge, min_margin=config.preference_min_margin)
-            usage = judge.usage()
-        finally:
-            judge.close()
-        if not rows:
-            raise ValueError(
-                f"the judge kept no pair of the {counts.prompts} prompts ({counts.dropped_identical} with identical "
-                f"answers, {counts.dropped_undecided} undecided, {counts.dropped_unjudged} without a verdict); "
-                "raise temperature for more varied answers or lower preference_min_margin"
-            )
-        write_jsonl(rows, self.preferences_path)
-        self.log.info(
-            "judged pairs: %d of %d prompts kept (%d identical, %d undecided, %d without a verdict) -> %s",
-            counts.kept,
-            counts.prompts,
-            counts.dropped_identical,
-            counts.dropped_undecided,
-            counts.dropped_unjudged,
-            self.preferences_path,
-        )
-        return {
-            **{f"pairs/{k}": v for k, v in counts.metrics().items()},
-            **{f"judge/{k}": v for k, v in usage.items()},
-        }
 
     def measure_win_rate(self, tuned: str, base: str, prompts_path: str) -> dict[str, float]:
         """The tuned model's win rate against the input model on the held-out prompts."""
