@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.trainer import tensorboard_events as tb
 from kfp_components.trainer.config import TrainingConfig
-from kfp_components.trainer.tracking import scalars_of
+from kfp_components.trainer.tracking import MlflowTracker, scalars_of
 from kfp_components.trainer.train import train
 from kfp_components.typed_config import ConfigError, from_dict
 
@@ -240,3 +241,44 @@ def test_an_mlflow_outage_mid_run_neither_stops_training_nor_loses_metrics(tmp_p
     assert "could not log" in caplog.text
     expected = expected_scalars(metrics_records(tmp_path / "run"))
     assert server.history(run, "loss") == [(s, pytest.approx(v)) for s, v in expected["loss"]]
+
+
+def test_a_slow_mlflow_server_does_not_delay_the_training_loop(tmp_path, monkeypatch):
+    """Every request takes 1 s on the server: handing the start and five records over takes a fraction of
+    that (the sending thread waits, not the loop), and close still delivers every metric and the end."""
+    with mlflow_server(latency_seconds=1.0) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+        tracker = MlflowTracker(config(tmp_path, report_to=["mlflow"]), "slow")
+        started = time.monotonic()
+        tracker.start([{"step": 0, "loss": 2.0}], resumed=False)
+        for step in range(1, 6):
+            tracker.write({"step": step, "loss": 1.0 / step})
+        handed_over = time.monotonic() - started
+        tracker.close("FINISHED")
+    assert handed_over < 0.5, handed_over
+    run = server.run_named("slow")
+    assert run["info"]["status"] == "FINISHED"
+    assert server.history(run, "loss") == [(0, 2.0)] + [(s, pytest.approx(1.0 / s)) for s in range(1, 6)]
+
+
+def test_an_mlflow_server_that_fails_neither_blocks_nor_fails_the_loop(tmp_path, monkeypatch, caplog):
+    """Every log-batch answered 503 after a delay: the records are handed over at once, close gives up after
+    its flush bound with a warning, and nothing is raised; a full queue drops records and says so."""
+    with mlflow_server(fail_log_batch=10**9, latency_seconds=0.3) as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        tracker = MlflowTracker(
+            config(tmp_path, report_to=["mlflow"]), "down", max_records=3, flush_seconds=1.5
+        )
+        with caplog.at_level(logging.WARNING, logger="kfp_components.trainer"):
+            started = time.monotonic()
+            tracker.start([], resumed=False)
+            for step in range(1, 21):
+                tracker.write({"step": step, "loss": 1.0})
+            handed_over = time.monotonic() - started
+            tracker.close("FINISHED")
+            closed = time.monotonic() - started
+    assert handed_over < 0.5, handed_over
+    assert closed < 1.5 + 1.0, closed  # the flush bound, not the server's pace
+    assert tracker.dropped > 0 and "dropped" in caplog.text

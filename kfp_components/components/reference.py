@@ -16,10 +16,13 @@ from typing import Any
 
 from kfp.dsl.types import type_annotations
 
+from kfp_components.components.custom_stage import run_custom_stage
 from kfp_components.components.dataset import dataset_download
 from kfp_components.components.evaluation import evaluate_model
 from kfp_components.components.gate import online_training_options, promotion_gate
+from kfp_components.components.preferences import label_preference_pairs
 from kfp_components.components.registry import register_model
+from kfp_components.components.step_by_step import step_by_step_targets
 from kfp_components.components.synthesis import synthesize_reasoning_data
 from kfp_components.components.training import train_model
 
@@ -29,8 +32,11 @@ END = "<!-- end of generated components -->"
 COMPONENTS = (
     dataset_download,
     synthesize_reasoning_data,
+    step_by_step_targets,
+    label_preference_pairs,
     online_training_options,
     train_model,
+    run_custom_stage,
     evaluate_model,
     promotion_gate,
     register_model,

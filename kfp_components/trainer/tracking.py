@@ -11,15 +11,24 @@
   (FINISHED, FAILED or KILLED). A resumed run continues the unfinished MLflow run of the same name. A
   tracking server that stops answering mid-run does not stop the training: the records are kept and sent
   with the next ones, with a warning, and the ones still unsent at the end are counted in the log.
+
+  Everything MLflow is sent from a thread of its own (:class:`MlflowTracker`), as the Kubeflow status
+  reporter does: the training loop only puts a record in a bounded queue (:data:`MLFLOW_QUEUE_RECORDS`; a
+  record that finds it full is dropped and counted), so a slow or unreachable tracking server never delays a
+  step. ``close`` hands over the run's end status and waits at most :data:`MLFLOW_FLUSH_SECONDS` for what is
+  queued to go out; nothing the thread meets is raised into the training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import math
 import os
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -91,7 +100,84 @@ class TensorBoardTracker:
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
+#: Records the MLflow thread may have waiting; one more is dropped (and counted) rather than wait for room.
+MLFLOW_QUEUE_RECORDS = 10_000
+#: How long ``close`` waits for the queued records and the end status to go out.
+MLFLOW_FLUSH_SECONDS = 60.0
+
+
 class MlflowTracker:
+    """The MLflow run, fed from the training loop without waiting on the server (see the module docstring):
+    ``start``, ``write`` and ``close`` hand their work to a sending thread running :class:`MlflowSession`."""
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        run_name: str,
+        *,
+        max_records: int = MLFLOW_QUEUE_RECORDS,
+        flush_seconds: float = MLFLOW_FLUSH_SECONDS,
+    ):
+        self.session = MlflowSession(config, run_name)
+        self.flush_seconds = flush_seconds
+        self.dropped = 0
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=max_records)
+        self._thread = threading.Thread(target=self._run, name="mlflow-tracking", daemon=True)
+        self._thread.start()
+
+    def start(self, kept: list[dict[str, Any]], resumed: bool) -> None:
+        self._put(("start", (list(kept), resumed)))
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._put(("write", dict(record)))
+
+    def close(self, status: str) -> None:
+        deadline = time.monotonic() + self.flush_seconds
+        with contextlib.suppress(queue.Full):  # the end status waits for room in a full queue, a bounded time
+            self._queue.put(("close", status), timeout=self.flush_seconds)
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning(
+                "mlflow: the tracking server did not take the run's last records within %g s; %d records "
+                "were still queued",
+                self.flush_seconds,
+                self._queue.qsize(),
+            )
+        if self.dropped:
+            log.warning(
+                "mlflow: %d records of run %s were dropped: the queue to the tracking server was full",
+                self.dropped,
+                self.session.run_name,
+            )
+
+    def _put(self, item: tuple[str, Any]) -> None:
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            if not self.dropped:
+                log.warning("mlflow: the tracking server falls behind; dropping records until it catches up")
+            self.dropped += 1
+
+    def _run(self) -> None:
+        while True:
+            kind, payload = self._queue.get()
+            try:
+                if kind == "start":
+                    self.session.start(*payload)
+                elif kind == "write":
+                    self.session.write(payload)
+                else:
+                    self.session.close(payload)
+                    return
+            except Exception as exc:  # never into the training: the session keeps what it could not send
+                log.warning("mlflow: %s failed (%s)", kind, exc)
+
+
+class MlflowSession:
+    """The MLflow client calls of one run, made from :class:`MlflowTracker`'s thread. A run that could not
+    be created yet (the server down at the start) is created with the next record; the records meanwhile are
+    kept."""
+
     def __init__(self, config: TrainingConfig, run_name: str):
         for name, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
@@ -103,6 +189,7 @@ class MlflowTracker:
         self.run_id = ""
         self.unsent: list[Any] = []
         self.failing = False
+        self._pending_start: tuple[list[dict[str, Any]], bool] | None = None
 
     def _experiment_id(self) -> str:
         if os.environ.get("MLFLOW_EXPERIMENT_ID"):
@@ -114,6 +201,30 @@ class MlflowTracker:
         return experiment.experiment_id if experiment else self.client.create_experiment(name)
 
     def start(self, kept: list[dict[str, Any]], resumed: bool) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for record in kept:  # sent once the run exists
+            step = int(record.get("step", 0))
+            self.unsent += [Metric(key, value, now, step) for key, value in scalars_of(record).items()]
+        self._pending_start = ([], resumed)
+        self._send()
+
+    def _create(self) -> bool:
+        """Create (or find) the run if that is still to do; whether the run exists."""
+        if self._pending_start is None:
+            return bool(self.run_id)
+        try:
+            self._open_run(self._pending_start[1])
+        except Exception as exc:
+            if not self.failing:
+                log.warning("mlflow: could not start the run (%s); trying again with the next step", exc)
+            self.failing = True
+            return False
+        self._pending_start = None
+        return True
+
+    def _open_run(self, resumed: bool) -> None:
         from kfp_components.redaction import redact_record
         from kfp_components.typed_config import to_dict
 
@@ -143,11 +254,12 @@ class MlflowTracker:
             Param(key, str(value)[:6000])
             for key, value in sorted(redact_record(to_dict(self.config)).items())
         ]
-        for start in range(0, len(params), 100):  # the server takes at most 100 params per request
-            self.client.log_batch(self.run_id, params=params[start : start + 100])
+        try:
+            for start in range(0, len(params), 100):  # the server takes at most 100 params per request
+                self.client.log_batch(self.run_id, params=params[start : start + 100])
+        except Exception as exc:  # the run exists: its metrics still go to it
+            log.warning("mlflow: could not log the run's params (%s)", exc)
         log.info("mlflow: run %s (%s) in experiment %s", self.run_name, self.run_id, experiment_id)
-        for record in kept:
-            self.write(record)
 
     def write(self, record: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -158,6 +270,8 @@ class MlflowTracker:
         self._send()
 
     def _send(self) -> None:
+        if not self._create():
+            return
         try:
             while self.unsent:
                 batch = self.unsent[:1000]  # the server takes at most 1000 metrics per request
@@ -175,9 +289,11 @@ class MlflowTracker:
         self.failing = False
 
     def close(self, status: str) -> None:
-        if not self.run_id:
-            return
         self._send()
+        if not self.run_id:
+            if self.unsent:
+                log.warning("mlflow: run %s was never created; its metrics were not sent", self.run_name)
+            return
         if self.unsent:
             log.warning("mlflow: %d metric values of run %s were not sent", len(self.unsent), self.run_name)
         try:

@@ -5,7 +5,8 @@ Served: ``experiments/get-by-name``, ``experiments/get``, ``experiments/create``
 ``runs/get``, ``runs/update``, ``runs/log-batch``, ``runs/search`` (the ``attributes.run_name = '...'``
 filter, and ``attributes.status != '...'``), ``metrics/get-history``. Errors come back as MLflow's JSON
 errors (``error_code``, ``message``). ``fail_log_batch`` answers that many ``log-batch`` requests with metrics with 503
-first (a server that stops answering for a while). Every request is recorded as ``(method, path)``.
+first (a server that stops answering for a while); ``latency_seconds`` makes every request wait that long (a
+slow server). Every request is recorded as ``(method, path)``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class _Error(Exception):
 
 
 @contextlib.contextmanager
-def mlflow_server(*, fail_log_batch: int = 0) -> Iterator[MlflowServer]:
+def mlflow_server(*, fail_log_batch: int = 0, latency_seconds: float = 0.0) -> Iterator[MlflowServer]:
     state = MlflowServer(url="")
     state.experiments["0"] = {"experiment_id": "0", "name": "Default", "lifecycle_stage": "active"}
     ids = itertools.count(1)
@@ -159,6 +160,7 @@ def mlflow_server(*, fail_log_batch: int = 0) -> Iterator[MlflowServer]:
             path = url.path.removeprefix("/api/2.0/mlflow/")
             length = int(self.headers.get("Content-Length", 0) or 0)
             body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+            time.sleep(latency_seconds)  # a slow server: every request waits (requests overlap)
             with state.lock:
                 state.requests.append((method, path))
                 try:
