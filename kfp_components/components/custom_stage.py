@@ -63,6 +63,7 @@ def run_custom_stage(
     configure_logging()
     ensure_writable_caches()
 
+    from kfp_components.launch.step import whole_numbers
     from kfp_components.orchestration.custom_step import load_stage_class
     from kfp_components.orchestration.custom_step import run_custom_stage as run
 
@@ -73,7 +74,7 @@ def run_custom_stage(
     result = run(
         stage_class_object,
         stage_name,
-        dict(stage_options),
+        whole_numbers(dict(stage_options)),  # KFP carries a dict's numbers as floats
         start,
         Path(model.path),
         previous_stage=previous_stage,

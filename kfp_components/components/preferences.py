@@ -69,11 +69,12 @@ def label_preference_pairs(
 
     from kfp_components.feedback.comparisons import label_preferences
     from kfp_components.feedback.judges import JudgeOptions
+    from kfp_components.launch.step import whole_numbers
     from kfp_components.typed_config import from_dict
 
     if (model is None) == (not model_name_or_path):
         raise ValueError("give the model that answers as model or as model_name_or_path, one of them")
-    options = from_dict(JudgeOptions, dict(judge), "judge")  # checked before the model loads
+    options = from_dict(JudgeOptions, whole_numbers(dict(judge)), "judge")  # checked before the model loads
     found = label_preferences(
         model.path if model is not None else model_name_or_path,
         prompts.path,

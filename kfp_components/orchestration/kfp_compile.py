@@ -14,14 +14,19 @@ each stage becomes steps of the KFP components:
   base with retention), and with ``register_as``, a ``register_model`` step whose hyperparameters list every
   stage and its options (provenance).
 
-An ``rlaif`` stage compiles in its ``direct`` mode (the judge is one of the training step's rewards; its key
-reaches the TrainJob's workers from ``judge.token_secret``); a ``cot_distillation`` stage becomes a
-``synthesize_reasoning_data`` step (the teacher's key from ``teacher.token_secret``) whose traces its training
-step learns. A ``reward_model`` stage trains its reward model and passes its input model on, as in a run;
-an ``rl`` stage's ``reward_model_path: stage:<name>`` receives that reward model's artifact. What cannot be
-compiled yet is reported by name at compile time: rlaif's ``distilled`` and ``preference_data`` modes (pair
-labelling before training), cot_distillation's ``step_by_step`` mode and given traces, ``stage:<name>``
-datasets, and custom stages. ``eval_every_stage`` evaluates every stage's model against the base too.
+An ``rlaif`` stage in its ``direct`` mode is one training step (the judge is one of its rewards; its key
+reaches the TrainJob's workers from ``judge.token_secret``); in ``preference_data`` and ``distilled`` a
+``label_preference_pairs`` step first samples two answers per prompt from the stage's input model and has the
+judge label them (its key from ``judge.token_secret``); ``preference_data`` hands the judged pairs on to the
+stage that names ``stage:<rlaif stage>`` (the model passes on), ``distilled`` trains a reward model on them
+and then the rl step against it. A ``cot_distillation`` stage becomes a ``synthesize_reasoning_data`` step
+(the teacher's key from ``teacher.token_secret``) unless its traces are given, then (``step_by_step``) a
+``step_by_step_targets`` step, then the student's training step. A ``reward_model`` stage trains its reward
+model and passes its input model on, as in a run; an ``rl`` stage's ``reward_model_path: stage:<name>``
+receives that reward model's artifact. A ``stage:<name>`` dataset is the producing step's Dataset output. A
+custom stage runs its own code in a ``run_custom_stage`` step (see
+:mod:`kfp_components.orchestration.custom_step`). ``eval_every_stage`` evaluates every stage's model against
+the base too.
 
 The pipeline's parameters are where it runs: ``backend`` (trainjob or local), ``workspace_pvc``,
 ``trainer_image``, ``hf_token_secret``. Everything the YAML says is fixed at compile time (the YAML is the
