@@ -309,17 +309,16 @@ def test_rlaif_preference_data_then_dpo_and_distilled_run_under_kfp_local(tmp_pa
         "metadata"
     ]
     assert metrics["pairs_kept"] == len(rows)
-    dpo = training_config_of(run_dir, "train-model-2")
-    assert dpo["algorithm"] == "dpo" and dpo["model_name_or_path"] == str(run_dir / "train-model" / "model")
-    reward_model = training_config_of(run_dir, "train-model-3")
+    dpo = training_config_of(run_dir, "train-model")
+    assert dpo["algorithm"] == "dpo" and dpo["model_name_or_path"] == str(tiny_model_path("qwen2", 0))
+    assert dpo["data_path"] == str(run_dir / "label-preference-pairs" / "preferences")
+    reward_model = training_config_of(run_dir, "train-model-2")
     assert reward_model["algorithm"] == "reward_model"
-    assert (
-        reward_model["data_path"].endswith("label-preference-pairs-2/preferences")
-        or reward_model["data_path"]
-    )
-    rl = training_config_of(run_dir, "train-model-4")
-    assert rl["algorithm"] == "grpo" and rl["reward_model_path"] == str(run_dir / "train-model-3" / "model")
-    assert rl["model_name_or_path"] == str(run_dir / "train-model-2" / "model")
+    assert reward_model["data_path"] == str(run_dir / "label-preference-pairs-2" / "preferences")
+    assert reward_model["model_name_or_path"] == str(run_dir / "train-model" / "model")  # the DPO model
+    rl = training_config_of(run_dir, "train-model-3")
+    assert rl["algorithm"] == "grpo" and rl["reward_model_path"] == str(run_dir / "train-model-2" / "model")
+    assert rl["model_name_or_path"] == str(run_dir / "train-model" / "model")
     assert JUDGE_KEY not in "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file())
     assert JUDGE_KEY not in "".join(capfd.readouterr())
 
