@@ -202,23 +202,28 @@ def per_sample_sdpa_forward(
 
     rows = sample_bounds(position_ids.expand(query.shape[0], -1))
     if all(bounds == rows[0] for bounds in rows):  # the same samples in every row (one row when packed)
-        pieces = [attend(*(t[:, :, a:b] for t in (query, key, value))) for a, b in _spans(rows[0])]
-        output = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
+        output = _attend_samples(attend, query, key, value, rows[0])
     else:
         output = torch.cat(
             [
-                torch.cat(
-                    [attend(*(t[r : r + 1, :, a:b] for t in (query, key, value))) for a, b in _spans(b)], 2
-                )
-                for r, b in enumerate(rows)
+                _attend_samples(attend, query[r : r + 1], key[r : r + 1], value[r : r + 1], bounds)
+                for r, bounds in enumerate(rows)
             ],
             dim=0,
         )
     return output.transpose(1, 2).contiguous(), None
 
 
-def _spans(bounds: list[int]) -> list[tuple[int, int]]:
-    return list(itertools.pairwise(bounds))
+def _attend_samples(
+    attend: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bounds: list[int]
+) -> torch.Tensor:
+    """``attend`` on each sample's span of the sequence dimension, concatenated. ``split`` (not slicing)
+    so that backward concatenates the samples' gradients instead of adding one row-sized tensor per sample."""
+    if len(bounds) == 2:
+        return attend(query, key, value)
+    lengths = [b - a for a, b in itertools.pairwise(bounds)]
+    pieces = zip(*(t.split(lengths, dim=2) for t in (query, key, value)), strict=True)
+    return torch.cat([attend(q, k, v) for q, k, v in pieces], dim=2)
 
 
 def _per_sample_mask(
