@@ -3,7 +3,7 @@
 A packed micro-batch (:mod:`kfp_components.trainer.batching`) is one row whose ``position_ids`` restart at
 every sample. Plain ``sdpa`` attends over the whole row with a block-diagonal mask, so its cost grows with
 the square of the micro-batch, not with the squares of its samples (``benchmarks/attention.py``: a packed
-16,384-token row of 512-token samples costs 15x its samples batched on a CPU). The per-sample kernels:
+16,384-token row of 512-token samples costs about 20x its samples batched on a CPU). The per-sample kernels:
 
 * ``flash_attention_2``: variable-length flash attention; transformers derives the samples' boundaries
   (``cu_seqlens``) from the restarting ``position_ids``. Needs the ``flash-attn`` package, a CUDA GPU of
