@@ -29,6 +29,7 @@ BENCHMARKS = [
     "tokenization",
     "packing",
     "osft_step",
+    "attention",
     "continual",
     "kill_resume",
     "grpo",

@@ -468,7 +468,8 @@ def test_help_lists_required_options_first_with_allowed_values_and_aliases(tmp_p
     assert options[:3] == ["--model_name_or_path", "--data_path", "--output_dir"]
     assert "--torch_dtype {bfloat16,float16,float32}" in text
     assert "--lr_scheduler {constant,linear,cosine}, --lr_scheduler_type {constant,linear,cosine}" in text
-    assert "--attn_implementation {sdpa,eager,flash_attention_2,flash_attention_3,flex_attention}" in text
+    kernels = "sdpa,eager,flash_attention_2,flash_attention_3,flex_attention,auto,sdpa_per_sample"
+    assert f"--attn_implementation {{{kernels}}}" in text
     assert "--save_steps VALUE" in text and "--unmask {true,false}" in text
     required = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", "o"]
     cfg, _ = build_training_config([*required, "--lr_scheduler_type", "linear", "--save_steps", "5"])

@@ -124,8 +124,9 @@ def test_resuming_a_checkpoint_of_another_run_is_refused_naming_what_differs(
 
 
 def test_what_may_change_on_resume_does_not_block_it(tmp_path):
-    """Logging and checkpoint cadence, and the memory settings that keep the maths, may change."""
-    first = train(config(tmp_path))
+    """Logging and checkpoint cadence, the memory settings that keep the maths and the attention kernel
+    may change. Before: a run started with attn_implementation sdpa could not resume under auto."""
+    first = train(config(tmp_path, attn_implementation="sdpa"))
     uninterrupted = records(tmp_path / "run")
     drop_checkpoints_after(tmp_path / "run", 4)
     resumed = train(

@@ -33,8 +33,11 @@ Algorithm = Literal[
 ]
 ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
 TorchDtype = Literal["bfloat16", "float16", "float32"]
-#: Attention kernels transformers can load a model with.
-AttnImplementation = Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"]
+#: Attention kernels: auto (the engine chooses, see kfp_components.trainer.attention), the per-sample sdpa
+#: kernel of that module, and the kernels transformers ships.
+AttnImplementation = Literal[
+    "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention", "auto", "sdpa_per_sample"
+]
 
 
 def _at_least(config: object, names: tuple[str, ...], minimum: float) -> None:
@@ -76,8 +79,11 @@ class OptimOptions(Options):
         use_liger: Liger fused kernels (GPU only; on a CPU a warning and the plain path).
         distributed: fsdp (FSDP2, sharded) or ddp when run under torchrun with more than one process (trpo
             and LoRA: ddp).
-        attn_implementation: Attention kernel: sdpa, eager, flash_attention_2, flash_attention_3 or
-            flex_attention.
+        attn_implementation: Attention kernel. auto: attention per sample of a packed micro-batch, chosen
+            for the machine (trpo and CPUs: sdpa_per_sample; a CUDA GPU: flash_attention_2 when flash-attn is
+            installed, the GPU is Ampere or newer and torch_dtype is 16-bit, else flex_attention; the log
+            says which and why). sdpa_per_sample: sdpa once per sample. sdpa and eager attend over the whole
+            packed row (cost grows with its square); flash_attention_2/3 and flex_attention as named.
         checkpoint_every_steps: Save a resumable checkpoint every N optimizer steps (0: only at the end;
             alias: save_steps).
         keep_checkpoints: How many resumable checkpoints to keep (alias: save_total_limit).
@@ -116,7 +122,7 @@ class OptimOptions(Options):
     activation_checkpointing: bool = False
     use_liger: bool = False
     distributed: Literal["fsdp", "ddp"] = "fsdp"
-    attn_implementation: AttnImplementation = "sdpa"
+    attn_implementation: AttnImplementation = "auto"
     checkpoint_every_steps: int = 0
     keep_checkpoints: int = 2
     resume: bool = False
@@ -732,11 +738,12 @@ class TrainingConfig(
             return
         # distributed: fsdp (the default) is refused where the world size is known (train: several
         # processes); one process ignores it.
-        if self.attn_implementation not in ("sdpa", "eager"):
+        if self.attn_implementation not in ("auto", "sdpa_per_sample", "sdpa", "eager"):
             raise ConfigError(
                 "attn_implementation",
                 f"{self.attn_implementation} has no double backward, which trpo's Fisher-vector products "
-                "need: use sdpa (run on its math kernel for them) or eager",
+                "need: use auto or sdpa_per_sample (sdpa per sample, on its math kernel for them), sdpa or "
+                "eager",
             )
         if self.num_iterations != 1:
             raise ConfigError(

@@ -18,8 +18,10 @@ from kfp_components.trainer.config import TrainingConfig
 from kfp_components.trainer.preflight import is_local_reference
 
 #: Options a resume may change: where the run writes, how often it logs and checkpoints, resume itself,
-#: whether it writes a final model, and two memory settings that leave the training maths unchanged (the
-#: token budget of a micro-batch, as the sampler allows, and recomputing activations in backward).
+#: whether it writes a final model, two memory settings that leave the training maths unchanged (the
+#: token budget of a micro-batch, as the sampler allows, and recomputing activations in backward) and the
+#: attention kernel (every kernel computes each sample's attention over its own tokens; ``auto`` resolves
+#: by the machine, which a resume may change).
 MAY_CHANGE_ON_RESUME = frozenset(
     {
         "output_dir",
@@ -30,6 +32,7 @@ MAY_CHANGE_ON_RESUME = frozenset(
         "save_final_model",
         "max_tokens_per_gpu",
         "activation_checkpointing",
+        "attn_implementation",
     }
 )
 #: Fingerprint keys of file contents, and the option each stands for.

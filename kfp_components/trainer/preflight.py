@@ -17,7 +17,8 @@ call them before starting anything expensive. What is checked:
   load with ``AutoConfig.from_pretrained``. The tokenizer must have a chat template. The model is built on the meta device from its config (no
   weights) to check that LoRA's ``lora_target_modules`` and OSFT's ``target_patterns`` name modules of it.
   A distillation teacher must have the student's vocabulary (tokenizer ``get_vocab()`` and ``vocab_size``);
-* with ``check_environment``: a ``flash_attention_*`` ``attn_implementation`` needs its package and a GPU;
+* with ``check_environment``: a ``flash_attention_*`` ``attn_implementation`` needs its package, a GPU and
+  a 16-bit ``torch_dtype``; ``flex_attention`` needs a GPU (it has no backward on a CPU);
   ``report_to: [mlflow]`` needs the mlflow client and ``MLFLOW_TRACKING_URI``.
   The KFP step that submits a TrainJob runs on another machine than the training, so it skips these.
 """
@@ -390,6 +391,14 @@ def environment_problems(config: TrainingConfig) -> Problems:
     from kfp_components.trainer.tracking import tracking_problems
 
     problems: Problems = tracking_problems(config)
+    if config.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        problems.append(
+            (
+                "attn_implementation",
+                "flex_attention has no backward on a CPU (torch: FlexAttention does not support backward on "
+                "CPU); use auto (sdpa_per_sample there) or sdpa_per_sample",
+            )
+        )
     if config.attn_implementation not in FLASH_ATTENTION_MODULES:
         return problems
     module, package = FLASH_ATTENTION_MODULES[config.attn_implementation]
@@ -401,7 +410,15 @@ def environment_problems(config: TrainingConfig) -> Problems:
             )
         )
     if not torch.cuda.is_available():
-        problems.append(("attn_implementation", f"{config.attn_implementation} needs a CUDA GPU; use sdpa"))
+        problems.append(("attn_implementation", f"{config.attn_implementation} needs a CUDA GPU; use auto"))
+    elif config.torch_dtype == "float32":
+        problems.append(
+            (
+                "attn_implementation",
+                f"{config.attn_implementation} has no float32 kernel: set torch_dtype bfloat16 or float16, or use "
+                "auto",
+            )
+        )
     return problems
 
 

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from kfp_components.locking import acquire_folder_lock, release_folder_lock
-from kfp_components.trainer import dpo, osft, reward_modeling, trpo
+from kfp_components.trainer import attention, dpo, osft, reward_modeling, trpo
 from kfp_components.trainer.batching import StepPlan, TokenBudgetSampler
 from kfp_components.trainer.checkpoint import (
     CHECKPOINTS,
@@ -167,6 +167,8 @@ def _train(
     precision = Precision(config.torch_dtype, info.device)
     if precision.note and info.is_main:
         log.info("%s", precision.note)
+    if info.is_main:
+        log.info("attention: %s", attention.choose_for(config, info.device).describe())
 
     tokenizer = load_tokenizer(config.model_name_or_path)
     steps, eval_objective = build_steps(config, tokenizer, info, precision)
@@ -825,7 +827,9 @@ def _load_plain_model(name_or_path: str, config: TrainingConfig, info: DistInfo)
 
     with no_transformers_progress_bars():
         model: nn.Module = AutoModelForCausalLM.from_pretrained(
-            model_source(name_or_path), dtype=torch.float32, attn_implementation=config.attn_implementation
+            model_source(name_or_path),
+            dtype=torch.float32,
+            attn_implementation=attention.implementation(config, info.device),
         )
     return model.to(info.device)
 
@@ -871,7 +875,10 @@ def load_model(
     source = model_source(config.model_name_or_path)
     hf_config = AutoConfig.from_pretrained(source)
     save_dtype = _checkpoint_dtype(hf_config)
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": config.attn_implementation}
+    kwargs: dict[str, Any] = {
+        "dtype": torch.float32,
+        "attn_implementation": attention.implementation(config, info.device),
+    }
     if config.qlora:
         kwargs.update(_qlora_kwargs(info))
     model: Any  # a PreTrainedModel (peft: PeftModel)

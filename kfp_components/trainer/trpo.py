@@ -75,9 +75,10 @@ the step refuses DTensor parameters; use ``ddp`` (with LoRA for models whose ful
 one device).
 
 Attention: the fused scaled-dot-product kernels have no double backward, so the Fisher-vector products run
-the model's ``sdpa`` attention on PyTorch's math kernel (:func:`twice_differentiable_attention`: it keeps
-each head's T x T attention matrix for backward); ``flash_attention_2``/``3`` have no double backward at all
-and the config refuses them with trpo. Activation checkpointing (non-reentrant, as the trainer enables it)
+the model's sdpa attention on PyTorch's math kernel (:func:`twice_differentiable_attention`: it keeps each
+head's attention matrix for backward, per sample with ``sdpa_per_sample``, which ``auto`` runs for trpo, and
+T x T over the packed row with ``sdpa``); ``flash_attention_2``/``3`` and ``flex_attention`` have no double
+backward at all and the config refuses them with trpo. Activation checkpointing (non-reentrant, as the trainer enables it)
 works with the double backward and gives the same products.
 
 The forwards must be deterministic (no dropout): the line search compares separate forwards of the old and

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kfp_components.trainer import attention
 from kfp_components.trainer.config import TrainingConfig
 from kfp_components.trainer.distributed import DistInfo, wrap_model
 from kfp_components.typed_config import ConfigError
@@ -81,7 +82,10 @@ def load_value_model(config: TrainingConfig, info: DistInfo, tokenizer: Any = No
                 f"reward_model: the tokenizer of {path} is not the policy's; the value model reads the "
                 "policy's token ids, so start it from the policy (value_model_init: policy)",
             )
-    kwargs: dict[str, Any] = {"dtype": torch.float32, "attn_implementation": config.attn_implementation}
+    kwargs: dict[str, Any] = {
+        "dtype": torch.float32,
+        "attn_implementation": attention.implementation(config, info.device),
+    }
     if not from_reward_model:
         kwargs["num_labels"] = 1
     # the new head's draws come from the run's seed, without touching the global generator
