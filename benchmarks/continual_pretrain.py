@@ -59,7 +59,7 @@ class PretrainConfig:
     heldout_samples: int = 400
 
     @property
-    def model(self) -> dict[str, int]:
+    def model(self) -> dict[str, Any]:
         return {
             "hidden_size": self.hidden_size,
             "num_layers": self.num_layers,
