@@ -57,7 +57,8 @@ compile: setup
 demo: setup
 	$(PY) -m kfp_components.demo
 
-# Task A, then task B with full fine-tuning vs OSFT; writes docs/continual-learning.md and docs/continual.png.
+# Pre-training (cached), then three tasks in sequence with full fine-tuning, LoRA and OSFT; writes
+# docs/continual-learning.md and docs/continual.png.
 continual-demo: setup
 	$(PY) -m benchmarks.continual
 

@@ -1,46 +1,48 @@
-"""Continual learning: does OSFT keep an earlier task better than full fine-tuning?
+"""Continual learning: a pre-trained model learns three new tasks in sequence with full fine-tuning, LoRA and OSFT.
 
-A tiny Qwen2 model first learns task A (synthetic facts: "What is the code of <word>?" -> a 3-digit code)
-with full SFT. From that model, task B (different words, "What is the number of <word>?" -> a 3-digit
-number) is trained twice with the same budget (steps, constant learning rate, batch): full fine-tuning
-(``algorithm="sft"``) and OSFT (``algorithm="osft"``). Training runs in chunks of ``eval_every`` steps, each
-continuing from the previous chunk's final model (each chunk starts a fresh AdamW state; both methods are
-treated alike), and after every chunk both tasks are scored: teacher-forced greedy exact match (every answer
-token must be the model's argmax) and, for task A, the mean negative log-likelihood of the answer tokens (a
-graded measure of how much of A is left). The final models are also scored with lm-eval (``generate_until``
-custom tasks written to a temporary ``include_path``).
+OSFT's premise (Nayak et al. 2025, arXiv:2504.07097) is a model whose weights already hold general
+knowledge in their top singular directions; fine-tuning only the other directions should learn a new task
+while keeping that knowledge and the earlier tasks. The experiment therefore starts from a model
+pre-trained here (:mod:`benchmarks.continual_pretrain`, cached by its hash) on a broad synthetic corpus
+(:mod:`benchmarks.continual_corpus`: a language-like corpus stating a small world's facts, and nine task
+families as chat conversations). From it, three new tasks (invented words with a code, a city and a flag
+colour each; facts the corpus never states) are learned one after the other, each from the model the
+previous one left, with the project's training engine (:func:`kfp_components.trainer.train.train`): full
+fine-tuning (``algorithm="sft"``), LoRA (``lora_r``; merged after each task, the next task adds a fresh
+adapter) and OSFT (``algorithm="osft"``). Each task is one engine run of a fixed budget per method
+(:data:`METHODS`: learning rate and steps, chosen so that every method learns each new task to about the
+same accuracy).
 
-Two diagnostics explain what OSFT can protect in a given model: the share of task A's weight change that
-lies outside the subspace OSFT trains, and the share of task A's input activations that the trainable
-(smallest) singular directions see. ``--sweep`` repeats the experiment over learning rates, rank ratios,
-model sizes and with the parameters OSFT does not decompose frozen.
+After pre-training and after each task the model is scored on every new task (teacher-forced greedy exact
+match over the task's facts: every answer token must be the model's top choice), on fresh instances of the
+pre-training task families (the same exact match) and by its perplexity on held-out pre-training text. From
+the accuracy matrix ``a[t][i]`` (task ``i`` after learning task ``t``) come the paper's average accuracy
+``ACC = mean_i a[T][i]`` and backward transfer ``BWT = mean_{i<T} (a[T][i] - a[i][i])``. Three seeds (the new
+tasks' facts and the engine's seed; one pre-trained model) give mean and spread.
 
-python -m benchmarks.continual           # make continual-demo: results/continual.json, docs/continual.png
-python -m benchmarks.continual --sweep   # also results/continual_sweep.json
-# both rewrite docs/continual-learning.md from the stored results
+python -m benchmarks.continual                # make continual-demo: results/continual.json, docs/continual.png
+python -m benchmarks.continual --render-only  # rewrite docs/continual-learning.md and the plot from results
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
 import logging
-import math
 import random
+import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from kfp_components.testing.tiny_model import build_tiny_model
+from benchmarks import continual_corpus
+from benchmarks.continual_pretrain import PretrainConfig, heldout_rows, perplexity, pretrained_model
 from kfp_components.trainer import osft
 from kfp_components.trainer import train as train_module
 from kfp_components.trainer.config import TrainingConfig
@@ -50,223 +52,160 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PLOT = ROOT / "docs" / "continual.png"
 REPORT = ROOT / "docs" / "continual-learning.md"
-
-N_FACTS = 40
-STEPS_A = 150
-LR_A = 3e-3
-#: Task B trains until both methods have learned it (exact match 1.0) so "A at comparable B" can be read off.
-MATCHED_B = 0.9
 Fact = tuple[str, str]
 
 
 @dataclasses.dataclass(frozen=True)
-class Setting:
-    """One task-B experiment: the model, and the budget both methods get."""
+class Method:
+    """One way of learning a task: the engine's algorithm and the budget of every task."""
 
-    name: str = "main"
-    hidden_size: int = 128
-    num_layers: int = 2
-    intermediate_size: int = 256
+    name: str
+    label: str
+    algorithm: str
+    lr: float
+    steps: int
+    lora_r: int = 0
+    lora_alpha: int = 16
     unfreeze_rank_ratio: float = 0.25
-    lr_b: float = 1e-3
-    steps_b: int = 120
-    eval_every: int = 20
-    #: none, embeddings (input embeddings and lm_head) or non_decomposed (everything OSFT does not decompose:
-    #: embeddings, lm_head, norms; biases stay trainable) are frozen in both methods. A diagnostic only.
-    freeze: str = "none"
-
-    @property
-    def model(self) -> dict[str, int]:
-        return {
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_layers,
-            "intermediate_size": self.intermediate_size,
-        }
 
     def describe(self) -> str:
-        return f"qwen2, hidden {self.hidden_size}, {self.num_layers} layers"
+        extra = ""
+        if self.lora_r:
+            extra = f", rank {self.lora_r}, alpha {self.lora_alpha}, all linear layers"
+        elif self.algorithm == "osft":
+            extra = f", unfreeze rank ratio {self.unfreeze_rank_ratio}"
+        return f"{self.steps} steps at constant lr {self.lr:g}{extra}"
 
 
-MAIN = Setting()
-SWEEP = (
-    MAIN,
-    dataclasses.replace(MAIN, name="rank ratio 0.1", unfreeze_rank_ratio=0.1),
-    dataclasses.replace(MAIN, name="rank ratio 0.5", unfreeze_rank_ratio=0.5),
-    dataclasses.replace(MAIN, name="lr 3e-3, 60 steps", lr_b=3e-3, steps_b=60, eval_every=10),
-    dataclasses.replace(MAIN, name="lr 3e-4, 200 steps", lr_b=3e-4, steps_b=200),
-    dataclasses.replace(
-        MAIN, name="hidden 256, 4 layers", hidden_size=256, num_layers=4, intermediate_size=512
-    ),
-    dataclasses.replace(
-        MAIN, name="embeddings and lm_head frozen", freeze="embeddings", lr_b=3e-3, steps_b=60
-    ),
-    dataclasses.replace(
-        MAIN, name="only decomposed weights train", freeze="non_decomposed", lr_b=3e-3, steps_b=60
-    ),
+#: Budgets from a pilot on seed 0 (see docs/continual-learning.md, "How the methods were matched").
+METHODS = (
+    Method("full", "full fine-tuning", "sft", lr=1e-3, steps=30),
+    Method("lora", "LoRA", "sft", lr=3e-3, steps=60, lora_r=8),
+    Method("osft", "OSFT", "osft", lr=3e-3, steps=30),
 )
 
 
-# ------------------------------------------------------------------------------------------------ data
-def _words(rng: random.Random, count: int, taken: set[str]) -> list[str]:
-    """Distinct pronounceable pseudo-words that are not in ``taken``."""
-    consonants, vowels = "bdfgklmnprstvz", "aeiou"
-    words: list[str] = []
-    while len(words) < count:
-        word = "".join(rng.choice(consonants) + rng.choice(vowels) for _ in range(3))
-        if word not in taken:
-            taken.add(word)
-            words.append(word)
-    return words
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The whole experiment: the pre-trained model, the tasks, the methods and the seeds."""
+
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    facts_per_task: int = 40
+    num_tasks: int = 3
+    methods: tuple[Method, ...] = METHODS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    #: Fresh instances of every pre-training task family scored after each task.
+    probe_per_family: int = 30
+    probe_seed: int = 3
 
 
-def make_tasks(seed: int = 0) -> tuple[list[Fact], list[Fact]]:
-    """Task A and task B: ``N_FACTS`` (question, answer) pairs each, over disjoint words."""
-    rng = random.Random(seed)
-    taken: set[str] = set()
-    task_a = [
-        (f"What is the code of {w}?", f"{rng.randrange(100, 1000)}") for w in _words(rng, N_FACTS, taken)
-    ]
-    task_b = [
-        (f"What is the number of {w}?", f"{rng.randrange(100, 1000)}") for w in _words(rng, N_FACTS, taken)
-    ]
-    return task_a, task_b
-
-
-def _write_chat(path: Path, facts: list[Fact]) -> str:
-    with path.open("w", encoding="utf-8") as out:
-        for question, answer in facts:
-            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-            out.write(json.dumps({"messages": messages}) + "\n")
-    return str(path)
+DEFAULT = Setting()
 
 
 # ------------------------------------------------------------------------------------------- training
-@contextlib.contextmanager
-def _frozen(kind: str) -> Iterator[None]:
-    """Freeze parameters of the loaded model in the trainer (a diagnostic; ``none`` changes nothing)."""
-    if kind == "none":
-        yield
-        return
-    load_model = train_module.load_model
-
-    def load_and_freeze(config: TrainingConfig, info: Any, **kwargs: Any) -> Any:
-        model, save_dtype = load_model(config, info, **kwargs)
-        if kind == "embeddings":
-            frozen = [*model.get_input_embeddings().parameters(), *model.get_output_embeddings().parameters()]
-        else:  # non_decomposed: only the target projections train (the decomposed factors, or the dense weights)
-            targets = list(osft.osft_modules(model).values()) or [
-                model.get_submodule(name) for name in osft.find_osft_targets(model)
-            ]
-            keep = {id(p) for module in targets for p in module.parameters()}
-            frozen = [p for p in model.parameters() if id(p) not in keep]
-        for parameter in frozen:
-            parameter.requires_grad_(False)
-        return model, save_dtype
-
-    with mock.patch.object(train_module, "load_model", load_and_freeze):
-        yield
+def _write_chat(path: Path, facts: list[Fact]) -> str:
+    with path.open("w", encoding="utf-8") as out:
+        for question, answer in facts:
+            out.write(json.dumps({"messages": continual_corpus.chat(question, answer)}) + "\n")
+    return str(path)
 
 
-def _train(
-    model: str,
-    data: str,
-    out: Path,
-    steps: int,
-    lr: float,
-    algorithm: str,
-    scheduler: str,
-    ratio: float = 0.25,
-) -> str:
-    """Train ``steps`` full-batch steps from ``model``; return the final HF model folder."""
+def learn(model: str, data: str, out: Path, method: Method, batch: int, seed: int) -> str:
+    """One engine run of ``method``'s budget on ``data`` from ``model``; returns the final HF model folder."""
     config = TrainingConfig(
         model_name_or_path=model,
         data_path=data,
         output_dir=str(out),
-        algorithm=algorithm,  # type: ignore[arg-type]
-        unfreeze_rank_ratio=ratio,
+        algorithm=method.algorithm,  # type: ignore[arg-type]
+        unfreeze_rank_ratio=method.unfreeze_rank_ratio,
+        lora_r=method.lora_r,
+        lora_alpha=method.lora_alpha,
         torch_dtype="float32",
         max_seq_len=128,
         max_tokens_per_gpu=8192,
-        effective_batch_size=N_FACTS,
+        effective_batch_size=batch,
         num_train_epochs=10_000,
-        max_steps=steps,
-        learning_rate=lr,
-        lr_scheduler=scheduler,  # type: ignore[arg-type]
+        max_steps=method.steps,
+        learning_rate=method.lr,
+        lr_scheduler="constant",
         warmup_steps=0,
         weight_decay=0.0,
-        seed=0,
+        seed=seed,
         log_every_steps=1_000_000,
     )
     return train_module.train(config).model_path
 
 
 # ------------------------------------------------------------------------------------------- scoring
-def _model(model_path: str) -> Any:
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-
-
-def _load(model_path: str) -> tuple[Any, Any]:
-    return AutoTokenizer.from_pretrained(model_path), _model(model_path)
-
-
 @torch.no_grad()
-def _answer_scores(tokenizer: Any, model: Any, facts: list[Fact]) -> tuple[float, float]:
-    """(exact match, mean answer-token NLL): teacher-forced, after the chat-formatted question."""
-    correct, nll, tokens = 0, 0.0, 0
+def exact_match(tokenizer: Any, model: Any, facts: list[Fact]) -> float:
+    """Share of facts whose every answer token is the model's argmax after the chat-formatted question."""
+    rows, spans = [], []
     for question, answer in facts:
         prompt = tokenizer.apply_chat_template(
             [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
         )
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
-        logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0, len(prompt_ids) - 1 : -1]
-        correct += int(logits.argmax(-1).tolist() == answer_ids)
-        log_probs = logits.log_softmax(-1)[torch.arange(len(answer_ids)), torch.tensor(answer_ids)]
-        nll -= float(log_probs.sum())
-        tokens += len(answer_ids)
-    return correct / len(facts), nll / tokens
+        rows.append(prompt_ids + answer_ids)
+        spans.append((len(prompt_ids), answer_ids))
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = torch.tensor(row), 1
+    predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    correct = sum(
+        int(predicted[i, start - 1 : start - 1 + len(answer)].tolist() == answer)
+        for i, (start, answer) in enumerate(spans)
+    )
+    return correct / len(facts)
 
 
-def scores(model_path: str, task_a: list[Fact], task_b: list[Fact]) -> dict[str, float]:
-    """Exact match on both tasks and task A's answer NLL."""
-    tokenizer, model = _load(model_path)
-    a, nll_a = _answer_scores(tokenizer, model, task_a)
-    b, _ = _answer_scores(tokenizer, model, task_b)
-    return {"a": a, "b": b, "nll_a": round(nll_a, 3)}
+class Scorer:
+    """Scores a model on the new tasks, the pre-training families and the held-out corpus."""
+
+    def __init__(self, base: Path, setting: Setting, tasks: list[tuple[str, list[Fact]]]) -> None:
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        world = continual_corpus.make_world(setting.pretrain.world_seed)
+        self.tokenizer, self.tasks = tokenizer, tasks
+        self.probe = continual_corpus.family_probe(setting.probe_seed, setting.probe_per_family, world)
+        self.heldout = heldout_rows(tokenizer, setting.pretrain)
+
+    def __call__(self, model_path: str | Path) -> dict[str, Any]:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        families = {name: exact_match(self.tokenizer, model, facts) for name, facts in self.probe.items()}
+        return {
+            "tasks": [round(exact_match(self.tokenizer, model, facts), 4) for _, facts in self.tasks],
+            "families": {name: round(value, 4) for name, value in families.items()},
+            "pretraining_accuracy": round(statistics.mean(families.values()), 4),
+            "heldout_perplexity": round(perplexity(model, self.heldout), 3),
+        }
 
 
-# ---------------------------------------------------------------------------------------- diagnostics
+def average_accuracy(matrix: list[list[float]]) -> float:
+    """ACC: the mean accuracy over all tasks after the last one (``matrix[t][i]``: task i after task t)."""
+    return statistics.mean(matrix[-1])
+
+
+def backward_transfer(matrix: list[list[float]]) -> float:
+    """BWT: the mean change of each earlier task's accuracy from just after learning it to the end."""
+    last = len(matrix) - 1
+    if last == 0:
+        return 0.0
+    return statistics.mean(matrix[last][i] - matrix[i][i] for i in range(last))
+
+
 @torch.no_grad()
-def weight_change_outside_trainable(base_path: str, model_a_path: str, ratio: float) -> float:
-    """Share of task A's weight change (W_A - W_init, squared Frobenius) outside what OSFT on W_A trains.
+def activation_share(model_path: str | Path, texts: list[str], ratio: float) -> tuple[float, float]:
+    """(share of the inputs' energy in the directions OSFT trains, the share if inputs were isotropic).
 
-    OSFT's updates of a target ``W`` lie in ``(I - U_h U_h^T) . (I - V_h V_h^T)`` (the complement of the
-    top singular directions on both sides); a share near 1 means task A was written into the directions
-    OSFT then freezes.
+    Averaged over the decomposed projections. OSFT's update changes a layer's output only through the part
+    of its input in the trainable (smallest) right-singular directions; the lower the measured share
+    against ``(r - k) / d_in``, the less an OSFT update touches what these inputs compute.
     """
-    base, tuned = _model(base_path), _model(model_a_path)
-    total = outside = 0.0
-    for name in osft.find_osft_targets(tuned):
-        weight = tuned.get_submodule(name).weight.detach()
-        change = weight - base.get_submodule(name).weight.detach()
-        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
-        k = osft.num_frozen_directions(s.numel(), ratio)
-        trainable = change - u[:, :k] @ (u[:, :k].T @ change)
-        trainable = trainable - (trainable @ vh[:k].T) @ vh[:k]
-        total += float(change.pow(2).sum())
-        outside += float(change.pow(2).sum() - trainable.pow(2).sum())
-    return outside / total
-
-
-@torch.no_grad()
-def activation_share(model_path: str, facts: list[Fact], ratio: float) -> tuple[float, float]:
-    """(share of task A's input activations in the trainable singular directions, the isotropic share).
-
-    Averaged over the targets. OSFT's update changes a layer's output only through the part of its input
-    that lies in the trainable right-singular directions; with isotropic activations that part would be
-    ``(r - k) / d_in``. The lower the measured share against it, the less an OSFT update touches task A.
-    """
-    tokenizer, model = _load(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     names = osft.find_osft_targets(model)
     inputs: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     hooks = [
@@ -275,9 +214,7 @@ def activation_share(model_path: str, facts: list[Fact], ratio: float) -> tuple[
         )
         for name in names
     ]
-    for question, answer in facts:
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
+    for text in texts:
         model(torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]]))
     for hook in hooks:
         hook.remove()
@@ -288,206 +225,26 @@ def activation_share(model_path: str, facts: list[Fact], ratio: float) -> tuple[
         k = osft.num_frozen_directions(s.numel(), ratio)
         measured.append(float((x @ vh[k:].T).pow(2).sum() / x.pow(2).sum()))
         isotropic.append((s.numel() - k) / weight.shape[1])
-    return sum(measured) / len(measured), sum(isotropic) / len(isotropic)
-
-
-# ---------------------------------------------------------------------------------------------- lm-eval
-_UTILS = '''"""Loaders for the continual-learning benchmark's tasks."""
-import json
-from pathlib import Path
-
-import datasets
-
-_HERE = Path(__file__).resolve().parent
-
-
-def _load(name):
-    rows = [json.loads(line) for line in (_HERE / name).read_text(encoding="utf-8").splitlines() if line]
-    return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})
-
-
-def task_a(**_):
-    return _load("task_a.jsonl")
-
-
-def task_b(**_):
-    return _load("task_b.jsonl")
-'''
-
-_YAML = """task: kfp_continual_{name}
-custom_dataset: !function utils.task_{name}
-output_type: generate_until
-test_split: test
-doc_to_text: "{{{{question}}}}"
-doc_to_target: "{{{{answer}}}}"
-target_delimiter: ""
-generation_kwargs:
-  until: ["\\n", "<|im_end|>"]
-  max_gen_toks: 6
-  do_sample: false
-filter_list:
-  - name: strip
-    filter:
-      - function: regex
-        regex_pattern: "(\\\\d+)"
-        group_select: 0
-      - function: take_first
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-"""
-
-
-def write_tasks(folder: Path, task_a: list[Fact], task_b: list[Fact]) -> None:
-    """Write the two lm-eval task YAMLs, their loader module and their data into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "utils.py").write_text(_UTILS)
-    for name, facts in (("a", task_a), ("b", task_b)):
-        rows = "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in facts)
-        (folder / f"task_{name}.jsonl").write_text(rows)
-        (folder / f"kfp_continual_{name}.yaml").write_text(_YAML.format(name=name))
-
-
-def lm_eval_scores(model_path: str, include_path: Path, output_dir: Path) -> dict[str, float]:
-    """lm-eval exact match (greedy generation, chat template) of ``model_path`` on both tasks."""
-    from kfp_components.evaluation.runner import EvalConfig, run_evaluation
-
-    result = run_evaluation(
-        EvalConfig(
-            model_path=model_path,
-            tasks=["kfp_continual_a", "kfp_continual_b"],
-            output_dir=str(output_dir),
-            batch_size=16,
-            device="cpu",
-            torch_dtype="float32",
-            apply_chat_template=True,
-            include_path=str(include_path),
-            bootstrap_iters=0,
-        )
-    )
-    metrics = result.metrics
-    return {name: round(metrics[f"kfp_continual_{name}_exact_match_strip"], 3) for name in ("a", "b")}
-
-
-#: What the sweep shows, written from the stored results of 2026-11-21 (rendered into the report).
-FINDINGS = [
-    "### What this shows",
-    "",
-    "- **The direction of the paper's claim holds, the size does not.** With the same budget both methods "
-    "learn task B completely; full fine-tuning then has no trace of task A left (answer NLL near that of a "
-    "model that confidently says other numbers), OSFT keeps some (exact match 0.15, NLL about 3). At "
-    "comparable task-B accuracy OSFT keeps at least as much of A, with a lower answer NLL, in every setting "
-    "where both reach it. But OSFT loses "
-    "most of A too, and full fine-tuning at a lower learning rate (lr 3e-4 row) reaches B >= 0.9 with about "
-    "as much of A left as OSFT at lr 1e-3: on this model, OSFT's advantage is close to that of simply "
-    "training more gently.",
-    "- **Where task A lives is not the problem.** About 99% of the weight change that learning A made lies in "
-    "the directions OSFT then freezes, and A's activations put about a third of the isotropic share of their "
-    "energy into the directions OSFT trains: the premise of the method holds in the projections it decomposes.",
-    "- **The forgetting goes through the parameters OSFT does not decompose.** Embeddings and the LM head "
-    "are not decomposed and train normally under OSFT (see trainer.md), and in this model they are 47% of all "
-    "parameters (at hidden 128 and a 1,024-token vocabulary), against about 15% in Qwen2.5-1.5B. With them "
-    "frozen, OSFT learns nothing of B in 60 steps at lr 3e-3 (B 0.00, against 1.00 with them trainable): it had been learning B mostly through "
-    "them, and overwriting A there, since both tasks answer with the same digit tokens. The trainable part of "
-    "each projection is small: 32 of 128 directions at ratio 0.25, against 384 of 1,536 in Qwen2.5-1.5B. Even "
-    "when only the decomposed weights train, A still degrades (exact match 0.40 after 60 steps) while B is "
-    "not learned: the 6% of A's activation energy in the trainable directions is enough to disturb exact "
-    "3-digit recall, an all-or-nothing score.",
-    "- **Rank ratio, learning rate, steps and the size that fits here do not change the picture.** A smaller "
-    "ratio (0.1) keeps about as much of A and learns B a little slower; 0.5 learns B sooner and ends with "
-    "less of A; a "
-    "4-layer model of hidden 256 forgets more. Models large enough for the paper's regime (billions of "
-    "parameters, pretrained, with strongly anisotropic activations) cannot be trained on this machine; the "
-    "same pipeline runs them on a GPU cluster (`phase_02_train_man_train_unfreeze`), and that is where the "
-    "size of the effect should be judged.",
-]
+    return statistics.mean(measured), statistics.mean(isotropic)
 
 
 # ------------------------------------------------------------------------------------------------- run
-def _curve(
-    start: str,
-    start_scores: dict[str, float],
-    data_b: str,
-    work: Path,
-    setting: Setting,
-    algorithm: str,
-    tasks: tuple,
+def sequence(
+    base: Path, scorer: Scorer, before: dict[str, Any], method: Method, seed: int, work: Path
 ) -> dict[str, Any]:
-    """Train task B in chunks from ``start`` (scored ``start_scores``) and score after each chunk; returns
-    the curves and the final model."""
-    curve: dict[str, Any] = {"step": [0], **{key: [value] for key, value in start_scores.items()}}
-    model = start
-    with _frozen(setting.freeze):
-        for chunk in range(setting.steps_b // setting.eval_every):
-            out = work / f"{algorithm}_{chunk}"
-            model = _train(
-                model,
-                data_b,
-                out,
-                setting.eval_every,
-                setting.lr_b,
-                algorithm,
-                "constant",
-                setting.unfreeze_rank_ratio,
-            )
-            curve["step"].append((chunk + 1) * setting.eval_every)
-            for key, value in scores(model, *tasks).items():
-                curve[key].append(value)
-    curve["final_model"] = model
-    return curve
-
-
-def at_matched_b(curve: dict[str, Any], threshold: float = MATCHED_B) -> dict[str, float] | None:
-    """Scores at the first evaluation where task B reached ``threshold``; None when it never did."""
-    for i, b in enumerate(curve["b"]):
-        if b >= threshold:
-            return {"step": curve["step"][i], "a": curve["a"][i], "b": b, "nll_a": curve["nll_a"][i]}
-    return None
-
-
-class _TaskAModels:
-    """Task-A models (full SFT from a fresh tiny model), built once per model shape."""
-
-    def __init__(self, work: Path, data_a: str) -> None:
-        self.work, self.data_a, self.built = work, data_a, {}
-
-    def get(self, setting: Setting) -> tuple[str, str]:
-        key = "x".join(str(v) for v in setting.model.values())
-        if key not in self.built:
-            base = str(build_tiny_model(self.work / f"base_{key}", arch="qwen2", seed=0, **setting.model))
-            self.built[key] = (
-                base,
-                _train(base, self.data_a, self.work / f"a_{key}", STEPS_A, LR_A, "sft", "cosine"),
-            )
-        return self.built[key]
-
-
-def experiment(
-    setting: Setting, models: _TaskAModels, data_b: str, work: Path, tasks: tuple
-) -> dict[str, Any]:
-    """Task B from the task-A model with full fine-tuning and OSFT; curves, matched scores, diagnostics."""
-    base, model_a = models.get(setting)
-    ratio = setting.unfreeze_rank_ratio
-    measured, isotropic = activation_share(model_a, tasks[0], ratio)
-    start_scores = scores(model_a, *tasks)  # both methods start from the same model
-    curves = {
-        label: _curve(model_a, start_scores, data_b, work / label, setting, algorithm, tasks)
-        for label, algorithm in (("full", "sft"), ("osft", "osft"))
-    }
+    """Learn every task in turn with ``method``; the scores after each task and the summary metrics."""
+    model, after = str(base), []
+    for index, (name, facts) in enumerate(scorer.tasks):
+        data = _write_chat(work / f"{name}.jsonl", facts)
+        model = learn(model, data, work / f"{method.name}_{index}", method, len(facts), seed)
+        after.append(scorer(model))
+    matrix = [scores["tasks"] for scores in after]
     return {
-        "setting": dataclasses.asdict(setting),
-        "curves": curves,
-        "matched": {label: at_matched_b(curve) for label, curve in curves.items()},
-        "diagnostics": {
-            "weight_change_outside_trainable": round(
-                weight_change_outside_trainable(base, model_a, ratio), 4
-            ),
-            "activation_share_trainable": round(measured, 4),
-            "activation_share_isotropic": round(isotropic, 4),
-        },
+        "after": after,
+        "acc": round(average_accuracy(matrix), 4),
+        "bwt": round(backward_transfer(matrix), 4),
+        "new_task": [matrix[i][i] for i in range(len(matrix))],
+        "before": before,
     }
 
 
@@ -495,236 +252,362 @@ def _quiet() -> None:
     logging.getLogger("kfp_components").setLevel(logging.WARNING)
 
 
-def run() -> dict[str, Any]:
-    """The main experiment: curves, lm-eval scores of the final models, diagnostics and the settings."""
+def run(setting: Setting = DEFAULT, cache: Path | None = None) -> dict[str, Any]:
+    """The whole experiment (pre-training from the cache when there): every seed and method."""
     _quiet()
     started = time.perf_counter()
-    task_a, task_b = make_tasks()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        models = _TaskAModels(work, _write_chat(work / "a.jsonl", task_a))
-        result = experiment(
-            MAIN, models, _write_chat(work / "b.jsonl", task_b), work / "main", (task_a, task_b)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared; every method runs alike
+    try:
+        base, pretrain_record = (
+            pretrained_model(setting.pretrain) if cache is None else pretrained_model(setting.pretrain, cache)
         )
-        include = work / "tasks"
-        write_tasks(include, task_a, task_b)
-        lm_eval = {"before": lm_eval_scores(models.get(MAIN)[1], include, work / "eval_before")}
-        for label, curve in result["curves"].items():
-            lm_eval[label] = lm_eval_scores(curve.pop("final_model"), include, work / f"eval_{label}")
-    result.update(
-        {
-            "task": {"facts_per_task": N_FACTS, "steps_a": STEPS_A, "lr_a": LR_A, "batch": N_FACTS},
-            "lm_eval": lm_eval,
-            "seconds": round(time.perf_counter() - started, 1),
+        world = continual_corpus.make_world(setting.pretrain.world_seed)
+        texts = [continual_corpus.document(random.Random(i), world) for i in range(20)]
+        measured, isotropic = activation_share(base, texts, METHODS[-1].unfreeze_rank_ratio)
+        runs: dict[str, list[dict[str, Any]]] = {method.name: [] for method in setting.methods}
+        with tempfile.TemporaryDirectory() as tmp:
+            for seed in setting.seeds:
+                tasks = continual_corpus.new_tasks(100 + seed, setting.facts_per_task, setting.num_tasks)
+                scorer = Scorer(base, setting, tasks)
+                before = scorer(base)
+                for method in setting.methods:
+                    print(f"continual: seed {seed}, {method.label} ...", flush=True)
+                    work = Path(tmp) / f"seed{seed}_{method.name}"
+                    work.mkdir()
+                    run_ = sequence(base, scorer, before, method, seed, work)
+                    run_["seed"] = seed
+                    runs[method.name].append(run_)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "setting": {
+            "pretrain": dataclasses.asdict(setting.pretrain),
+            "facts_per_task": setting.facts_per_task,
+            "tasks": [task[0] for task in continual_corpus.NEW_TASKS[: setting.num_tasks]],
+            "seeds": list(setting.seeds),
+            "probe_per_family": setting.probe_per_family,
+            "methods": [dataclasses.asdict(method) for method in setting.methods],
+        },
+        "pretrain": {k: v for k, v in pretrain_record.items() if k != "config"},
+        "diagnostics": {
+            "activation_share_trainable": round(measured, 4),
+            "activation_share_isotropic": round(isotropic, 4),
+        },
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+# ------------------------------------------------------------------------------------------- summaries
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _pm(values: list[float], digits: int = 2) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method: every metric as (mean, std) over seeds, per step of the sequence where it has one."""
+    table: dict[str, dict[str, Any]] = {}
+    for name, runs in result["runs"].items():
+        steps = len(runs[0]["after"])
+        table[name] = {
+            "acc": _mean_std([r["acc"] for r in runs]),
+            "bwt": _mean_std([r["bwt"] for r in runs]),
+            "new_task": _mean_std([statistics.mean(r["new_task"]) for r in runs]),
+            "perplexity": [_mean_std([r["before"]["heldout_perplexity"] for r in runs])]
+            + [_mean_std([r["after"][t]["heldout_perplexity"] for r in runs]) for t in range(steps)],
+            "pretraining_accuracy": [_mean_std([r["before"]["pretraining_accuracy"] for r in runs])]
+            + [_mean_std([r["after"][t]["pretraining_accuracy"] for r in runs]) for t in range(steps)],
+            "tasks": [
+                [_mean_std([r["after"][t]["tasks"][i] for r in runs]) for i in range(steps)]
+                for t in range(steps)
+            ],
         }
-    )
-    return result
-
-
-def run_sweep() -> dict[str, Any]:
-    """Every setting of :data:`SWEEP` (no lm-eval): final and matched scores and diagnostics."""
-    _quiet()
-    started = time.perf_counter()
-    task_a, task_b = make_tasks()
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        models = _TaskAModels(work, _write_chat(work / "a.jsonl", task_a))
-        data_b = _write_chat(work / "b.jsonl", task_b)
-        for i, setting in enumerate(SWEEP):
-            print(f"continual: sweep {i + 1}/{len(SWEEP)}: {setting.name}", flush=True)
-            result = experiment(setting, models, data_b, work / f"sweep_{i}", (task_a, task_b))
-            for curve in result["curves"].values():
-                curve.pop("final_model")
-            rows.append(result)
-    return {"rows": rows, "seconds": round(time.perf_counter() - started, 1)}
+    return table
 
 
 # ------------------------------------------------------------------------------------------- reporting
+_COLOURS = {"full": "tab:red", "lora": "tab:green", "osft": "tab:blue"}
+
+
 def plot(result: dict[str, Any], path: Path = PLOT) -> None:
-    """Accuracy on A and B, and task A's answer NLL, over task-B steps for both methods."""
+    """Earlier tasks' accuracy, pre-training family accuracy and held-out perplexity over the sequence."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (acc, nll) = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"full": "tab:red", "osft": "tab:blue"}
-    names = {"full": "full fine-tuning", "osft": "OSFT"}
-    for label, curve in result["curves"].items():
-        colour, name = colours[label], names[label]
-        acc.plot(curve["step"], curve["a"], "-o", color=colour, label=f"{name}: task A (old)")
-        acc.plot(curve["step"], curve["b"], "--s", color=colour, label=f"{name}: task B (new)")
-        nll.plot(curve["step"], curve["nll_a"], "-o", color=colour, label=name)
-    acc.set_ylabel("exact-match accuracy")
-    acc.set_ylim(-0.02, 1.02)
-    acc.set_title("Accuracy on the old and the new task")
-    nll.set_ylabel("task A answer NLL (nats/token, lower = kept)")
-    nll.set_title("How much of task A is left")
-    for ax in (acc, nll):
-        ax.set_xlabel("task-B training steps")
+    table, tasks = summary(result), result["setting"]["tasks"]
+    labels = {m["name"]: m["label"] for m in result["setting"]["methods"]}
+    x = list(range(len(tasks) + 1))
+    ticks = ["pre-trained", *[f"after {name}" for name in tasks]]
+    fig, (old, general, ppl) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, row in table.items():
+        colour = _COLOURS.get(name)
+        # mean accuracy over the tasks learned so far, before the current one (none after the first)
+        earlier = [
+            (t, _mean_std([statistics.mean(r["after"][t]["tasks"][:t]) for r in result["runs"][name]]))
+            for t in range(1, len(tasks))
+        ]
+        old.errorbar(
+            [t + 1 for t, _ in earlier],
+            [m for _, (m, _s) in earlier],
+            yerr=[s for _, (_m, s) in earlier],
+            fmt="-o",
+            color=colour,
+            capsize=3,
+            label=labels[name],
+        )
+        for curve, ax in ((row["pretraining_accuracy"], general), (row["perplexity"], ppl)):
+            ax.errorbar(
+                x,
+                [m for m, _ in curve],
+                yerr=[s for _, s in curve],
+                fmt="-o",
+                color=colour,
+                capsize=3,
+                label=labels[name],
+            )
+    old.set_title("Accuracy on the earlier new tasks")
+    old.set_ylabel("mean exact match of tasks learned before")
+    old.set_ylim(-0.02, 1.02)
+    general.set_title("Pre-training task families (fresh instances)")
+    general.set_ylabel("mean exact match")
+    general.set_ylim(-0.02, 1.02)
+    ppl.set_title("Held-out pre-training corpus")
+    ppl.set_ylabel("perplexity (lower = kept)")
+    for ax in (old, general, ppl):
+        ax.set_xticks(x, ticks, fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Continual learning on a tiny model ({MAIN.describe()}): full fine-tuning vs OSFT")
+    seeds = len(result["setting"]["seeds"])
+    fig.suptitle(f"Three new tasks in sequence after pre-training: mean ± std over {seeds} seeds")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _matched(result: dict[str, Any], label: str) -> str:
-    point = result["matched"][label]
-    if point is None:
-        return "never"
-    return f"step {point['step']}: A {point['a']:.2f}, A NLL {point['nll_a']:.2f}"
+def _cell(pair: tuple[float, float], digits: int = 2) -> str:
+    return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
 
 
-def _finding(result: dict[str, Any]) -> str:
-    """One honest sentence on what the main experiment shows."""
-    full, osft_ = result["curves"]["full"], result["curves"]["osft"]
-    mf, mo = result["matched"]["full"], result["matched"]["osft"]
-    kept = osft_["nll_a"][-1] < full["nll_a"][-1] and osft_["a"][-1] >= full["a"][-1]
-    if mf and mo and mo["a"] > mf["a"] and mo["nll_a"] < mf["nll_a"]:
-        verdict = "OSFT kept more of task A than full fine-tuning at comparable task-B accuracy"
-    elif kept:
-        verdict = "OSFT kept more of task A after the same budget, but not at comparable task-B accuracy"
-    else:
-        verdict = "OSFT did not keep task A better than full fine-tuning"
-    return (
-        f"{verdict} (after {full['step'][-1]} steps: A {osft_['a'][-1]:.2f} vs {full['a'][-1]:.2f}, "
-        f"A NLL {osft_['nll_a'][-1]:.2f} vs {full['nll_a'][-1]:.2f}; B {osft_['b'][-1]:.2f} vs "
-        f"{full['b'][-1]:.2f}); but most of task A is lost with both methods on this tiny model."
-    )
-
-
-def render(result: dict[str, Any]) -> str:
-    """The short section of docs/performance.md (the full report is docs/continual-learning.md)."""
-    ev = result["lm_eval"]
-    return "\n".join(
-        [
-            "## Continual learning: OSFT vs full fine-tuning",
-            "",
-            f"Task A, then task B on a tiny {MAIN.describe()}; lm-eval exact match of the final models "
-            "(the experiment, the curves, the sweep and what they show: [continual-learning.md](continual-learning.md)):",
-            "",
-            "| | task A (old) | task B (new) |",
-            "| --- | --- | --- |",
-            f"| after task A | {ev['before']['a']:.2f} | {ev['before']['b']:.2f} |",
-            f"| after task B, full fine-tuning | {ev['full']['a']:.2f} | {ev['full']['b']:.2f} |",
-            f"| after task B, OSFT | {ev['osft']['a']:.2f} | {ev['osft']['b']:.2f} |",
-            "",
-            _finding(result),
-            "",
-            f"Runtime: {result['seconds']} s (`make continual-demo`).",
-        ]
-    )
-
-
-def _sweep_table(sweep: dict[str, Any]) -> list[str]:
+def headline_table(result: dict[str, Any]) -> list[str]:
+    """ACC, BWT, new-task accuracy, final perplexity and family accuracy per method."""
+    table = summary(result)
+    labels = {m["name"]: m["label"] for m in result["setting"]["methods"]}
+    first = next(iter(table.values()))
     lines = [
-        "| setting | full: A / B / A NLL | OSFT: A / B / A NLL | full at B >= 0.9 | OSFT at B >= 0.9 "
-        "| A's change outside OSFT's subspace | A's activations in trainable directions (isotropic) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | new-task accuracy (mean of a[i][i]) | ACC | BWT | pre-training families | held-out perplexity |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| pre-trained model | | | | {_cell(first['pretraining_accuracy'][0])} "
+        f"| {_cell(first['perplexity'][0])} |",
     ]
-    for row in sweep["rows"]:
-        s, d = row["setting"], row["diagnostics"]
-        final = {
-            label: f"{c['a'][-1]:.2f} / {c['b'][-1]:.2f} / {c['nll_a'][-1]:.2f}"
-            for label, c in row["curves"].items()
-        }
-        budget = f"{s['steps_b']} steps at lr {s['lr_b']:g}, ratio {s['unfreeze_rank_ratio']}"
+    for name, row in table.items():
         lines.append(
-            f"| {s['name']} ({budget}) | {final['full']} | {final['osft']} | {_matched(row, 'full')} "
-            f"| {_matched(row, 'osft')} | {d['weight_change_outside_trainable']:.3f} "
-            f"| {d['activation_share_trainable']:.3f} ({d['activation_share_isotropic']:.3f}) |"
+            f"| {labels[name]} | {_cell(row['new_task'])} | {_cell(row['acc'])} | {_cell(row['bwt'])} "
+            f"| {_cell(row['pretraining_accuracy'][-1])} | {_cell(row['perplexity'][-1])} |"
         )
     return lines
 
 
-def report(record: dict[str, Any], sweep_record: dict[str, Any] | None) -> str:
-    """docs/continual-learning.md from the stored main result and, when present, the sweep."""
-    result = record["result"]
-    ev, full, osft_, d = (
-        result["lm_eval"],
-        result["curves"]["full"],
-        result["curves"]["osft"],
-        result["diagnostics"],
-    )
-    s, task = result["setting"], result["task"]
-    machine = ", ".join(f"{k} {v}" for k, v in record["machine"].items())
+def matrix_table(result: dict[str, Any]) -> list[str]:
+    """Every task's accuracy, the family accuracy and the perplexity after each step of the sequence."""
+    table, tasks = summary(result), result["setting"]["tasks"]
+    labels = {m["name"]: m["label"] for m in result["setting"]["methods"]}
+    header = " | ".join(f"task {i + 1} ({name})" for i, name in enumerate(tasks))
     lines = [
-        "# Continual learning: OSFT vs full fine-tuning",
+        f"| method | after | {header} | pre-training families | held-out perplexity |",
+        "| --- | --- |" + " --- |" * (len(tasks) + 2),
+    ]
+    for name, row in table.items():
+        for t in range(len(tasks)):
+            cells = " | ".join(_cell(row["tasks"][t][i]) if i <= t else "" for i in range(len(tasks)))
+            lines.append(
+                f"| {labels[name]} | task {t + 1} | {cells} | {_cell(row['pretraining_accuracy'][t + 1])} "
+                f"| {_cell(row['perplexity'][t + 1])} |"
+            )
+    return lines
+
+
+def family_table(result: dict[str, Any]) -> list[str]:
+    """Per pre-training family: accuracy of the pre-trained model and after the last task (seed mean)."""
+    labels = {m["name"]: m["label"] for m in result["setting"]["methods"]}
+    runs = result["runs"]
+    first = next(iter(runs.values()))
+    families = sorted(first[0]["before"]["families"])
+    lines = [
+        "| family | pre-trained | " + " | ".join(f"after task 3, {labels[n]}" for n in runs) + " |",
+        "| --- | --- |" + " --- |" * len(runs),
+    ]
+    for family in families:
+        before = statistics.mean(r["before"]["families"][family] for r in first)
+        after = [statistics.mean(r["after"][-1]["families"][family] for r in runs[n]) for n in runs]
+        lines.append(f"| {family} | {before:.2f} | " + " | ".join(f"{v:.2f}" for v in after) + " |")
+    return lines
+
+
+def render(result: dict[str, Any]) -> str:
+    """The short section of docs/performance.md (the full report is docs/continual-learning.md)."""
+    return "\n".join(
+        [
+            "## Continual learning: full fine-tuning, LoRA and OSFT",
+            "",
+            "A model pre-trained here learns three new tasks in sequence; mean ± std over "
+            f"{len(result['setting']['seeds'])} seeds (the experiment and what it shows: "
+            "[continual-learning.md](continual-learning.md)):",
+            "",
+            *headline_table(result),
+            "",
+            f"Runtime: {result['seconds']} s (`make continual-demo`, the pre-trained model cached; pre-training "
+            f"took {result['pretrain']['seconds']} s on one thread).",
+        ]
+    )
+
+
+#: How the budgets of :data:`METHODS` were chosen: a pilot on seed 0, task 1, from the pre-trained model (the
+#: measurements of 2026-11-28; rendered into the report).
+MATCHING = [
+    "## How the methods were matched",
+    "",
+    "Each method's learning rate and steps were chosen in a pilot (seed 0, task 1 from the pre-trained "
+    "model, one engine run per row) as the smallest budget tried that learns the task to exact match "
+    ">= 0.95; the same budget then serves every task and seed, and the achieved new-task accuracy "
+    "(`a[i][i]`, first column of the result) shows how well the match holds.",
+    "",
+    "| method | lr | steps | task 1 exact match | pre-training families | held-out perplexity |",
+    "| --- | --- | --- | --- | --- | --- |",
+    "| full fine-tuning | 1e-3 | 20 | 0.40 | 0.03 | 3.51 |",
+    "| full fine-tuning | 1e-3 | **30** | 1.00 | 0.03 | 3.86 |",
+    "| full fine-tuning | 1e-3 | 40 | 1.00 | 0.03 | 4.50 |",
+    "| OSFT | 3e-3 | **30** | 1.00 | 0.10 | 2.95 |",
+    "| OSFT | 3e-3 | 60 | 1.00 | 0.07 | 4.55 |",
+    "| LoRA | 1e-2 | 60 | 0.00 (diverged) | 0.01 | 18,467 |",
+    "| LoRA | 5e-3 | 40 | 0.40 | 0.01 | 3.52 |",
+    "| LoRA | 3e-3 | **60** | 0.97 | 0.05 | 3.60 |",
+    "",
+    "Training past the point where the task is learned costs more of the pre-training (full fine-tuning at 40 "
+    "steps, OSFT at 60), so the smallest budget that learns the task is the fair one. The budgets are per "
+    "method, not per task: a task that is easier to learn is somewhat over-trained by every method alike.",
+]
+
+#: What the stored results show (written from them; rendered into the report).
+FINDINGS = [
+    "## What this shows",
+    "",
+    "- **Every method forgets the earlier new tasks almost completely.** At matched new-task accuracy (each "
+    "method learns every task to 0.98-1.00), BWT is -0.99 for full fine-tuning, -1.00 for LoRA and -0.96 "
+    "for OSFT: OSFT keeps a trace of the previous task (task 2 at 0.07 after task 3, task 1 at 0.02 after "
+    "task 2), the others none. On these memorised associations, which all answer in the same short format, "
+    "OSFT does not avoid catastrophic forgetting.",
+    "- **OSFT keeps the most of the pre-training corpus after one task, and ends level with LoRA.** Held-out "
+    "perplexity after task 1 is 3.02 for OSFT against 3.60 for LoRA and 4.00 for full fine-tuning (from "
+    "2.33); after three tasks 8.73 for OSFT, 8.90 for LoRA and 15.22 for full fine-tuning. With the "
+    "seed spread (±0.8 to ±2.3) OSFT and LoRA are not distinguishable at the end; both keep clearly more "
+    "than full fine-tuning.",
+    "- **The pre-training task families collapse with every method** (mean exact match 0.30 -> 0.01-0.07): "
+    "after the new tasks the model answers those questions in the new tasks' formats. This is the expected "
+    "outcome for a 1M-parameter model trained for a few minutes; its families were not learned robustly "
+    "(0.30 before any new task), so there was little skill to protect.",
+    "- **The premise holds partly.** The pre-trained weights do have a main subspace: the decomposed "
+    "projections' inputs put 8.5% of their energy into the directions OSFT trains, against 19.1% if they "
+    "were isotropic, and OSFT's lower perplexity after one task is the effect the method predicts. At this "
+    "scale the effect is small against what all methods lose; models of the paper's size cannot be "
+    "pre-trained here, and the same engine and pipeline run them on a GPU cluster.",
+    "",
+    "The earlier version of this page trained a random model on one task and then another (no pre-training, "
+    "one seed): OSFT kept 0.15 of the first task against 0.00 for full fine-tuning; the analysis of that "
+    "result (no general-knowledge subspace to protect) is why the experiment now starts from a pre-trained "
+    "model.",
+]
+
+
+def report(record: dict[str, Any]) -> str:
+    """docs/continual-learning.md from the stored result."""
+    result = record["result"]
+    setting, pre, diag = result["setting"], result["pretrain"], result["diagnostics"]
+    config = PretrainConfig(**setting["pretrain"])
+    machine = ", ".join(f"{k} {v}" for k, v in record["machine"].items())
+    methods = "\n".join(f"- **{m['label']}**: {Method(**m).describe()}." for m in setting["methods"])
+    lines = [
+        "# Continual learning: full fine-tuning, LoRA and OSFT",
         "",
-        "OSFT's claim (Nayak et al. 2025, arXiv:2504.07097) is that a model fine-tuned only in the directions "
-        "orthogonal to each weight's top singular subspace learns a new task while keeping what it knew. This "
-        "page tests that claim on a model small enough to train here, and explains what it shows.",
+        "OSFT's claim (Nayak et al. 2025, arXiv:2504.07097) is that a pre-trained model fine-tuned only in the "
+        "directions orthogonal to each weight's top singular subspace learns new tasks while keeping what it "
+        "knew. This page tests the claim on the premise the method needs, a model whose weights already hold "
+        "general knowledge, at a size that trains on a CPU.",
         "",
         "```bash",
-        "make continual-demo                                # this experiment: about 1 minute on 2 CPU cores",
-        ".venv/bin/python -m benchmarks.continual --sweep   # and the sweep below: about 5 more",
+        f"make continual-demo    # {result['seconds'] / 60:.0f} minutes here with the pre-trained model cached "
+        f"(pre-training: {pre['seconds'] / 60:.0f} more)",
         "```",
         "",
         "## The experiment",
         "",
-        f"A tiny model ({MAIN.describe()}; random weights, a tokenizer trained locally) learns **task A**: "
-        f'{task["facts_per_task"]} synthetic facts, "What is the code of <word>?" -> a 3-digit code, with full '
-        f"SFT ({task['steps_a']} steps, lr {task['lr_a']}). From that model **task B** ({task['facts_per_task']} "
-        'other words, "What is the number of <word>?" -> a 3-digit number) is trained twice on the same budget: '
-        f"{s['steps_b']} steps, constant lr {s['lr_b']:g}, batch {task['batch']}, once with full fine-tuning and "
-        f"once with OSFT (unfreeze rank ratio {s['unfreeze_rank_ratio']}). Both are scored every "
-        f"{s['eval_every']} steps: exact match on A and B (teacher-forced greedy: every answer token must be the "
-        "model's top choice) and the mean negative log-likelihood of A's answer tokens, a graded measure of how "
-        f"much of A is left (about 0 when A is known; {math.log(10):.1f} for a uniform guess among the ten digits; "
-        "higher when the model confidently answers with other numbers). The final models are also scored with lm-eval (greedy generation, "
-        "`generate_until` custom tasks).",
+        f"**Pre-training.** A tiny model ({config.describe()}; {pre['parameters']:,} parameters, random "
+        "initialisation and a tokenizer trained locally) is trained as a language model on a synthetic corpus "
+        "generated in `benchmarks/continual_corpus.py` (seeded): short documents of grammar sentences with "
+        "agreement and relative clauses mixed with statements of a small world's facts (40 people, their "
+        "city, favourite colour and pet), and, as chat conversations, nine task families: addition, the larger "
+        "of two numbers, the successor of a number, counting letters, reversing a word, the first letter of a "
+        "word, sorting digits, plurals and questions about the world. "
+        f"{config.steps} steps of {config.rows_per_step} rows of {config.row_tokens} tokens "
+        f"({pre['train_tokens']:,} tokens, about {pre['train_tokens'] / pre['corpus_tokens']:.1f} passes over "
+        f"the corpus), AdamW at lr {config.lr:g} with warmup and cosine decay, one thread: "
+        f"{pre['seconds']:.0f} s. Held-out perplexity falls from {pre['heldout_perplexity_initial']:.0f} "
+        f"(random weights; uniform over the vocabulary would be 1,024) to {pre['heldout_perplexity']:.2f}. "
+        "The checkpoint is cached under `benchmarks/results/continual_pretrained/<hash>/` (hash of the "
+        "generator's source, the settings and the library versions), so later runs skip this step.",
+        "",
+        f"**Three new tasks in sequence**, {setting['facts_per_task']} facts each over invented words the "
+        'corpus never mentions: task 1 *code* ("What is the code of <word>?" -> a 3-digit number), task 2 '
+        '*capital* ("Which city rules <word>?" -> one of the corpus\'s 12 cities), task 3 *flag* '
+        '("What colour is the flag of <word>?" -> one of its 10 colours). Each task is learned from the model '
+        "the previous task left, by one run of the project's training engine "
+        "(`kfp_components.trainer.train`, full batch, float32, constant learning rate):",
+        "",
+        methods,
+        "",
+        "After pre-training and after each task, the model is scored on every new task (teacher-forced greedy "
+        "exact match over the task's facts: every answer token must be the model's top choice), on "
+        f"{setting['probe_per_family']} fresh instances of each pre-training family (same exact match; what "
+        "general skill is left) and by its perplexity on held-out pre-training text (a different seed of the "
+        "same generator). From the accuracy matrix `a[t][i]` (task i after learning task t) come the paper's "
+        "average accuracy ACC = mean of a[3][i] and backward transfer BWT = mean over i < 3 of "
+        "(a[3][i] - a[i][i]). "
+        f"Seeds {', '.join(map(str, setting['seeds']))} change the new tasks' facts and the engine's seed "
+        "(data order, LoRA initialisation); the pre-trained model is the same.",
         "",
         "## Result",
         "",
-        "| lm-eval exact match | task A (old) | task B (new) |",
-        "| --- | --- | --- |",
-        f"| after task A | {ev['before']['a']:.2f} | {ev['before']['b']:.2f} |",
-        f"| after task B, full fine-tuning | {ev['full']['a']:.2f} | {ev['full']['b']:.2f} |",
-        f"| after task B, OSFT | {ev['osft']['a']:.2f} | {ev['osft']['b']:.2f} |",
+        *headline_table(result),
         "",
-        f"At comparable task-B accuracy (the first evaluation with B >= {MATCHED_B}): full fine-tuning "
-        f"{_matched(result, 'full')}; OSFT {_matched(result, 'osft')}.",
+        "![Earlier tasks, pre-training families and held-out perplexity over the sequence](continual.png)",
         "",
-        "![Task A and task B accuracy and task A's answer NLL over task-B steps](continual.png)",
+        "After each step of the sequence (mean ± std over seeds):",
         "",
-        "| step | full: A | full: B | full: A NLL | OSFT: A | OSFT: B | OSFT: A NLL |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        *matrix_table(result),
+        "",
+        "Per pre-training family (mean over seeds):",
+        "",
+        *family_table(result),
+        "",
+        f"Diagnostic of the pre-trained model: the inputs of its decomposed projections (on corpus documents) "
+        f"put {diag['activation_share_trainable']:.1%} of their energy into the directions OSFT trains at "
+        f"ratio {METHODS[-1].unfreeze_rank_ratio}, against {diag['activation_share_isotropic']:.1%} if they "
+        "were isotropic.",
+        "",
+        *FINDINGS,
+        "",
+        *MATCHING,
+        "",
+        f"Machine: {machine}. Date: {record['date']}. Runtime: {result['seconds']} s (pre-training not "
+        "included).",
     ]
-    for i, step in enumerate(full["step"]):
-        lines.append(
-            f"| {step} | {full['a'][i]:.2f} | {full['b'][i]:.2f} | {full['nll_a'][i]:.2f} "
-            f"| {osft_['a'][i]:.2f} | {osft_['b'][i]:.2f} | {osft_['nll_a'][i]:.2f} |"
-        )
-    lines += [
-        "",
-        f"**{_finding(result)}**",
-        "",
-        f"Diagnostics of the task-A model: {d['weight_change_outside_trainable']:.1%} of task A's weight change "
-        "lies outside the subspace OSFT trains (so A was written into the directions OSFT freezes), and task A's "
-        f"input activations put {d['activation_share_trainable']:.1%} of their energy into the trainable "
-        f"directions, against {d['activation_share_isotropic']:.1%} if they were isotropic.",
-        "",
-        f"Machine: {machine}. Date: {record['date']}. Runtime: {result['seconds']} s. One seed.",
-    ]
-    if sweep_record:
-        sweep = sweep_record["result"]
-        lines += [
-            "",
-            "## Why the effect is small here: the sweep",
-            "",
-            "The same experiment (no lm-eval) over the levers that could matter. Final scores after the budget, "
-            f"then the first evaluation where task B reached {MATCHED_B}, then the two diagnostics.",
-            "",
-            *_sweep_table(sweep),
-            "",
-            f"Runtime: {sweep['seconds']} s. Date: {sweep_record['date']}.",
-            "",
-            *FINDINGS,
-        ]
     return "\n".join(lines) + "\n"
 
 
@@ -738,7 +621,7 @@ def write_report() -> None:
     if record is None:
         raise SystemExit(f"no results yet: run `make continual-demo` first ({RESULTS / (NAME + '.json')})")
     plot(record["result"])
-    REPORT.write_text(report(record, _read(f"{NAME}_sweep")))
+    REPORT.write_text(report(record))
 
 
 def _store(name: str, result: dict[str, Any]) -> None:
@@ -751,16 +634,13 @@ def _store(name: str, result: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="also run the sweep of settings (about 5 min)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the report and plot from results")
     args = parser.parse_args(argv)
     if not args.render_only:
-        print("continual: task A, then task B with full fine-tuning and with OSFT ...", flush=True)
+        print("continual: pre-training (cached), then three tasks with each method and seed ...", flush=True)
         result = run()
         _store(NAME, result)
         print(render(result))
-        if args.sweep:
-            _store(f"{NAME}_sweep", run_sweep())
     write_report()
     from benchmarks.run import render as render_performance  # its continual section reads the same results
 

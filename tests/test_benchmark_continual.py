@@ -1,147 +1,157 @@
-"""The continual-learning benchmark: its tasks, its diagnostics, its freezing and its report."""
+"""The continual-learning benchmark: its corpus, its metrics, its cached pre-training and its report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from pathlib import Path
+import math
+import random
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from benchmarks import continual
-from kfp_components.testing.tiny_model import build_tiny_model
-from kfp_components.trainer.osft import num_frozen_directions
+from benchmarks import continual, continual_corpus
+from benchmarks.continual_pretrain import PretrainConfig, pretrained_model
 
-TARGET = "model.layers.0.self_attn.q_proj.weight"
-
-
-def test_tasks_are_deterministic_and_use_disjoint_words():
-    task_a, task_b = continual.make_tasks()
-    assert (task_a, task_b) == continual.make_tasks()
-    assert len(task_a) == len(task_b) == continual.N_FACTS
-    words = [question.rsplit(" ", 1)[1] for question, _ in task_a + task_b]
-    assert len(set(words)) == len(words)
-    assert all(answer.isdigit() and len(answer) == 3 for _, answer in task_a + task_b)
-
-
-def test_matched_point_is_the_first_evaluation_reaching_the_threshold():
-    curve = {
-        "step": [0, 10, 20, 30],
-        "a": [1.0, 0.5, 0.3, 0.1],
-        "b": [0.0, 0.5, 0.95, 1.0],
-        "nll_a": [0, 1, 2, 3],
-    }
-    assert continual.at_matched_b(curve) == {"step": 20, "a": 0.3, "b": 0.95, "nll_a": 2}
-    assert continual.at_matched_b(curve, threshold=1.01) is None
+#: A pre-training small enough for a test: seconds on one thread, yet enough to learn the corpus's grammar.
+TINY_PRETRAIN = PretrainConfig(
+    hidden_size=64,
+    num_layers=2,
+    intermediate_size=128,
+    corpus_samples=1500,
+    row_tokens=128,
+    rows_per_step=8,
+    steps=80,
+    warmup_steps=5,
+    heldout_samples=60,
+)
 
 
-def _changed_copy(base: Path, out: Path, change) -> str:
-    """A copy of ``base`` whose q_proj of layer 0 is changed by ``change(weight)``."""
-    out.mkdir()
-    for item in base.iterdir():
-        (out / item.name).write_bytes(item.read_bytes())
-    weights = load_file(out / "model.safetensors")
-    weights[TARGET] = weights[TARGET] + change(weights[TARGET])
-    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
-    return str(out)
+def test_corpus_and_tasks_are_deterministic_and_tasks_use_disjoint_new_words():
+    world = continual_corpus.make_world(0)
+    assert continual_corpus.corpus(1, 50, world) == continual_corpus.corpus(1, 50, world)
+    assert continual_corpus.corpus(1, 50, world) != continual_corpus.corpus(2, 50, world)
+    tasks = continual_corpus.new_tasks(7, 20)
+    assert tasks == continual_corpus.new_tasks(7, 20)
+    assert [name for name, _ in tasks] == ["code", "capital", "flag"]
+    words = [question.rstrip("?").rsplit(" ", 1)[1] for _, facts in tasks for question, _ in facts]
+    assert len(set(words)) == len(words) == 60
+    assert all(answer in continual_corpus.CITIES for _, answer in tasks[1][1])
+    with pytest.raises(ValueError, match="count must be in"):
+        continual_corpus.new_tasks(0, 5, count=4)
 
 
-def test_weight_change_diagnostic_separates_frozen_and_trainable_directions(tmp_path):
-    base = build_tiny_model(tmp_path / "base", arch="qwen2", seed=0)
-    ratio = 0.25
+def test_task_families_answer_correctly():
+    world = continual_corpus.make_world(0)
+    probe = continual_corpus.family_probe(5, 20, world)
+    assert set(probe) == set(continual_corpus.FAMILIES)
+    for question, answer in probe["addition"]:
+        a, b = question.removeprefix("What is ").rstrip("?").split(" + ")
+        assert int(answer) == int(a) + int(b)
+    for question, answer in probe["reverse"]:
+        assert answer == question.rstrip(".").rsplit(" ", 1)[1][::-1]
+    for question, answer in probe["sort_digits"]:
+        assert answer.split() == sorted(question.removeprefix("Sort ").rstrip(".").split())
+    for question, answer in probe["world"]:
+        name = next(n for n in world.people if f" {n} " in f" {question} ".replace("?", " "))
+        assert answer in (world.city[name], world.colour[name], world.pet[name])
+    # the world's facts are stated in the documents the model pre-trains on
+    text = " ".join(continual_corpus.document(random.Random(i), world) for i in range(200))
+    assert any(f"{name} lives in {world.city[name]}." in text for name in world.people)
 
-    def top_direction(weight):  # grows the largest singular value: entirely in the frozen subspace
-        u, s, vh = torch.linalg.svd(weight)
-        return 0.5 * s[0] * torch.outer(u[:, 0], vh[0])
 
-    def bottom_direction(weight):  # grows the smallest: entirely in the subspace OSFT trains
-        u, s, vh = torch.linalg.svd(weight)
-        k = num_frozen_directions(s.numel(), ratio)
-        assert k < s.numel() - 1
-        return 0.5 * s[-1] * torch.outer(u[:, -1], vh[-1])
+def test_average_accuracy_and_backward_transfer_follow_the_definitions():
+    matrix = [[0.9, 0.0, 0.0], [0.5, 1.0, 0.1], [0.3, 0.8, 1.0]]
+    assert continual.average_accuracy(matrix) == pytest.approx((0.3 + 0.8 + 1.0) / 3)
+    assert continual.backward_transfer(matrix) == pytest.approx(((0.3 - 0.9) + (0.8 - 1.0)) / 2)
+    assert continual.backward_transfer([[0.7]]) == 0.0
 
-    frozen = _changed_copy(base, tmp_path / "top", top_direction)
-    trainable = _changed_copy(base, tmp_path / "bottom", bottom_direction)
-    assert continual.weight_change_outside_trainable(str(base), frozen, ratio) == pytest.approx(1.0, abs=1e-4)
-    assert continual.weight_change_outside_trainable(str(base), trainable, ratio) == pytest.approx(
-        0.0, abs=1e-4
+
+def test_exact_match_needs_every_answer_token(tmp_path):
+    from kfp_components.testing.tiny_model import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", arch="qwen2", seed=0)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    question = "What is the code of baba?"
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
     )
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():  # the model's own greedy continuation is right by definition
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)[0, len(ids) :]
+    own = tokenizer.decode(greedy)
+    if tokenizer(own, add_special_tokens=False)["input_ids"] != greedy.tolist():
+        pytest.skip("the greedy tokens do not round-trip through text")
+    wrong_ids = [(int(greedy[0]) + 1) % 256, *greedy[1:].tolist()]  # another first token, the same rest
+    wrong = tokenizer.decode(wrong_ids)
+    if tokenizer(wrong, add_special_tokens=False)["input_ids"] != wrong_ids:
+        pytest.skip("the changed tokens do not round-trip through text")
+    assert continual.exact_match(tokenizer, model, [(question, own)]) == 1.0
+    assert continual.exact_match(tokenizer, model, [(question, wrong)]) == 0.0
+    # rows of another length padded into the same batch do not change a row's score
+    longer = ("Tell me, please, what is the code of the word baba?", "123")
+    assert continual.exact_match(tokenizer, model, [(question, own), (question, wrong), longer]) in (
+        1 / 3,
+        2 / 3,
+    )
+    assert continual.exact_match(tokenizer, model, [longer, (question, own)]) in (0.5, 1.0)
 
 
-def test_activation_share_is_a_share_and_isotropic_share_follows_the_ratio(tmp_path):
-    model = str(build_tiny_model(tmp_path / "m", arch="qwen2", seed=0))
-    task_a, _ = continual.make_tasks()
-    measured, isotropic = continual.activation_share(model, task_a[:4], 0.25)
-    assert 0.0 < measured < 1.0
-    # hidden 64: square projections keep 16 of 64 directions, the rest likewise a quarter or less
-    assert 0.1 < isotropic <= 0.25
-    # every singular direction trainable: all of a weight's row space (narrow projections have a smaller one)
-    all_measured, all_isotropic = continual.activation_share(model, task_a[:4], 1.0)
-    assert all_measured > measured and all_isotropic > isotropic and all_isotropic <= 1.0
+def test_pretraining_learns_the_corpus_and_is_cached_by_its_hash(tmp_path):
+    folder, record = pretrained_model(TINY_PRETRAIN, tmp_path)
+    assert folder.name == TINY_PRETRAIN.cache_key() and (folder / "model.safetensors").exists()
+    # far below uniform over the vocabulary (1,024) and far below the random initialisation
+    assert record["heldout_perplexity"] < 40 < record["heldout_perplexity_initial"]
+    assert record["heldout_perplexity"] < record["heldout_perplexity_initial"] / 10
+    again, record_again = pretrained_model(TINY_PRETRAIN, tmp_path)  # cached: nothing is trained again
+    assert again == folder and record_again == record
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no partial folders left behind
+    other = dataclasses.replace(TINY_PRETRAIN, steps=81)
+    assert other.cache_key() != TINY_PRETRAIN.cache_key()
 
 
-def test_frozen_diagnostic_freezes_what_it_says(tmp_path):
-    base = build_tiny_model(tmp_path / "base", arch="qwen2", seed=0)
-    task_a, _ = continual.make_tasks()
-    data = continual._write_chat(tmp_path / "a.jsonl", task_a[:8])
-    before = load_file(base / "model.safetensors")
-    with continual._frozen("embeddings"):
-        trained = continual._train(str(base), data, tmp_path / "run", 2, 1e-2, "osft", "constant")
-    after = load_file(Path(trained) / "model.safetensors")
-    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])
-    assert torch.equal(after["lm_head.weight"], before["lm_head.weight"])
-    assert not torch.equal(after[TARGET], before[TARGET])
-    assert not torch.equal(after["model.norm.weight"], before["model.norm.weight"])
-    with continual._frozen("non_decomposed"):
-        trained = continual._train(str(base), data, tmp_path / "run2", 2, 1e-2, "sft", "constant")
-    after = load_file(Path(trained) / "model.safetensors")
-    assert torch.equal(after["model.norm.weight"], before["model.norm.weight"])
-    assert not torch.equal(after[TARGET], before[TARGET])
+def test_smoke_run_reports_every_method_task_and_seed(tmp_path):
+    methods = tuple(dataclasses.replace(m, steps=3) for m in continual.METHODS)
+    setting = continual.Setting(
+        pretrain=TINY_PRETRAIN,
+        facts_per_task=6,
+        num_tasks=2,
+        methods=methods,
+        seeds=(0, 1),
+        probe_per_family=2,
+    )
+    result = continual.run(setting, cache=tmp_path / "cache")
+    assert set(result["runs"]) == {"full", "lora", "osft"}
+    for name, runs in result["runs"].items():
+        assert [r["seed"] for r in runs] == [0, 1]
+        for r in runs:
+            assert len(r["after"]) == 2 and all(len(a["tasks"]) == 2 for a in r["after"])
+            assert 0.0 <= r["acc"] <= 1.0 and -1.0 <= r["bwt"] <= 1.0
+            assert set(r["after"][-1]["families"]) == set(continual_corpus.FAMILIES)
+            # every method changed the model: the held-out perplexity moved from the pre-trained one
+            assert r["after"][0]["heldout_perplexity"] != r["before"]["heldout_perplexity"], name
+    before = result["runs"]["full"][0]["before"]["heldout_perplexity"]
+    assert before < result["pretrain"]["heldout_perplexity_initial"] / 10
+    assert math.isclose(before, result["pretrain"]["heldout_perplexity"], rel_tol=1e-3)
+    record = {"result": result, "machine": {"cpu": "test"}, "date": "2026-01-01"}
+    text = continual.report(record)
+    assert "| full fine-tuning |" in text and "| OSFT |" in text and "| LoRA |" in text
+    assert " ± " in text and "task 2 (capital)" in text
+    assert "## Continual learning" in continual.render(result)
+    continual.plot(result, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
 def test_report_in_docs_is_generated_from_the_stored_results():
     stored = continual._read(continual.NAME)
     assert stored is not None, "benchmarks/results/continual.json is missing: run `make continual-demo`"
-    text = continual.REPORT.read_text()
-    assert continual.report(stored, continual._read(f"{continual.NAME}_sweep")) == text, (
+    assert continual.report(stored) == continual.REPORT.read_text(), (
         "docs/continual-learning.md is stale: run `python -m benchmarks.continual --render-only`"
     )
     assert continual.PLOT.exists()
-    settings = json.loads((continual.RESULTS / "continual.json").read_text())["result"]["setting"]
-    assert settings["unfreeze_rank_ratio"] == continual.MAIN.unfreeze_rank_ratio
-
-
-def test_experiment_runs_both_methods_and_reports(tmp_path, monkeypatch):
-    monkeypatch.setattr(continual, "STEPS_A", 4)
-    task_a, task_b = (facts[:8] for facts in continual.make_tasks())
-    setting = continual.Setting(name="tiny", hidden_size=64, intermediate_size=128, steps_b=4, eval_every=2)
-    models = continual._TaskAModels(tmp_path, continual._write_chat(tmp_path / "a.jsonl", task_a))
-    data_b = continual._write_chat(tmp_path / "b.jsonl", task_b)
-    result = continual.experiment(setting, models, data_b, tmp_path / "run", (task_a, task_b))
-    for label in ("full", "osft"):
-        curve = result["curves"][label]
-        assert curve["step"] == [0, 2, 4] and len(curve["a"]) == len(curve["b"]) == len(curve["nll_a"]) == 3
-        assert Path(curve.pop("final_model"), "model.safetensors").exists()
-        assert curve["nll_a"][0] == result["curves"]["full"]["nll_a"][0]  # both start from the same model
-    # the two methods train differently from the same start
-    assert result["curves"]["full"]["nll_a"][1:] != result["curves"]["osft"]["nll_a"][1:]
-    assert 0.0 < result["diagnostics"]["weight_change_outside_trainable"] <= 1.0
-    record = {
-        "result": {
-            **result,
-            "task": {"facts_per_task": 8, "steps_a": 4, "lr_a": 3e-3, "batch": 8},
-            "lm_eval": {k: {"a": 0.0, "b": 0.0} for k in ("before", "full", "osft")},
-            "seconds": 1.0,
-        },
-        "machine": {"cpu": "test"},
-        "date": "2026-01-01",
-    }
-    sweep = {"result": {"rows": [result], "seconds": 1.0}, "date": "2026-01-01"}
-    text = continual.report(record, sweep)
-    assert "| tiny (4 steps at lr 0.001, ratio 0.25) |" in text and "### What this shows" in text
-    continual.plot(record["result"], tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 10_000
+    methods = json.loads((continual.RESULTS / "continual.json").read_text())["result"]["setting"]["methods"]
+    assert methods == [dataclasses.asdict(m) for m in continual.METHODS]
 
 
 def test_performance_page_is_generated_from_the_stored_results():
