@@ -65,28 +65,42 @@ the comparison point. At 16k tokens the smaller optimizer (AdamW over 42% of the
 pays for the rebuild. The projections cost the same per optimizer step whatever the micro-batch size and
 number of micro-batches, so gradient accumulation and larger micro-batches dilute them further.
 
-Memory: each target holds ``U_h``, ``S_h``, ``V_h`` (fp32 buffers), ``W_h`` (a ``dense_dtype`` buffer, by
-default the weight's dtype) and the trainable ``U_l``, ``S_l``, ``V_l``. ``U`` and ``V`` together hold
-``r (N + M)`` numbers, 2x the weight for a square matrix and about 1.3x for an MLP weight, so with ``W_h``
-the decomposed layers take 2.3x to 3x the memory of their dense weights (2.4x in the benchmark; less with
-``dense_dtype=torch.bfloat16`` under bf16 autocast). Gradients and AdamW moments cover only the trainable
-``(r - k)(N + M)`` numbers (0.4x of the optimizer state of full fine-tuning in the benchmark). FSDP2
-shards parameters only: the frozen buffers are replicated on every rank, where full fine-tuning shards
-everything; for large models this, not compute, is OSFT's cost.
+Memory: each target holds ``U_h``, ``S_h``, ``V_h`` (fp32 buffers), ``W_h`` (a frozen ``dense_dtype``
+parameter, by default the weight's dtype) and the trainable ``U_l``, ``S_l``, ``V_l``. ``U`` and ``V``
+together hold ``r (N + M)`` numbers, 2x the weight for a square matrix and about 1.3x for an MLP weight, so
+with ``W_h`` the decomposed layers take 2.3x to 3x the memory of their dense weights (2.4x in the benchmark;
+less with ``dense_dtype=torch.bfloat16`` under bf16 autocast). Gradients and AdamW moments cover only the
+trainable ``(r - k)(N + M)`` numbers (0.4x of the optimizer state of full fine-tuning in the benchmark).
+Under FSDP2 every one of these tensors is split over the ranks (below), so OSFT's model state per rank
+falls as ``1 / world_size`` like full fine-tuning's, and is below it (``benchmarks/osft_memory.py``).
+
+Dtypes (measured in ``benchmarks/osft_memory.py``): ``W_h`` in the autocast dtype (bf16) is safe: it only
+enters the forward, which runs in bf16 anyway, and the loss moves by bf16 rounding only. ``U_h`` and
+``V_h`` stay fp32: they define the subspace the projections keep the updates out of, and a basis rounded
+to bf16 (relative error ~4e-3) lets the trainable factors leak into the true frozen subspace by orders of
+magnitude more than fp32 rounding does.
 
 Distributed training
 --------------------
 * :func:`apply_osft` runs before DDP/FSDP wrapping, when every rank holds the full model. With
-  ``torch.distributed`` initialised, rank ``i`` decomposes targets ``j`` with ``j % world_size == i`` and
-  each result is broadcast from its owner, so all ranks hold bit-identical factors.
+  ``torch.distributed`` initialised, the targets are decomposed in rounds: in each, rank ``i`` decomposes
+  one target and broadcasts it, so all ranks hold bit-identical factors while no rank ever holds more than
+  its current decomposition and the one it receives. Each layer is replaced (its dense weight freed) as its
+  decomposition arrives; with ``frozen_mesh`` (the trainer passes it under FSDP2) the layer keeps only this
+  rank's share of ``U_h`` and ``V_h`` right away, so the frozen factors are never held whole on a rank.
 * DDP: gradients are already all-reduced when :func:`project_osft_gradients` runs; every rank projects
   its (identical) copy. Wrap with ``DistributedDataParallel(..., broadcast_buffers=False)``: the frozen
   buffers are identical on every rank and re-broadcasting them each forward is pure waste.
-* FSDP2 (``fully_shard``): ``U_l``, ``S_l``, ``V_l`` and their gradients are DTensors sharded on dim 0
-  (``torch.chunk`` semantics, uneven shards allowed) while the buffers stay replicated. ``U_l``'s rows
-  are the rows of the stored weight: each rank computes ``U_h[rows]^T G_local``, the small ``k x (r-k)``
-  products are summed with an all-reduce, and each rank subtracts its rows. ``V_l``'s rows are singular
-  directions: each row is projected on its own with the full ``V_h``, without communication.
+* FSDP2 (``fully_shard`` after :func:`shard_frozen_factors`, with
+  ``shard_placement_fn=fsdp_shard_placement(model)``; ``distributed.wrap_model`` does both): everything is
+  sharded (``torch.chunk`` sizes, uneven shards allowed). ``U_l``, ``W_h`` and ``U_h`` by rows, the rows of
+  the stored weight: each rank computes ``U_h[rows]^T G_local``, the small ``k x (r-k)`` products are
+  summed with an all-reduce, and each rank subtracts its rows. ``V_l`` and ``V_h`` by columns (FSDP2 shards
+  a dimension other than 0 only evenly: a target whose column count does not divide by the world size
+  keeps ``V_h`` whole and ``V_l`` sharded by rows, each row projected on its own without communication):
+  the same all-reduced projection, transposed. ``W_h`` is gathered with the layer's other parameters for
+  its forward and backward, exactly as a dense weight is; ``U_h`` and ``V_h`` are never gathered.
+  Gathered, the sharded frozen factors are the unsharded ones bit for bit (tests).
 
 In the training loop::
 
