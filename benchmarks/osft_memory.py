@@ -66,6 +66,16 @@ LLAMA_SHAPES = {
         "vocab_size": 128256,
     },
 }
+# The same measurement on the code before the frozen factors were sharded (commit cbf3b61: U_h, V_h and W_h
+# replicated buffers): "variant@processes": (model state bytes per rank, peak RSS after set-up, peak RSS).
+BEFORE = {
+    "full@1": (197255424, 477040640, 1137762304),
+    "osft@1": (178590976, 594448384, 1202044928),
+    "full@2": (98627840, 477040640, 1189220352),
+    "osft@2": (136826112, 577712128, 1170059264),
+    "full@4": (49314048, 477040640, 1131458560),
+    "osft@4": (115943680, 562688000, 1154146304),
+}
 GIB = 2**30
 MIB = 2**20
 
@@ -371,6 +381,20 @@ def render(result: dict[str, Any]) -> str:
             f"{row['state_vs_full']:.2f}x | {_mib(row['start_peak_rss_bytes'])} MiB | "
             f"{_mib(row['peak_rss_bytes'])} MiB | {_mib(row['baseline_rss_bytes'])} MiB | "
             f"{row['step_seconds']:.2f} | {row['step_vs_full']:.2f}x | {row['orthogonality_error']:.1e} |"
+        )
+    lines += [
+        "",
+        "Before (the same run on the code as it was, frozen factors replicated on every rank):",
+        "",
+        "| processes | variant | model state per rank | vs full | peak RSS after set-up | peak RSS |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for key, (state, start, peak) in BEFORE.items():
+        variant, world = key.split("@")
+        full = BEFORE[f"full@{world}"][0]
+        lines.append(
+            f"| {world} | {variant} | {_mib(state)} MiB | {state / full:.2f}x | {_mib(start)} MiB | "
+            f"{_mib(peak)} MiB |"
         )
     lines += [
         "",
