@@ -497,6 +497,7 @@ def test_fsdp2_shards_the_frozen_factors_like_their_trainable_twins(two_ranks):
     """Each rank holds only its share of U_h (rows), V_h (columns) and W_h (rows); gathered, they are the
     unsharded factors bit for bit, before and after training (frozen: never touched)."""
     result = torch.load(two_ranks / "fsdp.pt")
+    assert result["sharded_at_apply"]
     placements = result["placements"]
     down = "model.layers.0.mlp.down_proj"  # 97 input columns: V_h cannot split evenly over 2 ranks
     gate = "model.layers.0.mlp.gate_proj"
@@ -551,6 +552,8 @@ def _worker(model_dir: str, out_dir: str) -> None:
     # The trainer's path: the frozen factors are split as each layer is decomposed, then FSDP2 wraps.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     apply_osft(model, unfreeze_rank_ratio=DIST_RATIO, frozen_mesh=fsdp_mesh(info))
+    # before any wrapping, each layer already holds only its share of U_h (and of V_h where it splits)
+    sharded_at_apply = all(isinstance(m.U_h, DTensor) for m in osft_modules(model).values())
     model = wrap_model(model, info, "fsdp", bf16=False)
     modules = osft_modules(model)
     placements = {
@@ -604,6 +607,7 @@ def _worker(model_dir: str, out_dir: str) -> None:
                 "uneven_u": uneven_u,
                 "uneven_v": uneven_v,
                 "placements": placements,
+                "sharded_at_apply": sharded_at_apply,
                 "frozen_before": frozen_before,
                 "frozen_after": frozen_after,
                 "frozen_bytes_rank0": frozen_bytes,
