@@ -29,6 +29,7 @@ BENCHMARKS = [
     "tokenization",
     "packing",
     "osft_step",
+    "osft_memory",
     "attention",
     "continual",
     "kill_resume",

@@ -356,16 +356,34 @@ def test_merge_and_save_pretrained_loads_in_plain_transformers(tmp_path):
     torch.testing.assert_close(logits(reloaded.eval(), ids), expected, atol=1e-5, rtol=0)
 
 
-def test_load_state_dict_rebuilds_the_cached_frozen_weight():
-    """Resuming: the non-persistent W_h follows the loaded U_h, S_h, V_h."""
+def test_load_state_dict_takes_the_stored_frozen_weight_or_rebuilds_it():
+    """Resuming: W_h (a frozen parameter, so FSDP2 shards it) is loaded; a state dict written before it was
+    one (no W_h) still loads strictly, and W_h then follows the loaded U_h, S_h, V_h."""
     source = load(seed=1)
     apply_osft(source, unfreeze_rank_ratio=0.25)
+    ids = batch()
+    expected = logits(source, ids)
+    state = source.state_dict()
+    dense_keys = [key for key in state if key.endswith(".W_h")]
+    assert len(dense_keys) == len(osft_modules(source))
+    assert not any(p.requires_grad for n, p in source.named_parameters() if n.endswith(".W_h"))
+
     target = load(seed=0)
     apply_osft(target, unfreeze_rank_ratio=0.25)
-    assert not any(key.endswith(".W_h") for key in source.state_dict())
-    target.load_state_dict(source.state_dict())
-    ids = batch()
-    torch.testing.assert_close(logits(target, ids), logits(source, ids), atol=0, rtol=0)
+    target.load_state_dict(state)
+    torch.testing.assert_close(logits(target, ids), expected, atol=0, rtol=0)
+
+    older = load(seed=0)
+    apply_osft(older, unfreeze_rank_ratio=0.25)
+    info = older.load_state_dict({k: v for k, v in state.items() if k not in dense_keys}, strict=True)
+    assert not info.missing_keys and not info.unexpected_keys
+    torch.testing.assert_close(logits(older, ids), expected, atol=0, rtol=0)
+    # a later load with W_h does not rebuild it: the stored one is taken as it is
+    module = next(iter(osft_modules(older).values()))
+    marked = {k: v.clone() for k, v in state.items()}
+    marked[f"{next(iter(osft_modules(older)))}.W_h"].fill_(7.0)
+    older.load_state_dict(marked)
+    assert torch.all(module.W_h == 7.0)
 
 
 def test_gpt2_conv1d_layers_are_decomposed_and_merged_back():
@@ -468,32 +486,98 @@ def test_fsdp2_training_keeps_orthogonality_and_matches_one_process(two_ranks):
     assert params.keys() == result["params"].keys()
     for name, value in result["params"].items():
         torch.testing.assert_close(value, params[name].detach(), atol=2e-5, rtol=1e-4, msg=name)
+    # The final save's path: a full state dict gathered from the shards, rebuilt dense.
+    dense = dense_state_dict(single.state_dict())
+    assert dense.keys() == result["dense"].keys()
+    for name, value in result["dense"].items():
+        torch.testing.assert_close(value, dense[name], atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_fsdp2_shards_the_frozen_factors_like_their_trainable_twins(two_ranks):
+    """Each rank holds only its share of U_h (rows), V_h (columns) and W_h (rows); gathered, they are the
+    unsharded factors bit for bit, before and after training (frozen: never touched)."""
+    result = torch.load(two_ranks / "fsdp.pt")
+    assert result["sharded_at_apply"]
+    placements = result["placements"]
+    down = "model.layers.0.mlp.down_proj"  # 97 input columns: V_h cannot split evenly over 2 ranks
+    gate = "model.layers.0.mlp.gate_proj"
+    assert placements[f"{gate}.U_h"] == placements[f"{gate}.U_l"] == placements[f"{gate}.W_h"] == "Shard(0)"
+    assert placements[f"{gate}.V_h"] == placements[f"{gate}.V_l"] == "Shard(1)"
+    assert placements[f"{down}.V_h"] == "whole" and placements[f"{down}.V_l"] == "Shard(0)"
+    assert placements[f"{gate}.S_h"] == "whole"
+    for key, value in result["frozen_before"].items():
+        assert torch.equal(value, result["initial"][key]), key
+        assert torch.equal(result["frozen_after"][key], value), key
+    # Frozen bytes per rank: about half of the unsharded ones (S_h and down_proj's V_h stay whole).
+    ratio = result["frozen_bytes_rank0"] / result["frozen_bytes_unsharded"]
+    assert 0.5 <= ratio < 0.6, ratio
+
+
+def _placement(tensor: torch.Tensor) -> str:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(tensor, DTensor):
+        return "whole"
+    placement = tensor.placements[0]
+    return f"Shard({placement.dim})" if placement.is_shard() else str(placement)
 
 
 def _worker(model_dir: str, out_dir: str) -> None:
-    """One rank of the 2-process test: apply OSFT (SVDs spread), save the factors, train under FSDP2."""
+    """One rank of the 2-process test: apply OSFT (SVDs spread), save the factors, train under FSDP2 as the
+    trainer wraps it (frozen factors sharded too)."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
+
+    from kfp_components.trainer.checkpoint import full_model_state_dict
+    from kfp_components.trainer.distributed import DistInfo, fsdp_mesh, wrap_model
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
+    info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     out = Path(out_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    apply_osft(model, unfreeze_rank_ratio=DIST_RATIO)
+    unsharded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    apply_osft(unsharded, unfreeze_rank_ratio=DIST_RATIO)
     factors = {
-        f"{n}.{f}": getattr(m, f).detach().clone() for n, m in osft_modules(model).items() for f in FACTORS
+        f"{n}.{f}": getattr(m, f).detach().clone()
+        for n, m in osft_modules(unsharded).items()
+        for f in FACTORS
     }
     torch.save(factors, out / f"factors_rank{rank}.pt")
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    initial = {k: v.clone() for k, v in unsharded.state_dict().items()}
+    frozen_bytes_unsharded = sum(
+        getattr(m, f).numel() * 4 for m in osft_modules(unsharded).values() for f in (*FROZEN, "W_h")
+    )
+    del unsharded
 
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    # The trainer's path: the frozen factors are split as each layer is decomposed, then FSDP2 wraps.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    apply_osft(model, unfreeze_rank_ratio=DIST_RATIO, frozen_mesh=fsdp_mesh(info))
+    # before any wrapping, each layer already holds only its share of U_h (and of V_h where it splits)
+    sharded_at_apply = all(isinstance(m.U_h, DTensor) for m in osft_modules(model).values())
+    model = wrap_model(model, info, "fsdp", bf16=False)
+    modules = osft_modules(model)
+    placements = {
+        f"{n}.{f}": _placement(getattr(m, f)) for n, m in modules.items() for f in (*FACTORS, "W_h")
+    }
+    frozen_bytes = sum(
+        (t.to_local() if isinstance(t, DTensor) else t).numel() * 4
+        for m in modules.values()
+        for t in (m.U_h, m.S_h, m.V_h, m.W_h)
+    )
+
+    def gathered_frozen() -> dict[str, torch.Tensor]:
+        return {
+            f"{n}.{f}": (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+            for n, m in modules.items()
+            for f in (*FROZEN, "W_h")
+            for t in [getattr(m, f)]
+        }
+
+    frozen_before = gathered_frozen()
     module = model.model.layers[0].mlp.gate_proj
-    sharded = isinstance(module.U_l, DTensor) and not isinstance(module.U_h, DTensor)
-    uneven_u = any(m.U_l.shape[0] % world for m in osft_modules(model).values())
-    uneven_v = any(m.V_l.shape[0] % world for m in osft_modules(model).values())
+    sharded = isinstance(module.U_l, DTensor) and isinstance(module.U_h, DTensor)
+    uneven_u = any(m.U_l.shape[0] % world for m in modules.values())
+    uneven_v = any(m.V_l.shape[0] % world for m in modules.values())
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=DIST_LR)
     ids = batch()
@@ -511,6 +595,8 @@ def _worker(model_dir: str, out_dir: str) -> None:
     params = {
         n: (p.full_tensor() if isinstance(p, DTensor) else p).detach() for n, p in model.named_parameters()
     }
+    frozen_after = gathered_frozen()
+    dense = dense_state_dict(full_model_state_dict(model))
     if rank == 0:
         torch.save(
             {
@@ -520,6 +606,13 @@ def _worker(model_dir: str, out_dir: str) -> None:
                 "sharded": sharded,
                 "uneven_u": uneven_u,
                 "uneven_v": uneven_v,
+                "placements": placements,
+                "sharded_at_apply": sharded_at_apply,
+                "frozen_before": frozen_before,
+                "frozen_after": frozen_after,
+                "frozen_bytes_rank0": frozen_bytes,
+                "frozen_bytes_unsharded": frozen_bytes_unsharded,
+                "dense": dense,
             },
             out / "fsdp.pt",
         )

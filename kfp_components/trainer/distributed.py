@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,12 +89,26 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, *, bf16: bool) -
         return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from kfp_components.trainer import osft
+
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs: dict[str, Any] = {"mp_policy": policy} if policy else {}
+    mesh = fsdp_mesh(info)
+    kwargs: dict[str, Any] = {"mesh": mesh, "mp_policy": policy} if policy else {"mesh": mesh}
+    if osft.osft_modules(model):
+        # OSFT's frozen factors split like their trainable twins (U_h by rows, V_h by columns), W_h by FSDP2
+        osft.shard_frozen_factors(model, mesh)
+        kwargs["shard_placement_fn"] = osft.fsdp_shard_placement(model)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
     return model
+
+
+def fsdp_mesh(info: DistInfo) -> DeviceMesh:
+    """The 1-D device mesh over every rank that FSDP2 shards on (the default process group)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(info.device.type, (info.world_size,))
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

@@ -65,28 +65,43 @@ the comparison point. At 16k tokens the smaller optimizer (AdamW over 42% of the
 pays for the rebuild. The projections cost the same per optimizer step whatever the micro-batch size and
 number of micro-batches, so gradient accumulation and larger micro-batches dilute them further.
 
-Memory: each target holds ``U_h``, ``S_h``, ``V_h`` (fp32 buffers), ``W_h`` (a ``dense_dtype`` buffer, by
-default the weight's dtype) and the trainable ``U_l``, ``S_l``, ``V_l``. ``U`` and ``V`` together hold
-``r (N + M)`` numbers, 2x the weight for a square matrix and about 1.3x for an MLP weight, so with ``W_h``
-the decomposed layers take 2.3x to 3x the memory of their dense weights (2.4x in the benchmark; less with
-``dense_dtype=torch.bfloat16`` under bf16 autocast). Gradients and AdamW moments cover only the trainable
-``(r - k)(N + M)`` numbers (0.4x of the optimizer state of full fine-tuning in the benchmark). FSDP2
-shards parameters only: the frozen buffers are replicated on every rank, where full fine-tuning shards
-everything; for large models this, not compute, is OSFT's cost.
+Memory: each target holds ``U_h``, ``S_h``, ``V_h`` (fp32 buffers), ``W_h`` (a frozen ``dense_dtype``
+parameter, by default the weight's dtype) and the trainable ``U_l``, ``S_l``, ``V_l``. ``U`` and ``V``
+together hold ``r (N + M)`` numbers, 2x the weight for a square matrix and about 1.3x for an MLP weight, so
+with ``W_h`` the decomposed layers take 2.3x to 3x the memory of their dense weights (2.4x in the benchmark;
+less with ``dense_dtype=torch.bfloat16`` under bf16 autocast). Gradients and AdamW moments cover only the
+trainable ``(r - k)(N + M)`` numbers (0.4x of the optimizer state of full fine-tuning in the benchmark).
+Under FSDP2 every one of these tensors is split over the ranks (below), so OSFT's model state per rank
+falls as ``1 / world_size`` like full fine-tuning's, and is below it (``benchmarks/osft_memory.py``).
+
+Dtypes (measured in ``benchmarks/osft_memory.py``, 8 steps under bf16 autocast): ``W_h`` in the autocast
+dtype (bf16, what the trainer passes as ``dense_dtype``) is safe: it only enters the forward, which casts
+it to bf16 anyway, so the losses are those of an fp32 ``W_h`` bit for bit, at half its memory. ``U_h`` and
+``V_h`` stay fp32: they define the subspace the projections keep the updates out of; rounded to bf16 they
+let the trainable factors leak into the true frozen subspace (orthogonality error 6e-4 against 1.5e-7 in
+fp32, 4,000x) and move the loss by 7e-4.
 
 Distributed training
 --------------------
 * :func:`apply_osft` runs before DDP/FSDP wrapping, when every rank holds the full model. With
-  ``torch.distributed`` initialised, rank ``i`` decomposes targets ``j`` with ``j % world_size == i`` and
-  each result is broadcast from its owner, so all ranks hold bit-identical factors.
+  ``torch.distributed`` initialised, the targets are decomposed in rounds: in each, rank ``i`` decomposes
+  one target and broadcasts it, so all ranks hold bit-identical factors while no rank ever holds more than
+  its current decomposition and the one it receives. Each layer is replaced (its dense weight freed) as its
+  decomposition arrives; with ``frozen_mesh`` (the trainer passes it under FSDP2) the layer keeps only this
+  rank's share of ``U_h`` and ``V_h`` right away, so the frozen factors are never held whole on a rank.
 * DDP: gradients are already all-reduced when :func:`project_osft_gradients` runs; every rank projects
   its (identical) copy. Wrap with ``DistributedDataParallel(..., broadcast_buffers=False)``: the frozen
   buffers are identical on every rank and re-broadcasting them each forward is pure waste.
-* FSDP2 (``fully_shard``): ``U_l``, ``S_l``, ``V_l`` and their gradients are DTensors sharded on dim 0
-  (``torch.chunk`` semantics, uneven shards allowed) while the buffers stay replicated. ``U_l``'s rows
-  are the rows of the stored weight: each rank computes ``U_h[rows]^T G_local``, the small ``k x (r-k)``
-  products are summed with an all-reduce, and each rank subtracts its rows. ``V_l``'s rows are singular
-  directions: each row is projected on its own with the full ``V_h``, without communication.
+* FSDP2 (``fully_shard`` after :func:`shard_frozen_factors`, with
+  ``shard_placement_fn=fsdp_shard_placement(model)``; ``distributed.wrap_model`` does both): everything is
+  sharded (``torch.chunk`` sizes, uneven shards allowed). ``U_l``, ``W_h`` and ``U_h`` by rows, the rows of
+  the stored weight: each rank computes ``U_h[rows]^T G_local``, the small ``k x (r-k)`` products are
+  summed with an all-reduce, and each rank subtracts its rows. ``V_l`` and ``V_h`` by columns (FSDP2 shards
+  a dimension other than 0 only evenly: a target whose column count does not divide by the world size
+  keeps ``V_h`` whole and ``V_l`` sharded by rows, each row projected on its own without communication):
+  the same all-reduced projection, transposed. ``W_h`` is gathered with the layer's other parameters for
+  its forward and backward, exactly as a dense weight is; ``U_h`` and ``V_h`` are never gathered.
+  Gathered, the sharded frozen factors are the unsharded ones bit for bit (tests).
 
 In the training loop::
 
@@ -113,7 +128,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Shard
 from transformers.pytorch_utils import Conv1D
 
 __all__ = [
@@ -123,12 +139,15 @@ __all__ = [
     "default_target_patterns",
     "dense_state_dict",
     "find_osft_targets",
+    "frozen_factor_sharding",
+    "fsdp_shard_placement",
     "merge_osft",
     "num_frozen_directions",
     "osft_modules",
     "osft_orthogonality_error",
     "project_osft_gradients",
     "project_osft_parameters",
+    "shard_frozen_factors",
 ]
 
 # --------------------------------------------------------------------------------------------------------
@@ -349,15 +368,19 @@ class OSFTLinear(nn.Module):
 
     The factors decompose the weight *as stored*: ``out x in`` for ``nn.Linear``, ``in x out`` for
     transformers' ``Conv1D`` (``transposed``), so :func:`dense_state_dict` needs no model to rebuild a
-    checkpoint. Buffers: ``U_h``, ``S_h``, ``V_h`` (fp32, persistent) and ``W_h = U_h diag(S_h) V_h``
-    (``dense_dtype``, not persistent: rebuilt after ``load_state_dict``; ``None`` when ``k = 0``).
-    Parameters: ``U_l``, ``S_l``, ``V_l`` (the weight's dtype) and ``bias`` (the original one, unchanged).
+    checkpoint. Buffers: ``U_h``, ``S_h``, ``V_h`` (fp32, persistent). Parameters: ``U_l``, ``S_l``,
+    ``V_l`` (the weight's dtype), ``bias`` (the original one, unchanged) and the frozen
+    ``W_h = U_h diag(S_h) V_h`` (``dense_dtype``, ``requires_grad=False``; ``None`` when ``k = 0``): a
+    parameter so that FSDP2 shards it and gathers it for the forward like any weight. A state dict
+    without ``W_h`` (written before it was a parameter) loads too: ``W_h`` is then rebuilt from the loaded
+    factors. :meth:`shard_frozen` keeps only this rank's share of ``U_h`` and ``V_h`` (see
+    :func:`shard_frozen_factors`).
     """
 
     U_h: Tensor
     S_h: Tensor
     V_h: Tensor
-    W_h: Tensor | None
+    W_h: nn.Parameter | None
 
     def __init__(
         self,
@@ -389,12 +412,14 @@ class OSFTLinear(nn.Module):
         self.register_buffer("U_h", _own(u[:, :k], torch.float32))
         self.register_buffer("S_h", _own(s[:k], torch.float32))
         self.register_buffer("V_h", _own(vh[:k], torch.float32))
-        self.register_buffer("W_h", None, persistent=False)
+        self.register_parameter("W_h", None)
         self.U_l = nn.Parameter(_own(u[:, k:], dtype))
         self.S_l = nn.Parameter(_own(s[k:], dtype))
         self.V_l = nn.Parameter(_own(vh[k:], dtype))
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
+        self._dense_missing_key: str | None = None
         self.refresh_dense()
+        self.register_load_state_dict_pre_hook(_note_missing_dense)
         self.register_load_state_dict_post_hook(_refresh_after_load)
 
     @classmethod
@@ -430,13 +455,42 @@ class OSFTLinear(nn.Module):
 
     @torch.no_grad()
     def refresh_dense(self) -> None:
-        """Rebuild the cached frozen part ``W_h = U_h diag(S_h) V_h`` from the buffers."""
+        """Rebuild the frozen part ``W_h = U_h diag(S_h) V_h`` from the buffers.
+
+        With sharded factors (:meth:`shard_frozen`, FSDP2) each rank rebuilds its own rows of ``W_h``
+        from its rows of ``U_h`` and the whole ``V_h`` (gathered for the call): a collective.
+        """
         if self.num_frozen == 0:
             self.W_h = None
             return
         if self.W_h is not None:  # follow ``module.to(dtype)``
             self.dense_dtype = self.W_h.dtype
-        self.W_h = ((self.U_h * self.S_h) @ self.V_h).to(self.dense_dtype)
+        if isinstance(self.W_h, DTensor) or isinstance(self.U_h, DTensor):
+            local, start, stop, _ = _local_range(self.W_h, 0)  # type: ignore[arg-type]
+            rows = _frozen_slice(self.U_h, 0, start, stop)
+            v_h = self.V_h.full_tensor() if isinstance(self.V_h, DTensor) else self.V_h
+            local.copy_((rows * self.S_h) @ v_h)
+            return
+        dense = ((self.U_h * self.S_h) @ self.V_h).to(self.dense_dtype)
+        self.W_h = nn.Parameter(dense, requires_grad=False)
+
+    @torch.no_grad()
+    def shard_frozen(self, mesh: DeviceMesh) -> None:
+        """Keep only this rank's share of ``U_h`` and ``V_h`` (DTensors on the 1-D ``mesh``).
+
+        ``U_h`` is split by rows (``Shard(0)``, ``torch.chunk`` sizes), the rows FSDP2 gives this rank of
+        ``U_l`` and ``W_h``; ``V_h`` by columns (``Shard(1)``), the columns of ``V_l`` under
+        :func:`fsdp_shard_placement`, when the column count divides by the mesh size (FSDP2 shards a
+        dimension other than 0 only evenly); otherwise ``V_h`` stays whole on every rank and ``V_l`` is
+        sharded by rows. Idempotent.
+        """
+        if mesh.ndim != 1:
+            raise ValueError(f"OSFT shards its frozen factors over a 1-D device mesh, got {mesh.ndim}-D")
+        for name, dim in frozen_factor_sharding(self, mesh.size()).items():
+            tensor = getattr(self, name)
+            if dim is None or name == "W_h" or tensor is None or isinstance(tensor, DTensor):
+                continue
+            self._buffers[name] = _shard_tensor(tensor, mesh, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return _OSFTLinearFunction.apply(
@@ -446,7 +500,7 @@ class OSFTLinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self, dtype: torch.dtype | None = None) -> Tensor:
         """``U_h S_h V_h + U_l S_l V_l`` computed in fp32 and cast to ``dtype`` (default: the weight's)."""
-        for tensor in (self.U_l, self.S_l, self.V_l):
+        for tensor in (self.U_h, self.V_h, self.U_l, self.S_l, self.V_l):
             if isinstance(tensor, DTensor):
                 raise TypeError(
                     "OSFT factors are sharded (FSDP2): gather a full state dict and use dense_state_dict"
@@ -481,10 +535,44 @@ class OSFTLinear(nn.Module):
         )
 
 
-def _refresh_after_load(module: nn.Module, _incompatible_keys: object) -> None:
-    """``load_state_dict`` post-hook: the non-persistent ``W_h`` follows the loaded frozen factors."""
+def _note_missing_dense(module: nn.Module, state_dict: Mapping[str, Any], prefix: str, *_: object) -> None:
+    """``load_state_dict`` pre-hook: remember whether the state dict lacks ``W_h`` (older checkpoints)."""
     assert isinstance(module, OSFTLinear)
+    key = f"{prefix}W_h"
+    module._dense_missing_key = key if module.W_h is not None and key not in state_dict else None
+
+
+def _refresh_after_load(module: nn.Module, incompatible_keys: Any) -> None:
+    """``load_state_dict`` post-hook: without a stored ``W_h``, rebuild it from the loaded frozen factors."""
+    assert isinstance(module, OSFTLinear)
+    key, module._dense_missing_key = module._dense_missing_key, None
+    if key is None:
+        return
+    if key in incompatible_keys.missing_keys:
+        incompatible_keys.missing_keys.remove(key)
     module.refresh_dense()
+
+
+def frozen_factor_sharding(module: OSFTLinear, world_size: int) -> dict[str, int | None]:
+    """The dimension each frozen tensor of ``module`` is split on over ``world_size`` FSDP2 ranks.
+
+    ``U_h`` and ``W_h`` by rows (dim 0, like FSDP2 splits ``U_l``); ``V_h`` by columns (dim 1, like
+    :func:`fsdp_shard_placement` splits ``V_l``) when its column count divides by ``world_size``, else
+    ``None`` (whole on every rank); ``S_h`` (``k`` numbers) ``None``.
+    """
+    columns = module.V_h.shape[1]
+    return {"U_h": 0, "S_h": None, "V_h": 1 if columns % world_size == 0 else None, "W_h": 0}
+
+
+def _shard_tensor(tensor: Tensor, mesh: DeviceMesh, dim: int) -> DTensor:
+    """This rank's ``torch.chunk`` share of ``tensor`` along ``dim`` as a DTensor (no communication)."""
+    parts = mesh.size()
+    coordinate = (mesh.get_coordinate() or [0])[0]
+    start, stop = _chunk_range(0, tensor.shape[dim], parts, coordinate)
+    local = tensor.narrow(dim, start, stop - start).clone(memory_format=torch.contiguous_format)
+    return DTensor.from_local(
+        local, mesh, [Shard(dim)], run_check=False, shape=tensor.shape, stride=tensor.stride()
+    )
 
 
 def _own(tensor: Tensor, dtype: torch.dtype) -> Tensor:
@@ -532,9 +620,11 @@ def _svd_device(weight: Tensor) -> torch.device:
 def _decompositions(modules: Sequence[nn.Module]) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
     """The fp32 SVD of each module's stored weight, in order; spread over the ranks when distributed.
 
-    Rank ``i`` decomposes the weights ``j`` with ``j % world_size == i`` first; then each result is
-    broadcast from its owner as one flat buffer, in order, and yielded (so the caller can replace the
-    module and free its weight before the next one arrives).
+    The weights go in rounds of ``world_size``: in round ``t`` rank ``i`` decomposes weight
+    ``t * world_size + i``, then each result of the round is broadcast from its owner as one flat buffer,
+    in order, and yielded (so the caller can replace the module, keep its share and free the weight
+    before the next one arrives). A rank so holds at most one decomposition of its own and the one being
+    handed out, never all of its share at once.
     """
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     weights = [_weight(module) for module in modules]
@@ -543,18 +633,23 @@ def _decompositions(modules: Sequence[nn.Module]) -> Iterator[tuple[Tensor, Tens
             yield _svd(weight, _svd_device(weight))
         return
     rank = dist.get_rank()
-    mine = {j: _svd(weight, _svd_device(weight)) for j, weight in enumerate(weights) if j % world == rank}
-    for j, weight in enumerate(weights):
-        rows, cols = weight.shape
-        r = min(rows, cols)
-        sizes = (rows * r, r, r * cols)
-        if j in mine:
-            flat = torch.cat([t.reshape(-1) for t in mine.pop(j)])
-        else:
-            flat = torch.empty(sum(sizes), dtype=torch.float32, device=_svd_device(weight))
-        dist.broadcast(flat, src=j % world)
-        u, s, vh = flat.split(sizes)
-        yield u.view(rows, r), s, vh.view(r, cols)
+    for first in range(0, len(weights), world):
+        round_ = range(first, min(first + world, len(weights)))
+        mine = None
+        if first + rank in round_:
+            weight = weights[first + rank]
+            mine = torch.cat([t.reshape(-1) for t in _svd(weight, _svd_device(weight))])
+        for j in round_:
+            rows, cols = weights[j].shape
+            r = min(rows, cols)
+            sizes = (rows * r, r, r * cols)
+            if j == first + rank and mine is not None:
+                flat, mine = mine, None
+            else:
+                flat = torch.empty(sum(sizes), dtype=torch.float32, device=_svd_device(weights[j]))
+            dist.broadcast(flat, src=j - first)
+            u, s, vh = flat.split(sizes)
+            yield u.view(rows, r), s, vh.view(r, cols)
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -587,6 +682,7 @@ def apply_osft(
     target_patterns: Sequence[str] | None = None,
     dense_dtype: torch.dtype | None = None,
     decompose: bool = True,
+    frozen_mesh: DeviceMesh | None = None,
 ) -> list[str]:
     """Replace each target of :func:`find_osft_targets` by an :class:`OSFTLinear`; return their names.
 
@@ -597,6 +693,11 @@ def apply_osft(
 
     ``decompose=False`` skips the SVDs and builds every module with zero factors of the right shapes: for
     a model whose OSFT state (frozen and trainable factors) is loaded from a checkpoint next, as on resume.
+
+    ``frozen_mesh`` (the 1-D mesh FSDP2 will shard over): each module keeps only this rank's share of
+    ``U_h`` and ``V_h`` as soon as it is built (:func:`shard_frozen_factors`), so the frozen factors of
+    the whole model are never held in full; the layers are replaced one at a time, each freeing its
+    dense weight before the next decomposition arrives.
 
     Raises:
         ValueError: ``unfreeze_rank_ratio`` outside ``(0, 1]``, OSFT already applied, or no target found.
@@ -612,6 +713,8 @@ def apply_osft(
             module, unfreeze_rank_ratio, factors=factors, dense_dtype=dense_dtype
         )
         replacement.train(module.training)
+        if frozen_mesh is not None:
+            replacement.shard_frozen(frozen_mesh)
         _set_submodule(model, name, replacement)
         module.weight = None  # type: ignore[assignment]  # free the dense weight now, not at the end
     return names
@@ -620,6 +723,33 @@ def apply_osft(
 def osft_modules(model: nn.Module) -> dict[str, OSFTLinear]:
     """The decomposed layers by module name."""
     return {name: module for name, module in model.named_modules() if isinstance(module, OSFTLinear)}
+
+
+def shard_frozen_factors(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Split every OSFT layer's ``U_h`` (rows) and ``V_h`` (columns) over ``mesh``; before FSDP2 wrapping.
+
+    Call with the mesh given to ``fully_shard`` (and its ``shard_placement_fn=fsdp_shard_placement(model)``)
+    so each rank's share of a frozen factor covers the rows or columns of the trainable factor FSDP2
+    gives it: the projections then stay local plus one small all-reduce per factor. ``W_h`` is a
+    parameter and FSDP2 shards it itself. Modules already sharded are left as they are.
+    """
+    for module in osft_modules(model).values():
+        module.shard_frozen(mesh)
+
+
+def fsdp_shard_placement(model: nn.Module) -> Any:
+    """A ``shard_placement_fn`` for ``fully_shard``: ``Shard(1)`` for each ``V_l`` whose ``V_h`` is split by
+    columns (:func:`shard_frozen_factors`), FSDP2's default ``Shard(0)`` for everything else."""
+    by_columns = {
+        id(module.V_l)
+        for module in osft_modules(model).values()
+        if isinstance(module.V_h, DTensor) and _shard_dim(module.V_h) == 1
+    }
+
+    def placement(param: nn.Parameter) -> Placement | None:
+        return Shard(1) if id(param) in by_columns else None
+
+    return placement
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -635,34 +765,68 @@ def _chunk_range(start: int, stop: int, parts: int, index: int) -> tuple[int, in
     return start + low, start + min(low + size, length)
 
 
-def _local_rows(tensor: Tensor) -> tuple[Tensor, int, int, list[dist.ProcessGroup]]:
-    """``(local tensor, first row, end row, groups sharding the rows)`` of a plain or dim-0-sharded tensor.
+def _shard_dim(tensor: Tensor) -> int | None:
+    """The tensor dimension a DTensor is split on (``None``: a plain or replicated tensor)."""
+    if not isinstance(tensor, DTensor):
+        return None
+    dims = {placement.dim for placement in tensor.placements if type(placement) is Shard}
+    if len(dims) > 1:
+        raise NotImplementedError(f"OSFT supports a tensor sharded on one dimension, not {tensor.placements}")
+    return dims.pop() if dims else None
+
+
+def _local_range(tensor: Tensor, dim: int) -> tuple[Tensor, int, int, list[dist.ProcessGroup]]:
+    """``(local tensor, start, stop, groups splitting it)`` along ``dim`` of a plain or ``Shard(dim)``
+    tensor: the local tensor holds indices ``[start, stop)`` of ``dim``.
 
     Raises:
-        NotImplementedError: a DTensor placement other than ``Replicate`` or ``Shard(0)``.
+        NotImplementedError: a DTensor placement other than ``Replicate`` or ``Shard(dim)``.
     """
     if not isinstance(tensor, DTensor):
-        return tensor, 0, tensor.shape[0], []
-    start, stop = 0, tensor.shape[0]
+        return tensor, 0, tensor.shape[dim], []
+    start, stop = 0, tensor.shape[dim]
     groups: list[dist.ProcessGroup] = []
     mesh = tensor.device_mesh
     coordinate = mesh.get_coordinate() or [0] * mesh.ndim
     for mesh_dim, placement in enumerate(tensor.placements):
         if placement.is_replicate():
             continue
-        if type(placement) is Shard and placement.dim == 0:
+        if type(placement) is Shard and placement.dim == dim:
             start, stop = _chunk_range(start, stop, mesh.size(mesh_dim), coordinate[mesh_dim])
             groups.append(mesh.get_group(mesh_dim))
             continue
-        raise NotImplementedError(
-            f"OSFT projections support Replicate and Shard(0) placements, not {placement}"
-        )
+        raise NotImplementedError(f"OSFT expects Replicate or Shard({dim}) placements here, not {placement}")
     local = tensor.to_local()
-    if local.shape[0] != stop - start:
+    if local.shape[dim] != stop - start:
         raise RuntimeError(
-            f"local shard has {local.shape[0]} rows, expected {stop - start} (rows {start}:{stop})"
+            f"local shard has {local.shape[dim]} entries on dim {dim}, expected {stop - start} "
+            f"({start}:{stop})"
         )
     return local, start, stop, groups
+
+
+def _local_rows(tensor: Tensor) -> tuple[Tensor, int, int, list[dist.ProcessGroup]]:
+    """:func:`_local_range` on dim 0."""
+    return _local_range(tensor, 0)
+
+
+def _frozen_slice(frozen: Tensor, dim: int, start: int, stop: int) -> Tensor:
+    """Indices ``[start, stop)`` along ``dim`` of a frozen factor: a slice of a whole one, or this rank's
+    share of a sharded one (which must cover exactly that range)."""
+    if not isinstance(frozen, DTensor):
+        return frozen.narrow(dim, start, stop - start)
+    local, low, high, _ = _local_range(frozen, dim)
+    if (low, high) != (start, stop):
+        raise RuntimeError(
+            f"the frozen factor's shard covers {low}:{high} on dim {dim}, its trainable twin's {start}:{stop}: "
+            "shard with shard_frozen_factors and fully_shard(..., shard_placement_fn=fsdp_shard_placement)"
+        )
+    return local
+
+
+def _whole(frozen: Tensor) -> Tensor:
+    """A frozen factor in full (gathered when sharded: a collective)."""
+    return frozen.full_tensor() if isinstance(frozen, DTensor) else frozen
 
 
 class _ColumnSpaceRemover:
@@ -720,10 +884,14 @@ def _project(model: nn.Module, *, gradients: bool) -> None:
         u = module.U_l.grad if gradients else module.U_l
         if u is not None:
             local, start, stop, groups = _local_rows(u)
-            remover.add(local, module.U_h[start:stop], groups)
+            remover.add(local, _frozen_slice(module.U_h, 0, start, stop), groups)
         v = module.V_l.grad if gradients else module.V_l
         if v is not None:
-            _remove_row_space(_local_rows(v)[0], module.V_h)
+            if _shard_dim(v) == 1:  # columns of V_l and V_h: G^T <- G^T - V_h^T (V_h G^T), all-reduced
+                local, start, stop, groups = _local_range(v, 1)
+                remover.add(local.T, _frozen_slice(module.V_h, 1, start, stop).T, groups)
+            else:
+                _remove_row_space(_local_rows(v)[0], _whole(module.V_h))
     remover.flush()
 
 
@@ -758,13 +926,21 @@ def osft_orthogonality_error(model: nn.Module) -> float:
         if module.num_frozen == 0:
             continue
         local, start, stop, groups = _local_rows(module.U_l)
-        overlap = module.U_h[start:stop].T @ local.to(torch.float32)
+        overlap = _frozen_slice(module.U_h, 0, start, stop).T @ local.to(torch.float32)
         for group in groups:
             dist.all_reduce(overlap, group=group)
         worst = torch.maximum(worst, overlap.abs().max().cpu())
-        v_local = _local_rows(module.V_l)[0]
-        if v_local.numel():
-            worst = torch.maximum(worst, (v_local.to(torch.float32) @ module.V_h.T).abs().max().cpu())
+        if _shard_dim(module.V_l) == 1:
+            v_local, start, stop, groups = _local_range(module.V_l, 1)
+            overlap = v_local.to(torch.float32) @ _frozen_slice(module.V_h, 1, start, stop).T
+            for group in groups:
+                dist.all_reduce(overlap, group=group)
+            worst = torch.maximum(worst, overlap.abs().max().cpu())
+        else:
+            v_h = _whole(module.V_h)
+            v_local = _local_rows(module.V_l)[0]
+            if v_local.numel():
+                worst = torch.maximum(worst, (v_local.to(torch.float32) @ v_h.T).abs().max().cpu())
         sharded = sharded or isinstance(module.U_l, DTensor) or isinstance(module.V_l, DTensor)
     if sharded:
         device = next(iter(osft_modules(model).values())).U_h.device

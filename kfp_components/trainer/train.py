@@ -71,6 +71,7 @@ from kfp_components.trainer.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    fsdp_mesh,
     gradient_sync,
     init_distributed,
     peak_memory_mib,
@@ -899,6 +900,8 @@ def load_model(
             target_patterns=config.target_patterns or None,
             dense_dtype=precision.compute_dtype if precision and precision.reduced else None,
             decompose=not from_checkpoint,
+            # under FSDP2 each rank keeps only its share of the frozen factors from the start
+            frozen_mesh=fsdp_mesh(info) if info.distributed and config.distributed == "fsdp" else None,
         )
         if info.is_main:
             log.info(
