@@ -82,7 +82,7 @@ CORPUS = {
         lines(GOOD, [1, 2]),
         "row_not_object.jsonl:2: expected a JSON object, got a list",
     ),
-    "unknown_keys.jsonl": (lines({"text": "x"}), "cannot tell the format from the keys (text)"),
+    "unknown_keys.jsonl": (lines({"body": "x"}), "cannot tell the format from the keys (body)"),
     "pref_identical.jsonl": (lines({"prompt": "p", "chosen": "same", "rejected": "same"}), "are identical"),
     "pref_wrong_type.jsonl": (
         lines({"prompt": "p", "chosen": 1, "rejected": "r"}),
@@ -255,14 +255,16 @@ def test_explicit_format_override_checks_the_keys(tmp_path):
     source.write_bytes(lines(GOOD))
     # a whole file in another format is said once, from its first row
     with pytest.raises(
-        DatasetError, match=r"chat.jsonl:1: the rows are in 'messages' format, not 'preference' \(keys prompt"
+        DatasetError,
+        match=r"chat.jsonl:1: the rows are in 'messages' format \(written as 'messages'\), not a format "
+        r"written as 'preference' \(preference, implicit_preference\)",
     ):
         prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
     # a later row of another format is a problem of that row
     pair = {"prompt": "q", "chosen": "good", "rejected": "bad"}
     source.write_text(json.dumps(pair) + "\n" + lines(GOOD).decode())
     with pytest.raises(
-        DatasetValidationError, match=r"chat.jsonl:2: missing key\(s\) 'prompt', 'chosen', 'rejected'"
+        DatasetValidationError, match=r"chat.jsonl:2: row is in 'messages' format but the dataset is 'preference'"
     ):
         prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
     assert not (tmp_path / "t").exists()
