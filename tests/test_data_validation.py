@@ -264,7 +264,8 @@ def test_explicit_format_override_checks_the_keys(tmp_path):
     pair = {"prompt": "q", "chosen": "good", "rejected": "bad"}
     source.write_text(json.dumps(pair) + "\n" + lines(GOOD).decode())
     with pytest.raises(
-        DatasetValidationError, match=r"chat.jsonl:2: row is in 'messages' format but the dataset is 'preference'"
+        DatasetValidationError,
+        match=r"chat.jsonl:2: row is in 'messages' format but the dataset is 'preference'",
     ):
         prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
     assert not (tmp_path / "t").exists()

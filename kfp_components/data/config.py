@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 from kfp_components.data.convert import KNOWN_COLUMNS, WRITTEN_AS
@@ -70,7 +70,7 @@ class DatasetConfig(Options):
     dataset_split: str = ""
     data_format: DataFormat = "auto"
     dataset_source_format: SourceFormat = "auto"
-    dataset_field_map: dict[str, str] | str = field(default_factory=dict)
+    dataset_field_map: dict[str, str] | str = ""
     dataset_on_invalid: OnInvalid = "fail"
     train_split_ratio: float = 0.9
     seed: int = 42
@@ -83,8 +83,8 @@ class DatasetConfig(Options):
         """Raise :class:`ConfigError` naming the bad options. Cheap: call it before any download."""
         problems = []
         try:
-            for source in parse_sources(self.dataset_name_or_path):
-                parse_dataset_uri(source.uri)
+            for entry in parse_sources(self.dataset_name_or_path):
+                parse_dataset_uri(entry.uri)
         except DatasetError as exc:
             problems.append(
                 ("dataset_name_or_path", str(exc).removeprefix("dataset_name_or_path ").removeprefix(": "))

@@ -280,10 +280,11 @@ def _convert_implicit_preference(row: dict[str, Any]) -> tuple[dict[str, Any], l
     rest = _rest(row, "chosen", "rejected")
     if isinstance(chosen, str) and isinstance(rejected, str):
         shared = _common_prefix(chosen, rejected)
-        inside_a_word = shared < min(len(chosen), len(rejected)) and not (
-            chosen[shared].isspace() or rejected[shared].isspace()
+        ends = [text[shared : shared + 1] for text in (chosen, rejected)]
+        inside_a_word = (
+            0 < shared and not chosen[shared - 1].isspace() and any(end and not end.isspace() for end in ends)
         )
-        if inside_a_word:  # the texts part inside a word: the whole word belongs to both answers
+        if inside_a_word:  # the texts part inside a word: the whole word belongs to the answers
             while shared and not chosen[shared - 1].isspace():
                 shared -= 1
         if shared and chosen[shared - 1] == " ":

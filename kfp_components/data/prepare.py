@@ -121,7 +121,7 @@ def prepare_dataset(
     mixed = len(sources) > 1
     scans: list[_Scan] = []
     all_files: list[str] = []
-    written_format = "" if config.data_format == "auto" else config.data_format
+    written_format: str = "" if config.data_format == "auto" else config.data_format
     with (
         tempfile.TemporaryDirectory(prefix="kfp-dataset-", dir=scratch_dir) as scratch,
         contextlib.ExitStack() as stack,
@@ -143,12 +143,13 @@ def prepare_dataset(
             all_files += [f.name if not mixed else f"{uri.redacted()}: {f.name}" for f in files]
         if mixed:
             taken = rows_to_take(sources, [scan.rows_valid for scan in scans])
-            valid_rows = stack.enter_context(tempfile.TemporaryFile(dir=scratch))
+            valid_rows: IO[bytes] = stack.enter_context(tempfile.TemporaryFile(dir=scratch))
             rows_valid = _mix(
                 spools[: len(scans)], [scan.rows_valid for scan in scans], taken, config.seed, valid_rows
             )
         else:
-            taken, valid_rows, rows_valid = [scans[0].rows_valid], spools[0], scans[0].rows_valid
+            taken, rows_valid = [scans[0].rows_valid], scans[0].rows_valid
+            valid_rows = spools[0]
         kept = _subset(rows_valid, config)
         rows_kept = rows_valid if kept is None else len(kept)
         held_out = eval_mask(rows_kept, config.train_split_ratio, config.seed)
@@ -225,10 +226,9 @@ def _mix(spools: list[IO[bytes]], valid: list[int], taken: list[int], seed: int,
     """Write a seeded sample of ``taken[i]`` of each source's ``valid[i]`` rows to ``out``, shuffled
     together; the number of rows written. Each source's spool is read once, in order."""
     rng = random.Random(seed)
-    wanted = []
+    wanted: list[Iterable[int]] = []
     for count, take in zip(valid, taken, strict=True):
-        chosen = range(count) if take >= count else sorted(rng.sample(range(count), take))
-        wanted.append(iter(chosen))
+        wanted.append(range(count) if take >= count else sorted(rng.sample(range(count), take)))
     order = array("H", (number for number, take in enumerate(taken) for _ in range(take)))
     rng.shuffle(order)
     readers = []
