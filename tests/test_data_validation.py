@@ -316,17 +316,23 @@ def test_parquet_and_json_array_and_folder_of_shards(tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()
     (folder / "a.json").write_text(json.dumps([chat("a1"), chat("a2")], indent=2))
-    pq.write_table(pa.Table.from_pylist([chat("p1"), chat("p2"), chat("p3")]), folder / "b.parquet")
     (folder / "c.jsonl").write_bytes(lines(chat("c1")))
     (folder / "README.md").write_text("not data")
-    result = prepare_dataset(
-        DatasetConfig(str(folder), train_split_ratio=1.0), tmp_path / "t.jsonl", tmp_path / "e.jsonl"
-    )
-    assert result.files == ["a.json", "b.parquet", "c.jsonl"]
-    users = [
-        json.loads(line)["messages"][0]["content"] for line in (tmp_path / "t.jsonl").read_text().splitlines()
-    ]
-    assert users == ["a1", "a2", "p1", "p2", "p3", "c1"]
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    pq.write_table(pa.Table.from_pylist([chat("p1"), chat("p2")]), parquet / "b-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([chat("p3")]), parquet / "b-00001.parquet")
+    users = []
+    for shards, names in ((folder, ["a.json", "c.jsonl"]), (parquet, ["b-00000.parquet", "b-00001.parquet"])):
+        result = prepare_dataset(
+            DatasetConfig(str(shards), train_split_ratio=1.0), tmp_path / "t.jsonl", tmp_path / "e.jsonl"
+        )
+        assert result.files == names
+        users += [
+            json.loads(line)["messages"][0]["content"]
+            for line in (tmp_path / "t.jsonl").read_text().splitlines()
+        ]
+    assert users == ["a1", "a2", "c1", "p1", "p2", "p3"]
 
 
 def test_parquet_rows_are_located_by_row_number(tmp_path):

@@ -35,7 +35,9 @@ from kfp_components.data.formats import (
     PROMPT,
     TEXT,
     WEIGHT,
+    check_order,
     check_row,
+    check_weight,
     show,
     type_name,
 )
@@ -142,11 +144,18 @@ def convert_row(row: Any, source_format: str) -> tuple[Any, list[str]]:
     converted, problems = converter(row)
     if problems:
         return row, problems
+    if source_format == SHAREGPT:  # checked while converted
+        return converted, _check_extras(converted)
     written = WRITTEN_AS[source_format]
     checked = check_row(converted, written)
     if checked and source_format != IMPLICIT_PREFERENCE:
         return row, [f"as {written} rows: {problem}" for problem in checked]
     return converted, checked
+
+
+def _check_extras(row: dict[str, Any]) -> list[str]:
+    """The checks of a messages row beyond its conversation: the loss weight."""
+    return check_weight(row[WEIGHT]) if WEIGHT in row else []
 
 
 def _rest(row: dict[str, Any], *read: str) -> dict[str, Any]:
@@ -174,29 +183,38 @@ def _convert_sharegpt(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         else:
             messages.append({"role": "system", "content": system})
     for i, turn in enumerate(turns):
-        where = f"{CONVERSATIONS}[{i}]"
-        if not isinstance(turn, dict):
-            problems.append(f"{where}: expected an object with 'from' and 'value', got {type_name(turn)}")
+        try:
+            speaker, value = turn["from"], turn["value"]
+            role = SHAREGPT_ROLES[speaker]
+        except (KeyError, TypeError):
+            problems.append(_turn_problem(turn, f"{CONVERSATIONS}[{i}]"))
             continue
-        speaker = turn.get("from")
-        role = SHAREGPT_ROLES.get(speaker) if isinstance(speaker, str) else None
-        if role is None:
-            shown = "missing" if speaker is None else show(speaker)
-            problems.append(f"{where}.from: {shown} is not a known speaker ({', '.join(SHAREGPT_ROLES)})")
-            continue
-        value = turn.get("value")
-        if not isinstance(value, str):
-            what = "missing" if value is None else f"expected a string, got {type_name(value)}"
-            problems.append(f"{where}.value: {what}")
+        if value.__class__ is not str or not value.strip():
+            if speaker == "function_call" or value.__class__ is not str:
+                problems.append(_turn_problem(turn, f"{CONVERSATIONS}[{i}]"))
+                continue
+            problems.append(f"{CONVERSATIONS}[{i}].value: empty text")
             continue
         if speaker == "function_call":
-            call, problem = _tool_call(value, f"{where}.value")
+            call, problem = _tool_call(value, f"{CONVERSATIONS}[{i}].value")
             if problem:
                 problems.append(problem)
                 continue
             messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         else:
             messages.append({"role": role, "content": value})
+    if not problems:
+        if not turns:
+            problems.append(f"{CONVERSATIONS}: the conversation is empty")
+        else:
+            problems += [
+                f"as messages rows: {p}"
+                for p in check_order([m["role"] for m in messages], MESSAGES, True, True)
+            ]
+            if not problems and not any(m["role"] == "assistant" for m in messages):
+                problems.append(
+                    f"{CONVERSATIONS}: no assistant turn, so there is nothing to learn from this row"
+                )
     converted = {MESSAGES: messages, **_rest(row, CONVERSATIONS, "system", "tools")}
     tools = row.get("tools")
     if tools is not None and tools != "":
@@ -206,6 +224,22 @@ def _convert_sharegpt(row: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
         elif parsed:
             converted["tools"] = parsed
     return converted, problems
+
+
+def _turn_problem(turn: Any, where: str) -> str:
+    """What is wrong with a ShareGPT turn that is not ``{"from": <known speaker>, "value": <text>}``."""
+    if not isinstance(turn, dict):
+        return f"{where}: expected an object with 'from' and 'value', got {type_name(turn)}"
+    speaker = turn.get("from")
+    if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES:
+        shown = "missing" if speaker is None else show(speaker)
+        return f"{where}.from: {shown} is not a known speaker ({', '.join(SHAREGPT_ROLES)})"
+    value = turn.get("value")
+    if value is None:
+        return f"{where}.value: missing"
+    if not isinstance(value, str):
+        return f"{where}.value: expected a string, got {type_name(value)}"
+    return f'{where}.value: a function_call must be JSON text {{"name": ..., "arguments": ...}}'
 
 
 def _tool_call(value: str, where: str) -> tuple[dict[str, Any], str]:
@@ -282,7 +316,7 @@ def _convert_implicit_preference(row: dict[str, Any]) -> tuple[dict[str, Any], l
         shared = _common_prefix(chosen, rejected)
         ends = [text[shared : shared + 1] for text in (chosen, rejected)]
         inside_a_word = (
-            0 < shared and not chosen[shared - 1].isspace() and any(end and not end.isspace() for end in ends)
+            shared > 0 and not chosen[shared - 1].isspace() and any(end and not end.isspace() for end in ends)
         )
         if inside_a_word:  # the texts part inside a word: the whole word belongs to the answers
             while shared and not chosen[shared - 1].isspace():

@@ -69,11 +69,11 @@ def _check_messages_row(row: dict[str, Any]) -> list[str]:
     if not problems and not any(m["role"] == "assistant" for m in row[MESSAGES]):
         problems.append("messages: no assistant turn, so there is nothing to learn from this row")
     if WEIGHT in row:
-        problems += _check_weight(row[WEIGHT])
+        problems += check_weight(row[WEIGHT])
     return problems
 
 
-def _check_weight(value: Any) -> list[str]:
+def check_weight(value: Any) -> list[str]:
     """A row's loss weight: a finite number above 0."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return [f"{WEIGHT}: expected a number above 0, got {type_name(value)}"]
@@ -116,7 +116,7 @@ def _check_prompt_row(row: dict[str, Any]) -> list[str]:
 def _check_text_row(row: dict[str, Any]) -> list[str]:
     problems = _check_text(row[TEXT], TEXT)
     if WEIGHT in row:
-        problems += _check_weight(row[WEIGHT])
+        problems += check_weight(row[WEIGHT])
     return problems
 
 
@@ -171,10 +171,10 @@ def _check_message_list(
             problems.append(f"{where}.content: empty text")
     if problems:
         return problems
-    return _check_order([m["role"] for m in messages], path, must_start_with_user, allow_assistant_last)
+    return check_order([m["role"] for m in messages], path, must_start_with_user, allow_assistant_last)
 
 
-def _check_order(
+def check_order(
     roles: list[str], path: str, must_start_with_user: bool, allow_assistant_last: bool
 ) -> list[str]:
     for i, role in enumerate(roles):
