@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_fetch_hf import hf_env, hub, hub_root  # noqa: F401  (fixtures)
 
 from kfp_components.data import DatasetConfig, DatasetError, DatasetValidationError, prepare_dataset
 from kfp_components.data.formats import check_row
@@ -23,7 +24,6 @@ from kfp_components.typed_config import ConfigError
 
 from conftest import chat, write_jsonl
 from doubles.hf_hub_server import LocalHubServer, add_dataset_repo
-from test_fetch_hf import hf_env, hub, hub_root  # noqa: F401  (fixtures)
 
 FORMATS_DIR = Path(__file__).parent / "data" / "formats"
 #: Bundled file -> (source format detected, format written).
@@ -161,7 +161,7 @@ def test_field_map_renames_columns_before_validation(tmp_path):
         DatasetConfig("d.jsonl", dataset_field_map={"solution": "solutions"}).validate()
     clash = write_jsonl(tmp_path / "clash.jsonl", [{"question": "q", "prompt": "p"}])
     with pytest.raises(
-        DatasetValidationError, match="clash.jsonl:1: dataset_field_map maps 'question' to 'prompt'"
+        DatasetValidationError, match=r"clash\.jsonl:1: dataset_field_map maps 'question' to 'prompt'"
     ):
         prepare(tmp_path, clash, dataset_field_map=mapping)
 
@@ -201,7 +201,7 @@ def test_mixture_specs_parse_and_refuse_what_is_unclear():
     assert parse_sources("hf://o/n:cfg") == parse_sources("hf://o/n:cfg")[:1]
     with pytest.raises(ConfigError, match="dataset_name_or_path: a mixture gives every source a weight"):
         DatasetConfig("a.jsonl:0.5,b.jsonl:10").validate()
-    with pytest.raises(ConfigError, match="'b.jsonl' of the mixture has no ':weight'"):
+    with pytest.raises(ConfigError, match=r"'b\.jsonl' of the mixture has no ':weight'"):
         DatasetConfig("a.jsonl:0.5,b.jsonl").validate()
 
 
@@ -248,7 +248,7 @@ def test_parquet_shards_and_save_to_disk_folders_are_datasets(tmp_path):
         prepare(tmp_path / "d", saved.parent / "dict")
 
 
-def test_sharegpt_dataset_from_the_local_hub(hub: LocalHubServer, hub_root: Path, tmp_path: Path):
+def test_sharegpt_dataset_from_the_local_hub(hub: LocalHubServer, hub_root: Path, tmp_path: Path):  # noqa: F811
     add_dataset_repo(hub_root, "org/sharegpt", {"train.jsonl": (FORMATS_DIR / "sharegpt.jsonl").read_text()})
     result, rows = prepare(tmp_path, "hf://org/sharegpt")
     assert (result.source_format, result.data_format, len(rows)) == ("sharegpt", "messages", 8)
