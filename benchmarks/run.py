@@ -26,6 +26,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 REPORT = ROOT / "docs" / "performance.md"
 BENCHMARKS = [
     "dataset_validation",
+    "dataset_conversion",
     "tokenization",
     "packing",
     "osft_step",

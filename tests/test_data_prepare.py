@@ -137,7 +137,7 @@ def test_drop_reports_counts(tmp_path):
 
 
 def test_all_rows_invalid_under_drop_is_an_error(tmp_path):
-    source = write_jsonl(tmp_path / "d.jsonl", [{"text": "x"}])
+    source = write_jsonl(tmp_path / "d.jsonl", [{"body": "x"}])
     with pytest.raises(DatasetError, match="no valid rows: 1 row"):
         prepare_dataset(DatasetConfig(str(source), dataset_on_invalid="drop"), tmp_path / "t", tmp_path / "e")
 
@@ -151,7 +151,7 @@ def test_sha256_is_of_the_written_train_file(tmp_path):
 
 def test_failure_keeps_earlier_outputs_untouched(tmp_path):
     (tmp_path / "t.jsonl").write_text("previous\n")
-    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x"}])
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"body": "x"}])
     with pytest.raises(DatasetError):
         prepare_dataset(DatasetConfig(str(bad)), tmp_path / "t.jsonl", tmp_path / "e.jsonl")
     assert (tmp_path / "t.jsonl").read_text() == "previous\n" and not (tmp_path / "e.jsonl").exists()

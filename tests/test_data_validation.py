@@ -82,7 +82,7 @@ CORPUS = {
         lines(GOOD, [1, 2]),
         "row_not_object.jsonl:2: expected a JSON object, got a list",
     ),
-    "unknown_keys.jsonl": (lines({"text": "x"}), "cannot tell the format from the keys (text)"),
+    "unknown_keys.jsonl": (lines({"body": "x"}), "cannot tell the format from the keys (body)"),
     "pref_identical.jsonl": (lines({"prompt": "p", "chosen": "same", "rejected": "same"}), "are identical"),
     "pref_wrong_type.jsonl": (
         lines({"prompt": "p", "chosen": 1, "rejected": "r"}),
@@ -255,14 +255,17 @@ def test_explicit_format_override_checks_the_keys(tmp_path):
     source.write_bytes(lines(GOOD))
     # a whole file in another format is said once, from its first row
     with pytest.raises(
-        DatasetError, match=r"chat.jsonl:1: the rows are in 'messages' format, not 'preference' \(keys prompt"
+        DatasetError,
+        match=r"chat.jsonl:1: the rows are in 'messages' format \(written as 'messages'\), not a format "
+        r"written as 'preference' \(preference, implicit_preference\)",
     ):
         prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
     # a later row of another format is a problem of that row
     pair = {"prompt": "q", "chosen": "good", "rejected": "bad"}
     source.write_text(json.dumps(pair) + "\n" + lines(GOOD).decode())
     with pytest.raises(
-        DatasetValidationError, match=r"chat.jsonl:2: missing key\(s\) 'prompt', 'chosen', 'rejected'"
+        DatasetValidationError,
+        match=r"chat.jsonl:2: row is in 'messages' format but the dataset is 'preference'",
     ):
         prepare_dataset(DatasetConfig(str(source), data_format="preference"), tmp_path / "t", tmp_path / "e")
     assert not (tmp_path / "t").exists()
@@ -313,17 +316,23 @@ def test_parquet_and_json_array_and_folder_of_shards(tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()
     (folder / "a.json").write_text(json.dumps([chat("a1"), chat("a2")], indent=2))
-    pq.write_table(pa.Table.from_pylist([chat("p1"), chat("p2"), chat("p3")]), folder / "b.parquet")
     (folder / "c.jsonl").write_bytes(lines(chat("c1")))
     (folder / "README.md").write_text("not data")
-    result = prepare_dataset(
-        DatasetConfig(str(folder), train_split_ratio=1.0), tmp_path / "t.jsonl", tmp_path / "e.jsonl"
-    )
-    assert result.files == ["a.json", "b.parquet", "c.jsonl"]
-    users = [
-        json.loads(line)["messages"][0]["content"] for line in (tmp_path / "t.jsonl").read_text().splitlines()
-    ]
-    assert users == ["a1", "a2", "p1", "p2", "p3", "c1"]
+    parquet = tmp_path / "parquet"
+    parquet.mkdir()
+    pq.write_table(pa.Table.from_pylist([chat("p1"), chat("p2")]), parquet / "b-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([chat("p3")]), parquet / "b-00001.parquet")
+    users = []
+    for shards, names in ((folder, ["a.json", "c.jsonl"]), (parquet, ["b-00000.parquet", "b-00001.parquet"])):
+        result = prepare_dataset(
+            DatasetConfig(str(shards), train_split_ratio=1.0), tmp_path / "t.jsonl", tmp_path / "e.jsonl"
+        )
+        assert result.files == names
+        users += [
+            json.loads(line)["messages"][0]["content"]
+            for line in (tmp_path / "t.jsonl").read_text().splitlines()
+        ]
+    assert users == ["a1", "a2", "c1", "p1", "p2", "p3"]
 
 
 def test_parquet_rows_are_located_by_row_number(tmp_path):

@@ -115,11 +115,75 @@ def _local_files(uri: DatasetURI) -> list[DataFile]:
     if path.is_file():
         files = [DataFile(path, path.name)]
     elif path.is_dir():
-        found = sorted(p for p in path.rglob("*") if p.is_file() and is_data_file(p.name))
-        files = [DataFile(p, p.relative_to(path).as_posix()) for p in found]
+        files = _folder_files(path, uri)
     else:
         raise DatasetError(f"{uri.raw}: no such file or folder")
     return _inside_claim(uri, files) if uri.scheme == "pvc" else files
+
+
+#: Files a folder may hold beside its data files: KFP's executor output, a dataset's metadata.
+METADATA_FILES = frozenset({"executor_output.json", "dataset_info.json", "dataset_infos.json", "state.json"})
+
+
+def _folder_files(path: Path, uri: DatasetURI) -> list[DataFile]:
+    """The data files of the dataset in folder ``path``: a ``save_to_disk`` folder's Arrow files, or the
+    shards below it, all of one kind (Parquet, JSON text or Arrow); metadata files and hidden files are not
+    data."""
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        return _saved_dataset_files(path, path, uri)
+    if (path / "dataset_dict.json").is_file():
+        raise DatasetError(
+            f"{uri.redacted()}: a save_to_disk DatasetDict (dataset_dict.json); point at the folder of one "
+            f"split, such as {uri.redacted().rstrip('/')}/train"
+        )
+    found = sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file()
+        and is_data_file(p.name)
+        and p.name not in METADATA_FILES
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    )
+    kinds: dict[str, int] = {}
+    for p in found:
+        kind = _KINDS.get(p.suffix.lower(), p.suffix.lower())
+        kinds[kind] = kinds.get(kind, 0) + 1
+    if len(kinds) > 1:
+        listed = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+        raise DatasetError(
+            f"{uri.redacted()}: the folder holds data files of several kinds ({listed}); a dataset's shards "
+            "are of one kind: point at the folder (or file) of one dataset"
+        )
+    return [DataFile(p, p.relative_to(path).as_posix()) for p in found]
+
+
+_KINDS = {
+    ".jsonl": "JSON text",
+    ".ndjson": "JSON text",
+    ".json": "JSON text",
+    ".parquet": "Parquet",
+    ".arrow": "Arrow",
+}
+
+
+def _saved_dataset_files(path: Path, root: Path, uri: DatasetURI) -> list[DataFile]:
+    """The Arrow files a Hugging Face ``save_to_disk`` folder lists in its ``state.json``, in order."""
+    import json
+
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        names = [entry["filename"] for entry in state["_data_files"]]
+    except (ValueError, KeyError, TypeError):
+        raise DatasetError(
+            f"{uri.redacted()}: state.json of the save_to_disk folder does not list its _data_files"
+        ) from None
+    files = []
+    for name in names:
+        file = path / name
+        if "/" in name or "\\" in name or not file.is_file():
+            raise DatasetError(f"{uri.redacted()}: {name}, listed in state.json, is not a file of the folder")
+        files.append(DataFile(file, file.relative_to(root).as_posix()))
+    return files
 
 
 def _inside_claim(uri: DatasetURI, files: list[DataFile]) -> list[DataFile]:
@@ -215,7 +279,11 @@ def _s3_keys(client, uri: DatasetURI) -> list[str]:
     prefix = f"{uri.key}/" if uri.key else ""
     keys = []
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=uri.bucket, Prefix=prefix):
-        keys += [item["Key"] for item in page.get("Contents", []) if is_data_file(item["Key"])]
+        keys += [
+            item["Key"]
+            for item in page.get("Contents", [])
+            if is_data_file(item["Key"]) and PurePosixPath(item["Key"]).name not in METADATA_FILES
+        ]
     if not keys:
         raise DatasetError(f"{uri.raw}: no object with that key and no data files under that prefix")
     return sorted(keys)

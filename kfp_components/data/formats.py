@@ -1,4 +1,4 @@
-"""The three row formats, their detection, and the per-row checks.
+"""The four written row formats, their detection, and the per-row checks.
 
 * ``messages``: ``{"messages": [{"role": ..., "content": ...}, ...]}`` for SFT and OSFT; an optional numeric
   ``weight`` (finite, > 0; 1 when absent) scales the row's loss.
@@ -6,6 +6,10 @@
   list of messages.
 * ``prompt``: ``{"prompt": ..., "answer": ...?}`` for RL and distillation; the prompt a string or a list of
   messages, the answer an optional string.
+* ``text``: ``{"text": ...}`` plain text for continued pre-training: the loss is taken on every token.
+
+The formats people bring (ShareGPT, Alpaca, prompt/completion, ...) are converted to these by
+:mod:`kfp_components.data.convert`.
 
 Every check returns a list of human-readable problems (empty when the row is valid) whose text names the
 key path inside the row, for example ``messages[2].role: 'robot' is not one of system, user, ...``.
@@ -22,9 +26,15 @@ MESSAGES = "messages"
 WEIGHT = "weight"
 PREFERENCE = "preference"
 PROMPT = "prompt"
-FORMATS = (MESSAGES, PREFERENCE, PROMPT)
+TEXT = "text"
+FORMATS = (MESSAGES, PREFERENCE, PROMPT, TEXT)
 ROLES = ("system", "user", "assistant", "tool")
-REQUIRED_KEYS = {MESSAGES: ("messages",), PREFERENCE: ("prompt", "chosen", "rejected"), PROMPT: ("prompt",)}
+REQUIRED_KEYS = {
+    MESSAGES: ("messages",),
+    PREFERENCE: ("prompt", "chosen", "rejected"),
+    PROMPT: ("prompt",),
+    TEXT: (TEXT,),
+}
 
 _MAX_VALUE_SHOWN = 40
 
@@ -39,13 +49,15 @@ def detect_row_format(row: Any) -> str | None:
         return PREFERENCE
     if "prompt" in row:
         return PROMPT
+    if TEXT in row:
+        return TEXT
     return None
 
 
 def check_row(row: Any, data_format: str) -> list[str]:
     """Every problem that makes ``row`` unusable as ``data_format``."""
     if not isinstance(row, dict):
-        return [f"expected a JSON object, got {_type_name(row)}"]
+        return [f"expected a JSON object, got {type_name(row)}"]
     missing = [key for key in REQUIRED_KEYS[data_format] if key not in row]
     if missing:
         return [f"missing key(s) {', '.join(map(repr, missing))} of the {data_format!r} format"]
@@ -57,16 +69,16 @@ def _check_messages_row(row: dict[str, Any]) -> list[str]:
     if not problems and not any(m["role"] == "assistant" for m in row[MESSAGES]):
         problems.append("messages: no assistant turn, so there is nothing to learn from this row")
     if WEIGHT in row:
-        problems += _check_weight(row[WEIGHT])
+        problems += check_weight(row[WEIGHT])
     return problems
 
 
-def _check_weight(value: Any) -> list[str]:
+def check_weight(value: Any) -> list[str]:
     """A row's loss weight: a finite number above 0."""
     if isinstance(value, bool) or not isinstance(value, int | float):
-        return [f"{WEIGHT}: expected a number above 0, got {_type_name(value)}"]
+        return [f"{WEIGHT}: expected a number above 0, got {type_name(value)}"]
     if not math.isfinite(value) or value <= 0:
-        return [f"{WEIGHT}: expected a finite number above 0, got {_show(value)}"]
+        return [f"{WEIGHT}: expected a finite number above 0, got {show(value)}"]
     return []
 
 
@@ -101,16 +113,24 @@ def _check_prompt_row(row: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _check_text_row(row: dict[str, Any]) -> list[str]:
+    problems = _check_text(row[TEXT], TEXT)
+    if WEIGHT in row:
+        problems += check_weight(row[WEIGHT])
+    return problems
+
+
 _CHECKS: dict[str, Callable[[dict[str, Any]], list[str]]] = {
     MESSAGES: _check_messages_row,
     PREFERENCE: _check_preference_row,
     PROMPT: _check_prompt_row,
+    TEXT: _check_text_row,
 }
 
 
 def _check_text(value: Any, path: str) -> list[str]:
     if not isinstance(value, str):
-        return [f"{path}: expected a string, got {_type_name(value)}"]
+        return [f"{path}: expected a string, got {type_name(value)}"]
     if not value.strip():
         return [f"{path}: empty text"]
     return []
@@ -125,7 +145,7 @@ def _check_message_list(
 ) -> list[str]:
     """Check a conversation: roles, content and a sane order of turns."""
     if not isinstance(messages, list):
-        return [f"{path}: expected a list of messages, got {_type_name(messages)}"]
+        return [f"{path}: expected a list of messages, got {type_name(messages)}"]
     if not messages:
         return [f"{path}: the conversation is empty"]
     problems: list[str] = []
@@ -133,12 +153,12 @@ def _check_message_list(
         where = f"{path}[{i}]"
         if not isinstance(message, dict):
             problems.append(
-                f"{where}: expected an object with 'role' and 'content', got {_type_name(message)}"
+                f"{where}: expected an object with 'role' and 'content', got {type_name(message)}"
             )
             continue
         role = message.get("role")
         if role not in ROLES:
-            shown = "missing" if role is None else _show(role)
+            shown = "missing" if role is None else show(role)
             problems.append(f"{where}.role: {shown} is not one of {', '.join(ROLES)}")
         content = message.get("content")
         if role == "assistant" and message.get("tool_calls") and (content is None or content == ""):
@@ -146,15 +166,15 @@ def _check_message_list(
         if content is None:
             problems.append(f"{where}.content: missing")
         elif not isinstance(content, str):
-            problems.append(f"{where}.content: expected a string, got {_type_name(content)}")
+            problems.append(f"{where}.content: expected a string, got {type_name(content)}")
         elif not content.strip():
             problems.append(f"{where}.content: empty text")
     if problems:
         return problems
-    return _check_order([m["role"] for m in messages], path, must_start_with_user, allow_assistant_last)
+    return check_order([m["role"] for m in messages], path, must_start_with_user, allow_assistant_last)
 
 
-def _check_order(
+def check_order(
     roles: list[str], path: str, must_start_with_user: bool, allow_assistant_last: bool
 ) -> list[str]:
     for i, role in enumerate(roles):
@@ -175,15 +195,15 @@ def _check_order(
     return []
 
 
-def _type_name(value: Any) -> str:
+def type_name(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
     if type(value) in names:
         return names[type(value)]
     if isinstance(value, int | float):
-        return f"a number ({_show(value)})"
+        return f"a number ({show(value)})"
     return type(value).__name__
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= _MAX_VALUE_SHOWN else text[: _MAX_VALUE_SHOWN - 3] + "..."

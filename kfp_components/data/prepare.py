@@ -1,4 +1,5 @@
-"""The dataset stage: fetch, detect the format, validate every row, cut a subset, split, write.
+"""The dataset stage: fetch, detect the format, convert and validate every row, mix, cut a subset, split,
+write.
 
 ``prepare_dataset`` is what the ``dataset_download`` component, the CLIs and the demo call. It checks the
 options before touching the network, reads every row of every file, and either writes both outputs
@@ -12,6 +13,7 @@ once, and an error keeps the first :data:`PROBLEMS_KEPT` problems and counts the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,9 +30,17 @@ from pathlib import Path
 from typing import IO, Any
 
 from kfp_components.data.config import DatasetConfig
+from kfp_components.data.convert import (
+    WRITTEN_AS,
+    convert_row,
+    detect_source_format,
+    rename_columns,
+    required_keys,
+)
 from kfp_components.data.errors import DatasetError
 from kfp_components.data.fetch import DownloadLimits, fetch
-from kfp_components.data.formats import FORMATS, MESSAGES, REQUIRED_KEYS, check_row, detect_row_format
+from kfp_components.data.formats import MESSAGES, TEXT
+from kfp_components.data.mixture import parse_sources, rows_to_take
 from kfp_components.data.readers import MAX_DEPTH, DataFile, Location, RowError, read_rows, shorten
 from kfp_components.data.uris import parse_dataset_uri
 
@@ -79,6 +89,10 @@ class PreparedDataset:
     source: str
     files: list[str]
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The format of the rows given (comma-separated, one per source, for a mixture).
+    source_format: str = ""
+    #: Every source: uri, sha256 (of its files), source_format, rows_valid, rows_used.
+    sources: list[dict[str, Any]] = field(default_factory=list)
 
 
 def prepare_dataset(
@@ -90,6 +104,7 @@ def prepare_dataset(
 ) -> PreparedDataset:
     """Fetch ``config.dataset_name_or_path``, validate every row and write the train and eval splits as JSONL.
 
+    Rows in any source format (:mod:`kfp_components.data.convert`) are converted to the written format.
     Raises :class:`~kfp_components.typed_config.ConfigError` for bad options (before any download),
     :class:`DatasetError` for a bad URI or unreachable data, and :class:`DatasetValidationError` when rows
     are invalid and ``dataset_on_invalid`` is ``fail``. On any error
@@ -97,40 +112,80 @@ def prepare_dataset(
     downloads and a copy of the valid rows while the stage runs.
     """
     config.validate()
-    uri = parse_dataset_uri(config.dataset_name_or_path)
+    sources = parse_sources(config.dataset_name_or_path)
+    uris = [parse_dataset_uri(source.uri) for source in sources]
+    field_map = config.field_map()
     train_path, eval_path = Path(train_path), Path(eval_path)
     started = time.monotonic()
-    log.info("dataset: reading %s", uri.redacted())
     limits = DownloadLimits(config.dataset_download_timeout_seconds, config.dataset_stall_timeout_seconds)
-    with tempfile.TemporaryDirectory(prefix="kfp-dataset-", dir=scratch_dir) as scratch:
-        files = fetch(uri, Path(scratch), split=config.dataset_split, limits=limits)
-        log.info("dataset: %d file(s): %s", len(files), ", ".join(f.name for f in files[:10]))
-        with tempfile.TemporaryFile(dir=scratch) as valid_rows:  # no name: nothing a download can clash with
-            scan = _scan(files, config.data_format, config.dataset_on_invalid, valid_rows)
-            kept = _subset(scan.rows_valid, config)
-            rows_kept = scan.rows_valid if kept is None else len(kept)
-            held_out = eval_mask(rows_kept, config.train_split_ratio, config.seed)
-            eval_rows = 0 if held_out is None else len(held_out)
-            train_rows = rows_kept - eval_rows
-            valid_rows.seek(0)
-            sha256 = _write_outputs(valid_rows, kept, held_out, train_path, eval_path)
-    metrics = {
-        "num_files": len(files),
-        "rows_read": scan.rows_read,
-        "rows_valid": scan.rows_valid,
-        "rows_dropped": scan.problem_count,
+    mixed = len(sources) > 1
+    scans: list[_Scan] = []
+    all_files: list[str] = []
+    written_format: str = "" if config.data_format == "auto" else config.data_format
+    with (
+        tempfile.TemporaryDirectory(prefix="kfp-dataset-", dir=scratch_dir) as scratch,
+        contextlib.ExitStack() as stack,
+    ):
+        spools: list[IO[bytes]] = []
+        for number, uri in enumerate(uris):
+            log.info("dataset: reading %s", uri.redacted())
+            downloads = Path(scratch) / str(number)
+            downloads.mkdir()
+            files = fetch(uri, downloads, split=config.dataset_split, limits=limits)
+            log.info("dataset: %d file(s): %s", len(files), ", ".join(f.name for f in files[:10]))
+            # no name: nothing a download can clash with
+            spool = stack.enter_context(tempfile.TemporaryFile(dir=scratch))
+            spools.append(spool)
+            scan = _scan(files, config, written_format, field_map, spool)
+            scan.source, scan.sha256 = uri.redacted(), _files_sha256(files)
+            written_format = written_format or scan.data_format
+            scans.append(scan)
+            all_files += [f.name if not mixed else f"{uri.redacted()}: {f.name}" for f in files]
+        if mixed:
+            taken = rows_to_take(sources, [scan.rows_valid for scan in scans])
+            valid_rows: IO[bytes] = stack.enter_context(tempfile.TemporaryFile(dir=scratch))
+            rows_valid = _mix(
+                spools[: len(scans)], [scan.rows_valid for scan in scans], taken, config.seed, valid_rows
+            )
+        else:
+            taken, rows_valid = [scans[0].rows_valid], scans[0].rows_valid
+            valid_rows = spools[0]
+        kept = _subset(rows_valid, config)
+        rows_kept = rows_valid if kept is None else len(kept)
+        held_out = eval_mask(rows_kept, config.train_split_ratio, config.seed)
+        eval_rows = 0 if held_out is None else len(held_out)
+        train_rows = rows_kept - eval_rows
+        valid_rows.seek(0)
+        sha256 = _write_outputs(valid_rows, kept, held_out, train_path, eval_path)
+    rows_in: Counter[str] = Counter()
+    for scan in scans:
+        rows_in[scan.source_format] += scan.rows_valid
+    metrics: dict[str, float] = {
+        "num_files": len(all_files),
+        "rows_read": sum(scan.rows_read for scan in scans),
+        "rows_valid": sum(scan.rows_valid for scan in scans),
+        "rows_dropped": sum(scan.problem_count for scan in scans),
+        **({"rows_mixed": rows_valid} if mixed else {}),
         "rows_after_subset": rows_kept,
         "train_rows": train_rows,
         "eval_rows": eval_rows,
-        **_length_stats(scan.turns, "turns"),
-        **_length_stats(scan.chars, "chars"),
-        "seconds": round(time.monotonic() - started, 3),
+        **{f"rows_in_{name}": count for name, count in sorted(rows_in.items())},
     }
+    if mixed:
+        for number, (scan, rows) in enumerate(zip(scans, taken, strict=True)):
+            metrics[f"source_{number}_rows_valid"] = scan.rows_valid
+            metrics[f"source_{number}_rows_used"] = rows
+    turns: Counter[int] = sum((scan.turns for scan in scans), Counter())
+    chars: Counter[int] = sum((scan.chars for scan in scans), Counter())
+    metrics.update({**_length_stats(turns, "turns"), **_length_stats(chars, "chars")})
+    metrics["seconds"] = round(time.monotonic() - started, 3)
+    source_formats = sorted(rows_in)
     log.info(
-        "dataset: %s format, %d rows read, %d dropped, %d train, %d eval; train sha256 %s",
-        scan.data_format,
-        scan.rows_read,
-        scan.problem_count,
+        "dataset: %s rows written as %s: %d rows read, %d dropped, %d train, %d eval; train sha256 %s",
+        " + ".join(source_formats),
+        written_format,
+        metrics["rows_read"],
+        metrics["rows_dropped"],
         train_rows,
         eval_rows,
         sha256,
@@ -138,23 +193,65 @@ def prepare_dataset(
     return PreparedDataset(
         train_path=train_path,
         eval_path=eval_path,
-        data_format=scan.data_format,
+        data_format=written_format,
         train_sha256=sha256,
-        source=uri.redacted(),
-        files=[f.name for f in files],
+        source=", ".join(scan.source for scan in scans),
+        files=all_files,
         metrics=metrics,
+        source_format=",".join(scan.source_format for scan in scans),
+        sources=[
+            {
+                "uri": scan.source,
+                "sha256": scan.sha256,
+                "source_format": scan.source_format,
+                "rows_valid": scan.rows_valid,
+                "rows_used": rows,
+            }
+            for scan, rows in zip(scans, taken, strict=True)
+        ],
     )
+
+
+def _files_sha256(files: list[DataFile]) -> str:
+    """The SHA-256 of a source: of its data files' bytes, one after the other in the order read."""
+    digest = hashlib.sha256()
+    for data_file in files:
+        with data_file.path.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _mix(spools: list[IO[bytes]], valid: list[int], taken: list[int], seed: int, out: IO[bytes]) -> int:
+    """Write a seeded sample of ``taken[i]`` of each source's ``valid[i]`` rows to ``out``, shuffled
+    together; the number of rows written. Each source's spool is read once, in order."""
+    rng = random.Random(seed)
+    wanted: list[Iterable[int]] = []
+    for count, take in zip(valid, taken, strict=True):
+        wanted.append(range(count) if take >= count else sorted(rng.sample(range(count), take)))
+    order = array("H", (number for number, take in enumerate(taken) for _ in range(take)))
+    rng.shuffle(order)
+    readers = []
+    for spool, chosen in zip(spools, wanted, strict=True):
+        spool.seek(0)
+        readers.append(_kept_lines(spool, chosen))
+    for number in order:
+        out.write(next(readers[number]))
+    return len(order)
 
 
 @dataclass
 class _Scan:
     data_format: str
+    source_format: str = ""
     rows_valid: int = 0
     turns: Counter[int] = field(default_factory=Counter)  # length -> how many valid rows have it
     chars: Counter[int] = field(default_factory=Counter)
     problems: list[tuple[Location, str]] = field(default_factory=list)  # the first PROBLEMS_KEPT
     problem_count: int = 0
     rows_read: int = 0
+    source: str = ""
+    sha256: str = ""
 
     def problem(self, location: Location, message: str) -> None:
         self.problem_count += 1
@@ -162,9 +259,13 @@ class _Scan:
             self.problems.append((location, message))
 
 
-def _scan(files: list[DataFile], data_format: str, on_invalid: str, spool: IO[bytes]) -> _Scan:
-    """Read and check every row of every file; write the valid ones to ``spool``, one JSON line each."""
-    scan = _Scan(data_format="" if data_format == "auto" else data_format)
+def _scan(
+    files: list[DataFile], config: DatasetConfig, written: str, field_map: dict[str, str], spool: IO[bytes]
+) -> _Scan:
+    """Read, convert and check every row of every file; write the valid ones to ``spool``, one JSON line
+    each, in the written format. ``written``: the format the rows must be written as ('' for any)."""
+    forced = config.dataset_source_format != "auto"
+    scan = _Scan(data_format=written, source_format=config.dataset_source_format if forced else "")
     detected_at: Location | None = None
     last_report = time.monotonic()
     for location, row in _all_rows(files):
@@ -175,45 +276,54 @@ def _scan(files: list[DataFile], data_format: str, on_invalid: str, spool: IO[by
         if isinstance(row, RowError):
             scan.problem(location, row.message)
             continue
-        row_format = detect_row_format(row)
-        if (
-            data_format != "auto"
-            and row_format not in (None, data_format)
-            and not scan.rows_valid
-            and not scan.problem_count
-        ):
-            raise DatasetError(
-                f"{location}: the rows are in {row_format!r} format, not {data_format!r} "
-                f"(keys {', '.join(REQUIRED_KEYS[data_format])}); nothing was written"
-            )
-        if not scan.data_format:
-            if row_format is None:
-                scan.problem(location, _undetectable(row))
+        if field_map:
+            row, problem = rename_columns(row, field_map)
+            if problem:
+                scan.problem(location, problem)
                 continue
-            scan.data_format, detected_at = row_format, location
-        if data_format == "auto" and row_format not in (None, scan.data_format):
-            scan.problem(
-                location,
-                f"row is in {row_format!r} format but the dataset is {scan.data_format!r} "
-                f"(detected from {detected_at}); mixed formats are not allowed",
-            )
-            continue
-        problems = check_row(row, scan.data_format)
+        if not forced:
+            found = detect_source_format(row)
+            if not scan.source_format:
+                if found is None:
+                    scan.problem(location, _undetectable(row, written))
+                    continue
+                if written and WRITTEN_AS[found] != written:
+                    if not scan.rows_valid and not scan.problem_count:
+                        raise DatasetError(_wrong_format(location, found, written))
+                    scan.problem(location, _wrong_format(location, found, written, whole=False))
+                    continue
+                scan.source_format, detected_at = found, location
+                scan.data_format = WRITTEN_AS[found]
+                log.info(
+                    "dataset: %s rows (detected from %s), written as %s", found, location, scan.data_format
+                )
+            elif found not in (None, scan.source_format):
+                scan.problem(
+                    location,
+                    f"row is in {found!r} format but the dataset is {scan.source_format!r} "
+                    f"(detected from {detected_at}); mixed formats are not allowed",
+                )
+                continue
+        elif not scan.data_format:
+            scan.data_format = WRITTEN_AS[scan.source_format]
+        converted, problems = convert_row(row, scan.source_format)
         if problems:
             scan.problem(location, _join_problems(problems))
             continue
-        line = _serialise(row)
+        line = _serialise(converted)
         if isinstance(line, RowError):
             scan.problem(location, line.message)
             continue
         spool.write(line)
         scan.rows_valid += 1
-        scan.turns[_turns(row, scan.data_format)] += 1
-        scan.chars[_chars(row)] += 1
+        scan.turns[_turns(converted, scan.data_format)] += 1
+        scan.chars[_chars(converted)] += 1
     if not scan.data_format:
         scan.data_format = "unknown"
-    if scan.problem_count and on_invalid == "fail":
-        raise DatasetValidationError(scan.problems, scan.rows_read, scan.data_format, scan.problem_count)
+    if scan.problem_count and config.dataset_on_invalid == "fail":
+        raise DatasetValidationError(
+            scan.problems, scan.rows_read, scan.source_format or scan.data_format, scan.problem_count
+        )
     if scan.problem_count:
         log.warning(
             "dataset: dropped %d invalid row(s) of %d; first: %s: %s",
@@ -224,6 +334,15 @@ def _scan(files: list[DataFile], data_format: str, on_invalid: str, spool: IO[by
     if not scan.rows_valid:
         raise DatasetError(f"no valid rows: {scan.rows_read} row(s) read, all invalid")
     return scan
+
+
+def _wrong_format(location: Location, found: str, written: str, *, whole: bool = True) -> str:
+    wanted = [name for name, target in WRITTEN_AS.items() if target == written]
+    text = (
+        f"{location}: the rows are in {found!r} format (written as {WRITTEN_AS[found]!r}), not a format "
+        f"written as {written!r} ({', '.join(wanted)})"
+    )
+    return text + "; nothing was written" if whole else text
 
 
 def _all_rows(files: Iterable[DataFile]) -> Iterator[tuple[Location, Any]]:
@@ -274,19 +393,23 @@ def _find(row: Any, wanted: Any) -> str:
     return "the row"
 
 
-def _undetectable(row: Any) -> str:
+def _undetectable(row: Any, written: str = "") -> str:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
     keys = ", ".join(shorten(str(key), 40) for key in sorted(row)[:8]) or "none"
+    names = [name for name, target in WRITTEN_AS.items() if not written or target == written]
+    expected = "; ".join(f"{name} ({', '.join(required_keys(name))})" for name in names)
     return (
-        f"cannot tell the format from the keys ({keys}): expected 'messages', or 'prompt' + 'chosen' + "
-        f"'rejected', or 'prompt' (formats: {', '.join(FORMATS)})"
+        f"cannot tell the format from the keys ({keys}): expected {expected}; rename columns with "
+        "dataset_field_map"
     )
 
 
 def _turns(row: dict[str, Any], data_format: str) -> int:
     if data_format == MESSAGES:
         return len(row[MESSAGES])
+    if data_format == TEXT:
+        return 1
     prompt = row["prompt"]
     return (len(prompt) if isinstance(prompt, list) else 1) + 1
 
@@ -298,7 +421,7 @@ def _chars(value: Any) -> int:
         return sum(
             _chars(v)
             for k, v in value.items()
-            if k in ("messages", "prompt", "chosen", "rejected", "answer", "content")
+            if k in ("messages", "prompt", "chosen", "rejected", "answer", "content", "text")
         )
     if isinstance(value, list):
         return sum(_chars(v) for v in value)

@@ -1,4 +1,4 @@
-"""Read JSONL, JSON-array and Parquet files row by row, each row with the place it came from.
+"""Read JSONL, JSON-array, Parquet and Arrow files row by row, each row with the place it came from.
 
 Readers never stop at the first bad row: a line that is not JSON is yielded as a :class:`RowError` so the
 caller can report every problem (or drop the row) in one pass.
@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from kfp_components.data.errors import DatasetError
 
-DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".arrow")
 #: The longest row (a JSONL line or a JSON array element) read; a longer one is an error of that row.
 MAX_ROW_BYTES = 16 << 20
 #: How deeply objects and lists may nest in a row; chat rows need 4 levels.
@@ -70,7 +70,7 @@ class DataFile:
 
 @dataclass(frozen=True)
 class Location:
-    """Where a row is: ``file:line`` for JSON text, ``file:row N`` for Parquet."""
+    """Where a row is: ``file:line`` for JSON text, ``file:row N`` for Parquet and Arrow."""
 
     file: str
     line: int | None = None
@@ -101,6 +101,9 @@ def read_rows(data_file: DataFile) -> Iterator[tuple[Location, Any]]:
     Raises :class:`DatasetError` for a file that cannot be read at all (empty, compressed, not UTF-8 text,
     truncated JSON array, corrupt Parquet).
     """
+    if data_file.name.lower().endswith(".arrow"):
+        yield from _read_arrow(data_file)
+        return
     kind = _sniff(data_file)
     if kind == "parquet":
         yield from _read_parquet(data_file)
@@ -363,6 +366,30 @@ def _read_parquet(data_file: DataFile) -> Iterator[tuple[Location, Any]]:
         ) from None
     number = 0
     for batch in parquet.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            yield Location(data_file.name, row=number), row
+
+
+def _read_arrow(data_file: DataFile) -> Iterator[tuple[Location, Any]]:
+    """The rows of an Arrow file: the IPC stream a ``save_to_disk`` folder holds, or the IPC file format."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(data_file.path))
+        try:
+            reader: Any = pa.ipc.open_stream(source)
+            batches = iter(reader)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DatasetError(
+            f"{data_file.name}: not a readable Arrow file ({shorten(str(exc), EXCERPT_CHARS)})"
+        ) from None
+    number = 0
+    for batch in batches:
         for row in batch.to_pylist():
             number += 1
             yield Location(data_file.name, row=number), row

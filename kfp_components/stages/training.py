@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from kfp_components.data import DatasetConfig, DatasetError, PreparedDataset, prepare_dataset
-from kfp_components.data.config import OnInvalid
+from kfp_components.data.config import OnInvalid, SourceFormat
 from kfp_components.mappings import flatten_numbers
 from kfp_components.stages.base import STAGE_REFERENCE, BaseStage, StageConfig, StageResult
 from kfp_components.trainer.config import ALGORITHMS, Algorithm, TrackingOptions, TrainingConfig
@@ -62,6 +62,11 @@ class TrainingData(Options):
             name their split (empty: every file).
         dataset_subset_size: Train on the first N valid rows only (0: all rows).
         dataset_on_invalid: fail (stop and list the invalid rows) or drop (skip them and count them).
+        dataset_source_format: Format of the rows given (training and eval data): auto (detected),
+            messages, conversations, sharegpt, alpaca, prompt_completion, text, preference,
+            implicit_preference or prompt; converted to the rows the stage trains on.
+        dataset_field_map: Rename the data's columns first (training and eval data), e.g.
+            {question: prompt, solution: answer}.
         eval_dataset_name_or_path: Optional eval data (same URI forms): its loss is computed at the end of
             every epoch (and every eval_steps) and reported as eval_loss.
         eval_dataset_split: Split of eval_dataset_name_or_path (as dataset_split).
@@ -72,6 +77,8 @@ class TrainingData(Options):
     dataset_split: str = ""
     dataset_subset_size: int = 0
     dataset_on_invalid: OnInvalid = "fail"
+    dataset_source_format: SourceFormat = "auto"
+    dataset_field_map: dict[str, str] | str = ""
     eval_dataset_name_or_path: str = ""
     eval_dataset_split: str = ""
     eval_dataset_subset_size: int = 0
@@ -89,6 +96,8 @@ class TrainingData(Options):
                     uri,
                     dataset_split=getattr(self, f"{prefix}dataset_split"),
                     dataset_subset_size=getattr(self, f"{prefix}dataset_subset_size"),
+                    dataset_source_format=self.dataset_source_format,
+                    dataset_field_map=self.dataset_field_map,
                 ).validate()
             except ConfigError as exc:
                 problems.extend((f"{prefix}{path}", message) for path, message in exc.problems)
@@ -103,6 +112,8 @@ class TrainingData(Options):
             dataset_split=getattr(self, f"{prefix}dataset_split"),
             data_format=data_format,  # type: ignore[arg-type]
             dataset_on_invalid=self.dataset_on_invalid,
+            dataset_source_format=self.dataset_source_format,
+            dataset_field_map=self.dataset_field_map,
             train_split_ratio=1.0,
             dataset_subset_size=getattr(self, f"{prefix}dataset_subset_size"),
         )
@@ -414,7 +425,10 @@ class TrainingStage(BaseStage):
         """Run the dataset stage on the stage's training data (``prefix`` ``""``) or eval data (``eval_``)
         into ``train_path`` (every valid row; no eval split). A :class:`ConfigError` names the option when
         the data is missing, invalid or in another format than the stage trains on."""
-        dataset = self.config.dataset_config(prefix, self.data_format)
+        data_format = self.data_format
+        if data_format == "messages" and getattr(self.config, "data_format", "messages") == "text":
+            data_format = "text"  # continued pre-training (the engine's data_format)
+        dataset = self.config.dataset_config(prefix, data_format)
         if prefix in self.linked_datasets:
             dataset = dataclasses.replace(dataset, dataset_name_or_path=str(self.linked_datasets[prefix][1]))
         key = f"{prefix}dataset_name_or_path"
@@ -423,7 +437,7 @@ class TrainingStage(BaseStage):
                 return prepare_dataset(dataset, train_path, Path(scratch) / "unused-eval.jsonl")
             except DatasetError as exc:
                 raise ConfigError(
-                    key, f"the {self.name} stage trains on {self.data_format!r} rows: {exc}"
+                    key, f"the {self.name} stage trains on {data_format!r} rows: {exc}"
                 ) from None
 
 

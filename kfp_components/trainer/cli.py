@@ -95,7 +95,17 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dataset_name_or_path",
         required=True,
-        help="hf://org/name, s3://bucket/key, https://..., pvc://claim/path or a local path",
+        help="hf://org/name, s3://bucket/key, https://..., pvc://claim/path or a local path; several mix: "
+        "'uri_a:0.7,uri_b:0.3' (weights) or 'uri_a:5000,uri_b:1000' (rows)",
+    )
+    parser.add_argument(
+        "--dataset_source_format",
+        default="auto",
+        help="format of the rows given: auto, messages, conversations, sharegpt, alpaca, prompt_completion, "
+        "text, preference, implicit_preference or prompt",
+    )
+    parser.add_argument(
+        "--dataset_field_map", default="", help="rename the file's columns first: 'question:prompt,...'"
     )
     parser.add_argument("--config", help="YAML file of TrainingConfig options; flags override it")
     parser.add_argument("--log_level", default="INFO")
@@ -118,13 +128,24 @@ def fnsft_train_main(argv: list[str] | None = None) -> int:
         return input_error(exc)
     from kfp_components.data import DatasetConfig, DatasetError, prepare_dataset
     from kfp_components.trainer.train import train
+    from kfp_components.typed_config import from_dict
 
     prepared_dir = Path(config.output_dir) / "data"
     try:
         # the output folder is this run's from before the data is written into it until training ends
         with hold_folder_lock(config.output_dir, purpose="fnsft-train"):
+            dataset = from_dict(
+                DatasetConfig,
+                {
+                    "dataset_name_or_path": args.dataset_name_or_path,
+                    "dataset_source_format": args.dataset_source_format,
+                    "dataset_field_map": args.dataset_field_map,
+                    "train_split_ratio": 1.0,
+                    "data_format": config.data_format,
+                },
+            )
             prepared = prepare_dataset(
-                DatasetConfig(args.dataset_name_or_path, train_split_ratio=1.0, data_format="messages"),
+                dataset,
                 prepared_dir / "train.jsonl",
                 prepared_dir / "eval.jsonl",
             )

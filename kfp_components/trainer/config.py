@@ -59,6 +59,9 @@ class OptimOptions(Options):
         max_seq_len: Longest sample in tokens; longer samples are handled by `overlong`.
         overlong: drop (skip and count) or truncate samples longer than max_seq_len.
         unmask: Train on every token, not only the assistant turns.
+        data_format: The rows sft and osft train on: messages (chat, the loss on the assistant turns) or
+            text (plain text for continued pre-training: the loss on every token, an end-of-text token
+            after each row).
         effective_batch_size: Samples (DPO: preference pairs) per optimizer step across all ranks.
         max_tokens_per_gpu: Token budget of one micro-batch on one rank; packing and gradient accumulation
             fill each step with effective_batch_size samples under this budget.
@@ -106,6 +109,7 @@ class OptimOptions(Options):
     max_seq_len: int = 4096
     overlong: Literal["drop", "truncate"] = "drop"
     unmask: bool = False
+    data_format: Literal["messages", "text"] = "messages"
     effective_batch_size: int = 128
     max_tokens_per_gpu: int = 64000
     num_train_epochs: int = 1
@@ -644,6 +648,11 @@ class TrainingConfig(
             raise ConfigError.of(problems)
 
     def _check_combinations(self) -> None:
+        if self.data_format == "text" and self.algorithm not in ("sft", "osft"):
+            raise ConfigError(
+                "data_format",
+                f"text rows train sft and osft, not {self.algorithm}; leave data_format: messages",
+            )
         if self.algorithm == "osft" and self.lora_r:
             raise ConfigError("lora_r", "LoRA and OSFT are alternatives; set lora_r to 0 for osft")
         if self.algorithm == "reward_model" and self.osft_constraint:

@@ -31,7 +31,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from kfp_components.data.formats import MESSAGES, PREFERENCE, PROMPT, check_row, detect_row_format
+from kfp_components.data.formats import MESSAGES, PREFERENCE, PROMPT, TEXT, check_row, detect_row_format
 from kfp_components.trainer.config import RL_ALGORITHMS, TrainingConfig
 from kfp_components.typed_config import ConfigError
 
@@ -116,6 +116,8 @@ def data_problems(config: TrainingConfig) -> Problems:
         data_format = data_format_of(config.algorithm)
     except ConfigError as exc:
         return exc.problems
+    if data_format == MESSAGES and config.data_format == TEXT:
+        data_format = TEXT
     problems: Problems = []
     for key in ("data_path", "eval_data_path"):
         path = getattr(config, key)

@@ -56,7 +56,9 @@ it) is accepted: it only changes how a character is encoded, not which character
 
 Reading a data file
 -------------------
-:func:`tokenize_jsonl` reads the dataset stage's ``{"messages": [...]}`` JSONL (an optional ``"tools"``
+:func:`tokenize_jsonl` reads the dataset stage's ``{"messages": [...]}`` JSONL (or, with
+``data_format="text"``, its ``{"text": ...}`` rows: plain text tokenized as it is, the tokenizer's
+special tokens added and an end-of-text token appended, every token labelled) (an optional ``"tools"``
 list is passed to the template; an optional ``"weight"`` becomes the sample's loss weight), validates each row with the dataset stage's checks, tokenizes it, and
 applies the ``max_seq_len`` policy. Every error names ``file:line``. With ``num_workers > 1`` the rows are
 tokenized in a pool of processes (forked on Linux), in chunks whose results are gathered in file order,
@@ -80,7 +82,7 @@ from functools import lru_cache
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from kfp_components.data.formats import MESSAGES, WEIGHT, check_row
+from kfp_components.data.formats import MESSAGES, TEXT, WEIGHT, check_row
 
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
@@ -95,6 +97,7 @@ __all__ = [
     "tokenize_jsonl",
     "tokenize_messages",
     "tokenize_prompt_completion",
+    "tokenize_text",
 ]
 
 #: Label of a token that carries no loss (the ``ignore_index`` of PyTorch's cross-entropy).
@@ -198,6 +201,17 @@ def tokenize_messages(
     return _tokenize(messages, tokenizer, tools=tools, unmask=unmask, first_labelled=0, where=None)
 
 
+def tokenize_text(text: str, tokenizer: PreTrainedTokenizerBase) -> TokenizedSample:
+    """Tokenize plain text for continued pre-training: the tokenizer's special tokens (a BOS where the model
+    wants one), the text, and the end-of-text token unless the text already ends with it; every token is
+    labelled."""
+    input_ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not input_ids or input_ids[-1] != eos):
+        input_ids.append(eos)
+    return TokenizedSample(input_ids, list(input_ids))
+
+
 def tokenize_prompt_completion(
     prompt_messages: list[dict],
     completion_messages: list[dict],
@@ -238,8 +252,9 @@ def tokenize_jsonl(
     overlong: Overlong = "drop",
     unmask: bool = False,
     num_workers: int = 1,
+    data_format: Literal["messages", "text"] = "messages",
 ) -> TokenizedDataset:
-    """Tokenize every ``{"messages": [...]}`` row of a JSONL file.
+    """Tokenize every ``{"messages": [...]}`` (or ``{"text": ...}``) row of a JSONL file.
 
     Args:
         path: The dataset stage's JSONL output. Blank lines are skipped; a row may carry ``"tools"``.
@@ -250,6 +265,7 @@ def tokenize_jsonl(
         unmask: Label every token, not only the assistant turns.
         num_workers: Processes that tokenize in parallel (1: in this process). The output does not depend
             on it.
+        data_format: messages (chat rows) or text (plain text rows, the loss on every token).
 
     Raises:
         SampleError: A row is not valid JSON or not a valid conversation (the message names file:line).
@@ -261,9 +277,11 @@ def tokenize_jsonl(
         raise ValueError(f"overlong must be 'drop' or 'truncate', got {overlong!r}")
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
+    if data_format not in (MESSAGES, TEXT):
+        raise ValueError(f"data_format must be 'messages' or 'text', got {data_format!r}")
     _backend(tokenizer)  # fail before starting any worker
 
-    job = _RowJob(tokenizer, str(path), max_seq_len, overlong, unmask)
+    job = _RowJob(tokenizer, str(path), max_seq_len, overlong, unmask, data_format)
     collector = _Collector()
     with open(path, "rb") as lines:
         chunks = _chunks(_numbered_rows(lines), _CHUNK_ROWS)
@@ -615,6 +633,7 @@ class _RowJob:
     max_seq_len: int
     overlong: Overlong
     unmask: bool
+    data_format: str = MESSAGES
 
     def __call__(self, chunk: list[tuple[int, bytes]]) -> list[_Outcome]:
         return [self.row(line_no, raw) for line_no, raw in chunk]
@@ -625,15 +644,18 @@ class _RowJob:
             row = json.loads(raw)
         except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
             raise SampleError(f"{where}: not valid JSON: {error}") from None
-        problems = check_row(row, MESSAGES)
+        problems = check_row(row, self.data_format)
         tools = row.get("tools") if isinstance(row, dict) else None
         if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             problems.append("tools: expected a list of function schemas (objects)")
         if problems:
             raise SampleError(f"{where}: " + "; ".join(problems))
-        sample = _tokenize(
-            row[MESSAGES], self.tokenizer, tools=tools, unmask=self.unmask, first_labelled=0, where=where
-        )
+        if self.data_format == TEXT:
+            sample = tokenize_text(row[TEXT], self.tokenizer)
+        else:
+            sample = _tokenize(
+                row[MESSAGES], self.tokenizer, tools=tools, unmask=self.unmask, first_labelled=0, where=where
+            )
         weight = float(row.get(WEIGHT, 1.0))
         outcome = _KEPT
         if len(sample.input_ids) > self.max_seq_len:

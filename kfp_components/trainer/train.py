@@ -743,7 +743,12 @@ def build_objectives(
 def _tokenized(config: TrainingConfig, key: str, path: str, tokenizer: Any):
     try:
         data = tokenize_jsonl(
-            path, tokenizer, max_seq_len=config.max_seq_len, overlong=config.overlong, unmask=config.unmask
+            path,
+            tokenizer,
+            max_seq_len=config.max_seq_len,
+            overlong=config.overlong,
+            unmask=config.unmask,
+            data_format=config.data_format,
         )
     except (SampleError, ChatTemplateError) as exc:
         raise ConfigError(key, str(exc)) from None
