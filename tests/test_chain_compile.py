@@ -301,3 +301,21 @@ def test_sft_reward_model_rl_runs_under_kfp_local(tmp_path):
     rl = training_config_of(run_dir, "train-model-3")
     assert rl["algorithm"] == "ppo" and rl["reward_model_path"] == str(run_dir / "train-model-2" / "model")
     assert rl["model_name_or_path"] == str(run_dir / "train-model" / "model")  # the SFT policy, not the RM
+
+
+def test_the_dataset_step_gets_the_stage_s_source_format_and_column_mapping(tmp_path):
+    changes = {
+        **overrides(("sft", "dpo")),
+        "stage_configs.sft.dataset_source_format": "sharegpt",
+        "stage_configs.sft.dataset_field_map": {"dialogue": "conversations"},
+    }
+    out = compile_chain(SFT_DPO, tmp_path / "chain.yaml", changes)
+    tasks = tasks_of(next(yaml.safe_load_all(out.read_text())))
+    sft_data = next(t for t in tasks.values() if t["taskInfo"]["name"] == "dataset: ultrachat_200k")
+    parameters = sft_data["inputs"]["parameters"]
+    assert parameters["dataset_source_format"]["runtimeValue"]["constant"] == "sharegpt"
+    assert json.loads(parameters["dataset_field_map"]["runtimeValue"]["constant"]) == {
+        "dialogue": "conversations"
+    }
+    dpo_data = next(t for t in tasks.values() if t["taskInfo"]["name"] == "dataset: truthy-dpo-v0.1")
+    assert dpo_data["inputs"]["parameters"]["dataset_source_format"]["runtimeValue"]["constant"] == "auto"

@@ -37,6 +37,7 @@ No ``from __future__ import annotations`` here: KFP reads the pipeline function'
 
 import dataclasses
 import inspect
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -260,12 +261,19 @@ def _engine_defaults() -> dict[str, Any]:
     return {f.name: default_of(f) for f in dataclasses.fields(TrainingConfig)}
 
 
+def _field_map_text(field_map: dict[str, str] | str) -> str:
+    """A stage's ``dataset_field_map`` as the dataset component's string argument (JSON for a mapping)."""
+    return json.dumps(field_map, sort_keys=True) if isinstance(field_map, dict) else field_map
+
+
 def _dataset(config: Any, prefix: str, data_format: str) -> dict[str, Any]:
     return {
         "dataset_name_or_path": getattr(config, f"{prefix}dataset_name_or_path"),
         "dataset_split": getattr(config, f"{prefix}dataset_split"),
         "data_format": data_format,
         "dataset_on_invalid": config.dataset_on_invalid,
+        "dataset_source_format": config.dataset_source_format,
+        "dataset_field_map": _field_map_text(config.dataset_field_map),
         "dataset_subset_size": getattr(config, f"{prefix}dataset_subset_size"),
         "train_split_ratio": 1.0,
     }
