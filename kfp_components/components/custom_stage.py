@@ -43,8 +43,8 @@ def run_custom_stage(
         previous_stage: The name of the stage before this one (its result is the stage's previous_result).
         previous_input_model: The model that previous stage started from, as an artifact.
         previous_input_name: The model that previous stage started from, as a name (the chain's base model).
-        backend: trainjob: also copy the model to the workspace volume, where the next TrainJob reads it;
-            local: the artifact only.
+        backend: trainjob (also copy the model to the workspace volume, where the next TrainJob reads it)
+            or local (the artifact only).
         workspace_pvc: The workspace PVC (mounted at workspace_path) with backend trainjob.
         workspace_path: Where the workspace is mounted.
         run_id: Pipeline run id: the model's folder on the workspace (runs/<run_id>/stage-<name>/final).
