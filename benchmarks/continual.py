@@ -248,14 +248,12 @@ def sequence(
     }
 
 
-def _quiet() -> None:
-    logging.getLogger("kfp_components").setLevel(logging.WARNING)
-
-
 def run(setting: Setting = DEFAULT, cache: Path | None = None) -> dict[str, Any]:
     """The whole experiment (pre-training from the cache when there): every seed and method."""
-    _quiet()
     started = time.perf_counter()
+    quiet = logging.getLogger("kfp_components")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # the engine's step lines; restored after, for whoever runs us in-process
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine is shared; every method runs alike
     try:
@@ -280,6 +278,7 @@ def run(setting: Setting = DEFAULT, cache: Path | None = None) -> dict[str, Any]
                     runs[method.name].append(run_)
     finally:
         torch.set_num_threads(threads)
+        quiet.setLevel(level)
     return {
         "setting": {
             "pretrain": dataclasses.asdict(setting.pretrain),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import random
 
@@ -121,7 +122,10 @@ def test_smoke_run_reports_every_method_task_and_seed(tmp_path):
         seeds=(0, 1),
         probe_per_family=2,
     )
+    engine_log = logging.getLogger("kfp_components")
+    level = engine_log.level
     result = continual.run(setting, cache=tmp_path / "cache")
+    assert engine_log.level == level, "the run quiets the engine's log only while it runs"
     assert set(result["runs"]) == {"full", "lora", "osft"}
     for name, runs in result["runs"].items():
         assert [r["seed"] for r in runs] == [0, 1]
