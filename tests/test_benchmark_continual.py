@@ -99,6 +99,79 @@ def test_exact_match_needs_every_answer_token(tmp_path):
     assert continual.exact_match(tokenizer, model, [longer, (question, own)]) in (0.5, 1.0)
 
 
+def test_token_accuracy_counts_partial_answers(tmp_path):
+    from kfp_components.testing.tiny_model import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", arch="qwen2", seed=0)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    question = "What is the code of baba?"
+    ids = continual._prompt_ids(tokenizer, question)
+    with torch.no_grad():
+        greedy = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False)[
+            0, len(ids) :
+        ].tolist()
+    # the last token wrong (one that survives decoding and encoding again): teacher-forced, 2 of 3 right
+    half = next(
+        candidate
+        for shift in range(1, 256)
+        for candidate in [[*greedy[:2], (greedy[2] + shift) % 256]]
+        if tokenizer(tokenizer.decode(candidate), add_special_tokens=False)["input_ids"] == candidate
+    )
+    text = tokenizer.decode(half)
+    assert continual.exact_match(tokenizer, model, [(question, text)]) == 0.0
+    assert continual.token_accuracy(tokenizer, model, [(question, text)]) == pytest.approx(2 / 3)
+
+
+def test_greedy_answers_match_generate_and_are_classified_by_kind(tmp_path):
+    from kfp_components.testing.tiny_model import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", arch="qwen2", seed=0)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModelForCausalLM.from_pretrained(path)
+    questions = ["What is the code of baba?", "Which city rules kapuze?", "What is the code of lo?"]
+    answers = continual.greedy_answers(tokenizer, model, questions, max_new_tokens=4)
+    end = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id}
+    for question, answer in zip(questions, answers, strict=True):  # batched by length == one at a time
+        ids = continual._prompt_ids(tokenizer, question)
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=4, do_sample=False)[
+                0, len(ids) :
+            ].tolist()
+        stop = next((i for i, token in enumerate(out) if token in end), len(out))
+        assert answer == tokenizer.decode(out[:stop]).strip()
+    assert [continual.answer_kind(a) for a in ("417", "Lima", "purple", "41", "4170", "lima", "")] == [
+        "code",
+        "capital",
+        "flag",
+        "other",
+        "other",
+        "other",
+        "other",
+    ]
+    kinds = continual.answer_kinds(tokenizer, model, [(q, "x") for q in questions])
+    assert set(kinds) == {"code", "capital", "flag", "other"} and sum(kinds.values()) == pytest.approx(1.0)
+
+
+def test_protected_fraction_separates_the_frozen_block_from_the_trainable_one():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(16, 16))
+    v, _ = torch.linalg.qr(torch.randn(8, 8))
+    weight = u[:, :8] @ torch.diag(torch.arange(8.0, 0.0, -1.0)) @ v.T  # 16 x 8, singular values 8..1
+    # ratio 0.25 of rank 8: the top 6 directions are frozen, the last 2 train
+    top = 0.01 * u[:, :1] @ v[:, :1].T  # a change along the top direction: the next task cannot touch it
+    low = 0.01 * u[:, 7:8] @ v[:, 7:8].T  # along the smallest direction: the next task trains exactly there
+    assert continual.protected_fraction(weight, weight + top, 0.25) == pytest.approx(1.0, abs=1e-4)
+    assert continual.protected_fraction(weight, weight + low, 0.25) == pytest.approx(0.0, abs=1e-4)
+    mixed = continual.protected_fraction(weight, weight + top + low, 0.25)
+    assert mixed == pytest.approx(0.5, abs=1e-3)
+
+
+def test_method_ratio_per_task():
+    grow = dataclasses.replace(continual.METHODS[2], unfreeze_rank_ratio_per_task=(0.25, 0.125, 0.0625))
+    assert [grow.ratio(t) for t in range(3)] == [0.25, 0.125, 0.0625]
+    assert [continual.METHODS[2].ratio(t) for t in range(3)] == [0.25] * 3
+    assert "0.25, 0.125, 0.0625" in grow.describe() and "ratio 0.25" in continual.METHODS[2].describe()
+
+
 def test_pretraining_learns_the_corpus_and_is_cached_by_its_hash(tmp_path):
     folder, record = pretrained_model(TINY_PRETRAIN, tmp_path)
     assert folder.name == TINY_PRETRAIN.cache_key() and (folder / "model.safetensors").exists()
@@ -126,13 +199,20 @@ def test_smoke_run_reports_every_method_task_and_seed(tmp_path):
     level = engine_log.level
     result = continual.run(setting, cache=tmp_path / "cache")
     assert engine_log.level == level, "the run quiets the engine's log only while it runs"
-    assert set(result["runs"]) == {"full", "lora", "osft"}
+    assert set(result["runs"]) == {"full", "lora", "osft", "osft_grow"}
     for name, runs in result["runs"].items():
         assert [r["seed"] for r in runs] == [0, 1]
         for r in runs:
             assert len(r["after"]) == 2 and all(len(a["tasks"]) == 2 for a in r["after"])
             assert 0.0 <= r["acc"] <= 1.0 and -1.0 <= r["bwt"] <= 1.0
             assert set(r["after"][-1]["families"]) == set(continual_corpus.FAMILIES)
+            assert all(len(a["token_accuracy"]) == 2 and len(a["answer_kinds"]) == 2 for a in r["after"])
+            [[protected, isotropic]] = r["protected"]  # one transition between two tasks
+            assert 0.0 <= protected <= 1.0 and 0.0 < isotropic < 1.0
+            # exact match implies every token right: token accuracy is never below it
+            assert all(
+                t >= e for a in r["after"] for t, e in zip(a["token_accuracy"], a["tasks"], strict=True)
+            )
             # every method changed the model: the held-out perplexity moved from the pre-trained one
             assert r["after"][0]["heldout_perplexity"] != r["before"]["heldout_perplexity"], name
     before = result["runs"]["full"][0]["before"]["heldout_perplexity"]
@@ -155,7 +235,7 @@ def test_report_in_docs_is_generated_from_the_stored_results():
     )
     assert continual.PLOT.exists()
     methods = json.loads((continual.RESULTS / "continual.json").read_text())["result"]["setting"]["methods"]
-    assert methods == [dataclasses.asdict(m) for m in continual.METHODS]
+    assert methods == json.loads(json.dumps([dataclasses.asdict(m) for m in continual.METHODS]))
 
 
 def test_performance_page_is_generated_from_the_stored_results():
