@@ -630,9 +630,9 @@ def test_trpo_raises_the_reward_keeps_every_step_within_max_kl_and_the_value_los
 
     from kfp_components.trainer.train import train
 
-    summary = train(online_trpo(prompts, tmp_path, max_steps=8))
+    summary = train(online_trpo(prompts, tmp_path, max_steps=12))  # 8 steps were too few to show a rise
     rows = rows_of(tmp_path)
-    assert summary.steps == len(rows) == 8
+    assert summary.steps == len(rows) == 12
     rewards = [r["reward"] for r in rows]
     assert rise(rewards) > 0.1, rewards
     value_losses = [r["value_loss"] for r in rows]
@@ -642,7 +642,7 @@ def test_trpo_raises_the_reward_keeps_every_step_within_max_kl_and_the_value_los
         assert row["grad_norm"] == row["trpo_gradient_norm"] > 0
         for absent in ("entropy", "clip_fraction", "approx_kl"):  # no clipping, no entropy under trpo
             assert absent not in row
-    assert sum(r["trpo_accepted"] for r in rows) >= 6 and any(r["trpo_kl"] > 0.01 for r in rows)
+    assert sum(r["trpo_accepted"] for r in rows) >= 9 and any(r["trpo_kl"] > 0.01 for r in rows)
     for key in ("trpo_step_fraction", "trpo_surrogate", "trpo_cg_residual", "value_grad_norm", "score_mean"):
         assert isinstance(rows[-1][key], int | float), key
     assert summary.metrics["trpo_kl"] == rows[-1]["trpo_kl"]
