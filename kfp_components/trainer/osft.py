@@ -87,13 +87,18 @@ Distributed training
   ``torch.distributed`` initialised, the targets are decomposed in rounds: in each, rank ``i`` decomposes
   one target and broadcasts it, so all ranks hold bit-identical factors while no rank ever holds more than
   its current decomposition and the one it receives. Each layer is replaced (its dense weight freed) as its
-  decomposition arrives; with ``frozen_mesh`` (the trainer passes it under FSDP2) the layer keeps only this
-  rank's share of ``U_h`` and ``V_h`` right away, so the frozen factors are never held whole on a rank.
+  decomposition arrives. With ``frozen_mesh`` (the trainer passes it under FSDP2) nothing is broadcast:
+  the owner of a decomposition sends each rank only its share (the rows, columns and chunks FSDP2 and
+  :func:`frozen_factor_sharding` give it, ``W_h``'s rows built by the owner), ``U_h`` and ``V_h`` become
+  DTensors at once, and the trainable factors and ``W_h`` wait as meta parameters until
+  :func:`place_factor_shards` hands the shares to the DTensors ``fully_shard`` made of them. A rank so
+  never holds more of the factors than its share plus the one layer it decomposes (counted in the tests).
 * DDP: gradients are already all-reduced when :func:`project_osft_gradients` runs; every rank projects
   its (identical) copy. Wrap with ``DistributedDataParallel(..., broadcast_buffers=False)``: the frozen
   buffers are identical on every rank and re-broadcasting them each forward is pure waste.
 * FSDP2 (``fully_shard`` after :func:`shard_frozen_factors`, with
-  ``shard_placement_fn=fsdp_shard_placement(model)``; ``distributed.wrap_model`` does both): everything is
+  ``shard_placement_fn=fsdp_shard_placement(model)``, then :func:`place_factor_shards`;
+  ``distributed.wrap_model`` does all three): everything is
   sharded (``torch.chunk`` sizes, uneven shards allowed). ``U_l``, ``W_h`` and ``U_h`` by rows, the rows of
   the stored weight: each rank computes ``U_h[rows]^T G_local``, the small ``k x (r-k)`` products are
   summed with an all-reduce, and each rank subtracts its rows. ``V_l`` and ``V_h`` by columns (FSDP2 shards
