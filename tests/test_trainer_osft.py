@@ -357,6 +357,21 @@ def test_merge_and_save_pretrained_loads_in_plain_transformers(tmp_path):
     torch.testing.assert_close(logits(reloaded.eval(), ids), expected, atol=1e-5, rtol=0)
 
 
+def test_a_layer_waiting_for_its_shards_refuses_to_run_and_to_place_them_before_wrapping():
+    """A layer built from a share (apply_osft with frozen_mesh) keeps its trainable factors on the meta
+    device until place_factor_shards runs after fully_shard: running it, or placing the shares on
+    parameters FSDP2 has not sharded, says what to do instead of failing inside a matmul."""
+    model = load()
+    apply_osft(model, unfreeze_rank_ratio=0.25)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer._pending_shards = {"U_l": (layer.U_l.detach().clone(), 0)}
+    with pytest.raises(RuntimeError, match="place_factor_shards"):
+        model(input_ids=batch())
+    with pytest.raises(RuntimeError, match=r"q_proj\.U_l is not sharded yet: call place_factor_shards after"):
+        osft.place_factor_shards(model)
+    assert "U_l" in layer._pending_shards  # left as it was
+
+
 def test_load_state_dict_takes_the_stored_frozen_weight_or_rebuilds_it():
     """Resuming: W_h (a frozen parameter, so FSDP2 shards it) is loaded; a state dict written before it was
     one (no W_h) still loads strictly, and W_h then follows the loaded U_h, S_h, V_h."""
