@@ -8,6 +8,12 @@ buffers (the local shard of a DTensor), gradients and AdamW state; and reads its
 (``ru_maxrss``: coarse; it includes the ~0.3-0.4 GiB of the Python process and torch itself, given as
 "process baseline").
 
+Start: the same model decomposed by 2 and 4 gloo processes as the trainer does under FSDP2
+(``apply_osft(..., frozen_mesh=...)`` then ``wrap_model``): per rank, the peak bytes of the tensors
+``apply_osft`` creates and holds at once (counted with :class:`~kfp_components.testing.tensor_bytes.
+LiveTensorBytes`: the SVDs, the factors received, the layers' shares), against one whole layer's factors
+and the rank's share of all of them; and the peak RSS after loading and after decomposing and wrapping.
+
 Projected: Llama-3 8B and 70B shapes built on the meta device (no weights; OSFT applied with
 ``decompose=False``), counted for 8 ranks from their shapes with the same rules: an FSDP2-managed
 parameter holds ``1/8`` of its numbers per rank (``torch.chunk`` rounding), an OSFT frozen factor as
@@ -75,6 +81,13 @@ BEFORE = {
     "osft@2": (136826112, 577712128, 1170059264),
     "full@4": (49314048, 477040640, 1131458560),
     "osft@4": (115943680, 562688000, 1154146304),
+}
+# The start (below) on the code before the decompositions were scattered (commit 4435126: each layer
+# broadcast whole, U_l, S_l, V_l and W_h whole until fully_shard): "processes": (peak tensor bytes during
+# apply_osft, RSS after loading, peak RSS after decomposing and wrapping), the rank with the largest peak.
+BEFORE_START = {
+    "2": (92944384, 477827072, 567226368),
+    "4": (81901568, 477827072, 553709568),
 }
 # Step time side by side (below), on the code as it was: seconds per step of full fine-tuning and OSFT.
 BEFORE_TIMING = {"full_seconds": 15.077, "osft_seconds": 15.036}
@@ -186,6 +199,78 @@ def _measure(variant: str, world: int, model_dir: str) -> dict[str, Any]:
         "peak_rss_bytes": max(row["peak_rss_bytes"] for row in rows),
         "step_seconds": max(row["step_seconds"] for row in rows),
     }
+
+
+# --------------------------------------------------------------------------------------------------------
+# The start: what decomposing holds per rank
+# --------------------------------------------------------------------------------------------------------
+
+START_WORLDS = (2, 4)
+
+
+def _start_rank(rank: int, world: int, port: int, model_dir: str, queue: Any) -> None:
+    """One rank: load, decompose as the trainer does under FSDP2 (counting the tensors), wrap."""
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from kfp_components.testing.tensor_bytes import LiveTensorBytes
+    from kfp_components.trainer.distributed import DistInfo, fsdp_mesh, wrap_model
+    from kfp_components.trainer.osft import apply_osft, osft_modules
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    mesh = fsdp_mesh(info)
+    with LiveTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as counter:
+        apply_osft(model, unfreeze_rank_ratio=RATIO, frozen_mesh=mesh)
+    model = wrap_model(model, info, "fsdp", bf16=False)
+    factors = ("U_h", "S_h", "V_h", "U_l", "S_l", "V_l", "W_h")
+    modules = osft_modules(model).values()
+    shapes = [(m.U_h.shape[0], m.V_h.shape[1]) for m in modules]
+    queue.put(
+        {
+            "world": world,
+            "rank": rank,
+            "apply_peak_bytes": counter.peak,
+            "share_bytes": _bytes(
+                t for m in modules for name in factors if (t := getattr(m, name)) is not None
+            ),
+            # one layer whole: U (N x r), S (r), V (r x M) and W_h (N x M), fp32
+            "largest_layer_bytes": max(
+                4 * (n * min(n, c) + min(n, c) + min(n, c) * c + n * c) for n, c in shapes
+            ),
+            "loaded_rss_bytes": loaded_rss,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        }
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _start(world: int, model_dir: str) -> dict[str, Any]:
+    """The start on ``world`` ranks: the rank with the largest peak of tensor bytes."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [
+        context.Process(target=_start_rank, args=(rank, world, port, model_dir, queue))
+        for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    rows = [queue.get(timeout=900) for _ in processes]
+    for process in processes:
+        process.join(timeout=120)
+        if process.exitcode != 0:
+            raise RuntimeError(f"the start with {world} processes: a rank exited with {process.exitcode}")
+    worst = max(rows, key=lambda row: row["apply_peak_bytes"])
+    return {**worst, "peak_rss_bytes": max(row["peak_rss_bytes"] for row in rows)}
+
+
+def start_study(model_dir: str) -> list[dict[str, Any]]:
+    return [_start(world, model_dir) for world in START_WORLDS]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -395,6 +480,7 @@ def run() -> dict[str, Any]:
         measured = [_measure(variant, world, model_dir) for world in WORLDS for variant in ("full", "osft")]
         dtypes = _dtype_study(model_dir)
         timing = _timing(model_dir)
+        start = start_study(model_dir)
     for row in measured:
         full = next(r for r in measured if r["variant"] == "full" and r["world"] == row["world"])
         row["state_vs_full"] = round(row["state_bytes"] / full["state_bytes"], 3)
@@ -408,6 +494,7 @@ def run() -> dict[str, Any]:
         "projected": _projections(),
         "dtypes": dtypes,
         "timing": timing,
+        "start": start,
         "timing_world": TIMING_WORLD,
         "timing_tokens": TIMING_TOKENS,
         "timing_rounds": TIMING_ROUNDS,
@@ -423,6 +510,52 @@ def _mib(value: float) -> str:
 
 def _gib(value: float) -> str:
     return f"{value / GIB:.1f}"
+
+
+def _render_start(rows: list[dict[str, Any]]) -> list[str]:
+    """The start: what decomposing holds per rank, now and on the code as it was (``BEFORE_START``)."""
+    if not rows:
+        return []
+    lines = [
+        "",
+        "### The start: decomposing under FSDP2",
+        "",
+        "The model above decomposed by 2 and 4 gloo processes (`apply_osft(..., frozen_mesh=...)` then "
+        "`wrap_model`, as the trainer does): "
+        "*peak tensors* is the most bytes of the tensors `apply_osft` creates that a rank holds at once (the "
+        "SVDs, the factors it receives, the layers' shares; counted per storage), against the rank's share of "
+        "all the factors once wrapped and one whole layer's factors (`U`, `S`, `V`, `W_h`: the largest layer). "
+        "Before: each decomposition broadcast whole to every rank, `U_l`, `S_l`, `V_l` and `W_h` whole until "
+        "`fully_shard` split them. Now: the rank that decomposes a layer sends each other rank only its share, "
+        "and the trainable factors and `W_h` reach FSDP2 already sharded. RSS: after loading the model, and "
+        "the peak after decomposing and wrapping (whole process; the rank with the largest).",
+        "",
+        "| processes | code | peak tensors during apply_osft | share of all factors | one whole layer | "
+        "peak - share | RSS after loading | peak RSS after set-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        share, layer = row["share_bytes"], row["largest_layer_bytes"]
+        before = BEFORE_START.get(str(row["world"]))
+        if before and before[0]:
+            peak, loaded, rss = before
+            lines.append(
+                f"| {row['world']} | before | {_mib(peak)} MiB | {_mib(share)} MiB | {_mib(layer)} MiB | "
+                f"{(peak - share) / layer:.1f} layers | {_mib(loaded)} MiB | {_mib(rss)} MiB |"
+            )
+        peak = row["apply_peak_bytes"]
+        lines.append(
+            f"| {row['world']} | now | {_mib(peak)} MiB | {_mib(share)} MiB | {_mib(layer)} MiB | "
+            f"{(peak - share) / layer:.1f} layers | {_mib(row['loaded_rss_bytes'])} MiB | "
+            f"{_mib(row['peak_rss_bytes'])} MiB |"
+        )
+    lines += [
+        "",
+        "Now a rank holds, beyond its share, exactly one whole layer at the peak (the one it decomposes, with "
+        "its `W_h`), whatever the number of processes; before, the whole trainable factors and `W_h` of "
+        "every layer waited for `fully_shard`, more the more processes share the model.",
+    ]
+    return lines
 
 
 def render(result: dict[str, Any]) -> str:
@@ -484,6 +617,7 @@ def render(result: dict[str, Any]) -> str:
             f"({full:.2f} s, {osft:.2f} s). Sharding `W_h` costs its all-gather per layer, forward and "
             "backward, the same traffic as a dense weight of full fine-tuning."
         )
+    lines += _render_start(result.get("start") or [])
     lines += [
         "",
         "Before (the same run on the code as it was, frozen factors replicated on every rank):",

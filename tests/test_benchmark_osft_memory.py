@@ -90,8 +90,19 @@ def test_report_renders_measured_projected_and_dtype_rows():
         ],
         "dtype_steps": 8,
         "dtype_tokens": 256,
+        "start": [
+            {
+                "world": 2,
+                "apply_peak_bytes": 3 * 2**20,
+                "share_bytes": 2**21,
+                "largest_layer_bytes": 2**20,
+                "loaded_rss_bytes": 2**28,
+                "peak_rss_bytes": 2**29,
+            }
+        ],
     }
     text = osft_memory.render(result)
+    assert "| 2 | now | 3.0 MiB | 2.0 MiB | 1.0 MiB | 1.0 layers | 256.0 MiB | 512.0 MiB |" in text
     assert "| 1 | osft | 1.0 MiB |" in text
     assert "| Llama 8B | 1.0 GiB | 1.0 GiB (1.00x)" in text
     assert text.count("| W_h bf16") == 2

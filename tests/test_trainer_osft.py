@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 from transformers.pytorch_utils import Conv1D
 
+from kfp_components.testing.tensor_bytes import LiveTensorBytes
 from kfp_components.testing.tiny_model import tiny_model_path
 from kfp_components.trainer import osft
 from kfp_components.trainer.osft import (
@@ -356,6 +357,21 @@ def test_merge_and_save_pretrained_loads_in_plain_transformers(tmp_path):
     torch.testing.assert_close(logits(reloaded.eval(), ids), expected, atol=1e-5, rtol=0)
 
 
+def test_a_layer_waiting_for_its_shards_refuses_to_run_and_to_place_them_before_wrapping():
+    """A layer built from a share (apply_osft with frozen_mesh) keeps its trainable factors on the meta
+    device until place_factor_shards runs after fully_shard: running it, or placing the shares on
+    parameters FSDP2 has not sharded, says what to do instead of failing inside a matmul."""
+    model = load()
+    apply_osft(model, unfreeze_rank_ratio=0.25)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer._pending_shards = {"U_l": (layer.U_l.detach().clone(), 0)}
+    with pytest.raises(RuntimeError, match="place_factor_shards"):
+        model(input_ids=batch())
+    with pytest.raises(RuntimeError, match=r"q_proj\.U_l is not sharded yet: call place_factor_shards after"):
+        osft.place_factor_shards(model)
+    assert "U_l" in layer._pending_shards  # left as it was
+
+
 def test_load_state_dict_takes_the_stored_frozen_weight_or_rebuilds_it():
     """Resuming: W_h (a frozen parameter, so FSDP2 shards it) is loaded; a state dict written before it was
     one (no W_h) still loads strictly, and W_h then follows the loaded U_h, S_h, V_h."""
@@ -513,6 +529,28 @@ def test_fsdp2_shards_the_frozen_factors_like_their_trainable_twins(two_ranks):
     assert 0.5 <= ratio < 0.6, ratio
 
 
+def test_apply_osft_sends_each_rank_only_its_share_of_every_layer(two_ranks):
+    """With frozen_mesh, the rank decomposing a layer sends the others only their shares, and the trainable
+    factors and W_h reach FSDP2 already sharded: counted over the tensors apply_osft creates, a rank never
+    holds more than one whole layer (the one it decomposes, with its W_h) plus its shares of all layers,
+    where handing every layer out whole holds far more. The shares are the whole factors bit for bit."""
+    result = torch.load(two_ranks / "fsdp.pt")
+    bound = result["largest_layer_bytes"] + result["share_bytes"]
+    assert result["apply_peak_bytes"] <= bound, (result["apply_peak_bytes"], bound)
+    assert result["apply_whole_peak_bytes"] > 1.5 * bound, (result["apply_whole_peak_bytes"], bound)
+    for key, value in result["initial_trainable"].items():
+        assert torch.equal(value, result["initial"][key]), key
+
+
+def _local_bytes(tensor: torch.Tensor | None) -> int:
+    from torch.distributed.tensor import DTensor
+
+    if tensor is None:
+        return 0
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
 def _placement(tensor: torch.Tensor) -> str:
     from torch.distributed.tensor import DTensor
 
@@ -536,7 +574,12 @@ def _worker(model_dir: str, out_dir: str) -> None:
     info = DistInfo(rank=rank, world_size=world, local_rank=rank, device=torch.device("cpu"))
     out = Path(out_dir)
     unsharded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    apply_osft(unsharded, unfreeze_rank_ratio=DIST_RATIO)
+    with LiveTensorBytes(exclude=[*unsharded.parameters(), *unsharded.buffers()]) as whole_counter:
+        apply_osft(unsharded, unfreeze_rank_ratio=DIST_RATIO)  # every rank gets every layer whole
+    largest_layer_bytes = max(
+        sum(t.numel() * t.element_size() for t in (*m.buffers(), *m.parameters()) if t is not m.bias)
+        for m in osft_modules(unsharded).values()
+    )
     factors = {
         f"{n}.{f}": getattr(m, f).detach().clone()
         for n, m in osft_modules(unsharded).items()
@@ -551,11 +594,19 @@ def _worker(model_dir: str, out_dir: str) -> None:
 
     # The trainer's path: the frozen factors are split as each layer is decomposed, then FSDP2 wraps.
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    apply_osft(model, unfreeze_rank_ratio=DIST_RATIO, frozen_mesh=fsdp_mesh(info))
+    mesh = fsdp_mesh(info)
+    with LiveTensorBytes(exclude=[*model.parameters(), *model.buffers()]) as counter:
+        apply_osft(model, unfreeze_rank_ratio=DIST_RATIO, frozen_mesh=mesh)
     # before any wrapping, each layer already holds only its share of U_h (and of V_h where it splits)
     sharded_at_apply = all(isinstance(m.U_h, DTensor) for m in osft_modules(model).values())
     model = wrap_model(model, info, "fsdp", bf16=False)
     modules = osft_modules(model)
+    share_bytes = sum(_local_bytes(getattr(m, f)) for m in modules.values() for f in (*FACTORS, "W_h"))
+    initial_trainable = {
+        f"{n}.{f}": getattr(m, f).full_tensor().detach().clone()
+        for n, m in modules.items()
+        for f in ("U_l", "S_l", "V_l")
+    }
     placements = {
         f"{n}.{f}": _placement(getattr(m, f)) for n, m in modules.items() for f in (*FACTORS, "W_h")
     }
@@ -613,6 +664,11 @@ def _worker(model_dir: str, out_dir: str) -> None:
                 "frozen_bytes_rank0": frozen_bytes,
                 "frozen_bytes_unsharded": frozen_bytes_unsharded,
                 "dense": dense,
+                "initial_trainable": initial_trainable,
+                "apply_peak_bytes": counter.peak,
+                "apply_whole_peak_bytes": whole_counter.peak,
+                "largest_layer_bytes": largest_layer_bytes,
+                "share_bytes": share_bytes,
             },
             out / "fsdp.pt",
         )

@@ -101,6 +101,8 @@ def wrap_model(model: nn.Module, info: DistInfo, strategy: str, *, bf16: bool) -
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    # OSFT decomposed with frozen_mesh: each rank's shares of the trainable factors and W_h take their place
+    osft.place_factor_shards(model)
     return model
 
 

@@ -87,13 +87,18 @@ Distributed training
   ``torch.distributed`` initialised, the targets are decomposed in rounds: in each, rank ``i`` decomposes
   one target and broadcasts it, so all ranks hold bit-identical factors while no rank ever holds more than
   its current decomposition and the one it receives. Each layer is replaced (its dense weight freed) as its
-  decomposition arrives; with ``frozen_mesh`` (the trainer passes it under FSDP2) the layer keeps only this
-  rank's share of ``U_h`` and ``V_h`` right away, so the frozen factors are never held whole on a rank.
+  decomposition arrives. With ``frozen_mesh`` (the trainer passes it under FSDP2) nothing is broadcast:
+  the owner of a decomposition sends each rank only its share (the rows, columns and chunks FSDP2 and
+  :func:`frozen_factor_sharding` give it, ``W_h``'s rows built by the owner), ``U_h`` and ``V_h`` become
+  DTensors at once, and the trainable factors and ``W_h`` wait as meta parameters until
+  :func:`place_factor_shards` hands the shares to the DTensors ``fully_shard`` made of them. A rank so
+  never holds more of the factors than its share plus the one layer it decomposes (counted in the tests).
 * DDP: gradients are already all-reduced when :func:`project_osft_gradients` runs; every rank projects
   its (identical) copy. Wrap with ``DistributedDataParallel(..., broadcast_buffers=False)``: the frozen
   buffers are identical on every rank and re-broadcasting them each forward is pure waste.
 * FSDP2 (``fully_shard`` after :func:`shard_frozen_factors`, with
-  ``shard_placement_fn=fsdp_shard_placement(model)``; ``distributed.wrap_model`` does both): everything is
+  ``shard_placement_fn=fsdp_shard_placement(model)``, then :func:`place_factor_shards`;
+  ``distributed.wrap_model`` does all three): everything is
   sharded (``torch.chunk`` sizes, uneven shards allowed). ``U_l``, ``W_h`` and ``U_h`` by rows, the rows of
   the stored weight: each rank computes ``U_h[rows]^T G_local``, the small ``k x (r-k)`` products are
   summed with an all-reduce, and each rank subtracts its rows. ``V_l`` and ``V_h`` by columns (FSDP2 shards
@@ -145,6 +150,7 @@ __all__ = [
     "num_frozen_directions",
     "osft_modules",
     "osft_orthogonality_error",
+    "place_factor_shards",
     "project_osft_gradients",
     "project_osft_parameters",
     "shard_frozen_factors",
@@ -418,6 +424,8 @@ class OSFTLinear(nn.Module):
         self.V_l = nn.Parameter(_own(vh[k:], dtype))
         self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(bias)
         self._dense_missing_key: str | None = None
+        # this rank's shares of meta-device parameters, for place_factor_shards: name -> (local, shard dim)
+        self._pending_shards: dict[str, tuple[Tensor, int]] = {}
         self.refresh_dense()
         self.register_load_state_dict_pre_hook(_note_missing_dense)
         self.register_load_state_dict_post_hook(_refresh_after_load)
@@ -447,6 +455,58 @@ class OSFTLinear(nn.Module):
             dtype=weight.dtype,
             dense_dtype=dense_dtype,
         )
+
+    @classmethod
+    def from_share(
+        cls,
+        module: nn.Module,
+        unfreeze_rank_ratio: float,
+        share: Mapping[str, Tensor],
+        mesh: DeviceMesh,
+        *,
+        dense_dtype: torch.dtype | None = None,
+    ) -> OSFTLinear:
+        """Build from this rank's ``share`` of the decomposition of ``module``'s weight
+        (:func:`_scattered_decompositions`): ``U_h`` and ``V_h`` as DTensors on ``mesh`` (``V_h`` whole when
+        its columns do not split evenly), ``S_h`` whole, and ``U_l``, ``S_l``, ``V_l``, ``W_h`` as
+        full-shaped meta parameters whose local shares :func:`place_factor_shards` puts in place once
+        ``fully_shard`` has made them DTensors."""
+        if not _is_projection(module):
+            raise TypeError(f"OSFT decomposes nn.Linear or Conv1D modules, not {type(module).__name__}")
+        weight = _weight(module)
+        rows, cols = weight.shape
+        rank = min(rows, cols)
+        k = num_frozen_directions(rank, unfreeze_rank_ratio)
+        meta = functools.partial(torch.empty, dtype=torch.float32, device="meta")
+        layer = cls(
+            (meta(rows, rank), meta(rank), meta(rank, cols)),
+            k,
+            getattr(module, "bias", None),
+            transposed=isinstance(module, Conv1D),
+            dtype=weight.dtype,
+            dense_dtype=dense_dtype,
+        )
+        device = weight.device
+        layer._buffers["S_h"] = _kept(share["S_h"], torch.float32, device)
+        for name, dim in (("U_h", 0), ("V_h", _share_v_dim(cols, mesh.size()))):
+            local = _kept(share[name], torch.float32, device)
+            full = layer._buffers[name]
+            assert full is not None
+            layer._buffers[name] = (
+                local
+                if dim is None
+                else DTensor.from_local(
+                    local, mesh, [Shard(dim)], run_check=False, shape=full.shape, stride=full.stride()
+                )
+            )
+        trainable_v_dim = 0 if _share_v_dim(cols, mesh.size()) is None else 1
+        dims = {"U_l": 0, "S_l": 0, "V_l": trainable_v_dim, "W_h": 0}
+        for name, dim in dims.items():
+            parameter = layer._parameters.get(name)
+            if parameter is None:  # W_h when k = 0
+                continue
+            layer._pending_shards[name] = (_kept(share[name], parameter.dtype, device), dim)
+        return layer
 
     @property
     def rank(self) -> int:
@@ -493,6 +553,12 @@ class OSFTLinear(nn.Module):
             self._buffers[name] = _shard_tensor(tensor, mesh, dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._pending_shards:
+            raise RuntimeError(
+                "this OSFT layer's trainable factors and W_h wait on the meta device for FSDP2: wrap the model "
+                "with fully_shard(..., shard_placement_fn=fsdp_shard_placement(model)) and call "
+                "place_factor_shards(model) (distributed.wrap_model does both) before running it"
+            )
         return _OSFTLinearFunction.apply(
             x, self.W_h, self.U_l, self.S_l, self.V_l, self.bias, self.transposed
         )
@@ -580,6 +646,15 @@ def _own(tensor: Tensor, dtype: torch.dtype) -> Tensor:
     return tensor.to(dtype).clone(memory_format=torch.contiguous_format)
 
 
+def _kept(tensor: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``tensor`` itself when it is contiguous, alone on its storage and of ``dtype`` on ``device`` (a
+    received share), else a copy of it that is (:func:`_own`)."""
+    alone = tensor.storage_offset() == 0 and tensor.untyped_storage().nbytes() == tensor.nbytes
+    if alone and tensor.is_contiguous() and tensor.dtype == dtype and tensor.device == device:
+        return tensor
+    return _own(tensor, dtype).to(device)
+
+
 def _dense_from_factors(
     u_h: Tensor, s_h: Tensor, v_h: Tensor, u_l: Tensor, s_l: Tensor, v_l: Tensor
 ) -> Tensor:
@@ -652,6 +727,124 @@ def _decompositions(modules: Sequence[nn.Module]) -> Iterator[tuple[Tensor, Tens
             yield u.view(rows, r), s, vh.view(r, cols)
 
 
+def _scatters_over(mesh: DeviceMesh) -> bool:
+    """Whether :func:`apply_osft` scatters the decompositions over ``mesh``: distributed, and ``mesh`` is the
+    1-D mesh over every rank (what FSDP2 shards on).
+
+    Raises:
+        ValueError: a mesh that is not 1-D or does not cover every rank.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    if mesh.ndim != 1 or mesh.size() != dist.get_world_size():
+        raise ValueError(
+            f"OSFT scatters its factors over a 1-D mesh of all {dist.get_world_size()} ranks, got a "
+            f"{mesh.ndim}-D mesh of {mesh.size()}"
+        )
+    return True
+
+
+def _share_v_dim(columns: int, parts: int) -> int | None:
+    """The dimension ``V_h`` is split on over ``parts`` ranks (as :func:`frozen_factor_sharding`)."""
+    return 1 if columns % parts == 0 else None
+
+
+def _share_of(
+    u: Tensor, s: Tensor, vh: Tensor, w_h: Tensor, k: int, index: int, parts: int
+) -> dict[str, Tensor]:
+    """Views of the share of rank ``index`` (of ``parts``) of a decomposition, as FSDP2 and
+    :func:`frozen_factor_sharding` split it: rows of ``U_h``, ``U_l`` and ``W_h``; ``S_h`` whole and
+    ``S_l``'s chunk; columns of ``V_h`` and ``V_l`` when they split evenly, else ``V_h`` whole and rows of
+    ``V_l`` (``torch.chunk`` ranges everywhere). Works on meta tensors (for the shapes)."""
+    rows, rank = u.shape
+    cols = vh.shape[1]
+    low, high = _chunk_range(0, rows, parts, index)
+    s_low, s_high = _chunk_range(k, rank, parts, index)
+    share = {
+        "U_h": u[low:high, :k],
+        "U_l": u[low:high, k:],
+        "S_h": s[:k],
+        "S_l": s[s_low:s_high],
+        "W_h": w_h[low:high],
+    }
+    if _share_v_dim(cols, parts) == 1:
+        c_low, c_high = _chunk_range(0, cols, parts, index)
+        share["V_h"], share["V_l"] = vh[:k, c_low:c_high], vh[k:, c_low:c_high]
+    else:
+        share["V_h"], share["V_l"] = vh[:k], vh[s_low:s_high]
+    return share
+
+
+_SHARE_ORDER = ("U_h", "S_h", "V_h", "U_l", "S_l", "V_l", "W_h")
+
+
+def _share_dtypes(weight: Tensor, dense_dtype: torch.dtype | None) -> dict[str, torch.dtype]:
+    """The dtype each piece of a share is sent and kept in (that of :class:`OSFTLinear`'s tensor)."""
+    trainable, dense = weight.dtype, dense_dtype or weight.dtype
+    return {"U_h": torch.float32, "S_h": torch.float32, "V_h": torch.float32, "W_h": dense} | dict.fromkeys(
+        ("U_l", "S_l", "V_l"), trainable
+    )
+
+
+def _scattered_decompositions(
+    modules: Sequence[nn.Module],
+    mesh: DeviceMesh,
+    unfreeze_rank_ratio: float,
+    dense_dtype: torch.dtype | None,
+) -> Iterator[dict[str, Tensor]]:
+    """This rank's share (:func:`_share_of`, each piece a contiguous tensor of its own in its final dtype,
+    :func:`_share_dtypes`) of the fp32 SVD of each module's stored weight, in order.
+
+    Rounds as in :func:`_decompositions`: in round ``t`` rank ``i`` decomposes weight ``t * world + i``;
+    then, weight by weight, its owner builds ``W_h = (U_h * S_h) @ V_h`` as the unsharded path does and
+    sends each other rank only the pieces of its share (point to point, straight into the tensors that
+    rank keeps), then keeps its own. A rank so holds at most its own current decomposition (with its
+    ``W_h``) besides shares. The caller must drop each share once used (the generator keeps none).
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    parts = mesh.size()
+    ranks = [int(r) for r in mesh.mesh.flatten().tolist()]  # mesh coordinate -> global rank
+    me = ranks.index(rank)
+    weights = [_weight(module) for module in modules]
+    for first in range(0, len(weights), world):
+        round_ = range(first, min(first + world, len(weights)))
+        mine = None
+        if first + rank in round_:
+            weight = weights[first + rank]
+            mine = _svd(weight, _svd_device(weight))
+        for j in round_:
+            rows, cols = weights[j].shape
+            r = min(rows, cols)
+            k = num_frozen_directions(r, unfreeze_rank_ratio)
+            dtypes = _share_dtypes(weights[j], dense_dtype)
+            if j == first + rank and mine is not None:
+                u, s, vh = mine
+                mine = None
+                w_h = ((u[:, :k] * s[:k]) @ vh[:k]).to(dtypes["W_h"])
+                # the others first: this rank's own share is only made once theirs have gone
+                for index in [*range(me + 1, parts), *range(me)]:
+                    share = _share_of(u, s, vh, w_h, k, index, parts)
+                    for name in _SHARE_ORDER:
+                        dist.send(_own(share[name], dtypes[name]), dst=ranks[index])
+                    del share
+                share = {
+                    name: _own(t, dtypes[name]) for name, t in _share_of(u, s, vh, w_h, k, me, parts).items()
+                }
+                del u, s, vh, w_h
+            else:
+                on_meta = functools.partial(torch.empty, device="meta")
+                shapes = _share_of(
+                    on_meta(rows, r), on_meta(r), on_meta(r, cols), on_meta(rows, cols), k, me, parts
+                )
+                device = _svd_device(weights[j])
+                share = {}
+                for name in _SHARE_ORDER:
+                    share[name] = torch.empty(shapes[name].shape, dtype=dtypes[name], device=device)
+                    dist.recv(share[name], src=j - first)
+            yield share
+            del share
+
+
 def _weight(module: nn.Module) -> Tensor:
     """The stored weight of a projection (``nn.Linear`` or ``Conv1D``)."""
     weight = module.weight
@@ -687,17 +880,22 @@ def apply_osft(
     """Replace each target of :func:`find_osft_targets` by an :class:`OSFTLinear`; return their names.
 
     Call it before wrapping the model in DDP or FSDP2, with the full model on every rank: when
-    ``torch.distributed`` is initialised the SVDs are spread over the ranks and broadcast (a collective:
-    every rank must call it). ``dense_dtype`` is the dtype of the cached frozen weight ``W_h`` (default:
+    ``torch.distributed`` is initialised the SVDs are spread over the ranks and broadcast, or scattered
+    with ``frozen_mesh`` (a collective: every rank must call it). ``dense_dtype`` is the dtype of the cached frozen weight ``W_h`` (default:
     the weight's dtype; ``torch.bfloat16`` halves its memory under bf16 autocast).
 
     ``decompose=False`` skips the SVDs and builds every module with zero factors of the right shapes: for
     a model whose OSFT state (frozen and trainable factors) is loaded from a checkpoint next, as on resume.
 
-    ``frozen_mesh`` (the 1-D mesh FSDP2 will shard over): each module keeps only this rank's share of
-    ``U_h`` and ``V_h`` as soon as it is built (:func:`shard_frozen_factors`), so the frozen factors of
-    the whole model are never held in full; the layers are replaced one at a time, each freeing its
-    dense weight before the next decomposition arrives.
+    ``frozen_mesh`` (the 1-D mesh over every rank that FSDP2 will shard over; distributed): the rank that
+    decomposes a layer sends every other rank only its share (rows of ``U`` and ``W_h``, columns of ``V``
+    as :func:`frozen_factor_sharding` says, the small ``S``), never the whole decomposition. ``U_h`` and
+    ``V_h`` become DTensors right away; the trainable factors and ``W_h`` are left on the meta device
+    (full shapes) with this rank's shares set aside, and :func:`place_factor_shards` hands those to the
+    DTensors ``fully_shard`` creates (``distributed.wrap_model`` does both): so no rank ever holds more of
+    the OSFT factors than its share plus the one layer it is decomposing. Gathered, the shares are the
+    factors of the path without ``frozen_mesh`` bit for bit. With ``decompose=False`` (resume) the
+    placeholders are built whole and only ``U_h`` and ``V_h`` sharded (:func:`shard_frozen_factors`).
 
     Raises:
         ValueError: ``unfreeze_rank_ratio`` outside ``(0, 1]``, OSFT already applied, or no target found.
@@ -707,6 +905,16 @@ def apply_osft(
         raise ValueError("OSFT is already applied to this model")
     names = find_osft_targets(model, target_patterns)
     modules = [model.get_submodule(name) for name in names]
+    if decompose and frozen_mesh is not None and _scatters_over(frozen_mesh):
+        ratio = unfreeze_rank_ratio
+        shares = _scattered_decompositions(modules, frozen_mesh, ratio, dense_dtype)
+        for name, module, share in zip(names, modules, shares, strict=True):
+            replacement = OSFTLinear.from_share(module, ratio, share, frozen_mesh, dense_dtype=dense_dtype)
+            replacement.train(module.training)
+            _set_submodule(model, name, replacement)
+            module.weight = None  # type: ignore[assignment]  # free the dense weight now, not at the end
+            del share  # the layer keeps the pieces it needs; nothing else may
+        return names
     decompositions = _decompositions(modules) if decompose else map(_placeholder_factors, modules)
     for name, module, factors in zip(names, modules, decompositions, strict=True):
         replacement = OSFTLinear.from_module(
@@ -735,6 +943,48 @@ def shard_frozen_factors(model: nn.Module, mesh: DeviceMesh) -> None:
     """
     for module in osft_modules(model).values():
         module.shard_frozen(mesh)
+
+
+@torch.no_grad()
+def place_factor_shards(model: nn.Module) -> None:
+    """Hand each OSFT layer's set-aside shares (:func:`apply_osft` with ``frozen_mesh``) to the DTensors
+    ``fully_shard`` made of its meta-device ``U_l``, ``S_l``, ``V_l`` and ``W_h``; call right after
+    ``fully_shard`` (``distributed.wrap_model`` does). Each parameter is replaced by a DTensor on FSDP2's
+    mesh and placement holding this rank's share; FSDP2 adopts it (and pads an uneven last shard) at its
+    lazy initialisation, as after ``load_state_dict(..., assign=True)``. Layers with nothing set aside are
+    left as they are.
+
+    Raises:
+        RuntimeError: a parameter is not yet a DTensor (not wrapped), or FSDP2 splits it on another
+            dimension or into other sizes than the share (a ``shard_placement_fn`` other than
+            :func:`fsdp_shard_placement`).
+    """
+    for layer_name, module in osft_modules(model).items():
+        pending, module._pending_shards = module._pending_shards, {}
+        for name, (local, dim) in pending.items():
+            parameter = module._parameters[name]
+            where = f"{layer_name}.{name}"
+            if not isinstance(parameter, DTensor):
+                module._pending_shards = pending
+                raise RuntimeError(f"{where} is not sharded yet: call place_factor_shards after fully_shard")
+            mesh = parameter.device_mesh
+            coordinate = (mesh.get_coordinate() or [0])[0]
+            low, high = _chunk_range(0, parameter.shape[dim], mesh.size(), coordinate)
+            if _shard_dim(parameter) != dim or local.shape[dim] != high - low:
+                module._pending_shards = pending
+                raise RuntimeError(
+                    f"FSDP2 split {where} as {parameter.placements}, its share is rows {low}:{high} of dim "
+                    f"{dim}: shard with fully_shard(..., shard_placement_fn=fsdp_shard_placement(model))"
+                )
+            sharded = DTensor.from_local(
+                local,
+                mesh,
+                parameter.placements,
+                run_check=False,
+                shape=parameter.shape,
+                stride=parameter.stride(),
+            )
+            setattr(module, name, nn.Parameter(sharded, requires_grad=parameter.requires_grad))
 
 
 def fsdp_shard_placement(model: nn.Module) -> Any:
