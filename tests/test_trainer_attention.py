@@ -216,11 +216,11 @@ def test_auto_on_a_gpu_with_flash_attn_runs_flash_attention_2(gpu):
         ({}, "float32", "flash-attn has no float32 kernel"),
     ],
 )
-def test_auto_on_a_gpu_without_usable_flash_attn_runs_flex_attention(gpu, machine, dtype, why):
+def test_auto_on_a_gpu_without_usable_flash_attn_runs_sdpa_per_sample(gpu, machine, dtype, why):
     gpu.update(machine)
     choice = choose("auto", device=CUDA, torch_dtype=dtype)
-    assert choice.name == "flex_attention"
-    assert why in choice.reason and "document block mask" in choice.reason
+    assert choice.name == SDPA_PER_SAMPLE
+    assert why in choice.reason and "once per sample" in choice.reason
 
 
 def test_auto_with_trpo_runs_the_twice_differentiable_per_sample_kernel(gpu):

@@ -23,7 +23,10 @@ the square of the micro-batch, not with the squares of its samples (``benchmarks
    batched; flex attention cannot train on a CPU);
 3. a CUDA GPU with ``flash_attn`` importable, compute capability >= 8.0 and ``torch_dtype`` bfloat16 or
    float16: ``flash_attention_2``;
-4. any other CUDA GPU: ``flex_attention``.
+4. any other CUDA GPU: ``sdpa_per_sample`` (PyTorch's flash or memory-efficient sdpa kernels, per sample).
+   ``flex_attention`` is not chosen by itself: it is compiled (Triton) at the first steps and, as the
+   transformers integration compiles it, again when a run switches between training and generation; it
+   has not been measured on a GPU against sdpa per sample. Name it to use it.
 
 The engine logs the choice and its reason once per run (``attention: ...``). A named kernel is used as
 named; :func:`choose` only adds what it costs on packed rows to the log line.
@@ -118,7 +121,9 @@ def choose(
             "flash_attention_2", f"auto on {gpu} with flash-attn: variable-length attention per sample"
         )
     return AttentionChoice(
-        "flex_attention", f"auto on {gpu}: {why}; FlexAttention with a document block mask per sample"
+        SDPA_PER_SAMPLE,
+        f"auto on {gpu}: {why}; PyTorch's sdpa kernels once per sample of a packed micro-batch "
+        "(flex_attention only when named: it compiles, and is not measured here)",
     )
 
 

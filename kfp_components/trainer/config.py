@@ -84,7 +84,7 @@ class OptimOptions(Options):
             and LoRA: ddp).
         attn_implementation: Attention kernel. auto: attention per sample of a packed micro-batch, chosen
             for the machine (trpo and CPUs: sdpa_per_sample; a CUDA GPU: flash_attention_2 when flash-attn is
-            installed, the GPU is Ampere or newer and torch_dtype is 16-bit, else flex_attention; the log
+            installed, the GPU is Ampere or newer and torch_dtype is 16-bit, else sdpa_per_sample; the log
             says which and why). sdpa_per_sample: sdpa once per sample. sdpa and eager attend over the whole
             packed row (cost grows with its square); flash_attention_2/3 and flex_attention as named.
         checkpoint_every_steps: Save a resumable checkpoint every N optimizer steps (0: only at the end;
