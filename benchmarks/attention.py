@@ -146,8 +146,8 @@ def render(result: dict) -> str:
         "The projected packed-sdpa figure is not run (minutes and a 4 GiB mask per pass here): the excess over "
         "batched at the largest measured row, times the square of the length ratio. On a CUDA GPU `auto` runs "
         "`flash_attention_2` (flash-attn installed, compute capability 8.0+, 16-bit `torch_dtype`) or else "
-        "`flex_attention`; those kernels are not measured here (no GPU). `flex_attention` has no backward on a "
-        "CPU, so it cannot train there.",
+        "`sdpa_per_sample` (PyTorch's GPU sdpa kernels per sample); neither is measured here (no GPU). "
+        "`flex_attention` runs only when named, and has no backward on a CPU, so it cannot train there.",
     ]
     return "\n".join(lines)
 

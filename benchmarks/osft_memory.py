@@ -37,18 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks import osft_step
 from kfp_components.testing.tiny_model import build_tiny_model
 
 NAME = "osft_memory"
-MODEL = {
-    "vocab_size": 1024,
-    "hidden_size": 512,
-    "num_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 2,
-    "intermediate_size": 1408,
-    "max_position_embeddings": 4096,
-}
+MODEL = osft_step.MODEL  # the model of the step-time benchmark
 RATIO = 0.25
 WORLDS = (1, 2, 4)
 TOKENS_PER_RANK = 2048
@@ -99,6 +92,26 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _run_ranks(
+    target: Any, world: int, args: tuple[Any, ...], what: str, timeout: float = 900
+) -> list[dict[str, Any]]:
+    """``target(rank, world, port, *args, queue)`` in ``world`` spawned processes; the row each puts."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    port = _free_port()
+    processes = [
+        context.Process(target=target, args=(rank, world, port, *args, queue)) for rank in range(world)
+    ]
+    for process in processes:
+        process.start()
+    rows = [queue.get(timeout=timeout) for _ in processes]
+    for process in processes:
+        process.join(timeout=120)
+        if process.exitcode != 0:
+            raise RuntimeError(f"{what}: a rank exited with {process.exitcode}")
+    return rows
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -179,20 +192,7 @@ def _rank(rank: int, world: int, port: int, variant: str, model_dir: str, queue:
 def _measure(variant: str, world: int, model_dir: str) -> dict[str, Any]:
     """Run ``world`` ranks of ``variant``; the figures of the rank holding the most (rank 0 with uneven
     shards)."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    processes = [
-        context.Process(target=_rank, args=(rank, world, port, variant, model_dir, queue))
-        for rank in range(world)
-    ]
-    for process in processes:
-        process.start()
-    rows = [queue.get(timeout=900) for _ in processes]
-    for process in processes:
-        process.join(timeout=120)
-        if process.exitcode != 0:
-            raise RuntimeError(f"{variant} with {world} processes: a rank exited with {process.exitcode}")
+    rows = _run_ranks(_rank, world, (variant, model_dir), f"{variant} with {world} processes")
     worst = max(rows, key=lambda row: row["state_bytes"])
     return {
         **worst,
@@ -251,20 +251,7 @@ def _start_rank(rank: int, world: int, port: int, model_dir: str, queue: Any) ->
 
 def _start(world: int, model_dir: str) -> dict[str, Any]:
     """The start on ``world`` ranks: the rank with the largest peak of tensor bytes."""
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    processes = [
-        context.Process(target=_start_rank, args=(rank, world, port, model_dir, queue))
-        for rank in range(world)
-    ]
-    for process in processes:
-        process.start()
-    rows = [queue.get(timeout=900) for _ in processes]
-    for process in processes:
-        process.join(timeout=120)
-        if process.exitcode != 0:
-            raise RuntimeError(f"the start with {world} processes: a rank exited with {process.exitcode}")
+    rows = _run_ranks(_start_rank, world, (model_dir,), f"the start with {world} processes")
     worst = max(rows, key=lambda row: row["apply_peak_bytes"])
     return {**worst, "peak_rss_bytes": max(row["peak_rss_bytes"] for row in rows)}
 
@@ -322,18 +309,7 @@ def _timing_rank(rank: int, world: int, port: int, model_dir: str, queue: Any) -
 
 
 def _timing(model_dir: str) -> dict[str, Any]:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    port = _free_port()
-    processes = [
-        context.Process(target=_timing_rank, args=(rank, TIMING_WORLD, port, model_dir, queue))
-        for rank in range(TIMING_WORLD)
-    ]
-    for process in processes:
-        process.start()
-    rows = [queue.get(timeout=1800) for _ in processes]
-    for process in processes:
-        process.join(timeout=120)
+    rows = _run_ranks(_timing_rank, TIMING_WORLD, (model_dir,), "the step timing", timeout=1800)
     full = max(row["full"] for row in rows)
     osft = max(row["osft"] for row in rows)
     return {"full_seconds": full, "osft_seconds": osft, "ratio": round(osft / full, 3)}
