@@ -21,8 +21,6 @@ from kfp_components.trainer.preflight import environment_problems
 from kfp_components.trainer.train import train
 from kfp_components.typed_config import ConfigError
 
-from conftest import SAMPLES
-
 LENGTHS = (7, 31, 12, 20)
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)
@@ -243,20 +241,12 @@ def test_a_named_kernel_runs_as_named(gpu):
 
 
 def training_config(tmp_path: Path, **overrides) -> TrainingConfig:
-    options = {
-        "model_name_or_path": str(tiny_model_path("qwen2", 0)),
-        "data_path": str(SAMPLES / "chat.jsonl"),
-        "output_dir": str(tmp_path / "run"),
-        "torch_dtype": "float32",
-        "max_seq_len": 256,
-        "effective_batch_size": 8,
-        "max_tokens_per_gpu": 1024,
-        "max_steps": 2,
-        "seed": 0,
-        "save_final_model": False,
-    }
+    """test_trainer_loop's tiny SFT run, cut to two steps with no saved model."""
+    from test_trainer_loop import config
+
+    options: dict[str, object] = {"max_tokens_per_gpu": 1024, "max_steps": 2, "save_final_model": False}
     options.update(overrides)
-    return TrainingConfig(**options)
+    return config(tmp_path, **options)
 
 
 def test_auto_is_the_default_and_training_logs_the_choice(tmp_path, caplog):
