@@ -384,8 +384,9 @@ def test_dpo_on_messages_data_fails_before_the_first_stage_trains(tiny, tmp_path
     assert info.value.problems == [
         (
             "stage_configs.dpo.dataset_name_or_path",
-            "the dpo stage trains on 'preference' rows: chat.jsonl:1: the rows are in 'messages' format, not "
-            "'preference' (keys prompt, chosen, rejected); nothing was written",
+            "the dpo stage trains on 'preference' rows: chat.jsonl:1: the rows are in 'messages' format "
+            "(written as 'messages'), not a format written as 'preference' (preference, implicit_preference); "
+            "nothing was written",
         )
     ]
     assert not (out / "pipeline_state.json").exists(), "no stage may start when a later stage's data is wrong"

@@ -45,6 +45,8 @@ def reward_server(
     pending = list(script or [])
 
     class Handler(BaseHTTPRequestHandler):
+        counted = False
+
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", 0))
             body = json.loads(self.rfile.read(length))
@@ -54,9 +56,17 @@ def reward_server(
                 state.in_flight += 1
                 state.max_in_flight = max(state.max_in_flight, state.in_flight)
                 action = pending.pop(0) if pending else None
+            self.counted = True
             try:
                 self._answer(body, action)
             finally:
+                self._leave()
+
+        def _leave(self) -> None:
+            """The request stops counting as in flight once its answer is decided, before it is written:
+            a client reading the answer may send its next request before this thread runs again."""
+            if self.counted:
+                self.counted = False
                 with state.lock:
                     state.in_flight -= 1
 
@@ -86,6 +96,7 @@ def reward_server(
             self._send_raw(status, json.dumps(payload).encode())
 
         def _send_raw(self, status: int, data: bytes) -> None:
+            self._leave()
             try:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
