@@ -350,6 +350,30 @@ def test_a_bad_default_fails_at_compile_time_naming_the_parameter(tmp_path):
     assert not (tmp_path / "pipeline.yaml").exists()
 
 
+def tiny_cpu_run(**options: object) -> dict[str, object]:
+    """A pipeline's training and evaluation arguments for the tiny model on this CPU, with ``options``."""
+    return {
+        "phase_02_train_man_train_model": str(tiny_model_path("qwen2", 0)),
+        "phase_02_train_man_train_batch": 4,
+        "phase_02_train_opt_torch_dtype": "float32",
+        "phase_02_train_opt_backend": "local",
+        "phase_02_train_opt_use_liger": False,
+        "phase_03_eval_opt_limit": 2.0,
+        "phase_03_eval_opt_batch_size": "2",
+        **options,
+    }
+
+
+#: One online step (two 8-token generations per prompt), evaluated on kfp_capitals.
+ONE_ONLINE_STEP: dict[str, object] = {
+    "phase_02_train_man_train_tokens": 256,
+    "phase_02_train_opt_max_steps": 1,
+    "phase_02_train_opt_max_seq_len": 128,
+    "phase_02_train_opt_training_options": {"num_generations": 2, "max_new_tokens": 8},
+    "phase_03_eval_man_eval_tasks": ["kfp_capitals"],
+}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gate_min_retention", [1000.0, 0.0])
 def test_rl_pipeline_runs_under_kfp_local_and_the_gate_decides_registration(tmp_path, gate_min_retention):
@@ -361,21 +385,12 @@ def test_rl_pipeline_runs_under_kfp_local_and_the_gate_decides_registration(tmp_
     rl_pipeline(
         phase_01_dataset_man_data_uri=str(SAMPLES / "prompts.jsonl"),
         phase_01_dataset_opt_subset_size=8,
-        phase_02_train_man_train_model=str(tiny_model_path("qwen2", 0)),
-        phase_02_train_man_train_batch=4,
-        phase_02_train_man_train_tokens=256,
-        phase_02_train_opt_max_steps=1,
-        phase_02_train_opt_max_seq_len=128,
-        phase_02_train_opt_torch_dtype="float32",
-        phase_02_train_opt_backend="local",
-        phase_02_train_opt_use_liger=False,
-        phase_02_train_opt_training_options={"num_generations": 2, "max_new_tokens": 8},
-        phase_03_eval_man_eval_tasks=["kfp_capitals"],
-        phase_03_eval_opt_limit=2.0,
-        phase_03_eval_opt_batch_size="2",
-        phase_03_eval_opt_gate=True,
-        phase_03_eval_opt_gate_min_task_gain=-1000.0,
-        phase_03_eval_opt_gate_min_retention=gate_min_retention,
+        **tiny_cpu_run(
+            **ONE_ONLINE_STEP,
+            phase_03_eval_opt_gate=True,
+            phase_03_eval_opt_gate_min_task_gain=-1000.0,
+            phase_03_eval_opt_gate_min_retention=gate_min_retention,
+        ),
     )
     (run_dir,) = (tmp_path / "root").iterdir()
     model = model_metadata(run_dir)["training_config"]
@@ -425,18 +440,7 @@ def test_rlaif_pipeline_runs_under_kfp_local_against_a_judge_endpoint(tmp_path, 
             phase_01_dataset_opt_subset_size=8,
             phase_02_train_man_judge_url=judge.base_url,
             phase_02_train_man_judge_model="judge",
-            phase_02_train_man_train_model=str(tiny_model_path("qwen2", 0)),
-            phase_02_train_man_train_batch=4,
-            phase_02_train_man_train_tokens=256,
-            phase_02_train_opt_max_steps=1,
-            phase_02_train_opt_max_seq_len=128,
-            phase_02_train_opt_torch_dtype="float32",
-            phase_02_train_opt_backend="local",
-            phase_02_train_opt_use_liger=False,
-            phase_02_train_opt_training_options={"num_generations": 2, "max_new_tokens": 8},
-            phase_03_eval_man_eval_tasks=["kfp_capitals"],
-            phase_03_eval_opt_limit=2.0,
-            phase_03_eval_opt_batch_size="2",
+            **tiny_cpu_run(**ONE_ONLINE_STEP),
         )
         requests = judge.chat_requests
     assert requests and {r.headers["authorization"] for r in requests} == {f"Bearer {JUDGE_KEY}"}
@@ -478,16 +482,11 @@ def test_cot_distillation_pipeline_runs_under_kfp_local_against_a_teacher_endpoi
             phase_01_synthesis_man_teacher_url=teacher.base_url,
             phase_01_synthesis_man_teacher_model="teacher",
             phase_01_synthesis_opt_num_samples=2,
-            phase_02_train_man_train_model=str(tiny_model_path("qwen2", 0)),
-            phase_02_train_man_train_batch=4,
-            phase_02_train_man_train_tokens=512,
-            phase_02_train_opt_max_steps=2,
-            phase_02_train_opt_max_seq_len=256,
-            phase_02_train_opt_torch_dtype="float32",
-            phase_02_train_opt_backend="local",
-            phase_02_train_opt_use_liger=False,
-            phase_03_eval_opt_limit=2.0,
-            phase_03_eval_opt_batch_size="2",
+            **tiny_cpu_run(
+                phase_02_train_man_train_tokens=512,
+                phase_02_train_opt_max_steps=2,
+                phase_02_train_opt_max_seq_len=256,
+            ),
         )
         requests = teacher.chat_requests
     sent = {r.headers["authorization"] for r in requests}
