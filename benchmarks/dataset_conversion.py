@@ -4,32 +4,17 @@ conversations given as native messages rows, measured in one process, interleave
 from __future__ import annotations
 
 import json
-import random
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.dataset_validation import conversations
 from kfp_components.data import DatasetConfig, prepare_dataset
 
 NAME = "dataset_conversion"
 ROWS = 200_000
 ROUNDS = 2
 SPEAKERS = {"system": "system", "user": "human", "assistant": "gpt"}
-
-
-def _conversations(rows: int) -> list[list[dict]]:
-    """The long-tailed chat rows of benchmarks/dataset_validation.py."""
-    rng = random.Random(0)
-    found = []
-    for i in range(rows):
-        turns = rng.choice((1, 1, 1, 2, 3))
-        messages = [{"role": "system", "content": "You are helpful."}] if i % 4 == 0 else []
-        for t in range(turns):
-            words = int(rng.paretovariate(1.5) * 8)
-            messages.append({"role": "user", "content": f"question {i}.{t} " + "word " * words})
-            messages.append({"role": "assistant", "content": "answer " * (words * 2 + 1)})
-        found.append(messages)
-    return found
 
 
 def _write(path: Path, rows: list[list[dict]], sharegpt: bool) -> int:
@@ -50,7 +35,7 @@ def _time(source: Path, tmp: Path) -> float:
 
 
 def run() -> dict:
-    rows = _conversations(ROWS)
+    rows = list(conversations(ROWS))
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         native, sharegpt = tmp / "messages.jsonl", tmp / "sharegpt.jsonl"

@@ -7,6 +7,7 @@ import random
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kfp_components.data import DatasetConfig, prepare_dataset
@@ -15,16 +16,22 @@ NAME = "dataset_validation"
 ROWS = 200_000
 
 
-def _make_dataset(path: Path, rows: int) -> int:
+def conversations(rows: int) -> Iterator[list[dict[str, str]]]:
+    """``rows`` seeded chat conversations of 1-3 turns with long-tailed (Pareto) lengths."""
     rng = random.Random(0)
+    for i in range(rows):
+        turns = rng.choice((1, 1, 1, 2, 3))
+        messages = [{"role": "system", "content": "You are helpful."}] if i % 4 == 0 else []
+        for t in range(turns):
+            words = int(rng.paretovariate(1.5) * 8)
+            messages.append({"role": "user", "content": f"question {i}.{t} " + "word " * words})
+            messages.append({"role": "assistant", "content": "answer " * (words * 2 + 1)})
+        yield messages
+
+
+def _make_dataset(path: Path, rows: int) -> int:
     with path.open("w", encoding="utf-8") as out:
-        for i in range(rows):
-            turns = rng.choice((1, 1, 1, 2, 3))
-            messages = [{"role": "system", "content": "You are helpful."}] if i % 4 == 0 else []
-            for t in range(turns):
-                words = int(rng.paretovariate(1.5) * 8)
-                messages.append({"role": "user", "content": f"question {i}.{t} " + "word " * words})
-                messages.append({"role": "assistant", "content": "answer " * (words * 2 + 1)})
+        for messages in conversations(rows):
             out.write(json.dumps({"messages": messages}) + "\n")
     return path.stat().st_size
 
