@@ -286,18 +286,9 @@ def test_preflight_refuses_flex_attention_without_a_gpu(tmp_path, monkeypatch):
 
 
 def test_trpo_takes_auto_and_sdpa_per_sample_and_refuses_flex_attention():
-    base = {
-        "model_name_or_path": "m",
-        "data_path": "d.jsonl",
-        "output_dir": "o",
-        "algorithm": "trpo",
-        "reward_functions": ["exact_match"],
-        "distributed": "ddp",
-        "max_seq_len": 512,
-        "max_tokens_per_gpu": 512,
-        "max_new_tokens": 64,
-    }
+    from test_trainer_trpo import config as trpo_config
+
     for name in ("auto", SDPA_PER_SAMPLE, "sdpa", "eager"):
-        TrainingConfig(**base, attn_implementation=name).validate()
+        trpo_config(attn_implementation=name).validate()
     with pytest.raises(ConfigError, match="attn_implementation: flex_attention has no double backward"):
-        TrainingConfig(**base, attn_implementation="flex_attention").validate()
+        trpo_config(attn_implementation="flex_attention").validate()
