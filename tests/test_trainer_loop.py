@@ -168,8 +168,8 @@ def torchrun_two_processes(run_yaml: Path) -> None:
 
 @pytest.mark.slow
 def test_fsdp_osft_resume_continues_exactly(tmp_path):
-    """Under FSDP2 the sharded trainable factors and the replicated frozen ones all come back from the
-    checkpoint (resume builds the OSFT modules without SVDs)."""
+    """Under FSDP2 the trainable and frozen factors, sharded, all come back from the checkpoint (resume
+    builds each rank's share of the OSFT modules as zeros, without SVDs, and the load fills them)."""
     options = config(
         tmp_path, algorithm="osft", distributed="fsdp", checkpoint_every_steps=3, keep_checkpoints=5
     )

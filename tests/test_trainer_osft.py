@@ -542,6 +542,17 @@ def test_apply_osft_sends_each_rank_only_its_share_of_every_layer(two_ranks):
         assert torch.equal(value, result["initial"][key]), key
 
 
+def test_a_resumed_fsdp2_run_builds_only_its_shares_of_the_factors(two_ranks):
+    """On resume (no SVD; the checkpoint fills the factors next) each rank creates zero shares shaped and
+    placed like the decomposing path's, and never a whole layer's factors."""
+    result = torch.load(two_ranks / "fsdp.pt")
+    assert result["resumed_placements"] == result["placements"]
+    assert result["resumed_share_bytes"] == result["share_bytes"]
+    # Beyond the shares, at most a few scalars (a whole layer's factors are tens of KiB here).
+    extra = result["resume_peak_bytes"] - result["share_bytes"]
+    assert extra < 1024 < result["largest_layer_bytes"] / 8, (extra, result["largest_layer_bytes"])
+
+
 def _local_bytes(tensor: torch.Tensor | None) -> int:
     from torch.distributed.tensor import DTensor
 
@@ -625,6 +636,20 @@ def _worker(model_dir: str, out_dir: str) -> None:
         }
 
     frozen_before = gathered_frozen()
+    # The resume path: zero shares to be filled by the checkpoint load, no SVD and no whole layer.
+    resumed = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with LiveTensorBytes(exclude=[*resumed.parameters(), *resumed.buffers()]) as resume_counter:
+        apply_osft(resumed, unfreeze_rank_ratio=DIST_RATIO, frozen_mesh=mesh, decompose=False)
+    resumed = wrap_model(resumed, info, "fsdp", bf16=False)
+    resumed_placements = {
+        f"{n}.{f}": _placement(getattr(m, f))
+        for n, m in osft_modules(resumed).items()
+        for f in (*FACTORS, "W_h")
+    }
+    resumed_share_bytes = sum(
+        _local_bytes(getattr(m, f)) for m in osft_modules(resumed).values() for f in (*FACTORS, "W_h")
+    )
+    del resumed
     module = model.model.layers[0].mlp.gate_proj
     sharded = isinstance(module.U_l, DTensor) and isinstance(module.U_h, DTensor)
     uneven_u = any(m.U_l.shape[0] % world for m in modules.values())
@@ -669,6 +694,9 @@ def _worker(model_dir: str, out_dir: str) -> None:
                 "apply_whole_peak_bytes": whole_counter.peak,
                 "largest_layer_bytes": largest_layer_bytes,
                 "share_bytes": share_bytes,
+                "resume_peak_bytes": resume_counter.peak,
+                "resumed_share_bytes": resumed_share_bytes,
+                "resumed_placements": resumed_placements,
             },
             out / "fsdp.pt",
         )

@@ -125,7 +125,7 @@ import functools
 import math
 import numbers
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -813,9 +813,7 @@ def _scattered_decompositions(
             weight = weights[first + rank]
             mine = _svd(weight, _svd_device(weight))
         for j in round_:
-            rows, cols = weights[j].shape
-            r = min(rows, cols)
-            k = num_frozen_directions(r, unfreeze_rank_ratio)
+            k = num_frozen_directions(min(weights[j].shape), unfreeze_rank_ratio)
             dtypes = _share_dtypes(weights[j], dense_dtype)
             if j == first + rank and mine is not None:
                 u, s, vh = mine
@@ -832,17 +830,44 @@ def _scattered_decompositions(
                 }
                 del u, s, vh, w_h
             else:
-                on_meta = functools.partial(torch.empty, device="meta")
-                shapes = _share_of(
-                    on_meta(rows, r), on_meta(r), on_meta(r, cols), on_meta(rows, cols), k, me, parts
-                )
-                device = _svd_device(weights[j])
-                share = {}
+                share = _empty_share(weights[j], k, me, parts, dtypes, torch.empty)
                 for name in _SHARE_ORDER:
-                    share[name] = torch.empty(shapes[name].shape, dtype=dtypes[name], device=device)
                     dist.recv(share[name], src=j - first)
             yield share
             del share
+
+
+def _empty_share(
+    weight: Tensor,
+    k: int,
+    index: int,
+    parts: int,
+    dtypes: Mapping[str, torch.dtype],
+    factory: Callable[..., Tensor],
+) -> dict[str, Tensor]:
+    """New tensors (``factory``: ``torch.empty`` or ``torch.zeros``) shaped like share ``index`` of the
+    decomposition of ``weight`` (:func:`_share_of`), in their final dtypes, on the device its SVD runs on."""
+    rows, cols = weight.shape
+    r = min(rows, cols)
+    on_meta = functools.partial(torch.empty, device="meta")
+    shapes = _share_of(on_meta(rows, r), on_meta(r), on_meta(r, cols), on_meta(rows, cols), k, index, parts)
+    device = _svd_device(weight)
+    return {name: factory(shapes[name].shape, dtype=dtypes[name], device=device) for name in _SHARE_ORDER}
+
+
+def _placeholder_shares(
+    modules: Sequence[nn.Module],
+    mesh: DeviceMesh,
+    unfreeze_rank_ratio: float,
+    dense_dtype: torch.dtype | None,
+) -> Iterator[dict[str, Tensor]]:
+    """Zero shares (:func:`_empty_share`) of this rank for each module, to be overwritten by a load: the
+    resume path's counterpart of :func:`_scattered_decompositions` (no SVD, nothing sent, no whole layer)."""
+    me = [int(r) for r in mesh.mesh.flatten().tolist()].index(dist.get_rank())
+    for module in modules:
+        weight = _weight(module)
+        k = num_frozen_directions(min(weight.shape), unfreeze_rank_ratio)
+        yield _empty_share(weight, k, me, mesh.size(), _share_dtypes(weight, dense_dtype), torch.zeros)
 
 
 def _weight(module: nn.Module) -> Tensor:
@@ -894,8 +919,8 @@ def apply_osft(
     (full shapes) with this rank's shares set aside, and :func:`place_factor_shards` hands those to the
     DTensors ``fully_shard`` creates (``distributed.wrap_model`` does both): so no rank ever holds more of
     the OSFT factors than its share plus the one layer it is decomposing. Gathered, the shares are the
-    factors of the path without ``frozen_mesh`` bit for bit. With ``decompose=False`` (resume) the
-    placeholders are built whole and only ``U_h`` and ``V_h`` sharded (:func:`shard_frozen_factors`).
+    factors of the path without ``frozen_mesh`` bit for bit. With ``decompose=False`` (resume) each rank
+    builds zero shares of the same shapes instead, so a resumed run never holds a whole layer's factors.
 
     Raises:
         ValueError: ``unfreeze_rank_ratio`` outside ``(0, 1]``, OSFT already applied, or no target found.
@@ -905,9 +930,12 @@ def apply_osft(
         raise ValueError("OSFT is already applied to this model")
     names = find_osft_targets(model, target_patterns)
     modules = [model.get_submodule(name) for name in names]
-    if decompose and frozen_mesh is not None and _scatters_over(frozen_mesh):
+    if frozen_mesh is not None and _scatters_over(frozen_mesh):
         ratio = unfreeze_rank_ratio
-        shares = _scattered_decompositions(modules, frozen_mesh, ratio, dense_dtype)
+        if decompose:
+            shares = _scattered_decompositions(modules, frozen_mesh, ratio, dense_dtype)
+        else:
+            shares = _placeholder_shares(modules, frozen_mesh, ratio, dense_dtype)
         for name, module, share in zip(names, modules, shares, strict=True):
             replacement = OSFTLinear.from_share(module, ratio, share, frozen_mesh, dense_dtype=dense_dtype)
             replacement.train(module.training)
