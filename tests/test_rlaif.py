@@ -325,3 +325,22 @@ def test_a_stage_dataset_written_again_is_read_again(judge_server, tmp_path, mon
         ConfigError, match=r"dataset_name_or_path: stage 'rlaif' has not written .*preferences\.jsonl"
     ):
         dpo.execute(model, model, None)
+
+
+def test_a_judged_pair_is_two_answers_per_prompt(tmp_path):
+    from kfp_components.feedback.comparisons import label_preferences
+    from kfp_components.feedback.judges import JudgeOptions
+    from kfp_components.trainer.rollout import SamplingOptions
+
+    output = tmp_path / "pairs.jsonl"
+    with pytest.raises(ValueError, match="two answers per prompt, not 3"):
+        label_preferences(
+            "no-model-is-loaded",
+            tmp_path / "prompts.jsonl",
+            output,
+            JudgeOptions(backend="openai", model="judge", base_url="http://127.0.0.1:9/v1"),
+            SamplingOptions(num_generations=3),
+            min_margin=0.5,
+            max_seq_len=64,
+        )
+    assert not output.exists()

@@ -289,6 +289,32 @@ def test_bad_sampling_options_are_refused(options, message):
         SamplingOptions(**options)
 
 
+def test_sampling_options_are_read_from_a_config_under_the_same_names():
+    from kfp_components.trainer.config import RLOptions
+
+    config = RLOptions(
+        temperature=0.7,
+        top_p=0.9,
+        top_k=5,
+        max_new_tokens=12,
+        stop_strings=["\n\n"],
+        num_generations=4,
+    )
+    assert SamplingOptions.of(config) == SamplingOptions(
+        temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=12, stop_strings=("\n\n",), num_generations=4
+    )
+    assert SamplingOptions.of(config, num_generations=2).num_generations == 2
+    with pytest.raises(AttributeError, match="temperature"):
+        SamplingOptions.of(types.SimpleNamespace(max_new_tokens=3))
+    greedy = SamplingOptions.greedy(7, ["END"])
+    assert (greedy.top_k, greedy.num_generations, greedy.max_new_tokens, greedy.stop_strings) == (
+        1,
+        1,
+        7,
+        ("END",),
+    )
+
+
 def test_bad_prompts_are_refused(tiny):
     model, tokenizer = tiny
     rollouts = HFRollouts(model, tokenizer, CPU)

@@ -70,23 +70,28 @@ def label_preference_pairs(
     from kfp_components.feedback.comparisons import label_preferences
     from kfp_components.feedback.judges import JudgeOptions
     from kfp_components.launch.step import whole_numbers
+    from kfp_components.trainer.rollout import SamplingOptions
     from kfp_components.typed_config import from_dict
 
     if (model is None) == (not model_name_or_path):
         raise ValueError("give the model that answers as model or as model_name_or_path, one of them")
     options = from_dict(JudgeOptions, whole_numbers(dict(judge)), "judge")  # checked before the model loads
+    sampling = SamplingOptions(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        stop_strings=tuple(stop_strings),
+        num_generations=2,
+    )
     found = label_preferences(
         model.path if model is not None else model_name_or_path,
         prompts.path,
         Path(preferences.path),
         options,
+        sampling,
         min_margin=min_margin,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
         max_seq_len=max_seq_len,
-        stop_strings=list(stop_strings),
         seed=seed,
         overlong=overlong,
     )

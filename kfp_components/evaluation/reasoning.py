@@ -61,6 +61,7 @@ def answer_accuracy(
     import tempfile
 
     from kfp_components.feedback.comparisons import sample_responses, write_jsonl
+    from kfp_components.trainer.rollout import SamplingOptions
 
     with tempfile.TemporaryDirectory(prefix="kfp-reasoning-") as scratch:
         source = Path(problems_path)
@@ -73,10 +74,7 @@ def answer_accuracy(
         responses = sample_responses(
             model,
             source,
-            num_generations=1,
-            temperature=1.0,
-            top_k=1,
-            max_new_tokens=max_new_tokens,
+            SamplingOptions.greedy(max_new_tokens),
             max_seq_len=max_seq_len,
             limit=limit,
             device=device,

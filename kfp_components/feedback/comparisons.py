@@ -25,9 +25,12 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kfp_components.feedback.judges import JudgeOptions, PairwiseJudge
+
+if TYPE_CHECKING:
+    from kfp_components.trainer.rollout import SamplingOptions
 
 log = logging.getLogger(__name__)
 
@@ -48,47 +51,36 @@ class Responses:
 def sample_responses(
     model: str,
     prompts_path: str | Path,
+    sampling: SamplingOptions,
     *,
-    num_generations: int,
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int,
     max_seq_len: int,
-    stop_strings: Sequence[str] = (),
     seed: int = 42,
     limit: int = 0,
     device: str = "",
     overlong: str = "drop",
 ) -> Responses:
-    """``num_generations`` responses of ``model`` to each ``prompt`` row of ``prompts_path`` (the first
-    ``limit`` rows; 0: all). ``top_k`` 1 decodes greedily. Prompts longer than ``max_seq_len -
-    max_new_tokens`` tokens are handled by ``overlong`` (drop or truncate), as in training."""
+    """``sampling.num_generations`` responses of ``model`` to each ``prompt`` row of ``prompts_path`` (the
+    first ``limit`` rows; 0: all), drawn as ``sampling`` says (:meth:`SamplingOptions.greedy`: the most likely
+    answer). Prompts longer than ``max_seq_len - sampling.max_new_tokens`` tokens are handled by ``overlong``
+    (drop or truncate), as in training."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kfp_components.trainer.online import prompt_seed
     from kfp_components.trainer.prompts import load_prompts
-    from kfp_components.trainer.rollout import HFRollouts, SamplingOptions
+    from kfp_components.trainer.rollout import HFRollouts
 
     where = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = AutoTokenizer.from_pretrained(model)
     prompt_set = load_prompts(
-        prompts_path, tokenizer, max_prompt_tokens=max_seq_len - max_new_tokens, overlong=overlong
+        prompts_path, tokenizer, max_prompt_tokens=max_seq_len - sampling.max_new_tokens, overlong=overlong
     )
     rows = prompt_set.rows[:limit] if limit else prompt_set.rows
     dtype = torch.bfloat16 if where.type == "cuda" else torch.float32
     loaded = AutoModelForCausalLM.from_pretrained(model, dtype=dtype)
     loaded = loaded.to(where)  # type: ignore[arg-type]
     backend = HFRollouts(loaded, tokenizer, where)
-    sampling = SamplingOptions(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        stop_strings=tuple(stop_strings),
-        num_generations=num_generations,
-    )
+    num_generations = sampling.num_generations
     texts: list[list[str]] = []
     truncated = 0
     for start in range(0, len(rows), PROMPTS_PER_BATCH):
@@ -186,36 +178,25 @@ def label_preferences(
     prompts_path: str | Path,
     output: Path,
     judge_options: JudgeOptions,
+    sampling: SamplingOptions,
     *,
     min_margin: float,
-    temperature: float,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int,
     max_seq_len: int,
-    stop_strings: Sequence[str] = (),
     seed: int = 42,
     overlong: str = "drop",
 ) -> dict[str, float]:
-    """Two answers of ``model`` per ``prompt`` row of ``prompts_path``, judged pairwise by the judge of
-    ``judge_options`` into the ``preference`` rows of ``output`` (see :func:`label_pairs`); the metrics are
-    the pair counts (``pairs/...``) and the judge's usage (``judge/...``). A :class:`ValueError` when the
-    judge kept no pair, and then ``output`` is not written."""
+    """Two answers of ``model`` per ``prompt`` row of ``prompts_path`` (drawn as ``sampling`` says; its
+    ``num_generations`` is 2), judged pairwise by the judge of ``judge_options`` into the ``preference`` rows
+    of ``output`` (see :func:`label_pairs`); the metrics are the pair counts (``pairs/...``) and the judge's
+    usage (``judge/...``). A :class:`ValueError` when the judge kept no pair, and then ``output`` is not
+    written."""
     from kfp_components.feedback.judges import build_backend
 
+    if sampling.num_generations != 2:
+        raise ValueError(f"a judged pair is two answers per prompt, not {sampling.num_generations}")
     log.info("sampling two answers per prompt from %s to be judged by %s", model, judge_options.describe())
     responses = sample_responses(
-        model,
-        prompts_path,
-        num_generations=2,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        max_new_tokens=max_new_tokens,
-        max_seq_len=max_seq_len,
-        stop_strings=stop_strings,
-        seed=seed,
-        overlong=overlong,
+        model, prompts_path, sampling, max_seq_len=max_seq_len, seed=seed, overlong=overlong
     )
     judge = PairwiseJudge(judge_options, build_backend(judge_options))
     try:
@@ -301,19 +282,17 @@ def win_rate(
     overlong: str = "drop",
 ) -> WinRate:
     """Greedy responses of both models to the prompts of ``prompts_path``, compared (see :func:`compare`)."""
-    options = {
-        "num_generations": 1,
-        "temperature": 1.0,
-        "top_k": 1,
-        "max_new_tokens": max_new_tokens,
+    from kfp_components.trainer.rollout import SamplingOptions
+
+    greedy = SamplingOptions.greedy(max_new_tokens, stop_strings)
+    options: dict[str, Any] = {
         "max_seq_len": max_seq_len,
-        "stop_strings": stop_strings,
         "limit": limit,
         "device": device,
         "overlong": overlong,
     }
-    tuned = sample_responses(tuned_model, prompts_path, **options)  # type: ignore[arg-type]
-    base = sample_responses(base_model, prompts_path, **options)  # type: ignore[arg-type]
+    tuned = sample_responses(tuned_model, prompts_path, greedy, **options)
+    base = sample_responses(base_model, prompts_path, greedy, **options)
     result = compare(tuned, base, judge)
     log.info(
         "win rate of %s against %s: %.3f (%d wins, %d ties, %d losses over %d prompts)",

@@ -288,6 +288,7 @@ class RLAIFStage(RLStage):
     def label_preferences(self, model: str, prompts_path: str) -> dict[str, float]:
         """Two answers of ``model`` per training prompt, judged pairwise into :attr:`preferences_path`."""
         from kfp_components.feedback.comparisons import label_preferences
+        from kfp_components.trainer.rollout import SamplingOptions
 
         config = self.config
         return label_preferences(
@@ -295,13 +296,9 @@ class RLAIFStage(RLStage):
             prompts_path,
             self.preferences_path,
             config.judge,
+            SamplingOptions.of(config, num_generations=2),
             min_margin=config.preference_min_margin,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            max_new_tokens=config.max_new_tokens,
             max_seq_len=config.max_seq_len,
-            stop_strings=config.stop_strings,
             seed=config.seed,
             overlong=config.overlong,
         )

@@ -185,14 +185,7 @@ class OnlineSteps:
             world_size=info.world_size,
             seed=config.seed,
         )
-        self.sampling = SamplingOptions(
-            temperature=config.temperature,
-            top_p=config.top_p,
-            top_k=config.top_k,
-            max_new_tokens=config.max_new_tokens,
-            stop_strings=tuple(config.stop_strings),
-            num_generations=config.num_generations,
-        )
+        self.sampling = SamplingOptions.of(config)
         self.kl = pg.KLController(coef=config.kl_coef, target=config.kl_target, horizon=config.kl_horizon)
         self.passes = int(config.num_iterations or 1)
         #: the scheduler's steps per step: trpo advances it once (its policy step replaces the updates)

@@ -37,7 +37,7 @@ import contextlib
 import hashlib
 import inspect
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -84,6 +84,20 @@ class SamplingOptions:
                 problems.append(f"stop_strings[{index}] must be a non-empty string, got {stop!r}")
         if problems:
             raise ValueError("sampling options: " + "; ".join(problems))
+
+    @classmethod
+    def of(cls, options: Any, **overrides: Any) -> SamplingOptions:
+        """The sampling options ``options`` carries (a trainer or an online stage's config: the same option
+        names), with ``overrides`` (such as ``num_generations=2``) in place of its own."""
+        names = [f.name for f in fields(cls) if f.name not in overrides]
+        return cls(**{name: getattr(options, name) for name in names}, **overrides)
+
+    @classmethod
+    def greedy(cls, max_new_tokens: int, stop_strings: Sequence[str] = ()) -> SamplingOptions:
+        """One answer per prompt, the most likely token at every step (``top_k`` 1)."""
+        return cls(
+            top_k=1, num_generations=1, max_new_tokens=max_new_tokens, stop_strings=tuple(stop_strings)
+        )
 
 
 @dataclass
