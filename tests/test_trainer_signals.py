@@ -164,7 +164,13 @@ def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
+            # The signal may reach another thread (a tracking writer's); Python runs the handler in the main
+            # thread at its next check: wait for it (it puts the previous handler back), or both signals
+            # would count as one.
+            deadline = time.monotonic() + 10
+            while signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+                assert time.monotonic() < deadline, "the first SIGINT was never handled"
+                time.sleep(0.01)
             os.kill(os.getpid(), signal.SIGINT)  # the handler that was there before: KeyboardInterrupt
         return real_step(*args, **kwargs)
 
