@@ -1,6 +1,6 @@
 """A multi-stage YAML compiled into a Kubeflow pipeline: the steps and their wiring in the compiled YAML, the
 stage options checked at compile time with the CLI's key paths, stages that cannot be compiled named, and
-chains that run end to end under kfp.local with the local backend (sft -> dpo; sft -> grpo, an online stage)."""
+chains that run end to end under kfp.local with the local backend (sft -> dpo; sft -> reward_model -> rl, an online stage)."""
 
 from __future__ import annotations
 
@@ -156,35 +156,6 @@ def test_sft_then_dpo_runs_under_kfp_local(tmp_path):
     assert (run_dir / "train-model-2" / "model" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
-def test_a_chain_with_an_online_stage_runs_under_kfp_local(tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(json.dumps({"prompt": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(8))
-    )
-    config = {
-        "model_name_or_path": "Qwen/Qwen2.5-0.5B-Instruct",
-        "output_dir": str(tmp_path / "unused"),
-        "stages": ["sft", "rl"],
-        "stage_configs": {
-            "sft": {"dataset_name_or_path": str(SAMPLES / "chat.jsonl")},
-            "rl": {
-                "algorithm": "grpo",
-                "dataset_name_or_path": str(prompts),
-                "reward_functions": ["exact_match"],
-                "num_generations": 2,
-                "max_new_tokens": 8,
-            },
-        },
-    }
-    path = tmp_path / "sft_rl.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_dir = run_chain(tmp_path, path, overrides(("sft", "rl")))
-    rl = training_config_of(run_dir, "train-model-2")
-    assert (rl["algorithm"], rl["num_generations"], rl["reward_functions"]) == ("grpo", 2, ["exact_match"])
-    assert rl["model_name_or_path"] == str(run_dir / "train-model" / "model")
-
-
 def test_the_committed_chain_example_is_current(tmp_path):
     from kfp_components.pipelines.compile_all import CHAINS
 
@@ -285,7 +256,9 @@ def test_a_reward_model_stage_hands_its_reward_model_to_the_rl_stage(tmp_path):
 
 
 @pytest.mark.slow
-def test_sft_reward_model_rl_runs_under_kfp_local(tmp_path):
+def test_a_chain_with_an_online_stage_runs_under_kfp_local(tmp_path):
+    """sft -> reward_model -> rl (PPO, generating from the SFT policy, scored by the reward model step's
+    artifact)."""
     values = overrides(
         ("sft", "reward_model", "rl"),
         **{
@@ -300,6 +273,7 @@ def test_sft_reward_model_rl_runs_under_kfp_local(tmp_path):
     run_dir = run_chain(tmp_path, REWARD_MODEL_CHAIN, values)
     rl = training_config_of(run_dir, "train-model-3")
     assert rl["algorithm"] == "ppo" and rl["reward_model_path"] == str(run_dir / "train-model-2" / "model")
+    assert (rl["num_generations"], rl["max_new_tokens"]) == (2, 8)
     assert rl["model_name_or_path"] == str(run_dir / "train-model" / "model")  # the SFT policy, not the RM
 
 

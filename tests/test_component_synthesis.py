@@ -8,6 +8,7 @@ import inspect
 from pathlib import Path
 from typing import NamedTuple
 
+import pytest
 from kfp import dsl, local
 from test_feedback_synthesis import KEY, ScriptedTeacher, expected_rows, problems, read_jsonl
 
@@ -19,9 +20,17 @@ from kfp_components.testing.openai_server import ScriptedChatServer
 from conftest import write_jsonl
 
 
-def test_the_component_writes_the_dataset_the_unsolved_list_and_the_metrics(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("key", [KEY, None], ids=["with-key", "keyless"])
+def test_the_component_writes_the_dataset_the_unsolved_list_and_the_metrics(
+    tmp_path, monkeypatch, capfd, key
+):
+    """With its key from the (optional) Secret's variable, or keyless (a vLLM without --api-key: the Secret is
+    absent, the step says so and asks without a key)."""
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(tmp_path / "pipeline_root"))
-    monkeypatch.setenv("TEACHER_KEY", KEY)
+    if key:
+        monkeypatch.setenv("TEACHER_KEY", key)
+    else:
+        monkeypatch.delenv("TEACHER_KEY", raising=False)
     data = write_jsonl(tmp_path / "problems.jsonl", problems(5))
 
     class Outputs(NamedTuple):
@@ -37,14 +46,17 @@ def test_the_component_writes_the_dataset_the_unsolved_list_and_the_metrics(tmp_
             teacher_model="teacher",
             teacher_base_url=base_url,
             teacher_token_env="TEACHER_KEY",
+            teacher_token_optional=True,
             max_tokens=64,
             chunk_size=2,
             resume_dir=str(tmp_path / "work"),
         )
         return Outputs(task.outputs["dataset"], task.outputs["unsolved"], task.outputs["metrics"])
 
-    with ScriptedChatServer(ScriptedTeacher(), models=("teacher",), api_key=KEY) as server:
+    with ScriptedChatServer(ScriptedTeacher(), models=("teacher",), api_key=key) as server:
         run = pipeline(base_url=server.base_url)
+        sent = {r.headers["authorization"] for r in server.chat_requests}
+    assert sent == {f"Bearer {key or 'EMPTY'}"}
     assert read_jsonl(Path(run.outputs["dataset"].path)) == expected_rows(5)
     assert [row["problem"] for row in read_jsonl(Path(run.outputs["unsolved"].path))] == [4]
     metrics = run.outputs["metrics"].metadata
@@ -57,6 +69,9 @@ def test_the_component_writes_the_dataset_the_unsolved_list_and_the_metrics(tmp_
     ]
     captured = capfd.readouterr()
     assert KEY not in captured.out + captured.err
+    assert ("TEACHER_KEY is not set (its optional Secret is absent)" in captured.out + captured.err) == (
+        not key
+    )
 
 
 def test_the_component_arguments_are_the_options_by_name_and_default():
