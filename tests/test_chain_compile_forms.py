@@ -163,6 +163,75 @@ def test_rlaif_preference_data_and_distilled_compile_to_a_pair_labelling_step(tm
     )
 
 
+def test_a_chain_registers_without_an_evaluation_and_its_provenance_lists_every_stage(tmp_path):
+    """--register_as without --eval_tasks: registration gets the training metrics only; the provenance names
+    each stage with what it ran (an rlaif preference_data stage: its judged pairs) and its options, the
+    unset ones (the algorithm's defaults) left out."""
+    out = compile_chain(write_chain(tmp_path, rlaif_chain(tmp_path)), tmp_path / "out.yaml", register_as="m")
+    tasks = next(yaml.safe_load_all(out.read_text()))["root"]["dag"]["tasks"]
+    registration = next(t for t in tasks.values() if t["taskInfo"]["name"] == "register-model")
+    assert "eval_metrics" not in registration["inputs"].get("artifacts", {})
+    assert (
+        constant(registration, "algorithm") == "sft:sft -> pairs:preference_data -> dpo:dpo -> distilled:grpo"
+    )
+    hyperparameters = constant(registration, "hyperparameters")
+    assert hyperparameters["stages"] == ["sft", "pairs", "dpo", "distilled"]
+    assert (
+        hyperparameters["distilled"]["mode"] == "distilled"
+        and "win_rate_judge" not in hyperparameters["distilled"]
+    )
+
+
+def test_held_out_data_of_rlaif_and_cot_distillation_compile_to_their_own_evaluation_steps(tmp_path):
+    """An rlaif stage's win rate (against the model it started from, its judge's key from the win-rate
+    judge's Secret) and a cot_distillation stage's answer accuracy follow their training steps, on their
+    held-out rows downloaded as prompt rows."""
+    prompts = str(write_prompts(tmp_path))
+    stages = rlaif_chain(tmp_path)
+    stages["distilled"]["eval_dataset_name_or_path"] = prompts
+    stages["distilled"]["win_rate_judge"] = {
+        **judge(),
+        "model": "referee",
+        "token_env": "REFEREE_API_KEY",
+        "token_secret": "referee-credentials/key",
+    }
+    stages["cot"] = {
+        "type": "cot_distillation",
+        "dataset_name_or_path": str(write_traces(tmp_path)),
+        "eval_dataset_name_or_path": prompts,
+        "eval_problems": 4,
+    }
+    document, by_name, platform = compiled(write_chain(tmp_path, stages), tmp_path)
+    dpo_key, _ = by_name["dpo (dpo)"]
+    rl_key, _ = by_name["distilled (grpo)"]
+    _, win_rate = by_name["distilled: win rate"]
+    assert source(win_rate, "model") == (rl_key, "model")
+    assert source(win_rate, "base_model") == (dpo_key, "model")  # the model the stage started from
+    held_out_key, _ = source(win_rate, "held_out")
+    held_out = document["root"]["dag"]["tasks"][held_out_key]
+    assert (
+        constant(held_out, "dataset_name_or_path") == prompts
+        and constant(held_out, "data_format") == "prompt"
+    )
+    assert (constant(win_rate, "stage_type"), constant(win_rate, "stage_name")) == ("rlaif", "distilled")
+    assert constant(win_rate, "stage_options")["win_rate_judge"]["model"] == "referee"
+    cot_key, _ = by_name["cot (sft)"]
+    _, accuracy = by_name["cot: answer accuracy"]
+    assert source(accuracy, "model") == (cot_key, "model")
+    assert source(accuracy, "base_model") == (rl_key, "model")
+    assert constant(accuracy, "stage_options")["eval_problems"] == 4
+    assert "eval_dataset" not in by_name["cot (sft)"][1]["inputs"].get("artifacts", {})  # not an eval loss
+    executors = json.loads(platform)[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    evaluations = [v for k, v in executors.items() if k.startswith("exec-evaluate-held-out")]
+    secrets = [{s["secretName"]: s["keyToEnv"] for s in e.get("secretAsEnv", [])} for e in evaluations]
+    # the win rate's judge Secret on the rlaif step, not the labelling judge's; none on the cot step
+    assert [found.get("referee-credentials") for found in secrets if "referee-credentials" in found] == [
+        [{"secretKey": "key", "envVar": "REFEREE_API_KEY"}]
+    ]
+    assert len(evaluations) == 2 and not any("judge-credentials" in found for found in secrets)
+    assert all(e["pvcMount"][0]["mountPath"] == "/workspace" for e in evaluations)
+
+
 def test_cot_step_by_step_and_given_traces_compile(tmp_path):
     """step_by_step: a shaping step between the teacher's traces and the student; given traces: the traces
     are downloaded as messages rows, shaped, and learned (no synthesis step)."""
@@ -297,6 +366,7 @@ def test_rlaif_preference_data_then_dpo_and_distilled_run_under_kfp_local(tmp_pa
     with ScriptedChatServer(scripted_judge, models=("judge",), api_key=JUDGE_KEY) as server:
         stages = rlaif_chain(tmp_path, server.base_url)
         del stages["sft"]  # the base model answers: one training step less
+        stages["distilled"].update(eval_dataset_name_or_path=str(write_prompts(tmp_path)), win_rate_prompts=4)
         path = write_chain(tmp_path, stages)
         run_dir = run_chain(tmp_path, path)
         assert server.chat_requests and all(
@@ -319,6 +389,14 @@ def test_rlaif_preference_data_then_dpo_and_distilled_run_under_kfp_local(tmp_pa
     rl = training_config_of(run_dir, "train-model-3")
     assert rl["algorithm"] == "grpo" and rl["reward_model_path"] == str(run_dir / "train-model-2" / "model")
     assert rl["model_name_or_path"] == str(run_dir / "train-model" / "model")
+    # the win rate of the GRPO model against the DPO model it started from, judged both ways round
+    win_rate = outputs_of(run_dir, "evaluate-held-out")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert (
+        win_rate["win_rate_judged"] + win_rate["win_rate_unjudged"] == 4 and win_rate["win_rate_judged"] >= 1
+    )
+    assert 0.0 <= win_rate["win_rate"] <= 1.0
+    table = (run_dir / "evaluate-held-out" / "report").read_text()
+    assert str(run_dir / "train-model" / "model") in table and "| win rate | wins |" in table
     assert JUDGE_KEY not in "".join(p.read_text(errors="ignore") for p in run_dir.rglob("*") if p.is_file())
     assert JUDGE_KEY not in "".join(capfd.readouterr())
 
@@ -332,6 +410,9 @@ def test_cot_step_by_step_and_a_custom_stage_run_under_kfp_local(wise_ft, tmp_pa
             "type": "cot_distillation",
             "dataset_name_or_path": str(write_traces(tmp_path)),
             "distillation_mode": "step_by_step",
+            "eval_dataset_name_or_path": str(write_prompts(tmp_path)),
+            "eval_problems": 3,
+            "eval_max_new_tokens": 8,
             **SMALL,
         },
         "wise_ft": {"alpha": 0.5},
@@ -344,7 +425,20 @@ def test_cot_step_by_step_and_a_custom_stage_run_under_kfp_local(wise_ft, tmp_pa
     assert sum(row["messages"][0]["content"].startswith("[label] ") for row in targets) == 6
     cot = training_config_of(run_dir, "train-model")
     assert cot["data_path"]
+    # the student's answer accuracy before and after, on the held-out problems
+    accuracy = outputs_of(run_dir, "evaluate-held-out")["artifacts"]["metrics"]["artifacts"][0]["metadata"]
+    assert accuracy["reasoning_base_problems"] == accuracy["reasoning_tuned_problems"] == 3
+    assert 0.0 <= accuracy["reasoning_tuned_accuracy"] <= 1.0
+    assert "| tuned student |" in (run_dir / "evaluate-held-out" / "report").read_text()
     custom = outputs_of(run_dir, "run-custom-stage")["artifacts"]
     assert (run_dir / "run-custom-stage" / "model" / "model.safetensors").is_file()
     metrics = custom["metrics"]["artifacts"][0]["metadata"]
     assert metrics["alpha"] == 0.5 and metrics["relative_distance_to_base"] > 0  # the tuned vs the base
+
+
+def test_a_stage_without_a_held_out_evaluation_is_refused_by_the_step(tmp_path):
+    from kfp_components.orchestration.held_out_step import evaluate_held_out
+
+    with pytest.raises(ValueError, match=r"stage_type: 'dpo' has no held-out evaluation; one of"):
+        evaluate_held_out("dpo", "dpo", {}, "tuned", "base", tmp_path / "rows.jsonl", tmp_path / "report.md")
+    assert not (tmp_path / "report.md").exists()

@@ -20,6 +20,7 @@ from kfp_components.components.custom_stage import run_custom_stage
 from kfp_components.components.dataset import dataset_download
 from kfp_components.components.evaluation import evaluate_model
 from kfp_components.components.gate import online_training_options, promotion_gate
+from kfp_components.components.held_out import evaluate_held_out
 from kfp_components.components.preferences import label_preference_pairs
 from kfp_components.components.registry import register_model
 from kfp_components.components.step_by_step import step_by_step_targets
@@ -37,6 +38,7 @@ COMPONENTS = (
     online_training_options,
     train_model,
     run_custom_stage,
+    evaluate_held_out,
     evaluate_model,
     promotion_gate,
     register_model,

@@ -237,6 +237,21 @@ class WinRate:
     judged: int
     unjudged: int
 
+    def table(self, tuned: str, base: str) -> str:
+        """Markdown: the win rate of ``tuned`` against ``base`` with its wins, ties and losses."""
+        return "\n".join(
+            [
+                "## Win rate",
+                "",
+                f"`{tuned}` against `{base}`, judged in both orders (a tie counts half).",
+                "",
+                "| win rate | wins | ties | losses | judged | without a verdict |",
+                "| --- | --- | --- | --- | --- | --- |",
+                f"| {self.win_rate:.3f} | {self.wins} | {self.ties} | {self.losses} | {self.judged} | {self.unjudged} |",
+                "",
+            ]
+        )
+
     def metrics(self, prefix: str = "win_rate") -> dict[str, float]:
         return {
             prefix: self.win_rate,

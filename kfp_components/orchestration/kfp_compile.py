@@ -21,7 +21,11 @@ judge label them (its key from ``judge.token_secret``); ``preference_data`` hand
 stage that names ``stage:<rlaif stage>`` (the model passes on), ``distilled`` trains a reward model on them
 and then the rl step against it. A ``cot_distillation`` stage becomes a ``synthesize_reasoning_data`` step
 (the teacher's key from ``teacher.token_secret``) unless its traces are given, then (``step_by_step``) a
-``step_by_step_targets`` step, then the student's training step. A ``reward_model`` stage trains its reward
+``step_by_step_targets`` step, then the student's training step. With ``eval_dataset_name_or_path``, an rlaif
+stage (``direct``, ``distilled``) and a cot_distillation stage are followed by an ``evaluate_held_out`` step:
+the stage's own evaluation on those rows, as a local run makes it (rlaif: the win rate against the stage's
+input model, judged by ``win_rate_judge`` or ``judge``; cot_distillation: the student's answer accuracy
+before and after). A ``reward_model`` stage trains its reward
 model and passes its input model on, as in a run; an ``rl`` stage's ``reward_model_path: stage:<name>``
 receives that reward model's artifact. A ``stage:<name>`` dataset is the producing step's Dataset output. A
 custom stage runs its own code in a ``run_custom_stage`` step (see
@@ -42,6 +46,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kfp_components.orchestration.held_out_step import HEADLINE, has_held_out_evaluation
 from kfp_components.stages.base import BaseStage
 from kfp_components.typed_config import ConfigError, to_dict
 
@@ -116,7 +121,19 @@ def _custom_step(name: str, stage: BaseStage) -> dict[str, Any]:
         "kind": "custom",
         "algorithm": stage.config.stage_type or name,
         **stage_source(type(stage), key),
-        "options": {k: v for k, v in to_dict(stage.config).items() if k not in ("stage_name", "output_dir")},
+        "options": _options(stage.config),
+    }
+
+
+def _options(config: Any) -> dict[str, Any]:
+    """A stage's options as a KFP parameter value: all but its name and folder, less the options left unset
+    (None where None is the default: the algorithm's own default, which the step's stage falls back to as
+    well; KFP parameters carry no None)."""
+    unset = {
+        f.name for f in dataclasses.fields(config) if f.default is None and getattr(config, f.name) is None
+    }
+    return {
+        k: v for k, v in to_dict(config).items() if k not in ("stage_name", "output_dir") and k not in unset
     }
 
 
@@ -147,6 +164,7 @@ def _builtin_step(name: str, stage: Any, explicit: set[str], defaults: dict[str,
     reward_model_from = getattr(stage, "reward_model_stage", None)
     step: dict[str, Any] = {
         "name": name,
+        "stage_type": kind,
         "kind": "preference_data" if kind == "rlaif" and mode == "preference_data" else "train",
         "synthesis": None,
         "labelling": None,
@@ -155,7 +173,7 @@ def _builtin_step(name: str, stage: Any, explicit: set[str], defaults: dict[str,
         "reward_model_from": reward_model_from[0] if reward_model_from is not None else "",
         "dataset_from": linked.get("", ""),
         "eval_dataset_from": "",
-        "options": {k: v for k, v in to_dict(config).items() if k not in ("stage_name", "output_dir")},
+        "options": _options(config),
     }
     data_format = stage.data_format
     if kind == "cot_distillation":
@@ -174,9 +192,16 @@ def _builtin_step(name: str, stage: Any, explicit: set[str], defaults: dict[str,
             }
     if "dataset" not in step:
         step["dataset"] = None if "" in linked else _dataset(config, "", data_format)
-    # rlaif's and cot_distillation's held-out data are for their own evaluations, not an eval loss
-    step["eval_dataset"] = None
-    if config.eval_dataset_name_or_path and kind not in ("rlaif", "cot_distillation"):
+    # rlaif's and cot_distillation's held-out data are for their own evaluations (an evaluate_held_out step
+    # after training), not an eval loss
+    step["eval_dataset"] = step["held_out"] = None
+    step["held_out_from"] = ""
+    if has_held_out_evaluation(kind, config):
+        if "eval_" in linked:
+            step["held_out_from"] = linked["eval_"]
+        else:
+            step["held_out"] = _dataset(config, "eval_", "prompt")
+    elif config.eval_dataset_name_or_path and kind not in HEADLINE:
         if "eval_" in linked:
             step["eval_dataset_from"] = linked["eval_"]
         else:
@@ -184,6 +209,7 @@ def _builtin_step(name: str, stage: Any, explicit: set[str], defaults: dict[str,
     if kind == "rlaif" and mode != "direct":
         step["labelling"] = _labelling(stage)
     if step["kind"] == "preference_data":
+        step["algorithm"] = "preference_data"  # judged pairs, no training (what provenance lists)
         return step
     drop: tuple[str, ...] = ()
     if reward_model_from is not None or (kind == "rlaif" and mode == "distilled"):
@@ -293,6 +319,7 @@ def chain_pipeline(
     from kfp_components.components.custom_stage import run_custom_stage
     from kfp_components.components.dataset import dataset_download
     from kfp_components.components.evaluation import evaluate_model
+    from kfp_components.components.held_out import evaluate_held_out
     from kfp_components.components.preferences import label_preference_pairs
     from kfp_components.components.registry import register_model
     from kfp_components.components.step_by_step import step_by_step_targets
@@ -343,7 +370,7 @@ def chain_pipeline(
             registry_address: Model Registry service address (used with register_as at compile time).
             registry_port: Model Registry port (0: the default of the scheme).
             sample_gpu: GPUs of the steps where a model answers prompts outside a TrainJob (rlaif's judged
-                pairs).
+                pairs, the win rate and answer accuracy on held-out data).
         """
         datasets: dict[tuple[Any, ...], Any] = {}
 
@@ -394,6 +421,36 @@ def chain_pipeline(
             common.give_cluster_credentials(task)
             # the data, the models handed on and the TrainJobs' outputs are on the workspace
             kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
+            return task
+
+        def evaluate_stage(step: dict[str, Any], trained: Any, started: Any, held_out: Any) -> Any:
+            """The stage's own evaluation of ``trained`` against the model it ``started`` from (None: the
+            chain's model): rlaif's win rate, cot_distillation's answer accuracy."""
+            task = evaluate_held_out(
+                model=trained.outputs["model"],
+                held_out=held_out,
+                stage_type=step["stage_type"],
+                stage_name=step["name"],
+                stage_options=step["options"],
+                workspace_pvc=workspace_pvc,
+                workspace_path=common.WORKSPACE_MOUNT,
+                **(
+                    {"base_model": started.outputs["model"]}
+                    if started is not None
+                    else {"base_model_name_or_path": base_model}
+                ),
+            )
+            title = "win rate" if step["stage_type"] == "rlaif" else "answer accuracy"
+            task.set_display_name(f"{step['name']}: {title}")
+            task.set_retry(**common.NETWORK_RETRIES)
+            task.set_container_image(trainer_image)  # the models answer here: a GPU build of torch
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(sample_gpu)
+            kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
+            common.give_fetch_secrets(task)
+            if step["stage_type"] == "rlaif":
+                task.set_caching_options(False)  # the judge's verdicts are not reused
+                judge = step["options"].get("win_rate_judge") or step["options"]["judge"]
+                with_secret(task, judge.get("token_env", ""), judge.get("token_secret", ""))
             return task
 
         def train(step: dict[str, Any], data: Any, title: str, stage: str, **extra: Any) -> Any:
@@ -510,6 +567,13 @@ def chain_pipeline(
             if step["algorithm"] == "reward_model":
                 reward_models[step["name"]] = task  # the policy goes on from this stage's input model
                 continue
+            if step["held_out"] is not None or step["held_out_from"]:
+                held_out = (
+                    written[step["held_out_from"]]
+                    if step["held_out_from"]
+                    else download(step["held_out"]).outputs["train_dataset"]
+                )
+                evaluate_stage(step, task, previous, held_out)
             started_from, previous, previous_name = previous, task, step["name"]
             if eval_every_stage and eval_tasks and step is not steps[-1]:
                 evaluate(task, f"evaluate: {step['name']} vs base")
@@ -530,7 +594,8 @@ def chain_pipeline(
                     **{s["name"]: s["options"] for s in steps},
                 },
                 training_metrics=previous.outputs["metrics"],
-                eval_metrics=evaluation.outputs["metrics"] if evaluation is not None else None,
+                # an artifact input is left out when there is none (KFP takes no None argument)
+                **({"eval_metrics": evaluation.outputs["metrics"]} if evaluation is not None else {}),
             )
             registration.set_caching_options(False)
             registration.set_retry(**common.NETWORK_RETRIES)

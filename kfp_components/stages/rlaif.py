@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from kfp_components.data import PreparedDataset
+from kfp_components.feedback.comparisons import WinRate
 from kfp_components.feedback.judges import JudgeOptions
 from kfp_components.stages.base import StageResult
 from kfp_components.stages.reward_model import RewardModelStage, RewardModelStageConfig
@@ -281,7 +282,7 @@ class RLAIFStage(RLStage):
         result.artifacts.update(artifacts)
         if "eval_" in prepared:
             result.metrics.update(
-                self.measure_win_rate(result.model_path, start, str(prepared["eval_"].train_path))
+                self.measure_win_rate(result.model_path, start, str(prepared["eval_"].train_path)).metrics()
             )
         return result
 
@@ -303,7 +304,7 @@ class RLAIFStage(RLStage):
             overlong=config.overlong,
         )
 
-    def measure_win_rate(self, tuned: str, base: str, prompts_path: str) -> dict[str, float]:
+    def measure_win_rate(self, tuned: str, base: str, prompts_path: str) -> WinRate:
         """The tuned model's win rate against the input model on the held-out prompts."""
         from kfp_components.feedback.comparisons import win_rate
         from kfp_components.feedback.judges import PairwiseJudge, build_backend
@@ -324,7 +325,7 @@ class RLAIFStage(RLStage):
             )
         finally:
             judge.close()
-        return result.metrics()
+        return result
 
 
 def _first_row(prepared: PreparedDataset | None) -> dict[str, Any] | None:
