@@ -205,6 +205,58 @@ def test_mixture_specs_parse_and_refuse_what_is_unclear():
         DatasetConfig("a.jsonl:0.5,b.jsonl").validate()
 
 
+def test_a_stage_yaml_may_list_the_sources_of_a_mixture(tmp_path):
+    """The list form is read into the string form; each problem names the item's key path."""
+    import yaml
+
+    from kfp_components.orchestration.config import load_pipeline_config
+
+    def load(sources):
+        path = tmp_path / "chain.yaml"
+        stage = {"dataset_name_or_path": sources, "eval_dataset_name_or_path": "e.jsonl"}
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "model_name_or_path": "m",
+                    "output_dir": str(tmp_path / "out"),
+                    "stages": ["sft"],
+                    "stage_configs": {"sft": stage},
+                }
+            )
+        )
+        return load_pipeline_config(path).stage_configs["sft"]
+
+    listed = [
+        {"uri": "hf://org/chat", "weight": 0.7},
+        {"uri": "/data/mine.jsonl", "weight": 1},
+        "s3://data-bucket/k:0.5",
+    ]
+    config = load(listed)
+    assert config.dataset_name_or_path == "hf://org/chat:0.7,/data/mine.jsonl:1.0,s3://data-bucket/k:0.5"
+    assert [s.weight for s in parse_sources(config.dataset_name_or_path)] == [0.7, 1.0, 0.5]
+    counted = load([{"uri": "a.jsonl", "rows": 5000}, {"uri": "b.jsonl", "rows": 10}]).dataset_name_or_path
+    assert counted == "a.jsonl:5000,b.jsonl:10"
+    with pytest.raises(ConfigError) as caught:
+        load([{"uri": "a.jsonl", "weight": 0}, {"uri": "b.jsonl"}, {"uri": "c.jsonl", "rows": 2, "share": 1}])
+    assert caught.value.problems == [
+        ("stage_configs.sft.dataset_name_or_path[0].weight", "expected a number above 0, got 0"),
+        (
+            "stage_configs.sft.dataset_name_or_path[1]",
+            "give the source a weight (0.3) or a number of rows (5000), one of them",
+        ),
+        (
+            "stage_configs.sft.dataset_name_or_path[2].share",
+            "unknown key; a source has uri and weight or rows",
+        ),
+    ]
+    with pytest.raises(ConfigError, match=r"dataset_name_or_path: a mixture gives every source a weight"):
+        load([{"uri": "a.jsonl", "weight": 0.5}, {"uri": "b.jsonl", "rows": 10}])
+    with pytest.raises(
+        ConfigError, match=r"dataset_name_or_path: a mixture lists two sources or more, got 1"
+    ):
+        load([{"uri": "a.jsonl", "weight": 0.5}])
+
+
 def test_a_folder_reads_the_data_files_of_one_dataset(tmp_path):
     folder = tmp_path / "artifact"
     folder.mkdir()

@@ -7,12 +7,17 @@ Weights and row counts are not mixed in one list. A single URI (no comma) is rea
 With weights, the mixture is as large as it can be without repeating a row: ``N = min(valid_i / share_i)``
 rows, of which source ``i`` gives ``round(share_i * N)`` (the source that limits ``N`` gives every row).
 Each source's rows are a seeded sample of its valid rows, and the mixture is shuffled with the same seed.
+
+In a stage's YAML the sources may be a list instead (:func:`mixture_from_list`), each a mapping with ``uri``
+and ``weight`` or ``rows``, or a ``uri:amount`` string; it is read into the string form above.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kfp_components.data.errors import DatasetError
 
@@ -58,6 +63,55 @@ def parse_sources(spec: str) -> list[Source]:
         if (source.weight is not None and source.weight <= 0) or source.rows == 0:
             raise DatasetError(f"dataset_name_or_path: source {source.uri!r} of the mixture takes no rows")
     return sources
+
+
+def mixture_from_list(sources: Sequence[Any]) -> tuple[str, list[tuple[str, str]]]:
+    """The string form of a list of sources (``[{"uri": ..., "weight": 0.7}, {"uri": ..., "rows": 500}]``,
+    or ``"uri:amount"`` strings), and the problems found as ``(where, message)`` with ``where`` the item's
+    index and key (``[1].weight``); the string is checked by :func:`parse_sources` once no item has a problem."""
+    parts: list[str] = []
+    problems: list[tuple[str, str]] = []
+    if len(sources) < 2:
+        problems.append(
+            ("", f"a mixture lists two sources or more, got {len(sources)}; give one source as a string")
+        )
+    for index, item in enumerate(sources):
+        where = f"[{index}]"
+        if isinstance(item, str):
+            if not _SOURCE.match(item.strip()):
+                problems.append((where, f"{item!r} has no ':weight' (0.3) or ':rows' (5000)"))
+            parts.append(item.strip())
+            continue
+        if not isinstance(item, Mapping):
+            problems.append((where, f"expected a mapping with uri and weight or rows, got {item!r}"))
+            continue
+        unknown = sorted(set(item) - {"uri", "weight", "rows"})
+        if unknown:
+            problems.append((f"{where}.{unknown[0]}", "unknown key; a source has uri and weight or rows"))
+        uri = item.get("uri")
+        if not isinstance(uri, str) or not uri:
+            problems.append((f"{where}.uri", f"expected the source's dataset URI, got {uri!r}"))
+        elif "," in uri:
+            problems.append((f"{where}.uri", "a source of a mixture cannot have a comma in its URI"))
+        has = [key for key in ("weight", "rows") if key in item]
+        if len(has) != 1:
+            problems.append((where, "give the source a weight (0.3) or a number of rows (5000), one of them"))
+            continue
+        amount = item[has[0]]
+        if has[0] == "weight":
+            if isinstance(amount, bool) or not isinstance(amount, (int, float)) or not amount > 0:
+                problems.append((f"{where}.weight", f"expected a number above 0, got {amount!r}"))
+                continue
+            text = f"{float(amount):.12f}".rstrip("0")  # always with a decimal point: a weight, not rows
+            text += "0" if text.endswith(".") else ""
+        else:
+            if isinstance(amount, bool) or not isinstance(amount, int) or amount < 1:
+                problems.append((f"{where}.rows", f"expected a whole number of rows above 0, got {amount!r}"))
+                continue
+            text = str(amount)
+        if isinstance(uri, str) and uri:
+            parts.append(f"{uri}:{text}")
+    return ",".join(parts), problems
 
 
 def rows_to_take(sources: list[Source], valid: list[int]) -> list[int]:

@@ -169,12 +169,38 @@ def _stage_config(
         raise ConfigError(f"{path}.{type_key}", f"expected a stage name, got {stage_type!r}")
     stage_class = get_stage_class(stage_type, f"{path}.{type_key}" if type_key else f"stages[{position}]")
     config_class = config_class_of(stage_class)
+    _read_mixtures(options, path)
     options["stage_name"] = name
     if config is not None:
         options.setdefault("output_dir", config.default_stage_dir(name))
         if config.torch_dtype != "auto" and "torch_dtype" in _field_names(config_class):
             options.setdefault("torch_dtype", config.torch_dtype)
     return from_dict(config_class, options, path)
+
+
+#: The stage options that name a dataset, which a YAML list of sources may give as a mixture.
+DATASET_OPTIONS = ("dataset_name_or_path", "eval_dataset_name_or_path")
+
+
+def _read_mixtures(options: dict[str, Any], path: str) -> None:
+    """A dataset option given as a YAML list of sources becomes the mixture string the data stage reads
+    (:func:`kfp_components.data.mixture.mixture_from_list`); its problems name the item's key path."""
+    from kfp_components.data.errors import DatasetError
+    from kfp_components.data.mixture import mixture_from_list, parse_sources
+
+    for key in DATASET_OPTIONS:
+        value = options.get(key)
+        if not isinstance(value, list):
+            continue
+        spec, problems = mixture_from_list(value)
+        if not problems:
+            try:
+                parse_sources(spec)
+            except DatasetError as exc:
+                problems.append(("", str(exc).removeprefix("dataset_name_or_path: ")))
+        if problems:
+            raise ConfigError.of((f"{path}.{key}{where}", message) for where, message in problems)
+        options[key] = spec
 
 
 def parse_override(text: str) -> tuple[str, Any]:
