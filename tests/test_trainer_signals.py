@@ -175,10 +175,15 @@ def test_a_second_sigint_stops_at_once(tmp_path, monkeypatch):
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", twice)
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainingConfig(**options(tmp_path)))
-    assert len(step_records(tmp_path / "run")) == 1
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # Python's own SIGINT handler before training (whatever an earlier test in this process left)
+    outside = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(TrainingConfig(**options(tmp_path)))
+        assert len(step_records(tmp_path / "run")) == 1
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outside)
 
 
 def torchrun(run_yaml: Path) -> subprocess.Popen:
