@@ -195,10 +195,13 @@ def test_a_job_that_would_end_after_the_budget_is_skipped_with_the_reason(tmp_pa
     bench.models["qwen2.5-0.5b"] = {"parameters": 494_000_000, "tokens_per_word": 1.3, "path": "x"}
     bench.result["matmul_peak"] = {"tflops": 790.0}
     jobs = {job.name: job for job in gpu.plan_jobs(gpu.GPU)}
+    needed = bench.estimate(jobs["osft-64k"])
+    # the budget counts from the benchmark module's start: leave half, then twice, what the job needs
+    bench.budget = bench.elapsed() + needed / 2
     reason = bench.skip_reason(jobs["osft-64k"])
-    assert reason is not None and reason.startswith("time budget: about ")
+    assert reason is not None and reason.startswith(f"time budget: about {needed:.0f} s needed, ")
     assert bench.skip_reason(jobs["qwen2.5-1.5b-sft-16k-liger"]) == "no model qwen2.5-1.5b"
-    bench.budget = 10_000.0
+    bench.budget = bench.elapsed() + 2 * needed
     assert bench.skip_reason(jobs["osft-64k"]) is None
 
 
