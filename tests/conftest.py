@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,17 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 def chat(user: str = "Hi?", assistant: str = "Hello.") -> dict:
     return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_left_as_found():
+    """Every test leaves the SIGINT and SIGTERM handlers as it found them: the trainer and the launchers
+    install their own while they run and must put the previous ones back."""
+    numbers = (signal.SIGINT, signal.SIGTERM)
+    before = {number: signal.getsignal(number) for number in numbers}
+    yield
+    changed = [signal.Signals(n).name for n in numbers if signal.getsignal(n) != before[n]]
+    assert not changed, f"the test left the {' and '.join(changed)} handler changed"
 
 
 @pytest.fixture(scope="session")
