@@ -68,7 +68,8 @@ def parse_sources(spec: str) -> list[Source]:
 def mixture_from_list(sources: Sequence[Any]) -> tuple[str, list[tuple[str, str]]]:
     """The string form of a list of sources (``[{"uri": ..., "weight": 0.7}, {"uri": ..., "rows": 500}]``,
     or ``"uri:amount"`` strings), and the problems found as ``(where, message)`` with ``where`` the item's
-    index and key (``[1].weight``); the string is checked by :func:`parse_sources` once no item has a problem."""
+    index and key (``[1].weight``). The string is for :func:`parse_sources`, which checks what no single item
+    shows (weights and rows mixed)."""
     parts: list[str] = []
     problems: list[tuple[str, str]] = []
     if len(sources) < 2:
