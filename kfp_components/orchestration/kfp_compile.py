@@ -408,6 +408,11 @@ def chain_pipeline(
         downloads = [step["dataset"] for step in steps if step.get("dataset")]
         first_data = download(downloads[0]) if downloads else None
 
+        def dataset_input(stage: str, spec: Any) -> Any:
+            """The Dataset a step reads: what the stage ``stage`` wrote (a ``stage:<name>`` dataset), else the
+            download of ``spec``."""
+            return written[stage] if stage else download(spec).outputs["train_dataset"]
+
         def with_secret(task: Any, token_env: str, token_secret: str) -> None:
             """An endpoint's key from its Kubernetes Secret as ``token_env``, as the TrainJob gets a judge's."""
             if token_secret:
@@ -442,14 +447,22 @@ def chain_pipeline(
             )
             title = "win rate" if step["stage_type"] == "rlaif" else "answer accuracy"
             task.set_display_name(f"{step['name']}: {title}")
-            task.set_retry(**common.NETWORK_RETRIES)
-            task.set_container_image(trainer_image)  # the models answer here: a GPU build of torch
-            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(sample_gpu)
             kubernetes.mount_pvc(task, pvc_name=workspace_pvc, mount_path=common.WORKSPACE_MOUNT)
-            common.give_fetch_secrets(task)
+            judge = None
             if step["stage_type"] == "rlaif":
-                task.set_caching_options(False)  # the judge's verdicts are not reused
                 judge = step["options"].get("win_rate_judge") or step["options"]["judge"]
+            return answering(task, judge)
+
+        def answering(task: Any, judge: dict[str, Any] | None) -> Any:
+            """A step where a model answers prompts outside a TrainJob: on the trainer image (a GPU build of
+            torch) with ``sample_gpu`` GPUs, retried; with a ``judge``, its key from the judge's Secret and no
+            caching (the judge's verdicts are not reused)."""
+            task.set_retry(**common.NETWORK_RETRIES)
+            task.set_container_image(trainer_image)
+            task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(sample_gpu)
+            common.give_fetch_secrets(task)
+            if judge is not None:
+                task.set_caching_options(False)
                 with_secret(task, judge.get("token_env", ""), judge.get("token_secret", ""))
             return task
 
@@ -505,10 +518,7 @@ def chain_pipeline(
                 if eval_every_stage and eval_tasks and step is not steps[-1]:
                     evaluate(task, f"evaluate: {step['name']} vs base")
                 continue
-            if step["dataset_from"]:
-                train_data = written[step["dataset_from"]]
-            else:
-                train_data = download(step["dataset"]).outputs["train_dataset"]
+            train_data = dataset_input(step["dataset_from"], step["dataset"])
             if step["synthesis"] is not None:
                 arguments = dict(step["synthesis"])
                 token_secret = arguments.pop("token_secret")
@@ -531,21 +541,13 @@ def chain_pipeline(
                 )
                 labelling = label_preference_pairs(prompts=train_data, **arguments, **model_input)
                 labelling.set_display_name(f"{step['name']}: judged pairs")
-                labelling.set_retry(**common.NETWORK_RETRIES)
-                labelling.set_caching_options(False)  # the judge's verdicts are not reused
-                labelling.set_container_image(trainer_image)  # the model samples here: a GPU build of torch
-                labelling.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(sample_gpu)
-                common.give_fetch_secrets(labelling)
-                with_secret(labelling, judge.get("token_env", ""), judge.get("token_secret", ""))
-                train_data = labelling.outputs["preferences"]
+                train_data = answering(labelling, judge).outputs["preferences"]
             written[step["name"]] = train_data  # what a later stage:<name> dataset reads
             if step["kind"] == "preference_data":
                 continue  # the model passes on unchanged
             extra: dict[str, Any] = {}
-            if step["eval_dataset_from"]:
-                extra["eval_dataset"] = written[step["eval_dataset_from"]]
-            elif step["eval_dataset"] is not None:
-                extra["eval_dataset"] = download(step["eval_dataset"]).outputs["train_dataset"]
+            if step["eval_dataset_from"] or step["eval_dataset"] is not None:
+                extra["eval_dataset"] = dataset_input(step["eval_dataset_from"], step["eval_dataset"])
             if previous is not None:
                 extra["base_model"] = previous.outputs["model"]
             if step["reward_model_step"] is not None:  # rlaif distilled: a reward model on the judged pairs
@@ -567,13 +569,8 @@ def chain_pipeline(
             if step["algorithm"] == "reward_model":
                 reward_models[step["name"]] = task  # the policy goes on from this stage's input model
                 continue
-            if step["held_out"] is not None or step["held_out_from"]:
-                held_out = (
-                    written[step["held_out_from"]]
-                    if step["held_out_from"]
-                    else download(step["held_out"]).outputs["train_dataset"]
-                )
-                evaluate_stage(step, task, previous, held_out)
+            if step["held_out_from"] or step["held_out"] is not None:
+                evaluate_stage(step, task, previous, dataset_input(step["held_out_from"], step["held_out"]))
             started_from, previous, previous_name = previous, task, step["name"]
             if eval_every_stage and eval_tasks and step is not steps[-1]:
                 evaluate(task, f"evaluate: {step['name']} vs base")
