@@ -744,6 +744,11 @@ def _scatters_over(mesh: DeviceMesh) -> bool:
     return True
 
 
+def _mesh_ranks(mesh: DeviceMesh) -> list[int]:
+    """The global rank at each coordinate of a 1-D mesh (the share index of each rank)."""
+    return [int(r) for r in mesh.mesh.flatten().tolist()]
+
+
 def _share_v_dim(columns: int, parts: int) -> int | None:
     """The dimension ``V_h`` is split on over ``parts`` ranks (as :func:`frozen_factor_sharding`)."""
     return 1 if columns % parts == 0 else None
@@ -803,7 +808,7 @@ def _scattered_decompositions(
     """
     world, rank = dist.get_world_size(), dist.get_rank()
     parts = mesh.size()
-    ranks = [int(r) for r in mesh.mesh.flatten().tolist()]  # mesh coordinate -> global rank
+    ranks = _mesh_ranks(mesh)
     me = ranks.index(rank)
     weights = [_weight(module) for module in modules]
     for first in range(0, len(weights), world):
@@ -863,7 +868,7 @@ def _placeholder_shares(
 ) -> Iterator[dict[str, Tensor]]:
     """Zero shares (:func:`_empty_share`) of this rank for each module, to be overwritten by a load: the
     resume path's counterpart of :func:`_scattered_decompositions` (no SVD, nothing sent, no whole layer)."""
-    me = [int(r) for r in mesh.mesh.flatten().tolist()].index(dist.get_rank())
+    me = _mesh_ranks(mesh).index(dist.get_rank())
     for module in modules:
         weight = _weight(module)
         k = num_frozen_directions(min(weight.shape), unfreeze_rank_ratio)
