@@ -327,3 +327,15 @@ def test_a_finished_synthesis_is_not_asked_again(teacher_server, tmp_path):
     options.num_samples = 2
     synthesize(problems, tmp_path / "traces.jsonl", options, RejectionOptions(), progress=False)
     assert len(teacher_server.chat_requests) > asked
+
+
+def test_step_by_step_targets_refuse_one_prefix_for_both_tasks(tmp_path):
+    """Whoever calls it (the stage, whose options check this first, or the chain's step): nothing is written."""
+    from kfp_components.feedback.step_by_step import step_by_step_targets
+
+    row = {"messages": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "#### 2"}]}
+    traces = write_rows(tmp_path / "traces.jsonl", [{**row, "answer": "2"}], keys=("messages", "answer"))
+    target = tmp_path / "targets.jsonl"
+    with pytest.raises(ConfigError, match="label_prefix: must differ from rationale_prefix"):
+        step_by_step_targets(traces, target, rationale_prefix="> ", label_prefix="> ", rationale_weight=1.0)
+    assert not target.exists()

@@ -28,9 +28,13 @@ def step_by_step_targets(
 ) -> int:
     """Write the two targets of every trace of ``traces`` to ``target`` (never half-written); the number of
     rows written. The reference answer is the row's ``answer`` column, else ``answer_column``; a
-    :class:`ConfigError` at ``distillation_mode`` when no row has one."""
+    :class:`ConfigError` at ``distillation_mode`` when no row has one, at ``label_prefix`` when the two
+    prefixes are the same (nothing would tell the tasks apart)."""
     from kfp_components.feedback.comparisons import write_jsonl
     from kfp_components.rewards.answers import extract_answer
+
+    if rationale_prefix == label_prefix:
+        raise ConfigError("label_prefix", "must differ from rationale_prefix: they tell the two tasks apart")
 
     rows: list[dict[str, Any]] = []
     answered: set[str] = set()
