@@ -442,3 +442,17 @@ def test_a_stage_without_a_held_out_evaluation_is_refused_by_the_step(tmp_path):
     with pytest.raises(ValueError, match=r"stage_type: 'dpo' has no held-out evaluation; one of"):
         evaluate_held_out("dpo", "dpo", {}, "tuned", "base", tmp_path / "rows.jsonl", tmp_path / "report.md")
     assert not (tmp_path / "report.md").exists()
+
+
+def test_the_held_out_step_names_a_bad_option_by_its_yaml_key_path(tmp_path):
+    from kfp_components.orchestration.held_out_step import evaluate_held_out
+
+    options = {"judge": judge(), "dataset_name_or_path": "p.jsonl", "win_rate_prompts": -1}
+    with pytest.raises(ConfigError) as caught:
+        evaluate_held_out(
+            "rlaif", "distilled", options, "tuned", "base", tmp_path / "p.jsonl", tmp_path / "r.md"
+        )
+    assert caught.value.problems == [
+        ("stage_configs.distilled.win_rate_prompts", "must be 0 (all) or positive, got -1")
+    ]
+    assert not (tmp_path / "r.md").exists()

@@ -101,12 +101,9 @@ def run_custom_stage(
     stage that reads ``previous_result`` (WiSE-FT interpolates with the model that stage started from)."""
     config_class = config_class_of(stage_class)
     work = Path(tempfile.mkdtemp(prefix=f"kfp-stage-{stage_name}-"))
-    try:
-        config = from_dict(config_class, {**options, "stage_name": stage_name, "output_dir": str(work)})
-        config.validate()
-    except ConfigError as exc:
-        raise exc.under(f"stage_configs.{stage_name}") from None
-    stage = stage_class(config)
+    # from_dict validates the options too, its problems under the YAML's key path
+    options = {**options, "stage_name": stage_name, "output_dir": str(work)}
+    stage = stage_class(from_dict(config_class, options, f"stage_configs.{stage_name}"))
     stage.validate_config()
     stage.check_inputs(model, model)
     previous = (

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kfp_components.stages.base import config_class_of
-from kfp_components.typed_config import ConfigError, from_dict
+from kfp_components.typed_config import from_dict
 
 #: Built-in stages with an evaluation of their own, and the metric that sums it up.
 HEADLINE = {"rlaif": "win_rate", "cot_distillation": "reasoning/tuned/accuracy"}
@@ -47,14 +47,11 @@ def evaluate_held_out(
     stage_class = BUILTIN_STAGES[stage_type]
     work = Path(tempfile.mkdtemp(prefix=f"kfp-held-out-{stage_name}-"))
     try:
-        try:
-            config = from_dict(
-                config_class_of(stage_class), {**options, "stage_name": stage_name, "output_dir": str(work)}
-            )
-            config.validate()
-        except ConfigError as exc:
-            raise exc.under(f"stage_configs.{stage_name}") from None
-        stage: Any = stage_class(config)
+        # from_dict validates the options too, its problems under the YAML's key path
+        options = {**options, "stage_name": stage_name, "output_dir": str(work)}
+        stage: Any = stage_class(
+            from_dict(config_class_of(stage_class), options, f"stage_configs.{stage_name}")
+        )
         if stage_type == "rlaif":
             result = stage.measure_win_rate(tuned, base, str(held_out))
             report.write_text(result.table(tuned, base), encoding="utf-8")
